@@ -1,0 +1,89 @@
+//! The admin listener (SPEC §6): `/healthz`, `/readyz`, `/metrics`, `/tokens`.
+//!
+//! Answers are built from `TokenView`s, which hold fingerprints only.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::metrics;
+use crate::proxy::ProxyBody;
+use crate::tokens::Providers;
+
+pub struct Admin {
+    providers: Arc<Providers>,
+    metrics: PrometheusHandle,
+}
+
+impl Admin {
+    pub fn new(providers: Arc<Providers>, metrics: PrometheusHandle) -> Admin {
+        Admin { providers, metrics }
+    }
+
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n", "text/plain"),
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/metrics") => self.metrics(),
+            (&Method::GET, "/tokens") => {
+                let now = OffsetDateTime::now_utc();
+                let views: Vec<_> = self.providers.iter().map(|p| p.view(now)).collect();
+                json_response(StatusCode::OK, &json!(views))
+            }
+            (_, "/healthz" | "/readyz" | "/metrics" | "/tokens") => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "reason": format!("{path} answers GET only")}),
+            ),
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "reason": "admin paths: /healthz /readyz /metrics /tokens"}),
+            ),
+        }
+    }
+
+    fn readyz(&self) -> Response<ProxyBody> {
+        let now = OffsetDateTime::now_utc();
+        let not_ready: Vec<_> = self
+            .providers
+            .iter()
+            .map(|p| p.view(now))
+            .filter(|v| !v.state.is_ready())
+            .map(|v| json!({"provider": v.provider, "state": v.state, "last_error": v.last_error}))
+            .collect();
+        if not_ready.is_empty() {
+            text(StatusCode::OK, "ready\n", "text/plain")
+        } else {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, &json!(not_ready))
+        }
+    }
+
+    fn metrics(&self) -> Response<ProxyBody> {
+        let now = OffsetDateTime::now_utc();
+        // The gauge is a function of the clock, so it is set when it is read.
+        for provider in self.providers.iter() {
+            if let Some(at) = provider.current().and_then(|t| t.expires_at) {
+                metrics::token_expires_in(provider.name(), (at - now).as_seconds_f64());
+            }
+        }
+        self.metrics.run_upkeep();
+        text(StatusCode::OK, &self.metrics.render(), "text/plain; version=0.0.4")
+    }
+}
+
+fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|e| match e {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
+    text(status, &body, "application/json")
+}

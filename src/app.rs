@@ -1,0 +1,115 @@
+//! `tokenproxy run`: load everything, bind every listener, serve, drain.
+//!
+//! Everything that can fail at start (config, TLS roots, ports) fails before the first request is
+//! accepted, with a one-line reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::proxy::{Proxy, upstream};
+use crate::server::{self, ConnectionLimits, Drain};
+use crate::tokens::{Providers, watch};
+use crate::{metrics, tls};
+
+/// How often the metrics exporter's upkeep runs between scrapes.
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics_handle = metrics::install()?;
+    let tls = tls::client_config(&config.extra_roots)?;
+
+    // Bind before serving anything, so that a port in use stops the start.
+    let proxy_listener = server::bind("proxy.listen", config.proxy.listen).await?;
+    let admin_listener = server::bind("admin.listen", config.admin_listen).await?;
+    let mut route_listeners = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        route_listeners.push(server::bind(&format!("routes[{i}].listen"), route.listen).await?);
+    }
+
+    let providers = Arc::new(Providers::load(&config.providers));
+    let client = upstream::client(tls, &config.proxy);
+    let proxy = Arc::new(Proxy::new(
+        providers.clone(),
+        client,
+        config.proxy.clone(),
+        config.allow_unmatched,
+    ));
+    let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone()));
+    let limits = ConnectionLimits {
+        header_read_timeout: config.proxy.header_read_timeout,
+        max_header_bytes: config.proxy.max_header_bytes,
+    };
+    let drain = Drain::new();
+
+    let watcher = watch::spawn(providers.clone());
+    let upkeep = tokio::spawn(async move {
+        let mut every = tokio::time::interval(METRICS_UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            metrics_handle.run_upkeep();
+        }
+    });
+
+    tracing::info!(listener = "proxy", addr = %proxy_listener.local_addr()?, "listening");
+    let handler = {
+        let proxy = proxy.clone();
+        move |req| {
+            let proxy = proxy.clone();
+            async move { proxy.handle_forward(req).await }
+        }
+    };
+    tokio::spawn(server::serve(proxy_listener, limits.clone(), drain.watch(), handler));
+
+    for (route, listener) in config.routes.iter().zip(route_listeners) {
+        tracing::info!(
+            listener = "route",
+            addr = %listener.local_addr()?,
+            provider = %route.provider,
+            upstream = %format!("{}://{}{}", route.upstream_scheme, route.upstream_authority, route.upstream_base_path),
+            "listening"
+        );
+        let proxy = proxy.clone();
+        let route = Arc::new(route.clone());
+        let handler = move |req| {
+            let proxy = proxy.clone();
+            let route = route.clone();
+            async move { proxy.handle_route(&route, req).await }
+        };
+        tokio::spawn(server::serve(listener, limits.clone(), drain.watch(), handler));
+    }
+
+    tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
+    let handler = move |req| {
+        let admin = admin.clone();
+        async move { admin.handle(req).await }
+    };
+    tokio::spawn(server::serve(admin_listener, limits, drain.watch(), handler));
+
+    shutdown_signal().await?;
+    tracing::info!(
+        limit_s = config.proxy.shutdown_timeout.as_secs(),
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    let drained = drain.wait(config.proxy.shutdown_timeout).await;
+    watcher.abort();
+    upkeep.abort();
+    if drained {
+        tracing::info!("all connections finished; bye");
+    } else {
+        tracing::warn!("shutdown limit reached with requests still in flight; closing them");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+    Ok(())
+}

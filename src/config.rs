@@ -1,0 +1,575 @@
+//! Loading and validating the configuration (SPEC §3).
+//!
+//! The file is read through figment so that every key can be overridden by
+//! `TOKENPROXY_<SECTION>__<KEY>`. The raw, deserialised form ([`RawConfig`]) is then checked as a
+//! whole and turned into [`Config`], whose types cannot hold an invalid value: a listener is a
+//! `SocketAddr`, a header name is a `HeaderName`, a host pattern is parsed. Every problem is
+//! collected, so that `tokenproxy check` can list them all at once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use http::HeaderName;
+use http::uri::{Authority, Scheme, Uri};
+use serde::Deserialize;
+
+use crate::hosts::HostPattern;
+
+/// Where the config file is looked for when neither `--config` nor `TOKENPROXY_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "config/tokenproxy.toml";
+
+/// A config that could not be loaded: every problem found, each on its own line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        ConfigError { problems: vec![problem.into()] }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw form: exactly the TOML keys of SPEC §3, unknown keys rejected.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    egress: RawEgress,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    listen: String,
+    max_replay_body: u64,
+    upstream_timeout: String,
+    header_read_timeout: String,
+    shutdown_timeout: String,
+    max_header_bytes: usize,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            listen: "127.0.0.1:8080".into(),
+            max_replay_body: 1024 * 1024,
+            upstream_timeout: "30s".into(),
+            header_read_timeout: "10s".into(),
+            shutdown_timeout: "30s".into(),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { listen: "127.0.0.1:9090".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    ca_dir: PathBuf,
+    extra_roots: Vec<PathBuf>,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls { ca_dir: "data/ca".into(), extra_roots: Vec::new() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEgress {
+    allow_unmatched: bool,
+}
+
+impl Default for RawEgress {
+    fn default() -> Self {
+        RawEgress { allow_unmatched: true }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    hosts: Vec<String>,
+    token_file: PathBuf,
+    #[serde(default = "default_header")]
+    header: String,
+    #[serde(default = "default_format")]
+    format: String,
+    #[serde(default)]
+    client_header: ClientHeader,
+    #[serde(default)]
+    upstream_scheme: UpstreamScheme,
+    #[serde(default)]
+    allow_plaintext: bool,
+    #[serde(default = "default_refresh_on_status")]
+    refresh_on_status: Vec<u16>,
+    oauth: Option<RawOAuth>,
+}
+
+fn default_header() -> String {
+    "Authorization".into()
+}
+fn default_format() -> String {
+    "Bearer {token}".into()
+}
+fn default_refresh_on_status() -> Vec<u16> {
+    vec![401]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth {
+    token_url: String,
+    #[serde(default)]
+    grant: Grant,
+    client_id: String,
+    client_secret_file: Option<PathBuf>,
+    client_secret_env: Option<String>,
+    client_secret: Option<String>,
+    #[serde(default)]
+    client_auth: ClientAuth,
+    #[serde(default)]
+    scope: String,
+    #[serde(default)]
+    extra_params: BTreeMap<String, String>,
+    #[serde(default)]
+    response_pointer: String,
+    #[serde(default = "default_refresh_before")]
+    refresh_before: String,
+}
+
+fn default_refresh_before() -> String {
+    "5m".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    listen: String,
+    provider: String,
+    upstream: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated form.
+// ---------------------------------------------------------------------------------------------
+
+/// What to do with a header the application already set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientHeader {
+    /// Replace it with tokenproxy's token (default).
+    #[default]
+    Override,
+    /// Leave the application's own value in place.
+    Keep,
+}
+
+/// Which scheme a plain-HTTP request to a provider is forwarded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamScheme {
+    /// The scheme the application used (default).
+    #[default]
+    Keep,
+    /// Always TLS, for legacy code that cannot do TLS itself.
+    Https,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    #[default]
+    RefreshToken,
+    ClientCredentials,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with client id and secret (default).
+    #[default]
+    Basic,
+    /// `client_id` and `client_secret` as form fields.
+    Post,
+    /// `client_id` as a form field, no secret (public clients).
+    None,
+}
+
+/// Where the OAuth client secret comes from. The secret itself is read when it is needed, so it
+/// never sits in a structure that might be printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+    /// Given inline in the config; `Debug` of the config never shows it.
+    Inline(Secret),
+    None,
+}
+
+/// A string that never shows itself in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub token_url: Uri,
+    pub grant: Grant,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    pub client_auth: ClientAuth,
+    pub scope: String,
+    pub extra_params: BTreeMap<String, String>,
+    pub response_pointer: String,
+    pub refresh_before: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    pub token_file: PathBuf,
+    pub header: HeaderName,
+    /// `format` split around `{token}`: the header value is `prefix + token + suffix`.
+    pub format_prefix: String,
+    pub format_suffix: String,
+    pub client_header: ClientHeader,
+    pub upstream_scheme: UpstreamScheme,
+    pub allow_plaintext: bool,
+    pub refresh_on_status: Vec<http::StatusCode>,
+    pub oauth: Option<OAuthConfig>,
+}
+
+impl ProviderConfig {
+    /// The margin before expiry at which a token counts as "expiring".
+    pub fn refresh_before(&self) -> Duration {
+        self.oauth.as_ref().map_or(Duration::from_secs(300), |o| o.refresh_before)
+    }
+}
+
+/// A `[[routes]]` entry: everything arriving on `listen` goes to `upstream` with the provider's
+/// token.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub listen: SocketAddr,
+    pub provider: String,
+    pub upstream_scheme: Scheme,
+    pub upstream_authority: Authority,
+    /// A path the upstream URL carried (`https://host/v1`), prefixed to every request path.
+    pub upstream_base_path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    pub max_replay_body: u64,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// The largest request head accepted; a larger one is answered `431`.
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this config was read from; relative paths were resolved against its folder.
+    pub source: PathBuf,
+    pub proxy: ProxySettings,
+    pub admin_listen: SocketAddr,
+    pub ca_dir: PathBuf,
+    pub extra_roots: Vec<PathBuf>,
+    pub allow_unmatched: bool,
+    pub providers: Vec<ProviderConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Config {
+    /// Reads `path`, applies `TOKENPROXY_<SECTION>__<KEY>` overrides from the environment, and
+    /// validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::one(format!(
+                "config file {} not found (use --config PATH or TOKENPROXY_CONFIG)",
+                path.display()
+            )));
+        }
+        // `file_exact`: `Toml::file` would silently search parent folders for the name.
+        // The filter keeps variables that name a section: TOKENPROXY_CONFIG is not a config key.
+        let figment = Figment::new().merge(Toml::file_exact(path)).merge(
+            Env::prefixed("TOKENPROXY_").filter(|k| k.as_str().contains("__")).split("__"),
+        );
+        let raw: RawConfig = figment.extract().map_err(|e| ConfigError {
+            problems: e.into_iter().map(|e| format!("{}: {e}", path.display())).collect(),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        validate(raw, path, &base)
+    }
+}
+
+fn parse_duration(what: &str, value: &str, problems: &mut Vec<String>) -> Duration {
+    match humantime::parse_duration(value) {
+        Ok(d) => d,
+        Err(e) => {
+            problems.push(format!("{what}: {value:?} is not a duration like \"30s\" or \"5m\" ({e})"));
+            Duration::ZERO
+        }
+    }
+}
+
+fn parse_listen(what: &str, value: &str, problems: &mut Vec<String>) -> SocketAddr {
+    value.parse().unwrap_or_else(|_| {
+        problems.push(format!("{what}: {value:?} is not an address like \"127.0.0.1:8080\""));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let p = &mut problems;
+
+    let proxy = ProxySettings {
+        listen: parse_listen("proxy.listen", &raw.proxy.listen, p),
+        max_replay_body: raw.proxy.max_replay_body,
+        upstream_timeout: parse_duration("proxy.upstream_timeout", &raw.proxy.upstream_timeout, p),
+        header_read_timeout: parse_duration(
+            "proxy.header_read_timeout",
+            &raw.proxy.header_read_timeout,
+            p,
+        ),
+        shutdown_timeout: parse_duration("proxy.shutdown_timeout", &raw.proxy.shutdown_timeout, p),
+        max_header_bytes: raw.proxy.max_header_bytes,
+    };
+    if proxy.upstream_timeout.is_zero() {
+        p.push("proxy.upstream_timeout must be greater than zero".into());
+    }
+    if proxy.header_read_timeout.is_zero() {
+        p.push("proxy.header_read_timeout must be greater than zero".into());
+    }
+    if proxy.max_header_bytes < 8192 {
+        p.push("proxy.max_header_bytes must be at least 8192".into());
+    }
+    let admin_listen = parse_listen("admin.listen", &raw.admin.listen, p);
+
+    let mut providers = Vec::new();
+    for (name, rp) in raw.providers {
+        if let Some(provider) = validate_provider(&name, rp, base, p) {
+            providers.push(provider);
+        }
+    }
+
+    let mut routes = Vec::new();
+    for (i, rr) in raw.routes.into_iter().enumerate() {
+        let what = format!("routes[{i}]");
+        let listen = parse_listen(&format!("{what}.listen"), &rr.listen, p);
+        let Some(provider) = providers.iter().find(|pv| pv.name == rr.provider) else {
+            p.push(format!("{what}.provider: no provider named {:?}", rr.provider));
+            continue;
+        };
+        let upstream: Uri = match rr.upstream.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                p.push(format!("{what}.upstream: {:?} is not a URL", rr.upstream));
+                continue;
+            }
+        };
+        let (Some(scheme), Some(authority)) = (upstream.scheme(), upstream.authority()) else {
+            p.push(format!(
+                "{what}.upstream: {:?} needs a scheme and a host, like \"https://api.example.com\"",
+                rr.upstream
+            ));
+            continue;
+        };
+        if scheme != &Scheme::HTTP && scheme != &Scheme::HTTPS {
+            p.push(format!("{what}.upstream: scheme must be http or https"));
+            continue;
+        }
+        if scheme == &Scheme::HTTP
+            && provider.upstream_scheme == UpstreamScheme::Keep
+            && !provider.allow_plaintext
+        {
+            p.push(format!(
+                "{what}.upstream: {:?} is plain HTTP but provider {:?} has allow_plaintext = false; \
+                 use https or set allow_plaintext = true",
+                rr.upstream, provider.name
+            ));
+        }
+        routes.push(RouteConfig {
+            listen,
+            provider: rr.provider,
+            upstream_scheme: scheme.clone(),
+            upstream_authority: authority.clone(),
+            upstream_base_path: upstream.path().trim_end_matches('/').to_string(),
+        });
+    }
+
+    if problems.is_empty() {
+        Ok(Config {
+            source: source.to_path_buf(),
+            proxy,
+            admin_listen,
+            ca_dir: resolve(base, &raw.tls.ca_dir),
+            extra_roots: raw.tls.extra_roots.iter().map(|r| resolve(base, r)).collect(),
+            allow_unmatched: raw.egress.allow_unmatched,
+            providers,
+            routes,
+        })
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn validate_provider(
+    name: &str,
+    rp: RawProvider,
+    base: &Path,
+    p: &mut Vec<String>,
+) -> Option<ProviderConfig> {
+    let what = format!("providers.{name}");
+    let before = p.len();
+    if rp.hosts.is_empty() {
+        p.push(format!("{what}.hosts: at least one host pattern is needed"));
+    }
+    let hosts: Vec<HostPattern> = rp
+        .hosts
+        .iter()
+        .filter_map(|h| match h.parse() {
+            Ok(pattern) => Some(pattern),
+            Err(e) => {
+                p.push(format!("{what}.hosts: {h:?}: {e}"));
+                None
+            }
+        })
+        .collect();
+    let header = HeaderName::from_bytes(rp.header.as_bytes()).unwrap_or_else(|_| {
+        p.push(format!("{what}.header: {:?} is not a valid header name", rp.header));
+        HeaderName::from_static("authorization")
+    });
+    let (format_prefix, format_suffix) = match rp.format.split_once("{token}") {
+        Some((pre, post)) if !post.contains("{token}") => (pre.to_string(), post.to_string()),
+        _ => {
+            p.push(format!("{what}.format: {:?} must contain \"{{token}}\" exactly once", rp.format));
+            (String::new(), String::new())
+        }
+    };
+    let refresh_on_status = rp
+        .refresh_on_status
+        .iter()
+        .filter_map(|s| match http::StatusCode::from_u16(*s) {
+            Ok(code) if (400..600).contains(s) => Some(code),
+            _ => {
+                p.push(format!("{what}.refresh_on_status: {s} is not a 4xx or 5xx status"));
+                None
+            }
+        })
+        .collect();
+    let oauth = rp.oauth.map(|o| validate_oauth(&what, o, base, p));
+    (p.len() == before).then(|| ProviderConfig {
+        name: name.to_string(),
+        hosts,
+        token_file: resolve(base, &rp.token_file),
+        header,
+        format_prefix,
+        format_suffix,
+        client_header: rp.client_header,
+        upstream_scheme: rp.upstream_scheme,
+        allow_plaintext: rp.allow_plaintext,
+        refresh_on_status,
+        oauth: oauth.flatten(),
+    })
+}
+
+fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> Option<OAuthConfig> {
+    let what = format!("{what}.oauth");
+    let token_url: Option<Uri> = match o.token_url.parse::<Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+            Some(u)
+        }
+        _ => {
+            p.push(format!("{what}.token_url: {:?} is not an http(s) URL", o.token_url));
+            None
+        }
+    };
+    let sources = [o.client_secret_file.is_some(), o.client_secret_env.is_some(), o.client_secret.is_some()];
+    let client_secret = match (o.client_secret_file, o.client_secret_env, o.client_secret) {
+        _ if sources.iter().filter(|s| **s).count() > 1 => {
+            p.push(format!(
+                "{what}: give only one of client_secret_file, client_secret_env, client_secret"
+            ));
+            SecretSource::None
+        }
+        (Some(f), _, _) => SecretSource::File(resolve(base, &f)),
+        (_, Some(e), _) => SecretSource::Env(e),
+        (_, _, Some(s)) => SecretSource::Inline(Secret(s)),
+        _ => SecretSource::None,
+    };
+    if client_secret == SecretSource::None && o.client_auth != ClientAuth::None {
+        p.push(format!(
+            "{what}: client_auth = {:?} needs a client secret (client_secret_file, client_secret_env \
+             or client_secret), or set client_auth = \"none\"",
+            format!("{:?}", o.client_auth).to_lowercase()
+        ));
+    }
+    if !o.response_pointer.is_empty() && !o.response_pointer.starts_with('/') {
+        p.push(format!("{what}.response_pointer: {:?} must start with '/'", o.response_pointer));
+    }
+    let refresh_before = parse_duration(&format!("{what}.refresh_before"), &o.refresh_before, p);
+    Some(OAuthConfig {
+        token_url: token_url?,
+        grant: o.grant,
+        client_id: o.client_id,
+        client_secret,
+        client_auth: o.client_auth,
+        scope: o.scope,
+        extra_params: o.extra_params,
+        response_pointer: o.response_pointer,
+        refresh_before,
+    })
+}

@@ -1,0 +1,102 @@
+//! The one place that turns a failure into an HTTP answer.
+//!
+//! Every response tokenproxy makes up itself (rather than relays from an upstream) is built here:
+//! a JSON body `{"error": <code>, ...}` and an `x-tokenproxy-error: <code>` header, so that an
+//! application or a person can tell tokenproxy's answers from the provider's. Bodies are built
+//! from the fields below only, none of which can hold a token.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+
+use crate::proxy::ProxyBody;
+
+pub const ERROR_HEADER: &str = "x-tokenproxy-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A request in origin form (`GET /path`) reached the forward-proxy port.
+    #[error("this is a forward proxy: send requests in absolute form")]
+    NotAProxyRequest,
+    /// The request's target could not be understood.
+    #[error("bad request target: {0}")]
+    BadTarget(String),
+    /// The host matches no provider and `[egress] allow_unmatched` is false.
+    #[error("host {host} matches no provider and [egress] allow_unmatched is false")]
+    EgressDenied { host: String },
+    /// A provider's token would travel over plain HTTP.
+    #[error(
+        "provider {provider:?} would receive its token over plain HTTP; call https:// instead, or set \
+         upstream_scheme = \"https\" or allow_plaintext = true for this provider"
+    )]
+    PlaintextRefused { provider: String },
+    /// No usable token for the provider.
+    #[error("no usable token for provider {provider:?}: {reason}")]
+    TokenUnavailable { provider: String, reason: String, action: String },
+    #[error("cannot reach upstream {host}: {reason}")]
+    UpstreamUnreachable { host: String, reason: String },
+    #[error("upstream {host} sent no response headers within {seconds}s")]
+    UpstreamTimeout { host: String, seconds: u64 },
+    #[error("method {0} is not supported by this listener")]
+    MethodNotSupported(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::MethodNotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    /// The machine-readable code: the `error` field and the `x-tokenproxy-error` header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NotAProxyRequest => "not_a_proxy_request",
+            ProxyError::BadTarget(_) => "bad_target",
+            ProxyError::EgressDenied { .. } => "egress_denied",
+            ProxyError::PlaintextRefused { .. } => "plaintext_refused",
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::MethodNotSupported(_) => "method_not_supported",
+        }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        match self {
+            ProxyError::TokenUnavailable { provider, reason, action } => json!({
+                "error": self.code(), "provider": provider, "reason": reason, "action": action,
+            }),
+            ProxyError::PlaintextRefused { provider } => json!({
+                "error": self.code(), "provider": provider, "reason": self.to_string(),
+            }),
+            ProxyError::NotAProxyRequest => json!({
+                "error": self.code(),
+                "reason": self.to_string(),
+                "action": "point the application at this port as its HTTP proxy \
+                           (curl -x http://HOST:PORT http://api.example.com/..., HTTP_PROXY=http://HOST:PORT), \
+                           or give the provider a [[routes]] listener to use as a base URL",
+            }),
+            _ => json!({ "error": self.code(), "reason": self.to_string() }),
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
+        let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        response
+    }
+}

@@ -1,0 +1,17 @@
+//! tokenproxy: a sidecar proxy that adds fresh OAuth Bearer tokens to an application's outgoing
+//! calls. See README.md for use and `../shared/SPEC.md` for the contract.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod errors;
+pub mod hosts;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod secrets;
+pub mod server;
+pub mod tls;
+pub mod tokens;

@@ -1,0 +1,60 @@
+//! The metric names of SPEC §7 and the only functions that record them.
+//!
+//! Labels carry provider names, status classes and result classes: never a token, never a host
+//! from a request (which would let a client grow the label set without bound).
+
+use std::time::Duration;
+
+use http::StatusCode;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "tokenproxy_requests_total";
+pub const REQUEST_DURATION: &str = "tokenproxy_request_duration_seconds";
+pub const UPSTREAM_UNAUTHORIZED_TOTAL: &str = "tokenproxy_upstream_unauthorized_total";
+pub const RETRIES_TOTAL: &str = "tokenproxy_retries_total";
+pub const REFRESHES_TOTAL: &str = "tokenproxy_refreshes_total";
+pub const REFRESH_DURATION: &str = "tokenproxy_refresh_duration_seconds";
+pub const TOKEN_EXPIRES_IN: &str = "tokenproxy_token_expires_in_seconds";
+pub const TOKEN_RELOADS_TOTAL: &str = "tokenproxy_token_reloads_total";
+
+/// The `provider` label of a request that matched no provider.
+pub const NO_PROVIDER: &str = "none";
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Installs the process-wide recorder. Without the exporter's HTTP listener its upkeep must be
+/// run by the caller (the admin server does it on every scrape and on a timer).
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), LATENCY_BUCKETS)?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// `2xx`, `4xx`, …: the `status` label.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub fn request(provider: &str, status: StatusCode, elapsed: Duration) {
+    metrics::counter!(REQUESTS_TOTAL, "provider" => provider.to_string(), "status" => status_class(status))
+        .increment(1);
+    metrics::histogram!(REQUEST_DURATION, "provider" => provider.to_string())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn token_reload(provider: &str, result: &'static str) {
+    metrics::counter!(TOKEN_RELOADS_TOTAL, "provider" => provider.to_string(), "result" => result)
+        .increment(1);
+}
+
+pub fn token_expires_in(provider: &str, seconds: f64) {
+    metrics::gauge!(TOKEN_EXPIRES_IN, "provider" => provider.to_string()).set(seconds);
+}

@@ -1,0 +1,236 @@
+//! The data path: listener → target → provider → token → upstream → client.
+//!
+//! Every way a request can enter (an absolute-form request on the forward port, a request on a
+//! `[[routes]]` listener, and later a request decrypted from an intercepted CONNECT) is turned
+//! into a [`Target`] and handed to [`Proxy::forward`], so that injection, the plaintext rule,
+//! header hygiene, timeouts and metrics are written once.
+
+mod headers;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Method, Request, Response, Version};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+
+use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
+use crate::errors::ProxyError;
+use crate::hosts::split_host_port;
+use crate::metrics;
+use crate::tokens::{Provider, Providers, TokenState};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy: streamed, never collected whole.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Where a request is going.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The port the connection goes to (the scheme's default when the authority names none).
+    pub port: u16,
+}
+
+impl Target {
+    fn new(scheme: Scheme, authority: Authority) -> Result<Target, ProxyError> {
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let (_, port) = split_host_port(authority.as_str())
+            .map_err(|e| ProxyError::BadTarget(format!("{authority}: {e}")))?;
+        Ok(Target { port: port.unwrap_or(default_port), scheme, authority })
+    }
+
+    fn host(&self) -> &str {
+        self.authority.host()
+    }
+
+    /// The same host over TLS: an explicit port 80 becomes 443, another explicit port is kept.
+    fn upgraded_to_https(&self) -> Target {
+        let authority = match self.authority.port_u16() {
+            Some(80) => {
+                let host = self.authority.host();
+                let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+                host.parse().unwrap_or_else(|_| self.authority.clone())
+            }
+            _ => self.authority.clone(),
+        };
+        let port = match self.authority.port_u16() {
+            None | Some(80) => 443,
+            Some(p) => p,
+        };
+        Target { scheme: Scheme::HTTPS, authority, port }
+    }
+}
+
+pub struct Proxy {
+    providers: Arc<Providers>,
+    client: upstream::Client,
+    settings: ProxySettings,
+    allow_unmatched: bool,
+}
+
+impl Proxy {
+    pub fn new(
+        providers: Arc<Providers>,
+        client: upstream::Client,
+        settings: ProxySettings,
+        allow_unmatched: bool,
+    ) -> Proxy {
+        Proxy { providers, client, settings, allow_unmatched }
+    }
+
+    /// A request on the forward-proxy port: it must be in absolute form.
+    pub async fn handle_forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let (provider, result) = match self.forward_target(&req) {
+            Ok((target, provider)) => {
+                let result = self.forward(req, target, provider.as_deref()).await;
+                (provider, result)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        finish(provider.as_deref(), started, result)
+    }
+
+    fn forward_target(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<(Target, Option<Arc<Provider>>), ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotSupported("CONNECT".into()));
+        }
+        let uri = req.uri();
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return Err(ProxyError::NotAProxyRequest);
+        };
+        if scheme != &Scheme::HTTP && scheme != &Scheme::HTTPS {
+            return Err(ProxyError::BadTarget(format!("unsupported scheme {scheme}")));
+        }
+        let target = Target::new(scheme.clone(), authority.clone())?;
+        let provider = self.providers.for_host(target.host(), target.port).cloned();
+        if provider.is_none() && !self.allow_unmatched {
+            return Err(ProxyError::EgressDenied { host: authority.to_string() });
+        }
+        Ok((target, provider))
+    }
+
+    /// A request on a `[[routes]]` listener: it goes to the route's upstream whatever its form.
+    pub async fn handle_route(&self, route: &RouteConfig, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let provider = self.providers.get(&route.provider).cloned();
+        let result = match Target::new(route.upstream_scheme.clone(), route.upstream_authority.clone()) {
+            Ok(target) => {
+                let (mut parts, body) = req.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+                let joined = format!("{}{}", route.upstream_base_path, path);
+                match joined.parse::<PathAndQuery>() {
+                    Ok(pq) => {
+                        parts.uri = Uri::from(pq);
+                        let req = Request::from_parts(parts, body);
+                        self.forward(req, target, provider.as_deref()).await
+                    }
+                    Err(_) => Err(ProxyError::BadTarget(format!("bad path {path:?}"))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        finish(provider.as_deref(), started, result)
+    }
+
+    /// The one forwarding path: inject the provider's token if there is one, and relay.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        mut target: Target,
+        provider: Option<&Provider>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        // The client sets Host from the upstream URI (RFC 9112 §3.2.2: a proxy replaces it).
+        parts.headers.remove(http::header::HOST);
+
+        if let Some(provider) = provider {
+            let config = &provider.config;
+            if target.scheme == Scheme::HTTP && config.upstream_scheme == UpstreamScheme::Https {
+                target = target.upgraded_to_https();
+            }
+            if target.scheme == Scheme::HTTP && !config.allow_plaintext {
+                return Err(ProxyError::PlaintextRefused { provider: provider.name().to_string() });
+            }
+            let keep = config.client_header == ClientHeader::Keep
+                && parts.headers.contains_key(&config.header);
+            if !keep {
+                let token = provider.current().ok_or_else(|| token_unavailable(provider))?;
+                parts.headers.insert(config.header.clone(), token.header_value().clone());
+            }
+        }
+
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::BadTarget(e.to_string()))?;
+        // The upstream connection decides the wire version; the client wants HTTP/1.1 here.
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+
+        let timeout = self.settings.upstream_timeout;
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    host: target.authority.to_string(),
+                    seconds: timeout.as_secs(),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::UpstreamUnreachable {
+                    host: target.authority.to_string(),
+                    reason: upstream::describe_error(&e),
+                });
+            }
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
+    }
+}
+
+/// The 502 answer for a provider that has no token to inject, with what to do about it.
+fn token_unavailable(provider: &Provider) -> ProxyError {
+    let view = provider.view(time::OffsetDateTime::now_utc());
+    let path = provider.config.token_file.display();
+    let (reason, action) = match view.state {
+        TokenState::Missing => (
+            format!("token file {path} does not exist"),
+            format!("write the token to {path}; it is picked up without a restart"),
+        ),
+        _ => (
+            view.last_error.unwrap_or_else(|| "no token loaded".into()),
+            format!("fix the token file {path}; it is picked up without a restart"),
+        ),
+    };
+    ProxyError::TokenUnavailable { provider: provider.name().to_string(), reason, action }
+}
+
+/// Records the request's metrics and turns an error into its answer.
+fn finish(
+    provider: Option<&Provider>,
+    started: Instant,
+    result: Result<Response<ProxyBody>, ProxyError>,
+) -> Response<ProxyBody> {
+    let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
+    let response = result.unwrap_or_else(|e| {
+        tracing::warn!(provider = label, error = %e, code = e.code(), "request refused");
+        e.into_response()
+    });
+    metrics::request(label, response.status(), started.elapsed());
+    response
+}

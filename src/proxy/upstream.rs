@@ -1,0 +1,52 @@
+//! The pooled client that carries requests to upstreams, over plain TCP or verified TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::ProxyBody;
+use crate::config::ProxySettings;
+
+pub type Client = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// How long an idle upstream connection is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One client for the whole process: connections are pooled per upstream, HTTP/2 is used when
+/// the upstream offers it through ALPN, redirects are never followed (the client has no such
+/// feature: a 3xx goes back to the application as it is).
+pub fn client(tls: Arc<rustls::ClientConfig>, settings: &ProxySettings) -> Client {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(settings.upstream_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// A one-line reason from a client error and its causes ("connection refused", "invalid peer
+/// certificate: UnknownIssuer"). Errors from the client never carry request headers.
+pub fn describe_error(e: &hyper_util::client::legacy::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = err.source();
+    }
+    if parts.is_empty() { e.to_string() } else { parts.join(": ") }
+}

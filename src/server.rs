@@ -1,0 +1,134 @@
+//! Accepting connections and draining them on shutdown.
+//!
+//! Every listener (forward proxy, routes, admin) is served by [`serve`]: HTTP/1.1 with keep-alive,
+//! a bounded request head, and a deadline for a client to send it. On shutdown the accept loops
+//! stop, each open connection finishes the request in flight and closes, and [`Drain::wait`]
+//! returns when the last one is gone.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::proxy::ProxyBody;
+
+/// Signals shutdown to every listener and connection, and knows when they are all done.
+pub struct Drain {
+    signal: watch::Sender<bool>,
+    alive: mpsc::Sender<()>,
+    done: mpsc::Receiver<()>,
+}
+
+/// What a listener or connection holds: the shutdown signal, and a token whose drop says "done".
+#[derive(Clone)]
+pub struct DrainWatch {
+    signal: watch::Receiver<bool>,
+    _alive: mpsc::Sender<()>,
+}
+
+impl DrainWatch {
+    pub async fn signaled(&mut self) {
+        let _ = self.signal.wait_for(|stop| *stop).await;
+    }
+}
+
+impl Drain {
+    pub fn new() -> Drain {
+        let (signal, _) = watch::channel(false);
+        let (alive, done) = mpsc::channel(1);
+        Drain { signal, alive, done }
+    }
+
+    pub fn watch(&self) -> DrainWatch {
+        DrainWatch { signal: self.signal.subscribe(), _alive: self.alive.clone() }
+    }
+
+    /// Signals shutdown and waits up to `limit` for every watcher to finish. Returns whether all
+    /// did.
+    pub async fn wait(self, limit: Duration) -> bool {
+        let Drain { signal, alive, mut done } = self;
+        let _ = signal.send(true);
+        drop(alive);
+        tokio::time::timeout(limit, done.recv()).await.is_ok()
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new()
+    }
+}
+
+/// Connection-level limits shared by every listener.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Binds `addr`, naming the config key in the error so that a port in use is a one-line reason.
+pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
+}
+
+/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request.
+pub async fn serve<H, F>(listener: TcpListener, limits: ConnectionLimits, mut drain: DrainWatch, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = drain.signaled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let builder = builder.clone();
+        let handler = handler.clone();
+        let mut conn_drain = drain.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = conn_drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,353 @@
+//! The token cache: one [`Provider`] per configured provider, each holding its current token in
+//! an `ArcSwap` that the request path reads without a lock and without file I/O.
+//!
+//! The token file is the source of truth. The cache changes only when the file's content changes
+//! (see [`watch`]) or, later, when a refresh completes; it never holds anything the file did not
+//! say, except a token kept in use after the file became unreadable.
+
+pub mod file;
+pub mod watch;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::config::ProviderConfig;
+use crate::hosts::normalize_host;
+use crate::metrics;
+use crate::secrets::fingerprint;
+use file::{ExpirySource, FileFormat, TokenDocument};
+
+/// A token ready for the request path: the header value is built once, when the token arrives.
+pub struct Token {
+    header_value: HeaderValue,
+    pub fingerprint: String,
+    pub expires_at: Option<OffsetDateTime>,
+    pub expiry_source: ExpirySource,
+    pub issued_at: Option<OffsetDateTime>,
+    /// Increases with every token this provider adopts; tells a request whether the token it
+    /// carried is still the current one.
+    pub generation: u64,
+}
+
+impl Token {
+    /// The header value to inject (marked sensitive so that hyper never logs it).
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.header_value
+    }
+
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// What a provider's token looks like to a user (SPEC §6 `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    Valid,
+    Expiring,
+    Expired,
+    Refreshing,
+    NeedsReauth,
+    Error,
+    Missing,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Valid => "valid",
+            TokenState::Expiring => "expiring",
+            TokenState::Expired => "expired",
+            TokenState::Refreshing => "refreshing",
+            TokenState::NeedsReauth => "needs_reauth",
+            TokenState::Error => "error",
+            TokenState::Missing => "missing",
+        }
+    }
+
+    /// Whether a request could be served with a token right now.
+    pub fn is_ready(self) -> bool {
+        matches!(self, TokenState::Valid | TokenState::Expiring | TokenState::Refreshing)
+    }
+}
+
+/// What the token file looked like when last read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum FileStatus {
+    #[default]
+    NotRead,
+    Ok,
+    Missing,
+    Unreadable,
+    Unparsable,
+}
+
+#[derive(Default)]
+struct Status {
+    file: FileStatus,
+    /// SHA-256 of the bytes last read, so that a re-read of unchanged content is a no-op (this
+    /// absorbs duplicate watcher events and, later, tokenproxy's own writes).
+    content_hash: Option<[u8; 32]>,
+    last_error: Option<String>,
+    last_refresh_at: Option<OffsetDateTime>,
+    last_refresh_result: Option<String>,
+    refresh_count: u64,
+    retry_count: u64,
+}
+
+/// One provider: its settings and its current token.
+pub struct Provider {
+    pub config: ProviderConfig,
+    token: ArcSwapOption<Token>,
+    /// Everything the admin API shows besides the token. Never touched on the request path.
+    status: Mutex<Status>,
+    generations: AtomicU64,
+}
+
+/// The outcome of re-reading a token file, also the `result` label of
+/// `tokenproxy_token_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Ok,
+    ParseError,
+    IoError,
+}
+
+impl Provider {
+    pub fn new(config: ProviderConfig) -> Provider {
+        Provider {
+            config,
+            token: ArcSwapOption::empty(),
+            status: Mutex::new(Status::default()),
+            generations: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The current token: one atomic load, no lock, no I/O.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.token.load_full()
+    }
+
+    fn status(&self) -> MutexGuard<'_, Status> {
+        // A panic while holding this lock cannot leave the status half-written in a way that
+        // matters more than losing the admin view, so poisoning is ignored.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-reads the token file and adopts its token if the content changed.
+    ///
+    /// A file that cannot be read or parsed never replaces a good token: the last good one stays
+    /// in use and the problem shows as `last_error`.
+    pub fn reload(&self) -> Reload {
+        let path = &self.config.token_file;
+        let bytes = std::fs::read(path);
+        let mut status = self.status();
+        let (outcome, file_status, error) = match bytes {
+            Err(e) => {
+                let (file_status, reason) = if e.kind() == std::io::ErrorKind::NotFound {
+                    (FileStatus::Missing, "not found".to_string())
+                } else {
+                    (FileStatus::Unreadable, e.to_string())
+                };
+                if status.file == file_status {
+                    return Reload::Unchanged;
+                }
+                status.content_hash = None;
+                (Reload::IoError, file_status, format!("token file {}: {reason}", path.display()))
+            }
+            Ok(bytes) => {
+                let hash: [u8; 32] = Sha256::digest(&bytes).into();
+                if status.content_hash == Some(hash) {
+                    return Reload::Unchanged;
+                }
+                status.content_hash = Some(hash);
+                match file::parse(FileFormat::of(path), &bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|doc| self.adopt(&doc))
+                {
+                    Ok(()) => (Reload::Ok, FileStatus::Ok, String::new()),
+                    Err(e) => (
+                        Reload::ParseError,
+                        FileStatus::Unparsable,
+                        format!("token file {} cannot be parsed: {e}", path.display()),
+                    ),
+                }
+            }
+        };
+        status.file = file_status;
+        drop(status);
+        let label = match outcome {
+            Reload::Ok => "ok",
+            Reload::ParseError => "parse_error",
+            _ => "io_error",
+        };
+        metrics::token_reload(self.name(), label);
+        if outcome == Reload::Ok {
+            self.status().last_error = None;
+            let token = self.current();
+            let token = token.as_deref().expect("adopt stored a token");
+            tracing::info!(
+                provider = self.name(),
+                fingerprint = %token.fingerprint,
+                expires_at = %fmt_time(token.expires_at).unwrap_or_else(|| "unknown".into()),
+                expiry_source = token.expiry_source.as_str(),
+                "token loaded from file"
+            );
+        } else {
+            let kept = self.current().map(|t| t.fingerprint.clone());
+            tracing::warn!(
+                provider = self.name(),
+                error = %error,
+                kept_fingerprint = kept.as_deref().unwrap_or("none"),
+                "token file not usable; keeping the last good token"
+            );
+            self.status().last_error = Some(error);
+        }
+        outcome
+    }
+
+    /// Makes `doc`'s token the current one.
+    fn adopt(&self, doc: &TokenDocument) -> Result<(), String> {
+        let value = format!(
+            "{}{}{}",
+            self.config.format_prefix, doc.access_token, self.config.format_suffix
+        );
+        let mut header_value = HeaderValue::from_str(&value)
+            .map_err(|_| "access_token has characters not allowed in an HTTP header".to_string())?;
+        header_value.set_sensitive(true);
+        let token = Token {
+            header_value,
+            fingerprint: fingerprint(&doc.access_token),
+            expires_at: doc.expires_at,
+            expiry_source: doc.expiry_source,
+            issued_at: doc.issued_at,
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        self.token.store(Some(Arc::new(token)));
+        Ok(())
+    }
+
+    /// How long before expiry a token counts as expiring: `refresh_before`, capped at half the
+    /// token's lifetime when the lifetime is known.
+    pub fn refresh_margin(&self, token: &Token) -> Duration {
+        let margin = self.config.refresh_before();
+        match (token.issued_at, token.expires_at) {
+            (Some(from), Some(to)) if to > from => {
+                let half = (to - from).unsigned_abs() / 2;
+                margin.min(half)
+            }
+            _ => margin,
+        }
+    }
+
+    pub fn state(&self, now: OffsetDateTime) -> TokenState {
+        let file = self.status().file.clone();
+        match self.current() {
+            None if matches!(file, FileStatus::Missing | FileStatus::NotRead) => TokenState::Missing,
+            None => TokenState::Error,
+            Some(t) => match t.expires_at {
+                Some(at) if at <= now => TokenState::Expired,
+                Some(at) if (at - now).unsigned_abs() < self.refresh_margin(&t) => {
+                    TokenState::Expiring
+                }
+                _ => TokenState::Valid,
+            },
+        }
+    }
+
+    /// The provider as `GET /tokens` shows it. Holds fingerprints only.
+    pub fn view(&self, now: OffsetDateTime) -> TokenView {
+        let state = self.state(now);
+        let token = self.current();
+        let status = self.status();
+        TokenView {
+            provider: self.name().to_string(),
+            state,
+            expires_at: token.as_ref().and_then(|t| fmt_time(t.expires_at)),
+            expires_in_s: token
+                .as_ref()
+                .and_then(|t| t.expires_at)
+                .map(|at| (at - now).whole_seconds()),
+            expiry_source: token.as_ref().map_or("unknown", |t| t.expiry_source.as_str()),
+            fingerprint: token.as_ref().map(|t| t.fingerprint.clone()),
+            last_refresh_at: fmt_time(status.last_refresh_at),
+            last_refresh_result: status.last_refresh_result.clone(),
+            last_error: status.last_error.clone(),
+            refresh_count: status.refresh_count,
+            retry_count: status.retry_count,
+        }
+    }
+}
+
+pub fn fmt_time(t: Option<OffsetDateTime>) -> Option<String> {
+    t.and_then(|t| t.format(&Rfc3339).ok())
+}
+
+/// One provider on `GET /tokens` (SPEC §6).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenView {
+    pub provider: String,
+    pub state: TokenState,
+    pub expires_at: Option<String>,
+    pub expires_in_s: Option<i64>,
+    pub expiry_source: &'static str,
+    pub fingerprint: Option<String>,
+    pub last_refresh_at: Option<String>,
+    pub last_refresh_result: Option<String>,
+    pub last_error: Option<String>,
+    pub refresh_count: u64,
+    pub retry_count: u64,
+}
+
+/// Every configured provider, with host lookup.
+pub struct Providers {
+    list: Vec<Arc<Provider>>,
+}
+
+impl Providers {
+    /// Builds the providers and reads each token file once.
+    pub fn load(configs: &[ProviderConfig]) -> Providers {
+        let list: Vec<Arc<Provider>> =
+            configs.iter().cloned().map(|c| Arc::new(Provider::new(c))).collect();
+        for provider in &list {
+            provider.reload();
+        }
+        Providers { list }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Provider>> {
+        self.list.iter()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {
+        self.list.iter().find(|p| p.name() == name)
+    }
+
+    /// The provider whose host patterns match `host:port`. `host` may be in any case and may
+    /// carry IPv6 brackets.
+    pub fn for_host(&self, host: &str, port: u16) -> Option<&Arc<Provider>> {
+        let host = normalize_host(host);
+        self.list.iter().find(|p| p.config.hosts.iter().any(|h| h.matches(&host, port)))
+    }
+
+    /// Re-reads every token file; used by the watcher.
+    pub fn reload_all(&self) {
+        for provider in &self.list {
+            provider.reload();
+        }
+    }
+}
