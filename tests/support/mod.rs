@@ -1,0 +1,498 @@
+//! Builders for integration tests: a mock provider API on loopback (plain or TLS), the real
+//! tokenproxy binary on ephemeral ports, real clients, and bounded waiting.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `check` until it returns `Some`, for at most `patience`; panics with `what` otherwise.
+pub async fn eventually<T, F, Fut>(patience: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "gave up after {patience:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mock provider API
+// ---------------------------------------------------------------------------------------------
+
+/// One request as the mock saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn authorization(&self) -> Option<&str> {
+        self.headers.get("authorization").and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A mock upstream on 127.0.0.1. It records every request, and answers by path:
+/// - `/status/NNN`: that status;
+/// - `/redirect`: 302 to `http://127.0.0.1:1/elsewhere`;
+/// - `/slow`: 200 after one second;
+/// - `/stream`: sends `first\n`, waits until [`MockApi::release`] (at most 10 s), then `second\n`;
+/// - anything else: 200 with a JSON echo of method, path and header names.
+#[derive(Clone)]
+pub struct MockApi {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    release: Arc<Notify>,
+}
+
+impl MockApi {
+    pub async fn start() -> MockApi {
+        Self::start_with(None).await
+    }
+
+    /// A mock behind TLS with the given server config.
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> MockApi {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> MockApi {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock = MockApi {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+            release: Arc::new(Notify::new()),
+        };
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let served = mock.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let mock = served.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let mock = mock.clone();
+                        async move { Ok::<_, Infallible>(mock.answer(req).await) }
+                    });
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        mock
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn authority(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the mock received no request")
+    }
+
+    /// Lets a `/stream` response finish.
+    pub fn release(&self) {
+        self.release.notify_waiters();
+        self.release.notify_one();
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let path = parts.uri.path().to_string();
+        self.seen.lock().unwrap().push(Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.path_and_query().map_or(path.clone(), |p| p.to_string()),
+            headers: parts.headers.clone(),
+            body,
+        });
+        if let Some(code) = path.strip_prefix("/status/") {
+            let status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+            return respond(status, format!("status {code}\n"));
+        }
+        match path.as_str() {
+            "/redirect" => {
+                let mut r = respond(StatusCode::FOUND, "moved\n".into());
+                r.headers_mut().insert("location", "http://127.0.0.1:1/elsewhere".parse().unwrap());
+                r
+            }
+            "/slow" => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                respond(StatusCode::OK, "slow done\n".into())
+            }
+            "/stream" => {
+                let release = self.release.clone();
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+                tokio::spawn(async move {
+                    let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first\n")))).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), release.notified()).await;
+                    let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"second\n")))).await;
+                });
+                let stream = tokio_stream_from(rx);
+                Response::new(BodyExt::boxed(StreamBody::new(stream)))
+            }
+            _ => {
+                let names: Vec<&str> = parts.headers.keys().map(|k| k.as_str()).collect();
+                respond(
+                    StatusCode::OK,
+                    serde_json::json!({"method": parts.method.as_str(), "path": path, "headers": names})
+                        .to_string(),
+                )
+            }
+        }
+    }
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// An mpsc receiver as a stream of frames, without pulling in tokio-stream.
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS for mocks
+// ---------------------------------------------------------------------------------------------
+
+/// A test CA and a server certificate it signed.
+pub struct TestPki {
+    pub ca_pem_path: PathBuf,
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+/// Makes a CA, writes its PEM to `dir/<name>-ca.pem`, and signs a leaf for `names`.
+pub fn test_pki(dir: &Path, name: &str, names: &[&str]) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca_pem_path = dir.join(format!("{name}-ca.pem"));
+    std::fs::write(&ca_pem_path, ca_cert.pem()).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let mut server_config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TestPki { ca_pem_path, server_config: Arc::new(server_config) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------------------------
+
+/// A running `tokenproxy run`, killed on drop. Its stderr log lines (JSON) are collected.
+pub struct TokenProxy {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    /// `[[routes]]` listeners in config order.
+    pub routes: Vec<SocketAddr>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tokenproxy")
+}
+
+impl TokenProxy {
+    /// Writes `config` (whose listeners should be `127.0.0.1:0`) to `dir/tokenproxy.toml` and
+    /// starts the binary on it.
+    pub fn start(dir: &Path, config: &str) -> TokenProxy {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> TokenProxy {
+        let config_path = dir.join("tokenproxy.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut command = Command::new(binary());
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info,tokenproxy=debug")
+            .env_remove("TOKENPROXY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start tokenproxy");
+        let stderr = child.stderr.take().unwrap();
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let routes_expected = config.matches("[[routes]]").count();
+        let (mut proxy, mut admin, mut routes) = (None, None, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while proxy.is_none() || admin.is_none() || routes.len() < routes_expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => panic!(
+                    "tokenproxy did not report its listeners; its log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                ),
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if v["message"] != "listening" {
+                continue;
+            }
+            let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+            match v["listener"].as_str() {
+                Some("proxy") => proxy = Some(addr),
+                Some("admin") => admin = Some(addr),
+                Some("route") => routes.push(addr),
+                _ => {}
+            }
+        }
+        TokenProxy {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            config_path,
+            proxy: proxy.unwrap(),
+            admin: admin.unwrap(),
+            routes,
+            logs,
+        }
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy)
+    }
+
+    /// A reqwest client that sends everything through this proxy.
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.proxy_url()).unwrap())
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, String) {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.admin))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    }
+
+    /// The `/tokens` object of one provider.
+    pub async fn token_view(&self, provider: &str) -> serde_json::Value {
+        let (_, body) = self.admin_get("/tokens").await;
+        let all: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        all.into_iter().find(|v| v["provider"] == provider).expect("provider on /tokens")
+    }
+
+    /// The value of the metric line `name{labels}`, where every `k="v"` in `labels` appears.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        metric_value(&body, name, labels)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status();
+        assert!(status.unwrap().success());
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, patience: Duration) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "tokenproxy did not exit within {patience:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TokenProxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Finds `name{...}` with all `labels` in Prometheus text and returns its value (0 if absent).
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A token file in JSON with the given access token, expiring far in the future.
+pub fn token_json(token: &str) -> String {
+    serde_json::json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_at": "2099-01-01T00:00:00Z",
+        "updated_at": "2026-11-22T00:00:00Z",
+    })
+    .to_string()
+}
+
+/// A TOML basic string for a path.
+pub fn toml_path(p: &Path) -> String {
+    serde_json::to_string(&p.display().to_string()).unwrap()
+}
+
+/// A fresh temporary folder, removed on drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real clients
+// ---------------------------------------------------------------------------------------------
+
+/// Whether an external client can be used. Without it the test prints why and skips, unless
+/// `TOKENPROXY_REQUIRE_CLIENTS=1`, when its absence fails the test.
+pub fn client_available(name: &str, probe: &mut Command) -> bool {
+    let ok = probe.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
+            panic!("{name} is required (TOKENPROXY_REQUIRE_CLIENTS=1) but not usable here");
+        }
+        eprintln!("SKIP: {name} is not usable on this machine; set TOKENPROXY_REQUIRE_CLIENTS=1 to fail instead");
+    }
+    ok
+}
+
+pub fn curl_available() -> bool {
+    client_available("curl", Command::new("curl").arg("--version"))
+}
+
+pub fn python_requests_available() -> bool {
+    client_available("python3 with requests", Command::new("python3").args(["-c", "import requests"]))
+}
+
+/// Runs curl with `args`, with proxy variables from the environment removed so that only `-x`
+/// counts, and `--fail-with-body` so that an HTTP error status is a failure. Async, so that the
+/// in-process mocks keep running while it waits. Returns (success, stdout + stderr).
+pub async fn curl(args: &[&str]) -> (bool, String) {
+    let mut command = tokio::process::Command::new("curl");
+    command.args(["-sS", "--fail-with-body", "--max-time", "20"]).args(args);
+    for var in PROXY_VARIABLES {
+        command.env_remove(var);
+    }
+    let out = command.output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+const PROXY_VARIABLES: [&str; 8] = [
+    "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+    "ALL_PROXY",
+];
+
+/// Runs a Python snippet with `requests` imported; `env` is added to an environment cleaned of
+/// proxy variables. Returns (success, stdout, stderr).
+pub async fn python(script: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new("python3");
+    command.args(["-c", &format!("import requests, sys\n{script}")]);
+    for var in PROXY_VARIABLES {
+        command.env_remove(var);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
