@@ -77,7 +77,8 @@ impl Admin {
 }
 
 fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|e| match e {}).boxed());
+    let mut response =
+        Response::new(Full::new(Bytes::from(body.to_string())).map_err(|e| match e {}).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response

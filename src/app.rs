@@ -30,12 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let providers = Arc::new(Providers::load(&config.providers));
     let client = upstream::client(tls, &config.proxy);
-    let proxy = Arc::new(Proxy::new(
-        providers.clone(),
-        client,
-        config.proxy.clone(),
-        config.allow_unmatched,
-    ));
+    let proxy = Arc::new(Proxy::new(providers.clone(), client, config.proxy.clone(), config.allow_unmatched));
     let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone()));
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,

@@ -10,7 +10,11 @@ use crate::logging::LogFormat;
 use crate::tokens::{Provider, TokenState};
 
 #[derive(Debug, Parser)]
-#[command(name = "tokenproxy", version, about = "A sidecar proxy that adds fresh OAuth tokens to outgoing calls")]
+#[command(
+    name = "tokenproxy",
+    version,
+    about = "A sidecar proxy that adds fresh OAuth tokens to outgoing calls"
+)]
 pub struct Cli {
     /// Config file [default: $TOKENPROXY_CONFIG, else config/tokenproxy.toml]
     #[arg(long, global = true, env = "TOKENPROXY_CONFIG", value_name = "PATH")]

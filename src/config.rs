@@ -339,20 +339,42 @@ impl Config {
         }
         // `file_exact`: `Toml::file` would silently search parent folders for the name.
         // The filter keeps variables that name a section: TOKENPROXY_CONFIG is not a config key.
-        let figment = Figment::new().merge(Toml::file_exact(path)).merge(
-            Env::prefixed("TOKENPROXY_").filter(|k| k.as_str().contains("__")).split("__"),
-        );
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("TOKENPROXY_").filter(|k| k.as_str().contains("__")).split("__"));
         let raw: RawConfig = figment.extract().map_err(|e| ConfigError {
-            problems: e.into_iter().map(|e| format!("{}: {e}", path.display())).collect(),
+            problems: e.into_iter().map(|e| describe_figment_error(path, &e)).collect(),
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         validate(raw, path, &base)
     }
 }
 
+/// "file: key proxy.bogus: unknown field …", naming where an override came from when it was
+/// the environment.
+fn describe_figment_error(path: &Path, e: &figment::Error) -> String {
+    let source = match e.metadata.as_ref().map(|m| m.name.as_ref()) {
+        Some(name) if name.contains("environment") => format!(
+            "environment variable TOKENPROXY_{}",
+            e.path.iter().map(|p| p.to_ascii_uppercase()).collect::<Vec<_>>().join("__")
+        ),
+        _ => path.display().to_string(),
+    };
+    if e.path.is_empty() {
+        format!("{source}: {}", e.kind)
+    } else {
+        format!("{source}: key {}: {}", e.path.join("."), e.kind)
+    }
+}
+
+/// A duration that must be positive; a problem is recorded (once) otherwise.
 fn parse_duration(what: &str, value: &str, problems: &mut Vec<String>) -> Duration {
     match humantime::parse_duration(value) {
-        Ok(d) => d,
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            problems.push(format!("{what} must be greater than zero"));
+            Duration::ZERO
+        }
         Err(e) => {
             problems.push(format!("{what}: {value:?} is not a duration like \"30s\" or \"5m\" ({e})"));
             Duration::ZERO
@@ -379,20 +401,10 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         listen: parse_listen("proxy.listen", &raw.proxy.listen, p),
         max_replay_body: raw.proxy.max_replay_body,
         upstream_timeout: parse_duration("proxy.upstream_timeout", &raw.proxy.upstream_timeout, p),
-        header_read_timeout: parse_duration(
-            "proxy.header_read_timeout",
-            &raw.proxy.header_read_timeout,
-            p,
-        ),
+        header_read_timeout: parse_duration("proxy.header_read_timeout", &raw.proxy.header_read_timeout, p),
         shutdown_timeout: parse_duration("proxy.shutdown_timeout", &raw.proxy.shutdown_timeout, p),
         max_header_bytes: raw.proxy.max_header_bytes,
     };
-    if proxy.upstream_timeout.is_zero() {
-        p.push("proxy.upstream_timeout must be greater than zero".into());
-    }
-    if proxy.header_read_timeout.is_zero() {
-        p.push("proxy.header_read_timeout must be greater than zero".into());
-    }
     if proxy.max_header_bytes < 8192 {
         p.push("proxy.max_header_bytes must be at least 8192".into());
     }
@@ -529,9 +541,7 @@ fn validate_provider(
 fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> Option<OAuthConfig> {
     let what = format!("{what}.oauth");
     let token_url: Option<Uri> = match o.token_url.parse::<Uri>() {
-        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
-            Some(u)
-        }
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => Some(u),
         _ => {
             p.push(format!("{what}.token_url: {:?} is not an http(s) URL", o.token_url));
             None
@@ -540,9 +550,7 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
     let sources = [o.client_secret_file.is_some(), o.client_secret_env.is_some(), o.client_secret.is_some()];
     let client_secret = match (o.client_secret_file, o.client_secret_env, o.client_secret) {
         _ if sources.iter().filter(|s| **s).count() > 1 => {
-            p.push(format!(
-                "{what}: give only one of client_secret_file, client_secret_env, client_secret"
-            ));
+            p.push(format!("{what}: give only one of client_secret_file, client_secret_env, client_secret"));
             SecretSource::None
         }
         (Some(f), _, _) => SecretSource::File(resolve(base, &f)),

@@ -46,9 +46,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
-            ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable { .. } => {
                 StatusCode::BAD_GATEWAY
             }

@@ -35,7 +35,11 @@ fn main() -> ExitCode {
 
     match command {
         Command::Check => {
-            if cli::check(&config) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if cli::check(&config) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Run => {
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

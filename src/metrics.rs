@@ -46,8 +46,7 @@ pub fn status_class(status: StatusCode) -> &'static str {
 pub fn request(provider: &str, status: StatusCode, elapsed: Duration) {
     metrics::counter!(REQUESTS_TOTAL, "provider" => provider.to_string(), "status" => status_class(status))
         .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "provider" => provider.to_string())
-        .record(elapsed.as_secs_f64());
+    metrics::histogram!(REQUEST_DURATION, "provider" => provider.to_string()).record(elapsed.as_secs_f64());
 }
 
 pub fn token_reload(provider: &str, result: &'static str) {

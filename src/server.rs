@@ -77,9 +77,7 @@ pub struct ConnectionLimits {
 
 /// Binds `addr`, naming the config key in the error so that a port in use is a one-line reason.
 pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
 }
 
 /// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request.

@@ -29,15 +29,11 @@ pub fn client_config(extra_roots: &[PathBuf]) -> anyhow::Result<Arc<rustls::Clie
             .with_context(|| format!("tls.extra_roots: cannot read {}", path.display()))?
             .collect::<Result<_, _>>()
             .with_context(|| format!("tls.extra_roots: {} is not PEM", path.display()))?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "tls.extra_roots: {} holds no certificate",
-            path.display()
-        );
+        anyhow::ensure!(!certs.is_empty(), "tls.extra_roots: {} holds no certificate", path.display());
         for cert in certs {
-            roots
-                .add(cert)
-                .with_context(|| format!("tls.extra_roots: a certificate in {} is invalid", path.display()))?;
+            roots.add(cert).with_context(|| {
+                format!("tls.extra_roots: a certificate in {} is invalid", path.display())
+            })?;
         }
     }
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();

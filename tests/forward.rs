@@ -181,7 +181,10 @@ async fn plain_http_to_a_provider_is_refused_without_allow_plaintext() {
     assert_eq!(r.status(), 403);
     assert_eq!(r.headers()["x-tokenproxy-error"], "plaintext_refused");
     let body = r.text().await.unwrap();
-    assert!(body.contains("allow_plaintext") && body.contains("upstream_scheme"), "reason names the fix: {body}");
+    assert!(
+        body.contains("allow_plaintext") && body.contains("upstream_scheme"),
+        "reason names the fix: {body}"
+    );
     assert!(!body.contains(TOKEN));
     assert!(mock.seen().is_empty(), "no request, so no token, left the process");
 }
@@ -193,10 +196,8 @@ async fn upstream_scheme_https_upgrades_a_plain_request_to_verified_tls() {
     let mock = MockApi::start_tls(pki.server_config.clone()).await;
     let hosts = format!("\"localhost:{}\"", mock.addr.port());
     let extra_tls = format!("[tls]\nextra_roots = [{}]", toml_path(&pki.ca_pem_path));
-    let tp = TokenProxy::start(
-        dir.path(),
-        &config(dir.path(), &hosts, "upstream_scheme = \"https\"", &extra_tls),
-    );
+    let tp =
+        TokenProxy::start(dir.path(), &config(dir.path(), &hosts, "upstream_scheme = \"https\"", &extra_tls));
     // The app speaks plain HTTP to the proxy; the proxy speaks TLS to the upstream.
     let r = tp.client().get(format!("http://localhost:{}/tls", mock.addr.port())).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
@@ -224,10 +225,7 @@ async fn routes_send_everything_to_their_upstream_with_the_token() {
         "[[routes]]\nlisten = \"127.0.0.1:0\"\nprovider = \"api\"\nupstream = \"http://{}/base\"",
         mock.authority()
     );
-    let tp = TokenProxy::start(
-        dir.path(),
-        &config(dir.path(), &hosts, "allow_plaintext = true", &routes),
-    );
+    let tp = TokenProxy::start(dir.path(), &config(dir.path(), &hosts, "allow_plaintext = true", &routes));
     // A plain client with no proxy: the route listener is its base URL.
     let r = reqwest::get(format!("http://{}/v1/me?x=1", tp.routes[0])).await.unwrap();
     assert_eq!(r.status(), 200);

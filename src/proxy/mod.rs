@@ -97,10 +97,7 @@ impl Proxy {
         finish(provider.as_deref(), started, result)
     }
 
-    fn forward_target(
-        &self,
-        req: &Request<Incoming>,
-    ) -> Result<(Target, Option<Arc<Provider>>), ProxyError> {
+    fn forward_target(&self, req: &Request<Incoming>) -> Result<(Target, Option<Arc<Provider>>), ProxyError> {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotSupported("CONNECT".into()));
         }
@@ -162,8 +159,8 @@ impl Proxy {
             if target.scheme == Scheme::HTTP && !config.allow_plaintext {
                 return Err(ProxyError::PlaintextRefused { provider: provider.name().to_string() });
             }
-            let keep = config.client_header == ClientHeader::Keep
-                && parts.headers.contains_key(&config.header);
+            let keep =
+                config.client_header == ClientHeader::Keep && parts.headers.contains_key(&config.header);
             if !keep {
                 let token = provider.current().ok_or_else(|| token_unavailable(provider))?;
                 parts.headers.insert(config.header.clone(), token.header_value().clone());

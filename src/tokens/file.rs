@@ -145,13 +145,7 @@ pub fn document_from_fields(fields: Map<String, Value>) -> Result<TokenDocument,
     } else {
         jwt_or_unknown(&access_token)
     };
-    Ok(TokenDocument {
-        access_token,
-        expires_at,
-        expiry_source,
-        issued_at: issued_at.or(updated_at),
-        fields,
-    })
+    Ok(TokenDocument { access_token, expires_at, expiry_source, issued_at: issued_at.or(updated_at), fields })
 }
 
 fn jwt_or_unknown(token: &str) -> (Option<OffsetDateTime>, ExpirySource) {
@@ -162,7 +156,10 @@ fn jwt_or_unknown(token: &str) -> (Option<OffsetDateTime>, ExpirySource) {
 }
 
 /// A time field as RFC 3339 text or Unix seconds (a number or a string of digits).
-fn time_field(fields: &Map<String, Value>, field: &'static str) -> Result<Option<OffsetDateTime>, ParseError> {
+fn time_field(
+    fields: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<OffsetDateTime>, ParseError> {
     let bad = || ParseError::BadTime { field };
     match fields.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -204,9 +201,8 @@ pub fn jwt_exp(token: &str) -> Option<OffsetDateTime> {
     if parts.next().is_some() {
         return None;
     }
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let claims: Value = serde_json::from_slice(&bytes).ok()?;
     unix(claims.get("exp")?.as_f64()?)
 }
@@ -236,7 +232,8 @@ mod tests {
 
     #[test]
     fn expires_in_needs_a_timestamp() {
-        let d = json(r#"{"access_token":"t","expires_in":3600,"updated_at":"2026-11-22T11:00:00Z"}"#).unwrap();
+        let d =
+            json(r#"{"access_token":"t","expires_in":3600,"updated_at":"2026-11-22T11:00:00Z"}"#).unwrap();
         assert_eq!(d.expiry_source, ExpirySource::ExpiresInPlusUpdatedAt);
         assert_eq!(d.expires_at.unwrap().unix_timestamp(), 1_795_348_800);
         let d = json(r#"{"access_token":"t","expires_in":3600,"issued_at":1795345200}"#).unwrap();
@@ -260,7 +257,8 @@ mod tests {
 
     #[test]
     fn yaml_and_raw_files() {
-        let d = parse(FileFormat::Yaml, b"access_token: abc\nexpires_at: '2026-11-22T12:00:00Z'\nextra: 1\n").unwrap();
+        let d = parse(FileFormat::Yaml, b"access_token: abc\nexpires_at: '2026-11-22T12:00:00Z'\nextra: 1\n")
+            .unwrap();
         assert_eq!(d.access_token, "abc");
         assert_eq!(d.fields.get("extra"), Some(&Value::from(1)));
         let d = parse(FileFormat::Raw, b"ghp_plain\n").unwrap();

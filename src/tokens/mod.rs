@@ -222,10 +222,7 @@ impl Provider {
 
     /// Makes `doc`'s token the current one.
     fn adopt(&self, doc: &TokenDocument) -> Result<(), String> {
-        let value = format!(
-            "{}{}{}",
-            self.config.format_prefix, doc.access_token, self.config.format_suffix
-        );
+        let value = format!("{}{}{}", self.config.format_prefix, doc.access_token, self.config.format_suffix);
         let mut header_value = HeaderValue::from_str(&value)
             .map_err(|_| "access_token has characters not allowed in an HTTP header".to_string())?;
         header_value.set_sensitive(true);
@@ -261,9 +258,7 @@ impl Provider {
             None => TokenState::Error,
             Some(t) => match t.expires_at {
                 Some(at) if at <= now => TokenState::Expired,
-                Some(at) if (at - now).unsigned_abs() < self.refresh_margin(&t) => {
-                    TokenState::Expiring
-                }
+                Some(at) if (at - now).unsigned_abs() < self.refresh_margin(&t) => TokenState::Expiring,
                 _ => TokenState::Valid,
             },
         }
@@ -278,10 +273,7 @@ impl Provider {
             provider: self.name().to_string(),
             state,
             expires_at: token.as_ref().and_then(|t| fmt_time(t.expires_at)),
-            expires_in_s: token
-                .as_ref()
-                .and_then(|t| t.expires_at)
-                .map(|at| (at - now).whole_seconds()),
+            expires_in_s: token.as_ref().and_then(|t| t.expires_at).map(|at| (at - now).whole_seconds()),
             expiry_source: token.as_ref().map_or("unknown", |t| t.expiry_source.as_str()),
             fingerprint: token.as_ref().map(|t| t.fingerprint.clone()),
             last_refresh_at: fmt_time(status.last_refresh_at),
@@ -321,8 +313,7 @@ pub struct Providers {
 impl Providers {
     /// Builds the providers and reads each token file once.
     pub fn load(configs: &[ProviderConfig]) -> Providers {
-        let list: Vec<Arc<Provider>> =
-            configs.iter().cloned().map(|c| Arc::new(Provider::new(c))).collect();
+        let list: Vec<Arc<Provider>> = configs.iter().cloned().map(|c| Arc::new(Provider::new(c))).collect();
         for provider in &list {
             provider.reload();
         }

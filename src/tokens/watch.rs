@@ -30,10 +30,8 @@ pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
             let _ = tx.send(());
         }
     });
-    let folders: BTreeSet<PathBuf> = providers
-        .iter()
-        .filter_map(|p| p.config.token_file.parent().map(|d| d.to_path_buf()))
-        .collect();
+    let folders: BTreeSet<PathBuf> =
+        providers.iter().filter_map(|p| p.config.token_file.parent().map(|d| d.to_path_buf())).collect();
     let watcher = match watcher {
         Ok(mut watcher) => {
             for folder in &folders {

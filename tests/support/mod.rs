@@ -442,7 +442,9 @@ pub fn client_available(name: &str, probe: &mut Command) -> bool {
         if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
             panic!("{name} is required (TOKENPROXY_REQUIRE_CLIENTS=1) but not usable here");
         }
-        eprintln!("SKIP: {name} is not usable on this machine; set TOKENPROXY_REQUIRE_CLIENTS=1 to fail instead");
+        eprintln!(
+            "SKIP: {name} is not usable on this machine; set TOKENPROXY_REQUIRE_CLIENTS=1 to fail instead"
+        );
     }
     ok
 }
@@ -465,16 +467,18 @@ pub async fn curl(args: &[&str]) -> (bool, String) {
         command.env_remove(var);
     }
     let out = command.output().await.unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
 const PROXY_VARIABLES: [&str; 8] = [
-    "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy",
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+    "all_proxy",
     "ALL_PROXY",
 ];
 
