@@ -10,6 +10,8 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::{Proxy, upstream};
 use crate::server::{self, ConnectionLimits, Drain};
+use crate::tls::ca::CertificateAuthority;
+use crate::tls::leaf::LeafCache;
 use crate::tokens::{Providers, watch};
 use crate::{metrics, tls};
 
@@ -19,6 +21,9 @@ const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics_handle = metrics::install()?;
     let tls = tls::client_config(&config.extra_roots)?;
+    let ca = CertificateAuthority::load_or_create(&config.ca_dir)?;
+    tracing::info!(path = %ca.cert_path().display(), "CA ready; applications trust this file");
+    let leaves = Arc::new(LeafCache::new(ca));
 
     // Bind before serving anything, so that a port in use stops the start.
     let proxy_listener = server::bind("proxy.listen", config.proxy.listen).await?;
@@ -29,14 +34,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let providers = Arc::new(Providers::load(&config.providers));
-    let client = upstream::client(tls, &config.proxy);
-    let proxy = Arc::new(Proxy::new(providers.clone(), client, config.proxy.clone(), config.allow_unmatched));
+    let drain = Drain::new();
+    let proxy = Arc::new(Proxy {
+        providers: providers.clone(),
+        client: upstream::client(tls, &config.proxy),
+        settings: config.proxy.clone(),
+        allow_unmatched: config.allow_unmatched,
+        leaves,
+        drain: drain.handle(),
+    });
     let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone()));
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
     };
-    let drain = Drain::new();
 
     let watcher = watch::spawn(providers.clone());
     let upkeep = tokio::spawn(async move {

@@ -34,6 +34,8 @@ pub enum Command {
     Run,
     /// Validate the config and every token file; one line per provider
     Check,
+    /// Make sure tokenproxy's CA exists and print the path of ca.pem (what applications trust)
+    Ca,
 }
 
 impl Cli {

@@ -38,8 +38,9 @@ pub enum ProxyError {
     UpstreamUnreachable { host: String, reason: String },
     #[error("upstream {host} sent no response headers within {seconds}s")]
     UpstreamTimeout { host: String, seconds: u64 },
-    #[error("method {0} is not supported by this listener")]
-    MethodNotSupported(String),
+    /// tokenproxy could not set up TLS for an intercepted host.
+    #[error("cannot intercept {host}: {reason}")]
+    Interception { host: String, reason: String },
 }
 
 impl ProxyError {
@@ -47,11 +48,10 @@ impl ProxyError {
         match self {
             ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => StatusCode::FORBIDDEN,
-            ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamUnreachable { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::TokenUnavailable { .. }
+            | ProxyError::UpstreamUnreachable { .. }
+            | ProxyError::Interception { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::MethodNotSupported(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -65,7 +65,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
-            ProxyError::MethodNotSupported(_) => "method_not_supported",
+            ProxyError::Interception { .. } => "interception_failed",
         }
     }
 

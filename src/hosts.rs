@@ -85,6 +85,12 @@ impl FromStr for HostPattern {
 }
 
 impl HostPattern {
+    /// Whether this pattern names one host rather than a family of subdomains; exact patterns
+    /// are tried before wildcards, so `api.example.com` beats `*.example.com`.
+    pub fn is_exact(&self) -> bool {
+        matches!(self.kind, Kind::Exact(_))
+    }
+
     /// `host` must already be normalised (see [`normalize_host`]); `port` is the effective port
     /// (the scheme's default when the request named none).
     pub fn matches(&self, host: &str, port: u16) -> bool {

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     let default_level = match command {
         Command::Run => "info",
-        Command::Check => "warn",
+        Command::Check | Command::Ca => "warn",
     };
     logging::init(cli.log_format, default_level);
 
@@ -27,13 +27,24 @@ fn main() -> ExitCode {
                         println!("problem: {problem}");
                     }
                 }
-                Command::Run => eprintln!("tokenproxy: invalid config: {}", e.problems.join("; ")),
+                _ => eprintln!("tokenproxy: invalid config: {}", e.problems.join("; ")),
             }
             return ExitCode::FAILURE;
         }
     };
 
     match command {
+        Command::Ca => match tokenproxy::tls::ca::CertificateAuthority::load_or_create(&config.ca_dir) {
+            Ok(ca) => {
+                let path = std::fs::canonicalize(ca.cert_path()).unwrap_or_else(|_| ca.cert_path().into());
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tokenproxy: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check => {
             if cli::check(&config) {
                 ExitCode::SUCCESS

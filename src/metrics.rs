@@ -57,3 +57,16 @@ pub fn token_reload(provider: &str, result: &'static str) {
 pub fn token_expires_in(provider: &str, seconds: f64) {
     metrics::gauge!(TOKEN_EXPIRES_IN, "provider" => provider.to_string()).set(seconds);
 }
+
+/// Leaf certificates minted for intercepted hosts (an extension of SPEC §7).
+pub const LEAF_CERTIFICATES_ISSUED_TOTAL: &str = "tokenproxy_leaf_certificates_issued_total";
+/// Intercepted connections served with a cached leaf certificate (an extension of SPEC §7).
+pub const LEAF_CACHE_HITS_TOTAL: &str = "tokenproxy_leaf_cache_hits_total";
+
+pub fn leaf_issued() {
+    metrics::counter!(LEAF_CERTIFICATES_ISSUED_TOTAL).increment(1);
+}
+
+pub fn leaf_cache_hit() {
+    metrics::counter!(LEAF_CACHE_HITS_TOTAL).increment(1);
+}

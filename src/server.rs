@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -41,7 +43,73 @@ impl DrainWatch {
     }
 }
 
+/// Makes [`DrainWatch`]es for connections that start outside an accept loop (intercepted TLS,
+/// tunnels) without itself keeping the drain from finishing.
+#[derive(Clone)]
+pub struct DrainHandle {
+    signal: watch::Receiver<bool>,
+    alive: mpsc::WeakSender<()>,
+}
+
+impl DrainHandle {
+    /// A watch for a new connection, or `None` once shutdown has finished.
+    pub fn watch(&self) -> Option<DrainWatch> {
+        Some(DrainWatch { signal: self.signal.clone(), _alive: self.alive.upgrade()? })
+    }
+}
+
+/// A connection that can be asked to finish its request in flight and close.
+pub trait GracefulConnection: Future {
+    fn start_graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn start_graceful_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> GracefulConnection for auto::Connection<'_, I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn start_graceful_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs `conn` to its end; on shutdown, lets it finish the request in flight and close.
+pub async fn until_drained<C, E>(conn: C, mut drain: DrainWatch)
+where
+    C: GracefulConnection<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = drain.signaled() => {
+            conn.as_mut().start_graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 impl Drain {
+    pub fn handle(&self) -> DrainHandle {
+        DrainHandle { signal: self.signal.subscribe(), alive: self.alive.downgrade() }
+    }
+
     pub fn new() -> Drain {
         let (signal, _) = watch::channel(false);
         let (alive, done) = mpsc::channel(1);
@@ -109,24 +177,15 @@ where
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let handler = handler.clone();
-        let mut conn_drain = drain.clone();
+        let conn_drain = drain.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
+            // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
             let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = conn_drain.signaled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            until_drained(conn, conn_drain).await;
         });
     }
 }

@@ -5,6 +5,7 @@
 //! into a [`Target`] and handed to [`Proxy::forward`], so that injection, the plaintext rule,
 //! header hygiene, timeouts and metrics are written once.
 
+mod connect;
 mod headers;
 pub mod upstream;
 
@@ -22,6 +23,8 @@ use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
 use crate::errors::ProxyError;
 use crate::hosts::split_host_port;
 use crate::metrics;
+use crate::server::DrainHandle;
+use crate::tls::leaf::LeafCache;
 use crate::tokens::{Provider, Providers, TokenState};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,25 +70,24 @@ impl Target {
     }
 }
 
+/// Everything the data path needs, shared by every listener and connection.
 pub struct Proxy {
-    providers: Arc<Providers>,
-    client: upstream::Client,
-    settings: ProxySettings,
-    allow_unmatched: bool,
+    pub providers: Arc<Providers>,
+    pub client: upstream::Client,
+    pub settings: ProxySettings,
+    pub allow_unmatched: bool,
+    /// Certificates for intercepted hosts.
+    pub leaves: Arc<LeafCache>,
+    /// Lets connections that outlive their CONNECT request take part in the shutdown drain.
+    pub drain: DrainHandle,
 }
 
 impl Proxy {
-    pub fn new(
-        providers: Arc<Providers>,
-        client: upstream::Client,
-        settings: ProxySettings,
-        allow_unmatched: bool,
-    ) -> Proxy {
-        Proxy { providers, client, settings, allow_unmatched }
-    }
-
-    /// A request on the forward-proxy port: it must be in absolute form.
-    pub async fn handle_forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// A request on the forward-proxy port: absolute form, or CONNECT.
+    pub async fn handle_forward(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            return self.handle_connect(req).await;
+        }
         let started = Instant::now();
         let (provider, result) = match self.forward_target(&req) {
             Ok((target, provider)) => {
@@ -98,9 +100,6 @@ impl Proxy {
     }
 
     fn forward_target(&self, req: &Request<Incoming>) -> Result<(Target, Option<Arc<Provider>>), ProxyError> {
-        if req.method() == Method::CONNECT {
-            return Err(ProxyError::MethodNotSupported("CONNECT".into()));
-        }
         let uri = req.uri();
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
             return Err(ProxyError::NotAProxyRequest);

@@ -332,7 +332,12 @@ impl Providers {
     /// carry IPv6 brackets.
     pub fn for_host(&self, host: &str, port: u16) -> Option<&Arc<Provider>> {
         let host = normalize_host(host);
-        self.list.iter().find(|p| p.config.hosts.iter().any(|h| h.matches(&host, port)))
+        let find = |exact: bool| {
+            self.list
+                .iter()
+                .find(|p| p.config.hosts.iter().any(|h| h.is_exact() == exact && h.matches(&host, port)))
+        };
+        find(true).or_else(|| find(false))
     }
 
     /// Re-reads every token file; used by the watcher.

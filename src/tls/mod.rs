@@ -1,4 +1,8 @@
-//! TLS for the connections tokenproxy opens (upstreams, and later token endpoints).
+//! TLS: tokenproxy's own CA and the leaf certificates it shows intercepted clients ([`ca`],
+//! [`leaf`]), and the verified client configuration for every connection it opens.
+
+pub mod ca;
+pub mod leaf;
 
 use std::path::PathBuf;
 use std::sync::Arc;

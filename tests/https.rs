@@ -1,0 +1,328 @@
+//! HTTPS through CONNECT: provider hosts are intercepted with tokenproxy's CA and get the token;
+//! other hosts are tunnelled untouched; upstream TLS is verified.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const TOKEN: &str = "tok-https-5e6f7a8b";
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    mock: MockApi,
+    tp: TokenProxy,
+    /// tokenproxy's CA, what clients trust.
+    ca_pem: PathBuf,
+    /// The mock's own CA.
+    mock_ca_pem: PathBuf,
+}
+
+/// An HTTPS mock (certificate for `mock_names`, from a test CA) and a proxy whose provider
+/// `api` matches `provider_host` (with `{port}` replaced). `trust_mock` puts the mock's CA in
+/// `extra_roots`.
+async fn setup(mock_names: &[&str], provider_host: &str, trust_mock: bool, extra: &str) -> Setup {
+    let dir = tempdir();
+    let pki = test_pki(dir.path(), "mock", mock_names);
+    let mock = MockApi::start_tls(pki.server_config.clone()).await;
+    std::fs::write(dir.path().join("api.json"), token_json(TOKEN)).unwrap();
+    let roots = if trust_mock { toml_path(&pki.ca_pem_path) } else { String::new() };
+    let config = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "5s"
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+ca_dir = "ca"
+extra_roots = [{roots}]
+{extra}
+[providers.api]
+hosts = ["{host}"]
+token_file = "api.json"
+"#,
+        host = provider_host.replace("{port}", &mock.addr.port().to_string()),
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let ca_pem = dir.path().join("ca").join("ca.pem");
+    assert!(ca_pem.exists(), "the CA is created on first start");
+    Setup { mock_ca_pem: pki.ca_pem_path, _dir: dir, mock, tp, ca_pem }
+}
+
+fn https_url(host: &str, mock: &MockApi, path: &str) -> String {
+    format!("https://{host}:{}{path}", mock.addr.port())
+}
+
+fn reqwest_trusting(tp: &TokenProxy, ca: &Path) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn curl_gets_the_token_injected_over_http1_and_http2_and_the_leaf_is_reused() {
+    let s = setup(&["localhost"], "localhost:{port}", true, "").await;
+    if !curl_available() {
+        return;
+    }
+    let url = https_url("localhost", &s.mock, "/v1/me");
+    let ca = s.ca_pem.to_str().unwrap();
+    let (ok, out) =
+        curl(&["-x", &s.tp.proxy_url(), "--cacert", ca, "--http1.1", "-w", "\n%{http_version}", &url]).await;
+    assert!(ok, "{out}");
+    assert!(out.ends_with("\n1.1"), "{out}");
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+    assert_eq!(s.mock.last().path, "/v1/me");
+
+    // A second connection, over HTTP/2 this time (ALPN offers h2).
+    let (ok, out) =
+        curl(&["-x", &s.tp.proxy_url(), "--cacert", ca, "--http2", "-w", "\n%{http_version}", &url]).await;
+    assert!(ok, "{out}");
+    assert!(out.ends_with("\n2"), "curl spoke HTTP/2 to tokenproxy: {out}");
+    assert_eq!(s.mock.seen().len(), 2);
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+
+    // One leaf for two connections to one host.
+    assert_eq!(s.tp.metric("tokenproxy_leaf_certificates_issued_total", &[]).await, 1.0);
+    assert_eq!(s.tp.metric("tokenproxy_leaf_cache_hits_total", &[]).await, 1.0);
+    assert_eq!(
+        s.tp.metric("tokenproxy_requests_total", &[("provider", "api"), ("status", "2xx")]).await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn python_requests_and_reqwest_get_the_token_injected() {
+    // An IP-address host: the leaf carries an IP SAN.
+    let s = setup(&["127.0.0.1"], "127.0.0.1:{port}", true, "").await;
+    let url = https_url("127.0.0.1", &s.mock, "/reqwest");
+    let r = reqwest_trusting(&s.tp, &s.ca_pem).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+
+    if python_requests_available() {
+        let url = https_url("127.0.0.1", &s.mock, "/python");
+        let script = format!(
+            "r = requests.get('{url}', proxies={{'https': '{}'}}, verify='{}', timeout=20)\nprint(r.status_code)",
+            s.tp.proxy_url(),
+            s.ca_pem.display()
+        );
+        let (ok, out, err) = python(&script, &[]).await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), "200");
+        assert_eq!(s.mock.last().path, "/python");
+        assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+
+        // As an application is configured: HTTPS_PROXY and REQUESTS_CA_BUNDLE.
+        let url = https_url("127.0.0.1", &s.mock, "/python-env");
+        let script = format!("print(requests.get('{url}', timeout=20).status_code)");
+        let proxy_url = s.tp.proxy_url();
+        let env = [("HTTPS_PROXY", proxy_url.as_str()), ("REQUESTS_CA_BUNDLE", s.ca_pem.to_str().unwrap())];
+        let (ok, out, err) = python(&script, &env).await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), "200");
+        assert_eq!(s.mock.last().path, "/python-env");
+    }
+}
+
+const JAVA_CLIENT: &str = r#"
+import java.net.InetSocketAddress;
+import java.net.ProxySelector;
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+
+public class ProxyClient {
+    public static void main(String[] args) throws Exception {
+        HttpClient client = HttpClient.newBuilder()
+            .proxy(ProxySelector.of(new InetSocketAddress(args[0], Integer.parseInt(args[1]))))
+            .build();
+        HttpResponse<String> r = client.send(
+            HttpRequest.newBuilder(URI.create(args[2])).build(), HttpResponse.BodyHandlers.ofString());
+        System.out.println(r.statusCode());
+    }
+}
+"#;
+
+#[tokio::test]
+async fn a_java_http_client_gets_the_token_injected() {
+    let s = setup(&["localhost"], "localhost:{port}", true, "").await;
+    let java_ok = client_available("javac", Command::new("javac").arg("-version"))
+        && client_available("keytool", Command::new("keytool").arg("-help"));
+    if !java_ok {
+        return;
+    }
+    let work = tempdir();
+    let source = work.path().join("ProxyClient.java");
+    std::fs::write(&source, JAVA_CLIENT).unwrap();
+    let status = tokio::process::Command::new("javac").arg(&source).status().await.unwrap();
+    assert!(status.success());
+    // A truststore holding tokenproxy's CA, as a Java deployment would build it.
+    let store = work.path().join("trust.p12");
+    let status = tokio::process::Command::new("keytool")
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "tokenproxy",
+            "-storetype",
+            "PKCS12",
+            "-storepass",
+            "changeit",
+        ])
+        .arg("-file")
+        .arg(&s.ca_pem)
+        .arg("-keystore")
+        .arg(&store)
+        .output()
+        .await
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let out = tokio::process::Command::new("java")
+        .arg(format!("-Djavax.net.ssl.trustStore={}", store.display()))
+        .arg("-Djavax.net.ssl.trustStorePassword=changeit")
+        .arg("-cp")
+        .arg(work.path())
+        .arg("ProxyClient")
+        .arg(s.tp.proxy.ip().to_string())
+        .arg(s.tp.proxy.port().to_string())
+        .arg(https_url("localhost", &s.mock, "/java"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "200");
+    assert_eq!(s.mock.last().path, "/java");
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+}
+
+#[tokio::test]
+async fn unmatched_hosts_are_tunnelled_untouched_or_refused() {
+    // The provider is localhost:PORT; 127.0.0.1:PORT matches nothing and is tunnelled.
+    let s = setup(&["localhost", "127.0.0.1"], "localhost:{port}", true, "").await;
+    let url = https_url("127.0.0.1", &s.mock, "/tunnel");
+    // Trusting only the mock's CA: success proves the client saw the mock's own certificate.
+    let r = reqwest_trusting(&s.tp, &s.mock_ca_pem)
+        .get(&url)
+        .header("authorization", "Bearer app-own")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.mock.last().authorization(), Some("Bearer app-own"));
+    let r = reqwest_trusting(&s.tp, &s.mock_ca_pem).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.mock.last().authorization(), None, "nothing injected into a tunnel");
+    if curl_available() {
+        let ca = s.mock_ca_pem.to_str().unwrap();
+        let (ok, out) = curl(&["-x", &s.tp.proxy_url(), "--cacert", ca, &url]).await;
+        assert!(ok, "{out}");
+        assert_eq!(s.mock.last().authorization(), None);
+    }
+
+    let s = setup(&["localhost", "127.0.0.1"], "localhost:{port}", true, "[egress]\nallow_unmatched = false")
+        .await;
+    let proxy = s.tp.proxy;
+    let target = format!("127.0.0.1:{}", s.mock.addr.port());
+    let answer = tokio::task::spawn_blocking(move || {
+        raw(proxy, format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(), None)
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("egress_denied"), "{answer}");
+    assert!(s.mock.seen().is_empty());
+}
+
+#[tokio::test]
+async fn an_upstream_with_a_wrong_or_untrusted_certificate_is_a_502_and_gets_no_token() {
+    // The mock's certificate names only "localhost"; the provider is reached as 127.0.0.1.
+    let s = setup(&["localhost"], "127.0.0.1:{port}", true, "").await;
+    let url = https_url("127.0.0.1", &s.mock, "/wrong-name");
+    let r = reqwest_trusting(&s.tp, &s.ca_pem).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("certificate"), "{body}");
+    assert!(!body.contains(TOKEN));
+
+    // The right name but a CA nobody told tokenproxy to trust.
+    let s2 = setup(&["localhost"], "localhost:{port}", false, "").await;
+    let url = https_url("localhost", &s2.mock, "/untrusted");
+    let r = reqwest_trusting(&s2.tp, &s2.ca_pem).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-tokenproxy-error"], "upstream_unreachable");
+    assert!(r.text().await.unwrap().contains("certificate"));
+
+    assert!(s.mock.seen().is_empty() && s2.mock.seen().is_empty(), "the token was never sent");
+}
+
+#[tokio::test]
+async fn a_401_passes_through_an_intercepted_connection() {
+    let s = setup(&["localhost"], "localhost:{port}", true, "").await;
+    let url = https_url("localhost", &s.mock, "/status/401");
+    let r = reqwest_trusting(&s.tp, &s.ca_pem).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+}
+
+/// Writes `bytes`, optionally waits for the CONNECT answer and writes `then`, and returns what
+/// the proxy sent back before closing (or 5 s passed).
+fn raw(addr: std::net::SocketAddr, bytes: &[u8], then: Option<&[u8]>) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    if let Some(then) = then {
+        let n = stream.read(&mut buf).unwrap();
+        out.extend_from_slice(&buf[..n]);
+        let _ = stream.write_all(then);
+    }
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_malformed_connect_or_a_garbage_handshake_gets_an_error_and_the_proxy_keeps_serving() {
+    let s = setup(&["localhost"], "localhost:{port}", true, "").await;
+    let proxy = s.tp.proxy;
+    let answer = tokio::task::spawn_blocking(move || {
+        raw(proxy, b"CONNECT no-port-here HTTP/1.1\r\nHost: no-port-here\r\n\r\n", None)
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let target = format!("localhost:{}", s.mock.addr.port());
+    let answer = tokio::task::spawn_blocking(move || {
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        raw(proxy, connect.as_bytes(), Some(b"this is not a TLS ClientHello\r\n\r\n"))
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(s.mock.seen().is_empty());
+
+    // Still serving.
+    let url = https_url("localhost", &s.mock, "/after");
+    let r = reqwest_trusting(&s.tp, &s.ca_pem).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+}
