@@ -326,3 +326,54 @@ async fn a_malformed_connect_or_a_garbage_handshake_gets_an_error_and_the_proxy_
     assert_eq!(r.status(), 200);
     assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
 }
+
+#[test]
+fn the_ca_command_prints_the_path_and_an_unusable_ca_dir_stops_the_start() {
+    let dir = tempdir();
+    let config = dir.path().join("tp.toml");
+    std::fs::write(&config, "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"state/ca\"\n")
+        .unwrap();
+    let out = Command::new(binary()).args(["ca", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let expected = std::fs::canonicalize(dir.path().join("state/ca/ca.pem")).unwrap();
+    assert_eq!(printed, expected.display().to_string());
+    let pem = std::fs::read(&expected).unwrap();
+    // Run again: the same CA, not a new one.
+    let out = Command::new(binary()).args(["ca", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(&expected).unwrap(), pem);
+
+    // A ca_dir that cannot be created (its parent is a file): a one-line reason, exit 1.
+    std::fs::write(dir.path().join("blocker"), "a file, not a folder").unwrap();
+    std::fs::write(&config, "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"blocker/ca\"\n")
+        .unwrap();
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("tls.ca_dir") && stderr.contains("blocker"), "{stderr}");
+
+    // A CA that does not parse is an error and is left as it was.
+    std::fs::create_dir_all(dir.path().join("broken")).unwrap();
+    std::fs::write(dir.path().join("broken/ca.pem"), "garbage").unwrap();
+    std::fs::write(dir.path().join("broken/ca-key.pem"), "garbage").unwrap();
+    std::fs::write(
+        &config,
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"broken\"\n",
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(dir.path().join("broken/ca.pem")).unwrap(), "garbage");
+}
