@@ -11,9 +11,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::errors::ProxyError;
 use crate::metrics;
 use crate::proxy::ProxyBody;
 use crate::tokens::Providers;
+use crate::tokens::refresh::Trigger;
 
 pub struct Admin {
     providers: Arc<Providers>,
@@ -27,6 +29,15 @@ impl Admin {
 
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
         let path = req.uri().path();
+        if let Some(name) = path.strip_prefix("/tokens/").and_then(|rest| rest.strip_suffix("/refresh")) {
+            return match *req.method() {
+                Method::POST => self.manual_refresh(name).await,
+                _ => json_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &json!({"error": "method_not_allowed", "reason": "POST to force a refresh"}),
+                ),
+            };
+        }
         match (req.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n", "text/plain"),
             (&Method::GET, "/readyz") => self.readyz(),
@@ -44,6 +55,34 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 &json!({"error": "not_found", "reason": "admin paths: /healthz /readyz /metrics /tokens"}),
             ),
+        }
+    }
+
+    /// `POST /tokens/{provider}/refresh`: 200 with the provider's view when it holds a fresh token
+    /// afterwards, else 502 with the error body of SPEC §5.
+    async fn manual_refresh(&self, name: &str) -> Response<ProxyBody> {
+        let Some(provider) = self.providers.get(name) else {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "unknown_provider", "reason": format!("no provider named {name:?}")}),
+            );
+        };
+        let wait = provider.wait_limit.max(std::time::Duration::from_secs(1));
+        let result = tokio::time::timeout(wait, provider.refresh(Trigger::Manual, None)).await;
+        match result {
+            Ok(Ok(_)) => json_response(StatusCode::OK, &json!(provider.view(OffsetDateTime::now_utc()))),
+            Ok(Err(e)) => ProxyError::TokenUnavailable {
+                provider: name.to_string(),
+                reason: e.to_string(),
+                action: e.action(&provider.config.token_file),
+            }
+            .into_response(),
+            Err(_) => ProxyError::TokenUnavailable {
+                provider: name.to_string(),
+                reason: "the refresh did not finish in time; it goes on in the background".into(),
+                action: "look at /tokens in a moment".into(),
+            }
+            .into_response(),
         }
     }
 

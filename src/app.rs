@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::oauth::OAuthClient;
 use crate::proxy::{Proxy, upstream};
 use crate::server::{self, ConnectionLimits, Drain};
 use crate::tls::ca::CertificateAuthority;
@@ -33,7 +34,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         route_listeners.push(server::bind(&format!("routes[{i}].listen"), route.listen).await?);
     }
 
-    let providers = Arc::new(Providers::load(&config.providers));
+    let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
+    let providers =
+        Arc::new(Providers::load(&config.providers, Some(oauth_client), config.proxy.upstream_timeout));
+    // One background refresher per provider with a token endpoint.
+    let refreshers: Vec<_> =
+        providers.iter().filter(|p| p.can_refresh()).map(|p| tokio::spawn(p.clone().keep_fresh())).collect();
     let drain = Drain::new();
     let proxy = Arc::new(Proxy {
         providers: providers.clone(),
@@ -100,6 +106,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let drained = drain.wait(config.proxy.shutdown_timeout).await;
     watcher.abort();
+    for refresher in refreshers {
+        refresher.abort();
+    }
     upkeep.abort();
     if drained {
         tracing::info!("all connections finished; bye");

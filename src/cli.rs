@@ -53,7 +53,7 @@ pub fn check(config: &Config) -> bool {
     }
     let now = OffsetDateTime::now_utc();
     for pc in &config.providers {
-        let provider = Provider::new(pc.clone());
+        let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO);
         provider.reload();
         let view = provider.view(now);
         let expiry = match (&view.expires_at, view.expires_in_s) {

@@ -523,6 +523,14 @@ fn validate_provider(
         })
         .collect();
     let oauth = rp.oauth.map(|o| validate_oauth(&what, o, base, p));
+    if oauth.is_some()
+        && crate::tokens::file::FileFormat::of(&rp.token_file) == crate::tokens::file::FileFormat::Raw
+    {
+        p.push(format!(
+            "{what}.token_file: a provider with [oauth] needs a .json, .yaml or .yml token file \
+             (a raw file cannot hold a refresh token or an expiry, and is never written)"
+        ));
+    }
     (p.len() == before).then(|| ProviderConfig {
         name: name.to_string(),
         hosts,

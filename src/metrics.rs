@@ -70,3 +70,26 @@ pub fn leaf_issued() {
 pub fn leaf_cache_hit() {
     metrics::counter!(LEAF_CACHE_HITS_TOTAL).increment(1);
 }
+
+pub fn refresh(provider: &str, trigger: &'static str, result: &'static str, elapsed: Duration) {
+    metrics::counter!(REFRESHES_TOTAL, "provider" => provider.to_string(), "trigger" => trigger, "result" => result)
+        .increment(1);
+    metrics::histogram!(REFRESH_DURATION, "provider" => provider.to_string()).record(elapsed.as_secs_f64());
+}
+
+pub fn upstream_unauthorized(provider: &str) {
+    metrics::counter!(UPSTREAM_UNAUTHORIZED_TOTAL, "provider" => provider.to_string()).increment(1);
+}
+
+/// `result`: `ok`, `unauthorized`, `error`, `not_replayable`, `refresh_failed`.
+pub fn retry(provider: &str, result: &'static str) {
+    metrics::counter!(RETRIES_TOTAL, "provider" => provider.to_string(), "result" => result).increment(1);
+}
+
+/// Token file writes after a refresh (an extension of SPEC §7): `result` is `ok` or `error`.
+pub const TOKEN_WRITES_TOTAL: &str = "tokenproxy_token_writes_total";
+
+pub fn token_write(provider: &str, result: &'static str) {
+    metrics::counter!(TOKEN_WRITES_TOTAL, "provider" => provider.to_string(), "result" => result)
+        .increment(1);
+}

@@ -135,11 +135,11 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         target: Target,
-        provider: &Provider,
+        provider: &Arc<Provider>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let result = self.forward(req, target, Some(provider)).await;
-        finish(Some(provider), started, result)
+        finish(Some(provider.as_ref()), started, result)
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod connect;
 mod headers;
+mod replay;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, Version};
-use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
@@ -25,7 +26,8 @@ use crate::hosts::split_host_port;
 use crate::metrics;
 use crate::server::DrainHandle;
 use crate::tls::leaf::LeafCache;
-use crate::tokens::{Provider, Providers, TokenState};
+use crate::tokens::refresh::Trigger;
+use crate::tokens::{Provider, Providers, Token, TokenState};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy: streamed, never collected whole.
@@ -91,7 +93,7 @@ impl Proxy {
         let started = Instant::now();
         let (provider, result) = match self.forward_target(&req) {
             Ok((target, provider)) => {
-                let result = self.forward(req, target, provider.as_deref()).await;
+                let result = self.forward(req, target, provider.as_ref()).await;
                 (provider, result)
             }
             Err(e) => (None, Err(e)),
@@ -128,7 +130,7 @@ impl Proxy {
                     Ok(pq) => {
                         parts.uri = Uri::from(pq);
                         let req = Request::from_parts(parts, body);
-                        self.forward(req, target, provider.as_deref()).await
+                        self.forward(req, target, provider.as_ref()).await
                     }
                     Err(_) => Err(ProxyError::BadTarget(format!("bad path {path:?}"))),
                 }
@@ -138,18 +140,20 @@ impl Proxy {
         finish(provider.as_deref(), started, result)
     }
 
-    /// The one forwarding path: inject the provider's token if there is one, and relay.
+    /// The one forwarding path: inject the provider's token if there is one, relay, and after a
+    /// "token is dead" status refresh once and retry once.
     async fn forward(
         &self,
         req: Request<Incoming>,
         mut target: Target,
-        provider: Option<&Provider>,
+        provider: Option<&Arc<Provider>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         // The client sets Host from the upstream URI (RFC 9112 §3.2.2: a proxy replaces it).
         parts.headers.remove(http::header::HOST);
 
+        let mut injected = None;
         if let Some(provider) = provider {
             let config = &provider.config;
             if target.scheme == Scheme::HTTP && config.upstream_scheme == UpstreamScheme::Https {
@@ -161,8 +165,9 @@ impl Proxy {
             let keep =
                 config.client_header == ClientHeader::Keep && parts.headers.contains_key(&config.header);
             if !keep {
-                let token = provider.current().ok_or_else(|| token_unavailable(provider))?;
+                let token = self.token_for(provider).await?;
                 parts.headers.insert(config.header.clone(), token.header_value().clone());
+                injected = Some((provider, token));
             }
         }
 
@@ -175,8 +180,103 @@ impl Proxy {
             .map_err(|e| ProxyError::BadTarget(e.to_string()))?;
         // The upstream connection decides the wire version; the client wants HTTP/1.1 here.
         parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
 
+        let Some((provider, token)) = injected else {
+            let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+            return self.send(request, &target).await;
+        };
+        // What a retry needs: the head, and the body kept as it streams out (up to the limit).
+        let head = clone_head(&parts);
+        let (body, replay) = replay::tee(body, self.settings.max_replay_body);
+        let response = self.send(Request::from_parts(parts, body.boxed()), &target).await?;
+        if !provider.config.refresh_on_status.contains(&response.status()) {
+            return Ok(response);
+        }
+        self.retry_with_fresh_token(provider, &token, head, replay, response, &target).await
+    }
+
+    /// The token to inject: the current one, or, when it has expired and the provider has a
+    /// token endpoint, the one the refresh in flight brings (waiting at most `upstream_timeout`).
+    async fn token_for(&self, provider: &Arc<Provider>) -> Result<Arc<Token>, ProxyError> {
+        let current = provider.current();
+        match current {
+            Some(token) if !provider.can_refresh() || !token.is_expired(time::OffsetDateTime::now_utc()) => {
+                return Ok(token);
+            }
+            None if !provider.can_refresh() => return Err(token_unavailable(provider)),
+            _ => {}
+        }
+        let wait = self.settings.upstream_timeout;
+        match tokio::time::timeout(wait, provider.refresh(Trigger::Expired, None)).await {
+            Ok(Ok(token)) => Ok(token),
+            Ok(Err(e)) => Err(ProxyError::TokenUnavailable {
+                provider: provider.name().to_string(),
+                reason: e.to_string(),
+                action: e.action(&provider.config.token_file),
+            }),
+            Err(_) => Err(ProxyError::TokenUnavailable {
+                provider: provider.name().to_string(),
+                reason: format!("no fresh token within {}s (upstream_timeout)", wait.as_secs()),
+                action: "check the token endpoint's health; tokenproxy keeps retrying".into(),
+            }),
+        }
+    }
+
+    /// After the upstream said the token is dead: one refresh (shared with every request that
+    /// saw the same token fail), then one retry. The app sees the retry's answer, or the original
+    /// one when no retry was possible.
+    async fn retry_with_fresh_token(
+        &self,
+        provider: &Arc<Provider>,
+        failed: &Token,
+        mut head: http::request::Parts,
+        replay: replay::Replay,
+        response: Response<ProxyBody>,
+        target: &Target,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let name = provider.name();
+        metrics::upstream_unauthorized(name);
+        tracing::info!(
+            provider = name,
+            status = response.status().as_u16(),
+            fingerprint = %failed.fingerprint,
+            "upstream rejected the token"
+        );
+        let Some(body) = replay.take() else {
+            metrics::retry(name, "not_replayable");
+            return Ok(response);
+        };
+        let refresh = provider.refresh(Trigger::Unauthorized, Some(failed.generation));
+        let fresh = match tokio::time::timeout(self.settings.upstream_timeout, refresh).await {
+            Ok(Ok(fresh)) => fresh,
+            _ => {
+                metrics::retry(name, "refresh_failed");
+                return Ok(response);
+            }
+        };
+        drop(response);
+        provider.note_retry();
+        head.headers.insert(provider.config.header.clone(), fresh.header_value().clone());
+        let body = Full::new(body).map_err(|e| -> BoxError { match e {} }).boxed();
+        match self.send(Request::from_parts(head, body), target).await {
+            Ok(response) => {
+                let still_dead = provider.config.refresh_on_status.contains(&response.status());
+                metrics::retry(name, if still_dead { "unauthorized" } else { "ok" });
+                Ok(response)
+            }
+            Err(e) => {
+                metrics::retry(name, "error");
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends a request upstream within `upstream_timeout` (connect + response head).
+    async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        target: &Target,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let timeout = self.settings.upstream_timeout;
         let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
             Err(_) => {
@@ -197,6 +297,16 @@ impl Proxy {
         headers::remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
     }
+}
+
+/// A copy of a request head (extensions are not carried over: nothing here sets any).
+fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
 }
 
 /// The 502 answer for a provider that has no token to inject, with what to do about it.

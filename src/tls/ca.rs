@@ -4,8 +4,6 @@
 //! never logged and never served. An existing CA that does not parse is an error: replacing it
 //! silently would break every application that trusts the old one.
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -16,6 +14,8 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
+
+use crate::fsutil::{Existing, write_atomically};
 
 pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
@@ -96,9 +96,9 @@ impl CertificateAuthority {
 
         // The key first: a certificate without its key would be useless, the reverse is only
         // incomplete. Each file appears whole or not at all.
-        write_atomically(key_path, key.serialize_pem().as_bytes(), 0o600)
+        write_atomically(key_path, key.serialize_pem().as_bytes(), 0o600, Existing::Keep)
             .with_context(|| format!("tls.ca_dir: cannot write {}", key_path.display()))?;
-        write_atomically(cert_path, cert.pem().as_bytes(), 0o644)
+        write_atomically(cert_path, cert.pem().as_bytes(), 0o644, Existing::Keep)
             .with_context(|| format!("tls.ca_dir: cannot write {}", cert_path.display()))?;
         tracing::info!(path = %cert_path.display(), "created a new CA; applications must trust this file");
         Ok(CertificateAuthority {
@@ -134,20 +134,10 @@ impl CertificateAuthority {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, with `mode`, fsynced,
-/// renamed into place only if `path` does not exist yet.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist_noclobber(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -6,9 +6,11 @@
 //! say, except a token kept in use after the file became unreadable.
 
 pub mod file;
+pub mod refresh;
+pub mod store;
 pub mod watch;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::config::ProviderConfig;
 use crate::hosts::normalize_host;
 use crate::metrics;
+use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
 use file::{ExpirySource, FileFormat, TokenDocument};
 
@@ -98,6 +101,18 @@ struct Status {
     /// absorbs duplicate watcher events and, later, tokenproxy's own writes).
     content_hash: Option<[u8; 32]>,
     last_error: Option<String>,
+    /// Set by `invalid_grant`: no automatic refresh until the file changes or a manual refresh.
+    reauth_reason: Option<String>,
+    /// Set by `invalid_client`: the config is wrong.
+    config_error: Option<String>,
+    /// After a transient failure, automatic refreshes wait until then.
+    retry_not_before: Option<std::time::Instant>,
+    last_failure: Option<RefreshError>,
+    /// The last failed write of the token file, shown until a write succeeds.
+    write_error: Option<String>,
+    /// The fields of the token last read or written: the base of the next write, and where the
+    /// refresh token comes from even when a write failed.
+    fields: serde_json::Map<String, serde_json::Value>,
     last_refresh_at: Option<OffsetDateTime>,
     last_refresh_result: Option<String>,
     refresh_count: u64,
@@ -111,6 +126,15 @@ pub struct Provider {
     /// Everything the admin API shows besides the token. Never touched on the request path.
     status: Mutex<Status>,
     generations: AtomicU64,
+    /// The token endpoint client, for providers with an `[oauth]` section.
+    oauth_client: Option<OAuthClient>,
+    /// Single flight: one refresh at a time; waiters queue here.
+    refresh_lock: tokio::sync::Mutex<()>,
+    refreshing: AtomicBool,
+    /// Wakes the background refresher when the token changes.
+    changed: tokio::sync::Notify,
+    /// The longest a request waits for a refresh.
+    pub wait_limit: Duration,
 }
 
 /// The outcome of re-reading a token file, also the `result` label of
@@ -124,13 +148,29 @@ pub enum Reload {
 }
 
 impl Provider {
-    pub fn new(config: ProviderConfig) -> Provider {
+    pub fn new(config: ProviderConfig, oauth_client: Option<OAuthClient>, wait_limit: Duration) -> Provider {
+        let oauth_client = oauth_client.filter(|_| config.oauth.is_some());
         Provider {
             config,
             token: ArcSwapOption::empty(),
             status: Mutex::new(Status::default()),
             generations: AtomicU64::new(0),
+            oauth_client,
+            refresh_lock: tokio::sync::Mutex::new(()),
+            refreshing: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            wait_limit,
         }
+    }
+
+    /// Counts a request sent again with a fresh token after the upstream rejected the old one.
+    pub fn note_retry(&self) {
+        self.status().retry_count += 1;
+    }
+
+    /// Whether tokenproxy can refresh this provider's token itself.
+    pub fn can_refresh(&self) -> bool {
+        self.oauth_client.is_some()
     }
 
     pub fn name(&self) -> &str {
@@ -177,9 +217,18 @@ impl Provider {
                 status.content_hash = Some(hash);
                 match file::parse(FileFormat::of(path), &bytes)
                     .map_err(|e| e.to_string())
-                    .and_then(|doc| self.adopt(&doc))
+                    .and_then(|doc| self.adopt(&doc).map(|()| doc))
                 {
-                    Ok(()) => (Reload::Ok, FileStatus::Ok, String::new()),
+                    Ok(doc) => {
+                        // A changed file is a new chance: whatever stopped automatic refreshes
+                        // (a revoked refresh token, a backoff) may be fixed by it.
+                        status.fields = doc.fields;
+                        status.reauth_reason = None;
+                        status.config_error = None;
+                        status.retry_not_before = None;
+                        status.last_failure = None;
+                        (Reload::Ok, FileStatus::Ok, String::new())
+                    }
                     Err(e) => (
                         Reload::ParseError,
                         FileStatus::Unparsable,
@@ -235,6 +284,7 @@ impl Provider {
             generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
         };
         self.token.store(Some(Arc::new(token)));
+        self.changed.notify_one();
         Ok(())
     }
 
@@ -252,7 +302,19 @@ impl Provider {
     }
 
     pub fn state(&self, now: OffsetDateTime) -> TokenState {
-        let file = self.status().file.clone();
+        let (file, reauth, config_error) = {
+            let s = self.status();
+            (s.file.clone(), s.reauth_reason.is_some(), s.config_error.is_some())
+        };
+        if reauth {
+            return TokenState::NeedsReauth;
+        }
+        if config_error {
+            return TokenState::Error;
+        }
+        if self.refreshing.load(Ordering::Relaxed) {
+            return TokenState::Refreshing;
+        }
         match self.current() {
             None if matches!(file, FileStatus::Missing | FileStatus::NotRead) => TokenState::Missing,
             None => TokenState::Error,
@@ -312,8 +374,16 @@ pub struct Providers {
 
 impl Providers {
     /// Builds the providers and reads each token file once.
-    pub fn load(configs: &[ProviderConfig]) -> Providers {
-        let list: Vec<Arc<Provider>> = configs.iter().cloned().map(|c| Arc::new(Provider::new(c))).collect();
+    pub fn load(
+        configs: &[ProviderConfig],
+        oauth_client: Option<OAuthClient>,
+        wait_limit: Duration,
+    ) -> Providers {
+        let list: Vec<Arc<Provider>> = configs
+            .iter()
+            .cloned()
+            .map(|c| Arc::new(Provider::new(c, oauth_client.clone(), wait_limit)))
+            .collect();
         for provider in &list {
             provider.reload();
         }

@@ -1,0 +1,384 @@
+//! Talking to token endpoints, and classifying their answers (SPEC §5).
+//!
+//! Nothing from a token endpoint's body reaches an error message except the OAuth `error` code and
+//! a bounded `error_description`: a body can hold tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::config::{ClientAuth, Grant, OAuthConfig, SecretSource};
+use crate::tokens::file::jwt_exp;
+
+/// How long a token is assumed to live when the endpoint says neither `expires_in` nor a JWT `exp`.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// What went wrong with a refresh; the kind is also the `result` label of
+/// `tokenproxy_refreshes_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshErrorKind {
+    /// The refresh token was revoked or expired: a person must re-authorize.
+    InvalidGrant,
+    /// The client is misconfigured (id, secret, scope, grant).
+    InvalidClient,
+    /// The endpoint asked us to slow down, for this long if it said.
+    RateLimited {
+        retry_after: Option<Duration>,
+    },
+    ServerError,
+    NetworkError,
+    /// The endpoint answered something that is not a usable token.
+    BadResponse,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}", .kind.label())]
+pub struct RefreshError {
+    pub kind: RefreshErrorKind,
+    pub message: String,
+}
+
+impl RefreshErrorKind {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RefreshErrorKind::InvalidGrant => "invalid_grant",
+            RefreshErrorKind::InvalidClient => "invalid_client",
+            RefreshErrorKind::RateLimited { .. } => "rate_limited",
+            RefreshErrorKind::ServerError => "server_error",
+            RefreshErrorKind::NetworkError => "network_error",
+            RefreshErrorKind::BadResponse => "bad_response",
+        }
+    }
+
+    /// Whether trying again later can help without anybody changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RefreshErrorKind::RateLimited { .. }
+                | RefreshErrorKind::ServerError
+                | RefreshErrorKind::NetworkError
+        )
+    }
+}
+
+impl RefreshError {
+    pub fn new(kind: RefreshErrorKind, message: impl Into<String>) -> RefreshError {
+        RefreshError { kind, message: message.into() }
+    }
+
+    /// What a person should do about it: the `action` of the 502 body.
+    pub fn action(&self, token_file: &std::path::Path) -> String {
+        match self.kind {
+            RefreshErrorKind::InvalidGrant => format!(
+                "re-authorize: put a new refresh_token (or token) into {}; tokenproxy picks it up without a restart",
+                token_file.display()
+            ),
+            RefreshErrorKind::InvalidClient => {
+                "check the provider's [oauth] client_id, client secret, scope and grant in the config".into()
+            }
+            _ => {
+                "nothing: tokenproxy retries with backoff; check the token endpoint's health if this persists"
+                    .into()
+            }
+        }
+    }
+}
+
+/// A token the endpoint issued.
+pub struct IssuedToken {
+    pub access_token: String,
+    /// A rotated refresh token, when the endpoint sent one.
+    pub refresh_token: Option<String>,
+    pub expires_at: OffsetDateTime,
+    pub token_type: Option<String>,
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("fingerprint", &crate::secrets::fingerprint(&self.access_token))
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The HTTP client for token endpoints.
+#[derive(Clone)]
+pub struct OAuthClient {
+    http: reqwest::Client,
+}
+
+impl OAuthClient {
+    /// `tls` is the same verified configuration as for upstreams (system roots + extra_roots).
+    pub fn new(tls: Arc<rustls::ClientConfig>, timeout: Duration) -> anyhow::Result<OAuthClient> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            // tokenproxy may share the application's environment: its own refreshes must not
+            // go through HTTP(S)_PROXY, which may point at tokenproxy itself.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .user_agent(concat!("tokenproxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(OAuthClient { http })
+    }
+
+    /// One request to the token endpoint. `refresh_token` is needed for the `refresh_token` grant.
+    pub async fn request_token(
+        &self,
+        config: &OAuthConfig,
+        refresh_token: Option<&str>,
+    ) -> Result<IssuedToken, RefreshError> {
+        let mut form: Vec<(&str, String)> = Vec::new();
+        match config.grant {
+            Grant::RefreshToken => {
+                let refresh_token = refresh_token.ok_or_else(|| {
+                    RefreshError::new(RefreshErrorKind::InvalidGrant, "the token file holds no refresh_token")
+                })?;
+                form.push(("grant_type", "refresh_token".into()));
+                form.push(("refresh_token", refresh_token.into()));
+            }
+            Grant::ClientCredentials => form.push(("grant_type", "client_credentials".into())),
+        }
+        if !config.scope.is_empty() {
+            form.push(("scope", config.scope.clone()));
+        }
+        for (k, v) in &config.extra_params {
+            form.push((k.as_str(), v.clone()));
+        }
+        let secret = read_secret(&config.client_secret)?;
+        let mut request = self.http.post(config.token_url.to_string()).header("accept", "application/json");
+        match config.client_auth {
+            ClientAuth::Basic => request = request.basic_auth(&config.client_id, secret.as_deref()),
+            ClientAuth::Post => {
+                form.push(("client_id", config.client_id.clone()));
+                form.push(("client_secret", secret.unwrap_or_default()));
+            }
+            ClientAuth::None => form.push(("client_id", config.client_id.clone())),
+        }
+        let response = request.form(&form).send().await.map_err(|e| {
+            RefreshError::new(
+                RefreshErrorKind::NetworkError,
+                format!("token endpoint unreachable: {}", error_chain(&e)),
+            )
+        })?;
+        let status = response.status();
+        let retry_after =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let body = response.bytes().await.map_err(|e| {
+            RefreshError::new(
+                RefreshErrorKind::NetworkError,
+                format!("reading the token response: {}", error_chain(&e)),
+            )
+        })?;
+        let json: Option<Value> = serde_json::from_slice(&body).ok();
+        classify(config, status.as_u16(), retry_after, json)
+    }
+}
+
+/// Turns a token endpoint's answer into a token or a classified error.
+fn classify(
+    config: &OAuthConfig,
+    status: u16,
+    retry_after: Option<Duration>,
+    json: Option<Value>,
+) -> Result<IssuedToken, RefreshError> {
+    if status == 429 {
+        return Err(RefreshError::new(
+            RefreshErrorKind::RateLimited { retry_after },
+            "HTTP 429 from the token endpoint",
+        ));
+    }
+    if status >= 500 {
+        return Err(RefreshError::new(
+            RefreshErrorKind::ServerError,
+            format!("HTTP {status} from the token endpoint"),
+        ));
+    }
+    let json = json.unwrap_or(Value::Null);
+    // Some providers (Withings) answer 200 and wrap the token, or put an error beside it.
+    let token_object =
+        if config.response_pointer.is_empty() { Some(&json) } else { json.pointer(&config.response_pointer) };
+    let access_token = token_object.and_then(|o| o.get("access_token")).and_then(Value::as_str);
+    match (status, access_token) {
+        (200..=299, Some(access_token)) if !access_token.trim().is_empty() => {
+            Ok(issued(token_object.and_then(Value::as_object).expect("has a field"), access_token))
+        }
+        _ => Err(oauth_error(status, &json)),
+    }
+}
+
+fn issued(object: &Map<String, Value>, access_token: &str) -> IssuedToken {
+    let now = OffsetDateTime::now_utc();
+    let expires_in = match object.get("expires_in") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    let expires_at = match (expires_in, jwt_exp(access_token)) {
+        (Some(secs), _) if secs.is_finite() && secs >= 0.0 => now + time::Duration::seconds(secs as i64),
+        (_, Some(exp)) => exp,
+        _ => {
+            tracing::warn!(
+                assumed_lifetime_s = DEFAULT_LIFETIME.as_secs(),
+                "token response has neither expires_in nor a JWT exp; assuming a default lifetime"
+            );
+            now + DEFAULT_LIFETIME
+        }
+    };
+    let text = |k: &str| object.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+    IssuedToken {
+        access_token: access_token.trim().to_string(),
+        refresh_token: text("refresh_token"),
+        expires_at,
+        token_type: text("token_type"),
+        scope: text("scope"),
+    }
+}
+
+/// A 4xx (or a 200 without a token): classified by the OAuth `error` code (RFC 6749 §5.2).
+fn oauth_error(status: u16, json: &Value) -> RefreshError {
+    let code = json.get("error").and_then(Value::as_str).unwrap_or("");
+    let description: String = json
+        .get("error_description")
+        .and_then(Value::as_str)
+        .map(|d| d.chars().take(200).collect())
+        .unwrap_or_default();
+    let kind = match code {
+        "invalid_grant" => RefreshErrorKind::InvalidGrant,
+        "invalid_client"
+        | "unauthorized_client"
+        | "invalid_scope"
+        | "unsupported_grant_type"
+        | "invalid_request" => RefreshErrorKind::InvalidClient,
+        _ if status == 401 => RefreshErrorKind::InvalidClient,
+        _ => RefreshErrorKind::BadResponse,
+    };
+    let mut message = format!("HTTP {status} from the token endpoint");
+    if !code.is_empty() {
+        message += &format!(", error {code:?}");
+    }
+    if !description.is_empty() {
+        message += &format!(": {description}");
+    }
+    if code.is_empty() && (200..300).contains(&status) {
+        message += ": no access_token in the response";
+    }
+    RefreshError::new(kind, message)
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate_parse(value.trim())?;
+    let left = at - OffsetDateTime::now_utc();
+    Some(left.try_into().unwrap_or(Duration::ZERO))
+}
+
+fn httpdate_parse(value: &str) -> Option<OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(value, &format).ok().map(|t| t.assume_utc())
+}
+
+/// Reads the client secret from where the config says; `None` when there is none.
+fn read_secret(source: &SecretSource) -> Result<Option<String>, RefreshError> {
+    let config_error = |m: String| RefreshError::new(RefreshErrorKind::InvalidClient, m);
+    match source {
+        SecretSource::None => Ok(None),
+        SecretSource::Inline(secret) => Ok(Some(secret.expose().to_string())),
+        SecretSource::Env(var) => std::env::var(var)
+            .map(Some)
+            .map_err(|_| config_error(format!("client_secret_env: environment variable {var} is not set"))),
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|e| config_error(format!("client_secret_file {}: {e}", path.display()))),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = err.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(pointer: &str) -> OAuthConfig {
+        OAuthConfig {
+            token_url: "https://auth.example.com/token".parse().unwrap(),
+            grant: Grant::RefreshToken,
+            client_id: "id".into(),
+            client_secret: SecretSource::None,
+            client_auth: ClientAuth::None,
+            scope: String::new(),
+            extra_params: Default::default(),
+            response_pointer: pointer.into(),
+            refresh_before: Duration::from_secs(300),
+        }
+    }
+
+    fn kind(status: u16, body: Value) -> RefreshErrorKind {
+        classify(&config(""), status, None, Some(body)).unwrap_err().kind
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        assert_eq!(kind(400, json!({"error": "invalid_grant"})), RefreshErrorKind::InvalidGrant);
+        assert_eq!(kind(401, json!({"error": "invalid_client"})), RefreshErrorKind::InvalidClient);
+        assert_eq!(kind(401, json!({})), RefreshErrorKind::InvalidClient);
+        assert_eq!(kind(503, json!({})), RefreshErrorKind::ServerError);
+        assert_eq!(kind(200, json!({"token": "x"})), RefreshErrorKind::BadResponse);
+        assert_eq!(
+            classify(&config(""), 429, Some(Duration::from_secs(7)), None).unwrap_err().kind,
+            RefreshErrorKind::RateLimited { retry_after: Some(Duration::from_secs(7)) }
+        );
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT").is_some());
+    }
+
+    #[test]
+    fn tokens_are_read_through_the_response_pointer() {
+        let body =
+            json!({"status": 0, "body": {"access_token": "a", "refresh_token": "r2", "expires_in": 60}});
+        let t = classify(&config("/body"), 200, None, Some(body)).unwrap();
+        assert_eq!(t.access_token, "a");
+        assert_eq!(t.refresh_token.as_deref(), Some("r2"));
+        let left = t.expires_at - OffsetDateTime::now_utc();
+        assert!(left.whole_seconds() > 50 && left.whole_seconds() <= 60);
+        // A wrapped error beside the pointer's target is still classified.
+        let body = json!({"status": 601, "error": "invalid_grant"});
+        assert_eq!(
+            classify(&config("/body"), 200, None, Some(body)).unwrap_err().kind,
+            RefreshErrorKind::InvalidGrant
+        );
+    }
+
+    #[test]
+    fn error_messages_never_quote_the_body_beyond_the_oauth_fields() {
+        let e = classify(
+            &config(""),
+            400,
+            None,
+            Some(json!({"error": "invalid_grant", "refresh_token": "leak"})),
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("leak"));
+    }
+}

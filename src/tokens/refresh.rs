@@ -1,0 +1,376 @@
+//! Refreshing a provider's token: single flight within a process, an advisory file lock across
+//! processes, backoff for transient failures, and a stop on `invalid_grant`.
+//!
+//! Every caller (a request that found the token expired, a request that got a 401, the background
+//! task, the admin API) goes through [`Provider::refresh`]. Callers queue on one async mutex; the
+//! first does the work, and the others find on waking that the token they were unhappy with has
+//! already been replaced, so any number of waiters share one call to the token endpoint.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use super::file::{self, FileFormat, TokenDocument};
+use super::{Provider, Token, store};
+use crate::metrics;
+use crate::oauth::{RefreshError, RefreshErrorKind};
+
+/// Why a refresh was asked for: the `trigger` label of `tokenproxy_refreshes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Proactive,
+    Expired,
+    Unauthorized,
+    Manual,
+    Startup,
+}
+
+impl Trigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::Proactive => "proactive",
+            Trigger::Expired => "expired",
+            Trigger::Unauthorized => "unauthorized",
+            Trigger::Manual => "manual",
+            Trigger::Startup => "startup",
+        }
+    }
+}
+
+/// Transient failures are retried after `BACKOFF_BASE * 2^attempt` at most (full jitter), capped.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+const MAX_ATTEMPTS: u32 = 5;
+/// How long one refresh may keep retrying when nobody is waiting for it.
+const BACKGROUND_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A uniformly random duration in `[0, max)`, without a dependency: the std hasher is randomly
+/// keyed per process.
+pub fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    max.mul_f64(unit)
+}
+
+fn backoff(attempt: u32) -> Duration {
+    jitter(BACKOFF_BASE.saturating_mul(2u32.saturating_pow(attempt)).min(BACKOFF_CAP))
+}
+
+impl Provider {
+    /// Refreshes the token (or adopts one another process wrote) and returns the token to use.
+    ///
+    /// `seen` is the generation of the token the caller is unhappy with; if the current token is
+    /// already newer, it is returned without a refresh.
+    pub async fn refresh(
+        self: &Arc<Self>,
+        trigger: Trigger,
+        seen: Option<u64>,
+    ) -> Result<Arc<Token>, RefreshError> {
+        if self.config.oauth.is_none() || self.oauth_client.is_none() {
+            // No token endpoint: the file is all there is. Re-read it in case it changed.
+            self.reload();
+            return match self.current() {
+                Some(t) if seen.is_none_or(|g| t.generation > g) => Ok(t),
+                _ => Err(RefreshError::new(
+                    RefreshErrorKind::BadResponse,
+                    "no [oauth] section: tokenproxy cannot refresh this token; update the token file",
+                )),
+            };
+        }
+        let _flight = self.refresh_lock.lock().await;
+        if let Some(token) = self.current()
+            && !self.needs_refresh(&token, trigger, seen)
+        {
+            return Ok(token);
+        }
+        if trigger != Trigger::Manual {
+            let status = self.status();
+            if let Some(reason) = &status.reauth_reason {
+                return Err(RefreshError::new(RefreshErrorKind::InvalidGrant, reason.clone()));
+            }
+            if let (Some(until), Some(last)) = (status.retry_not_before, &status.last_failure)
+                && Instant::now() < until
+            {
+                return Err(last.clone());
+            }
+        }
+        let deadline = match trigger {
+            Trigger::Proactive => BACKGROUND_DEADLINE,
+            // Someone is waiting: no longer than the upstream timeout that bounds every wait.
+            _ => self.wait_limit,
+        };
+        self.refreshing.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = self.refresh_under_file_lock(trigger, started + deadline).await;
+        self.refreshing.store(false, Ordering::Relaxed);
+        self.record(trigger, started.elapsed(), &result);
+        result
+    }
+
+    /// Whether `token` is still what the trigger complains about.
+    fn needs_refresh(&self, token: &Token, trigger: Trigger, seen: Option<u64>) -> bool {
+        let now = OffsetDateTime::now_utc();
+        match trigger {
+            Trigger::Manual => true,
+            Trigger::Unauthorized => seen.is_none_or(|g| token.generation <= g),
+            Trigger::Expired | Trigger::Startup => token.is_expired(now),
+            Trigger::Proactive => token
+                .expires_at
+                .is_some_and(|at| at <= now || ((at - now).unsigned_abs()) < self.refresh_margin(token)),
+        }
+    }
+
+    async fn refresh_under_file_lock(
+        self: &Arc<Self>,
+        trigger: Trigger,
+        deadline: Instant,
+    ) -> Result<Arc<Token>, RefreshError> {
+        let path = self.config.token_file.clone();
+        let lock = tokio::task::spawn_blocking(move || store::lock(&path))
+            .await
+            .map_err(|e| RefreshError::new(RefreshErrorKind::NetworkError, e.to_string()))?
+            .map_err(|e| {
+                RefreshError::new(
+                    RefreshErrorKind::NetworkError,
+                    format!("cannot lock {}: {e}", store::lock_path(&self.config.token_file).display()),
+                )
+            })?;
+
+        // Under the lock, the file again: another process may have refreshed while we waited.
+        if let Some(token) = self.adopt_newer_file(trigger)? {
+            drop(lock);
+            return Ok(token);
+        }
+
+        let oauth = self.config.oauth.as_ref().expect("checked by refresh");
+        let client = self.oauth_client.as_ref().expect("checked by refresh");
+        let base = self.status().fields.clone();
+        let refresh_token = base.get("refresh_token").and_then(|v| v.as_str()).map(str::to_string);
+        let mut attempt = 0;
+        let issued = loop {
+            match client.request_token(oauth, refresh_token.as_deref()).await {
+                Ok(issued) => break issued,
+                Err(e) if e.kind.is_transient() && attempt + 1 < MAX_ATTEMPTS => {
+                    let delay = match e.kind {
+                        RefreshErrorKind::RateLimited { retry_after: Some(after) } => after,
+                        _ => backoff(attempt),
+                    };
+                    if Instant::now() + delay > deadline {
+                        self.status().retry_not_before = Some(Instant::now() + delay);
+                        return Err(e);
+                    }
+                    tracing::warn!(
+                        provider = self.name(),
+                        error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "token refresh failed; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if e.kind.is_transient() {
+                        self.status().retry_not_before = Some(Instant::now() + backoff(attempt + 1));
+                    }
+                    return Err(e);
+                }
+            }
+        };
+
+        let now = OffsetDateTime::now_utc();
+        let fields = store::refreshed_fields(&base, &issued, now);
+        let doc = file::document_from_fields(fields.clone())
+            .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
+        self.adopt(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
+        self.persist(&fields);
+        drop(lock);
+        Ok(self.current().expect("just adopted"))
+    }
+
+    /// Adopts the token file's token if another process wrote it since we last read or wrote
+    /// it. A file that does not parse is never overwritten: that is an error.
+    fn adopt_newer_file(&self, trigger: Trigger) -> Result<Option<Arc<Token>>, RefreshError> {
+        let path = &self.config.token_file;
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(RefreshError::new(
+                    RefreshErrorKind::NetworkError,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if self.status().content_hash == Some(hash) {
+            return Ok(None);
+        }
+        let doc = file::parse(FileFormat::of(path), &bytes).map_err(|e| {
+            RefreshError::new(
+                RefreshErrorKind::BadResponse,
+                format!("token file {} cannot be parsed ({e}); not overwriting it", path.display()),
+            )
+        })?;
+        self.adopt_file_document(&doc, hash)
+            .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
+        let token = self.current().expect("just adopted");
+        // A newer file is the answer unless it is itself what the trigger complains about.
+        if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
+            return Ok(None);
+        }
+        tracing::info!(
+            provider = self.name(),
+            fingerprint = %token.fingerprint,
+            "adopted a token another process wrote; no refresh needed"
+        );
+        Ok(Some(token))
+    }
+
+    /// Writes the refreshed token file. A failure is logged, counted and shown, and traffic goes
+    /// on with the new token in memory (FIELD-NOTES #3).
+    fn persist(&self, fields: &serde_json::Map<String, serde_json::Value>) {
+        let path = &self.config.token_file;
+        let format = FileFormat::of(path);
+        let result =
+            store::encode(format, fields).and_then(|bytes| store::write(path, &bytes).map(|()| bytes));
+        let mut status = self.status();
+        status.fields = fields.clone();
+        match result {
+            Ok(bytes) => {
+                // Our own write must not come back as a "change" through the watcher.
+                status.content_hash = Some(Sha256::digest(&bytes).into());
+                status.write_error = None;
+                drop(status);
+                metrics::token_write(self.name(), "ok");
+            }
+            Err(e) => {
+                let message = format!("token file {} could not be written: {e}", path.display());
+                status.write_error = Some(message.clone());
+                drop(status);
+                metrics::token_write(self.name(), "error");
+                tracing::error!(
+                    provider = self.name(),
+                    error = %message,
+                    "refreshed token kept in memory only; it will be lost on restart"
+                );
+            }
+        }
+    }
+
+    fn record(&self, trigger: Trigger, elapsed: Duration, result: &Result<Arc<Token>, RefreshError>) {
+        let label = match result {
+            Ok(_) => "ok",
+            Err(e) => e.kind.label(),
+        };
+        metrics::refresh(self.name(), trigger.label(), label, elapsed);
+        let mut status = self.status();
+        status.last_refresh_at = Some(OffsetDateTime::now_utc());
+        status.last_refresh_result = Some(label.to_string());
+        status.refresh_count += 1;
+        match result {
+            Ok(token) => {
+                status.reauth_reason = None;
+                status.config_error = None;
+                status.retry_not_before = None;
+                status.last_failure = None;
+                status.last_error = status.write_error.clone();
+                drop(status);
+                tracing::info!(
+                    provider = self.name(),
+                    trigger = trigger.label(),
+                    fingerprint = %token.fingerprint,
+                    expires_at = %super::fmt_time(token.expires_at).unwrap_or_else(|| "unknown".into()),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "token refreshed"
+                );
+            }
+            Err(e) => {
+                status.last_error = Some(e.to_string());
+                status.last_failure = Some(e.clone());
+                match e.kind {
+                    RefreshErrorKind::InvalidGrant => status.reauth_reason = Some(e.to_string()),
+                    RefreshErrorKind::InvalidClient => status.config_error = Some(e.to_string()),
+                    _ => {}
+                }
+                drop(status);
+                tracing::warn!(
+                    provider = self.name(),
+                    trigger = trigger.label(),
+                    result = e.kind.label(),
+                    error = %e,
+                    "token refresh failed"
+                );
+            }
+        }
+    }
+
+    /// Adopts a document read from the file, remembering what the file held.
+    fn adopt_file_document(&self, doc: &TokenDocument, hash: [u8; 32]) -> Result<(), String> {
+        self.adopt(doc)?;
+        let mut status = self.status();
+        status.content_hash = Some(hash);
+        status.fields = doc.fields.clone();
+        Ok(())
+    }
+
+    /// The background task of a provider with a token endpoint: refreshes before expiry (with
+    /// jitter, so that many proxies do not refresh at once), and at start when the token is
+    /// missing or already expired.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        let mut first = true;
+        loop {
+            let now = OffsetDateTime::now_utc();
+            let (trigger, wait) = match self.current() {
+                None => (Some(if first { Trigger::Startup } else { Trigger::Expired }), Duration::ZERO),
+                Some(t) if t.is_expired(now) => {
+                    (Some(if first { Trigger::Startup } else { Trigger::Expired }), Duration::ZERO)
+                }
+                Some(t) => match t.expires_at {
+                    None => (None, Duration::from_secs(30)),
+                    Some(at) => {
+                        let margin = self.refresh_margin(&t);
+                        let left = (at - now).unsigned_abs();
+                        if left <= margin {
+                            (Some(Trigger::Proactive), Duration::ZERO)
+                        } else {
+                            // Wake somewhere in the last tenth of the margin before it begins.
+                            let wait = left - margin + jitter(margin / 10);
+                            (None, wait.min(Duration::from_secs(30)))
+                        }
+                    }
+                },
+            };
+            first = false;
+            let stuck = {
+                let status = self.status();
+                status.reauth_reason.is_some() || status.config_error.is_some()
+            };
+            if let Some(trigger) = trigger
+                && !stuck
+            {
+                if self.refresh(trigger, None).await.is_err() {
+                    let pause = self.status().retry_not_before.map_or(Duration::from_secs(5), |until| {
+                        until.saturating_duration_since(Instant::now()).max(Duration::from_millis(500))
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.changed.notified() => {}
+                    }
+                }
+                continue;
+            }
+            let wait = if stuck { Duration::from_secs(3600) } else { wait };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.changed.notified() => {}
+            }
+        }
+    }
+}
