@@ -71,6 +71,8 @@ pub struct MockApi {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     release: Arc<Notify>,
+    /// When set, only `Bearer <one of these>` is accepted; anything else gets 401.
+    accepted: Arc<Mutex<Option<std::collections::HashSet<String>>>>,
 }
 
 impl MockApi {
@@ -89,6 +91,7 @@ impl MockApi {
             addr: listener.local_addr().unwrap(),
             seen: Arc::default(),
             release: Arc::new(Notify::new()),
+            accepted: Arc::default(),
         };
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let served = mock.clone();
@@ -136,6 +139,17 @@ impl MockApi {
         self.seen().pop().expect("the mock received no request")
     }
 
+    /// From now on only these tokens (and those added by [`MockApi::accept`]) are accepted.
+    pub fn accept_only(&self, tokens: &[&str]) {
+        *self.accepted.lock().unwrap() = Some(tokens.iter().map(|t| t.to_string()).collect());
+    }
+
+    pub fn accept(&self, token: &str) {
+        if let Some(set) = self.accepted.lock().unwrap().as_mut() {
+            set.insert(token.to_string());
+        }
+    }
+
     /// Lets a `/stream` response finish.
     pub fn release(&self) {
         self.release.notify_waiters();
@@ -152,6 +166,16 @@ impl MockApi {
             headers: parts.headers.clone(),
             body,
         });
+        if let Some(accepted) = self.accepted.lock().unwrap().as_ref() {
+            let token = parts
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !token.is_some_and(|t| accepted.contains(t)) {
+                return respond(StatusCode::UNAUTHORIZED, r#"{"error":"invalid_token"}"#.into());
+            }
+        }
         if let Some(code) = path.strip_prefix("/status/") {
             let status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
             return respond(status, format!("status {code}\n"));
@@ -499,4 +523,292 @@ pub async fn python(script: &str, env: &[(&str, &str)]) -> (bool, String, String
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mock token endpoint
+// ---------------------------------------------------------------------------------------------
+
+/// How the mock insists clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStyle {
+    Basic,
+    Post,
+    None,
+}
+
+#[derive(Default)]
+struct TokenState {
+    calls: usize,
+    invalid_grants: usize,
+    issued: usize,
+    /// Refresh tokens that work.
+    valid_refresh: std::collections::HashSet<String>,
+    /// Scripted answers, used before normal behaviour: (status, JSON body).
+    script: std::collections::VecDeque<(u16, String)>,
+    forms: Vec<std::collections::HashMap<String, String>>,
+}
+
+/// A token endpoint on 127.0.0.1 that issues `at-N` / `rt-N` tokens and registers each access
+/// token with the mock API it serves.
+#[derive(Clone)]
+pub struct MockTokenEndpoint {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<TokenState>>,
+    pub client_id: String,
+    pub client_secret: String,
+    pub auth: AuthStyle,
+    /// Issue a new refresh token with each refresh; the presented one stops working (`strict`) or
+    /// keeps working until the new one is used (`grace`, as providers with a reuse interval do).
+    pub rotate: Rotation,
+    pub expires_in: Option<u64>,
+    /// A JSON pointer-like wrapping: `Some("body")` answers `{"status":0,"body":{…}}`.
+    pub wrap: Option<&'static str>,
+    /// Form fields that must be present.
+    pub required: Vec<(&'static str, &'static str)>,
+    pub delay: Duration,
+    api: Option<MockApi>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    None,
+    Strict,
+    Grace,
+}
+
+impl MockTokenEndpoint {
+    pub fn new(api: Option<&MockApi>) -> MockTokenEndpoint {
+        MockTokenEndpoint {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            state: Arc::default(),
+            client_id: "client-abc".into(),
+            client_secret: "cs-very-secret-client-secret".into(),
+            auth: AuthStyle::Basic,
+            rotate: Rotation::None,
+            expires_in: Some(3600),
+            wrap: None,
+            required: Vec::new(),
+            delay: Duration::ZERO,
+            api: api.cloned(),
+        }
+    }
+
+    pub async fn start(mut self) -> MockTokenEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = listener.local_addr().unwrap();
+        let served = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let endpoint = served.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let endpoint = endpoint.clone();
+                        async move { Ok::<_, Infallible>(endpoint.answer(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        self
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/oauth/token", self.addr)
+    }
+
+    /// Makes `token` a working refresh token.
+    pub fn allow_refresh_token(&self, token: &str) {
+        self.state.lock().unwrap().valid_refresh.insert(token.to_string());
+    }
+
+    pub fn refresh_token_works(&self, token: &str) -> bool {
+        self.state.lock().unwrap().valid_refresh.contains(token)
+    }
+
+    /// The next answers, before normal behaviour resumes.
+    pub fn script(&self, answers: &[(u16, &str)]) {
+        let mut state = self.state.lock().unwrap();
+        state.script.extend(answers.iter().map(|(s, b)| (*s, b.to_string())));
+    }
+
+    pub fn calls(&self) -> usize {
+        self.state.lock().unwrap().calls
+    }
+
+    pub fn invalid_grants(&self) -> usize {
+        self.state.lock().unwrap().invalid_grants
+    }
+
+    pub fn last_form(&self) -> std::collections::HashMap<String, String> {
+        self.state.lock().unwrap().forms.last().cloned().unwrap_or_default()
+    }
+
+    /// The `[providers.NAME.oauth]` TOML for this endpoint.
+    pub fn oauth_toml(&self, provider: &str, grant: &str) -> String {
+        let auth = match self.auth {
+            AuthStyle::Basic => "basic",
+            AuthStyle::Post => "post",
+            AuthStyle::None => "none",
+        };
+        let secret = match self.auth {
+            AuthStyle::None => String::new(),
+            _ => format!("client_secret = \"{}\"\n", self.client_secret),
+        };
+        format!(
+            "[providers.{provider}.oauth]\ntoken_url = \"{}\"\ngrant = \"{grant}\"\nclient_id = \"{}\"\n{secret}client_auth = \"{auth}\"\n",
+            self.url(),
+            self.client_id
+        )
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let form = parse_form(&String::from_utf8_lossy(&body));
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let json = |status: u16, body: String| {
+            let mut r = respond(StatusCode::from_u16(status).unwrap(), body);
+            r.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            r
+        };
+        let mut state = self.state.lock().unwrap();
+        state.calls += 1;
+        state.forms.push(form.clone());
+        if let Some((status, body)) = state.script.pop_front() {
+            if body.contains("invalid_grant") {
+                state.invalid_grants += 1;
+            }
+            return json(status, body);
+        }
+        // Client authentication, exactly the configured style.
+        let basic = parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "));
+        let expected_basic = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", self.client_id, self.client_secret))
+        };
+        let authenticated = match self.auth {
+            AuthStyle::Basic => basic == Some(expected_basic.as_str()) && !form.contains_key("client_secret"),
+            AuthStyle::Post => {
+                basic.is_none()
+                    && form.get("client_id") == Some(&self.client_id)
+                    && form.get("client_secret") == Some(&self.client_secret)
+            }
+            AuthStyle::None => {
+                basic.is_none()
+                    && form.get("client_id") == Some(&self.client_id)
+                    && !form.contains_key("client_secret")
+            }
+        };
+        if !authenticated {
+            return json(401, r#"{"error":"invalid_client"}"#.into());
+        }
+        for (k, v) in &self.required {
+            if form.get(*k).map(String::as_str) != Some(*v) {
+                return json(
+                    400,
+                    format!(r#"{{"error":"invalid_request","error_description":"missing {k}"}}"#),
+                );
+            }
+        }
+        let mut new_refresh = None;
+        match form.get("grant_type").map(String::as_str) {
+            Some("refresh_token") => {
+                let presented = form.get("refresh_token").cloned().unwrap_or_default();
+                if !state.valid_refresh.contains(&presented) {
+                    state.invalid_grants += 1;
+                    return json(
+                        400,
+                        r#"{"error":"invalid_grant","error_description":"refresh token is not valid"}"#
+                            .into(),
+                    );
+                }
+                if self.rotate != Rotation::None {
+                    let n = state.issued + 1;
+                    let next = format!("rt-{n}");
+                    state.valid_refresh.insert(next.clone());
+                    // Strict: the presented token is spent. Grace: tokens older than the
+                    // presented one are spent, the presented one works until its successor is used.
+                    if self.rotate == Rotation::Strict {
+                        state.valid_refresh.remove(&presented);
+                    } else {
+                        let older: Vec<String> = state
+                            .valid_refresh
+                            .iter()
+                            .filter(|t| {
+                                *t != &presented && *t != &next && rt_number(t) < rt_number(&presented)
+                            })
+                            .cloned()
+                            .collect();
+                        for t in older {
+                            state.valid_refresh.remove(&t);
+                        }
+                    }
+                    new_refresh = Some(next);
+                }
+            }
+            Some("client_credentials") => {}
+            _ => return json(400, r#"{"error":"unsupported_grant_type"}"#.into()),
+        }
+        state.issued += 1;
+        let access = format!("at-{}", state.issued);
+        drop(state);
+        if let Some(api) = &self.api {
+            api.accept(&access);
+        }
+        let mut token = serde_json::json!({"access_token": access, "token_type": "Bearer"});
+        if let Some(e) = self.expires_in {
+            token["expires_in"] = e.into();
+        }
+        if let Some(r) = new_refresh {
+            token["refresh_token"] = r.into();
+        }
+        let body = match self.wrap {
+            Some(key) => serde_json::json!({"status": 0, key: token}),
+            None => token,
+        };
+        json(200, body.to_string())
+    }
+}
+
+fn rt_number(token: &str) -> i64 {
+    token.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(-1)
+}
+
+fn parse_form(body: &str) -> std::collections::HashMap<String, String> {
+    fn decode(s: &str) -> String {
+        let bytes = s.replace('+', " ").into_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 {
+                if let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""), 16)
+                {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    body.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
 }

@@ -1,0 +1,453 @@
+//! The token lifecycle: refresh before use, refresh once and retry once on 401, single flight,
+//! classified failures, crash-safe writes shared across processes. Each FIELD-NOTES row's test
+//! is named after it.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+/// The proxy config for provider `api` on `mock`, with `endpoint`'s `[oauth]` section and
+/// `oauth_extra` appended to it.
+fn config(
+    mock: &MockApi,
+    endpoint: &MockTokenEndpoint,
+    grant: &str,
+    oauth_extra: &str,
+    proxy_extra: &str,
+) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "10s"
+{proxy_extra}
+[admin]
+listen = "127.0.0.1:0"
+[providers.api]
+hosts = ["{}"]
+token_file = "tokens/api.json"
+allow_plaintext = true
+{}{oauth_extra}
+"#,
+        mock.authority(),
+        endpoint.oauth_toml("api", grant)
+    )
+}
+
+fn write_token_file(dir: &Path, value: serde_json::Value) {
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    std::fs::write(dir.join("tokens/api.json"), serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+fn read_token_file(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("tokens/api.json")).unwrap())
+        .expect("the token file parses")
+}
+
+async fn post_refresh(tp: &TokenProxy) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh", tp.admin))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn field_note_1_expires_in_without_a_timestamp_heals_on_the_first_call() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.rotate = Rotation::Strict;
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    // A dead token whose expiry is "unknown": expires_in with no timestamp.
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "dead-token", "refresh_token": "rt-0", "expires_in": 10800, "custom": "kept"}),
+    );
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    assert_eq!(tp.token_view("api").await["expiry_source"], "unknown");
+    assert_eq!(endpoint.calls(), 0, "an unknown expiry is not treated as expired");
+
+    let r = tp.client().get(mock.url("/v1/me")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the app never sees the 401");
+    assert_eq!(endpoint.calls(), 1);
+    assert_eq!(mock.last().authorization(), Some("Bearer at-1"));
+
+    let file = read_token_file(dir.path());
+    assert_eq!(file["access_token"], "at-1");
+    assert_eq!(file["refresh_token"], "rt-1", "the rotated refresh token is stored");
+    assert_eq!(file["custom"], "kept", "every other field is kept");
+    assert!(file["expires_at"].is_string() && file["updated_at"].is_string(), "{file}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("tokens/api.json")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let view = tp.token_view("api").await;
+    assert_eq!(view["expiry_source"], "expires_at");
+    assert_eq!(view["retry_count"], 1);
+    assert_eq!(view["last_refresh_result"], "ok");
+
+    let unauthorized = [("provider", "api")];
+    assert_eq!(tp.metric("tokenproxy_upstream_unauthorized_total", &unauthorized).await, 1.0);
+    assert_eq!(tp.metric("tokenproxy_retries_total", &[("provider", "api"), ("result", "ok")]).await, 1.0);
+    let refreshes = [("provider", "api"), ("trigger", "unauthorized"), ("result", "ok")];
+    assert_eq!(tp.metric("tokenproxy_refreshes_total", &refreshes).await, 1.0);
+}
+
+#[tokio::test]
+async fn an_expired_token_at_start_is_refreshed_and_a_restart_with_a_fresh_one_refreshes_nothing() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "old", "refresh_token": "rt-0", "expires_at": "2020-01-01T00:00:00Z"}),
+    );
+    let cfg = config(&mock, &endpoint, "refresh_token", "", "");
+    let tp = TokenProxy::start(dir.path(), &cfg);
+    let refreshes = [("provider", "api"), ("trigger", "startup"), ("result", "ok")];
+    eventually(Duration::from_secs(5), "a startup refresh", || async {
+        (tp.metric("tokenproxy_refreshes_total", &refreshes).await == 1.0).then_some(())
+    })
+    .await;
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(endpoint.calls(), 1);
+    drop(tp);
+
+    // FIELD-NOTES #8: a restart finds the refreshed token on disk and uses it.
+    let tp = TokenProxy::start(dir.path(), &cfg);
+    let r = tp.client().get(mock.url("/after-restart")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.last().authorization(), Some("Bearer at-1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(endpoint.calls(), 1, "a restart with a future expires_at refreshes nothing");
+    assert_eq!(tp.token_view("api").await["state"], "valid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_note_7_two_hundred_concurrent_401s_cause_exactly_one_refresh() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.delay = Duration::from_millis(300);
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let client = tp.client();
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let client = client.clone();
+            let url = mock.url(&format!("/item/{i}"));
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let mut ok = 0;
+    for request in requests {
+        if request.await.unwrap().unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 200, "every request succeeded after the shared refresh");
+    assert_eq!(endpoint.calls(), 1, "one token-endpoint call for 200 concurrent 401s");
+    println!("token-endpoint calls for 200 concurrent 401s: {}", endpoint.calls());
+}
+
+#[tokio::test]
+async fn a_10kb_post_is_replayed_identically_and_a_body_over_the_limit_is_not() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(
+        dir.path(),
+        &config(&mock, &endpoint, "refresh_token", "", "max_replay_body = 16384"),
+    );
+    let body: Vec<u8> = (0..10_240u32).map(|i| (i * 7 % 251) as u8).collect();
+    let r = tp.client().post(mock.url("/upload")).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 2, "the original and one retry");
+    assert_eq!(seen[0].authorization(), Some("Bearer revoked"));
+    assert_eq!(seen[1].authorization(), Some("Bearer at-1"));
+    assert_eq!(&seen[1].body[..], &body[..], "the retry resent the body byte for byte");
+
+    // Over the limit: streamed once, never buffered for a retry; the app sees the 401.
+    mock.accept_only(&[]);
+    let big = vec![b'x'; 20_000];
+    let r = tp.client().post(mock.url("/big")).body(big).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(mock.last().body.len(), 20_000);
+    let not_replayable = [("provider", "api"), ("result", "not_replayable")];
+    assert_eq!(tp.metric("tokenproxy_retries_total", &not_replayable).await, 1.0);
+}
+
+#[tokio::test]
+async fn field_note_10_each_client_auth_style_and_a_wrapped_response() {
+    for (auth, wrap) in [
+        (AuthStyle::Basic, None),
+        (AuthStyle::Post, None),
+        (AuthStyle::None, None),
+        (AuthStyle::Post, Some("body")),
+    ] {
+        let mock = MockApi::start().await;
+        mock.accept_only(&[]);
+        let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+        endpoint.auth = auth;
+        endpoint.wrap = wrap;
+        let mut extra = String::new();
+        if wrap.is_some() {
+            // Withings: an extra form field and a wrapped token.
+            endpoint.required = vec![("action", "requesttoken")];
+            extra = "response_pointer = \"/body\"\nextra_params = { action = \"requesttoken\" }\n".into();
+        }
+        let endpoint = endpoint.start().await;
+        endpoint.allow_refresh_token("rt-0");
+        let dir = tempdir();
+        write_token_file(
+            dir.path(),
+            serde_json::json!({"access_token": "stale", "refresh_token": "rt-0", "expires_at": "2020-01-01T00:00:00Z"}),
+        );
+        let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", &extra, ""));
+        let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{auth:?} {wrap:?}: {}", tp.logs().join("\n"));
+        assert_eq!(mock.last().authorization(), Some("Bearer at-1"), "{auth:?}");
+        if wrap.is_some() {
+            assert_eq!(endpoint.last_form().get("action").map(String::as_str), Some("requesttoken"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_credentials_with_no_token_file_creates_it_privately() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    let dir = tempdir();
+    let extra = "scope = \"read write\"\n";
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "client_credentials", extra, ""));
+    let r = tp.client().get(mock.url("/cc")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(endpoint.last_form().get("grant_type").map(String::as_str), Some("client_credentials"));
+    assert_eq!(endpoint.last_form().get("scope").map(String::as_str), Some("read write"));
+    let file = read_token_file(dir.path());
+    assert_eq!(file["access_token"], mock.last().authorization().unwrap().trim_start_matches("Bearer "));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("tokens/api.json")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn field_note_5_transient_failures_back_off_and_succeed() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    endpoint.script(&[(503, "{}"), (503, "{}")]);
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(endpoint.calls(), 3, "503, 503, then 200");
+    assert_eq!(tp.token_view("api").await["state"], "valid");
+}
+
+#[tokio::test]
+async fn field_note_5_invalid_grant_stops_until_the_file_is_replaced() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    // rt-revoked is not a working refresh token.
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-revoked", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the refresh failed, so the app sees the original 401");
+    assert_eq!(endpoint.invalid_grants(), 1);
+    let view = tp.token_view("api").await;
+    assert_eq!(view["state"], "needs_reauth", "{view}");
+    assert_eq!(tp.admin_get("/readyz").await.0, 503);
+    // No retry storm: more requests, no more calls.
+    for _ in 0..5 {
+        tp.client().get(mock.url("/again")).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(endpoint.calls(), 1, "needs_reauth makes no further automatic attempts");
+    let refresh_failed = [("provider", "api"), ("result", "refresh_failed")];
+    assert!(tp.metric("tokenproxy_retries_total", &refresh_failed).await >= 1.0);
+    let (status, body) = post_refresh(&tp).await;
+    assert_eq!(status, 502);
+    assert_eq!(body["error"], "token_unavailable");
+    assert!(body["action"].as_str().unwrap().contains("re-authorize"), "{body}");
+
+    // A person re-authorizes: a new refresh token in the file.
+    endpoint.allow_refresh_token("rt-new");
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "still-revoked", "refresh_token": "rt-new", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    eventually(Duration::from_secs(3), "the new file to be read", || async {
+        (tp.token_view("api").await["state"] == "valid").then_some(())
+    })
+    .await;
+    let r = tp.client().get(mock.url("/recovered")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(tp.admin_get("/readyz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_note_7_two_processes_sharing_a_file_never_spend_a_refresh_token_twice() {
+    let mock = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.rotate = Rotation::Strict;
+    endpoint.delay = Duration::from_millis(20);
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "start", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let cfg = config(&mock, &endpoint, "refresh_token", "", "");
+    // Two processes, one token file; each its own config copy (the same token file path).
+    let dir_a = dir.path().join("a");
+    let dir_b = dir.path().join("b");
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("tokens"), d.join("tokens")).unwrap();
+    }
+    let a = TokenProxy::start(&dir_a, &cfg);
+    let b = TokenProxy::start(&dir_b, &cfg);
+    let mut handles = Vec::new();
+    for i in 0..40 {
+        let admin = if i % 2 == 0 { a.admin } else { b.admin };
+        handles.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("http://{admin}/tokens/api/refresh"))
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap().unwrap(), 200);
+    }
+    println!(
+        "two processes, 40 forced refreshes: {} token-endpoint calls, {} invalid_grant",
+        endpoint.calls(),
+        endpoint.invalid_grants()
+    );
+    assert_eq!(endpoint.invalid_grants(), 0, "no refresh token was spent twice");
+    let file = read_token_file(dir.path());
+    assert!(endpoint.refresh_token_works(file["refresh_token"].as_str().unwrap()), "{file}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_safety_sigkill_during_refreshes_leaves_a_whole_file_with_a_working_refresh_token() {
+    let mock = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.rotate = Rotation::Grace;
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "start", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let cfg = config(&mock, &endpoint, "refresh_token", "", "");
+    for round in 0..30u64 {
+        let mut tp = TokenProxy::start(dir.path(), &cfg);
+        let admin = tp.admin;
+        let _refresh = tokio::spawn(async move {
+            let _ = reqwest::Client::new().post(format!("http://{admin}/tokens/api/refresh")).send().await;
+        });
+        let delay = tokenproxy::tokens::refresh::jitter(Duration::from_millis(50));
+        tokio::time::sleep(delay).await;
+        tp.signal("KILL");
+        tokio::task::block_in_place(|| tp.wait_exit(Duration::from_secs(5)));
+        let file = read_token_file(dir.path());
+        let refresh_token = file["refresh_token"].as_str().expect("a refresh token");
+        assert!(endpoint.refresh_token_works(refresh_token), "round {round}: {file}");
+        let leftovers = std::fs::read_dir(dir.path().join("tokens"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".tmp"))
+            .count();
+        assert!(leftovers <= 1, "round {round}: temporary files pile up");
+    }
+    println!("30 SIGKILL rounds: {} refreshes reached the endpoint", endpoint.calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_note_9_no_refresh_token_or_client_secret_in_logs_admin_or_error_bodies() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.rotate = Rotation::Strict;
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "at-initial-secret", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let mut seen = String::new();
+    seen += &tp.client().get(mock.url("/a")).send().await.unwrap().text().await.unwrap();
+    seen += &post_refresh(&tp).await.1.to_string();
+    // Now make the refresh fail and collect the error body too.
+    endpoint.script(&[(400, r#"{"error":"invalid_grant"}"#)]);
+    seen += &post_refresh(&tp).await.1.to_string();
+    mock.accept_only(&[]);
+    seen += &tp.client().get(mock.url("/b")).send().await.unwrap().text().await.unwrap();
+    for path in ["/tokens", "/metrics", "/readyz"] {
+        seen += &tp.admin_get(path).await.1;
+    }
+    seen += &tp.logs().join("\n");
+    let file = read_token_file(dir.path());
+    let secrets = [
+        "at-initial-secret",
+        "rt-0",
+        "rt-1",
+        "rt-2",
+        file["access_token"].as_str().unwrap(),
+        file["refresh_token"].as_str().unwrap(),
+        &endpoint.client_secret,
+    ];
+    for secret in secrets {
+        assert!(
+            !seen.contains(&format!("\"{secret}"))
+                && !seen.contains(&format!("={secret}"))
+                && !seen.contains(&format!(" {secret}")),
+            "{secret} leaked"
+        );
+        assert!(!seen.contains(secret) || secret.len() < 6, "{secret} leaked");
+    }
+}
