@@ -451,3 +451,67 @@ async fn field_note_9_no_refresh_token_or_client_secret_in_logs_admin_or_error_b
         assert!(!seen.contains(secret) || secret.len() < 6, "{secret} leaked");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_note_3_an_unwritable_token_folder_still_serves_and_shows_the_write_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    let original = std::fs::read(dir.path().join("tokens/api.json")).unwrap();
+    let tp = TokenProxy::start_unprivileged(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    // The folder becomes read-only under the running proxy.
+    std::fs::set_permissions(dir.path().join("tokens"), std::fs::Permissions::from_mode(0o555)).unwrap();
+
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "traffic goes on with the refreshed token in memory");
+    assert_eq!(mock.last().authorization(), Some("Bearer at-1"));
+    let view = tp.token_view("api").await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("could not be written"), "{view}");
+    assert_eq!(
+        std::fs::read(dir.path().join("tokens/api.json")).unwrap(),
+        original,
+        "the old file is intact"
+    );
+    let writes = [("provider", "api"), ("result", "error")];
+    assert_eq!(tp.metric("tokenproxy_token_writes_total", &writes).await, 1.0);
+    std::fs::set_permissions(dir.path().join("tokens"), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_note_6_a_token_expiring_during_a_long_stream_does_not_break_the_next_call() {
+    let mock = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let soon = soon.format(&time::format_description::well_known::Rfc3339).unwrap();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "short-lived", "refresh_token": "rt-0", "expires_at": soon}),
+    );
+    mock.accept_only(&["short-lived"]);
+    let tp = TokenProxy::start(
+        dir.path(),
+        &config(&mock, &endpoint, "refresh_token", "refresh_before = \"1s\"\n", ""),
+    );
+    let mut stream = tp.client().get(mock.url("/stream")).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.chunk().await.unwrap().as_deref(), Some(&b"first\n"[..]));
+    // The token expires (and the provider stops accepting it) while the stream is open.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    mock.accept_only(&[]);
+    mock.accept(&format!("at-{}", endpoint.calls().max(1)));
+    mock.release();
+    assert_eq!(stream.bytes().await.unwrap(), "second\n");
+    let r = tp.client().get(mock.url("/next")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the next call carries a fresh token");
+    assert_ne!(mock.last().authorization(), Some("Bearer short-lived"));
+}

@@ -133,15 +133,23 @@ impl Provider {
         deadline: Instant,
     ) -> Result<Arc<Token>, RefreshError> {
         let path = self.config.token_file.clone();
-        let lock = tokio::task::spawn_blocking(move || store::lock(&path))
+        let locked = tokio::task::spawn_blocking(move || store::lock(&path))
             .await
-            .map_err(|e| RefreshError::new(RefreshErrorKind::NetworkError, e.to_string()))?
-            .map_err(|e| {
-                RefreshError::new(
-                    RefreshErrorKind::NetworkError,
-                    format!("cannot lock {}: {e}", store::lock_path(&self.config.token_file).display()),
-                )
-            })?;
+            .map_err(|e| RefreshError::new(RefreshErrorKind::NetworkError, e.to_string()))?;
+        // A folder where the lock file cannot be created (read-only) must not stop refreshes:
+        // traffic goes on, without protection against other processes sharing the file.
+        let lock = match locked {
+            Ok(lock) => Some(lock),
+            Err(e) => {
+                tracing::warn!(
+                    provider = self.name(),
+                    lock = %store::lock_path(&self.config.token_file).display(),
+                    error = %e,
+                    "cannot take the token file lock; refreshing without cross-process protection"
+                );
+                None
+            }
+        };
 
         // Under the lock, the file again: another process may have refreshed while we waited.
         if let Some(token) = self.adopt_newer_file(trigger)? {

@@ -289,9 +289,27 @@ impl TokenProxy {
     }
 
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> TokenProxy {
+        Self::start_command(dir, config, env, Command::new(binary()))
+    }
+
+    /// Starts the proxy as an unprivileged user (`nobody`, via setpriv) when the tests run as
+    /// root, so that file permissions apply to it; `dir` is handed over to that user.
+    pub fn start_unprivileged(dir: &Path, config: &str) -> TokenProxy {
+        if !running_as_root() {
+            return Self::start(dir, config);
+        }
+        chown_tree(dir, NOBODY);
+        let mut command = Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(binary());
+        Self::start_command(dir, config, &[], command)
+    }
+
+    fn start_command(dir: &Path, config: &str, env: &[(&str, &str)], mut command: Command) -> TokenProxy {
         let config_path = dir.join("tokenproxy.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut command = Command::new(binary());
+        if running_as_root() && command.get_program() == "setpriv" {
+            chown_tree(dir, NOBODY);
+        }
         command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
@@ -420,6 +438,27 @@ impl Drop for TokenProxy {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+const NOBODY: u32 = 65534;
+
+/// Whether this process runs as root (which file permissions do not stop).
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    probe.as_file().metadata().unwrap().uid() == 0
+}
+
+fn chown_tree(path: &Path, uid: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    if path.is_dir() {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), uid);
         }
     }
 }
