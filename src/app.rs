@@ -3,6 +3,7 @@
 //! Everything that can fail at start (config, TLS roots, ports) fails before the first request is
 //! accepted, with a one-line reason.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,23 @@ use crate::{metrics, tls};
 /// How often the metrics exporter's upkeep runs between scrapes.
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// A started proxy: every listener bound and serving.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub route_addrs: Vec<SocketAddr>,
+    pub providers: Arc<Providers>,
+    shutdown_timeout: Duration,
+    drain: Drain,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    start(config).await?.serve_until_signal().await
+}
+
+/// Loads, binds and starts serving; returns once every listener accepts connections.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics_handle = metrics::install()?;
     let tls = tls::client_config(&config.extra_roots)?;
     let ca = CertificateAuthority::load_or_create(&config.ca_dir)?;
@@ -38,7 +55,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let providers =
         Arc::new(Providers::load(&config.providers, Some(oauth_client), config.proxy.upstream_timeout));
     // One background refresher per provider with a token endpoint.
-    let refreshers: Vec<_> =
+    let mut background: Vec<_> =
         providers.iter().filter(|p| p.can_refresh()).map(|p| tokio::spawn(p.clone().keep_fresh())).collect();
     let drain = Drain::new();
     let proxy = Arc::new(Proxy {
@@ -55,16 +72,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_header_bytes: config.proxy.max_header_bytes,
     };
 
-    let watcher = watch::spawn(providers.clone());
-    let upkeep = tokio::spawn(async move {
+    background.push(watch::spawn(providers.clone()));
+    background.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(METRICS_UPKEEP_EVERY);
         loop {
             every.tick().await;
             metrics_handle.run_upkeep();
         }
-    });
+    }));
 
-    tracing::info!(listener = "proxy", addr = %proxy_listener.local_addr()?, "listening");
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let route_addrs = route_listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
+    tracing::info!(listener = "proxy", addr = %proxy_addr, "listening");
     let handler = {
         let proxy = proxy.clone();
         move |req| {
@@ -99,23 +119,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tokio::spawn(server::serve(admin_listener, limits, drain.watch(), handler));
 
-    shutdown_signal().await?;
-    tracing::info!(
-        limit_s = config.proxy.shutdown_timeout.as_secs(),
-        "shutting down: no new connections, finishing requests in flight"
-    );
-    let drained = drain.wait(config.proxy.shutdown_timeout).await;
-    watcher.abort();
-    for refresher in refreshers {
-        refresher.abort();
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        route_addrs,
+        providers,
+        shutdown_timeout: config.proxy.shutdown_timeout,
+        drain,
+        background,
+    })
+}
+
+impl Running {
+    /// Serves until SIGTERM or SIGINT, then drains: no new connections, requests in flight
+    /// finish (up to `shutdown_timeout`).
+    pub async fn serve_until_signal(self) -> anyhow::Result<()> {
+        shutdown_signal().await?;
+        tracing::info!(
+            limit_s = self.shutdown_timeout.as_secs(),
+            "shutting down: no new connections, finishing requests in flight"
+        );
+        let drained = self.drain.wait(self.shutdown_timeout).await;
+        for task in self.background {
+            task.abort();
+        }
+        if drained {
+            tracing::info!("all connections finished; bye");
+        } else {
+            tracing::warn!("shutdown limit reached with requests still in flight; closing them");
+        }
+        Ok(())
     }
-    upkeep.abort();
-    if drained {
-        tracing::info!("all connections finished; bye");
-    } else {
-        tracing::warn!("shutdown limit reached with requests still in flight; closing them");
-    }
-    Ok(())
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

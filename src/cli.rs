@@ -36,6 +36,8 @@ pub enum Command {
     Check,
     /// Make sure tokenproxy's CA exists and print the path of ca.pem (what applications trust)
     Ca,
+    /// A self-contained walk-through on loopback: a mock provider, the proxy, and calls through it
+    Demo,
 }
 
 impl Cli {

@@ -12,9 +12,12 @@ fn main() -> ExitCode {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     let default_level = match command {
         Command::Run => "info",
-        Command::Check | Command::Ca => "warn",
+        Command::Check | Command::Ca | Command::Demo => "warn",
     };
     logging::init(cli.log_format, default_level);
+    if let Command::Demo = command {
+        return run_async(tokenproxy::demo::run());
+    }
 
     // The config is loaded and validated before anything is bound.
     let path = cli.config_path();
@@ -52,21 +55,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Run => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("tokenproxy: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(app::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tokenproxy: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Run => run_async(app::run(config)),
+        Command::Demo => unreachable!("handled before the config is loaded"),
+    }
+}
+
+/// Runs `work` on a multi-threaded runtime; an error is one line on stderr and exit code 1.
+fn run_async(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokenproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenproxy: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

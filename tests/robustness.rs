@@ -248,6 +248,21 @@ fn a_config_with_unknown_keys_or_bad_values_is_rejected_with_every_problem_named
         assert!(stdout.contains(key), "{key} named in: {stdout}");
     }
 
+    // [oauth] mistakes: a raw token file cannot hold a refresh token; one secret source only.
+    std::fs::write(
+        &path,
+        "[providers.a]\nhosts = [\"a.com\"]\ntoken_file = \"a.token\"\n\
+         [providers.a.oauth]\ntoken_url = \"not a url\"\nclient_id = \"x\"\n\
+         client_secret = \"s\"\nclient_secret_env = \"S\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(1));
+    for key in ["providers.a.token_file", "providers.a.oauth.token_url", "only one of"] {
+        assert!(stdout.contains(key), "{key} named in: {stdout}");
+    }
+    assert!(!stdout.contains("\"s\""), "the inline secret is not echoed: {stdout}");
+
     let (code, _, stderr) = run_binary(&["run", "--config", "/nonexistent/tokenproxy.toml"], &[]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("not found"), "{stderr}");

@@ -827,19 +827,20 @@ fn rt_number(token: &str) -> i64 {
 fn parse_form(body: &str) -> std::collections::HashMap<String, String> {
     fn decode(s: &str) -> String {
         let bytes = s.replace('+', " ").into_bytes();
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(bytes.len());
         let mut i = 0;
         while i < bytes.len() {
-            if bytes[i] == b'%' && i + 2 < bytes.len() + 0 && i + 2 <= bytes.len() - 1 {
-                if let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or(""), 16)
-                {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                (b'%', Some(b)) => {
                     out.push(b);
                     i += 3;
-                    continue;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
                 }
             }
-            out.push(bytes[i]);
-            i += 1;
         }
         String::from_utf8_lossy(&out).into_owned()
     }

@@ -1,0 +1,292 @@
+//! `tokenproxy demo`: the whole story on loopback, with no credentials.
+//!
+//! One in-process server plays a provider: an API that accepts only the tokens it issued and has
+//! not revoked, and its OAuth token endpoint (rotating refresh tokens). tokenproxy runs in front
+//! of it with a token file in a temporary folder, and the demo sends calls through it: a fresh
+//! token, an expired one, and one the provider revoked. Then it keeps serving for `curl -x`.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::app;
+use crate::config::Config;
+use crate::secrets::fingerprint;
+
+const CLIENT_ID: &str = "demo-client";
+const CLIENT_SECRET: &str = "demo-client-secret";
+
+/// What the demo provider remembers.
+#[derive(Default)]
+struct ProviderState {
+    valid_access: HashSet<String>,
+    valid_refresh: HashSet<String>,
+    issued: u32,
+    token_calls: u32,
+    /// (status, fingerprint of the token) of every API call.
+    api_calls: Vec<(u16, String)>,
+}
+
+#[derive(Clone, Default)]
+struct DemoProvider {
+    state: Arc<Mutex<ProviderState>>,
+}
+
+impl DemoProvider {
+    fn state(&self) -> std::sync::MutexGuard<'_, ProviderState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A random-looking token value: the demo's tokens are throwaway, but still not guessable
+    /// from the output, which shows fingerprints only.
+    fn mint(&self, kind: &str) -> String {
+        let n = crate::tokens::refresh::jitter(Duration::from_secs(1 << 30)).as_nanos();
+        format!("demo-{kind}-{n:x}")
+    }
+
+    async fn serve(self, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let provider = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let provider = provider.clone();
+                    async move { Ok::<_, Infallible>(provider.answer(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/oauth/token" {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return self.token_endpoint(&String::from_utf8_lossy(&body));
+        }
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("")
+            .to_string();
+        let mut state = self.state();
+        let ok = state.valid_access.contains(&token);
+        let status = if ok { 200 } else { 401 };
+        state.api_calls.push((status, fingerprint(&token)));
+        if ok {
+            reply(
+                200,
+                json!({"hello": "from the demo provider", "your_token_fingerprint": fingerprint(&token)}),
+            )
+        } else {
+            reply(401, json!({"error": "invalid_token"}))
+        }
+    }
+
+    fn token_endpoint(&self, body: &str) -> Response<Full<Bytes>> {
+        let form: HashMap<&str, &str> = body.split('&').filter_map(|kv| kv.split_once('=')).collect();
+        let mut state = self.state();
+        state.token_calls += 1;
+        let presented = form.get("refresh_token").copied().unwrap_or("");
+        if form.get("grant_type") != Some(&"refresh_token") || !state.valid_refresh.remove(presented) {
+            return reply(400, json!({"error": "invalid_grant"}));
+        }
+        state.issued += 1;
+        let (access, refresh) = (self.mint("access"), self.mint("refresh"));
+        state.valid_access.insert(access.clone());
+        state.valid_refresh.insert(refresh.clone());
+        reply(
+            200,
+            json!({"access_token": access, "refresh_token": refresh, "expires_in": 3600, "token_type": "Bearer"}),
+        )
+    }
+}
+
+fn reply(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    response
+}
+
+/// `preferred` when it is free, else any free port: the demo should not fail because 8080 is
+/// taken.
+fn free_or_any(preferred: &str) -> String {
+    match std::net::TcpListener::bind(preferred) {
+        Ok(_) => preferred.to_string(),
+        Err(_) => "127.0.0.1:0".to_string(),
+    }
+}
+
+fn write_token_file(
+    path: &std::path::Path,
+    access: &str,
+    refresh: &str,
+    expires_at: OffsetDateTime,
+) -> anyhow::Result<()> {
+    let now = OffsetDateTime::now_utc();
+    let doc = json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "refresh_token": refresh,
+        "expires_at": expires_at.format(&Rfc3339)?,
+        "updated_at": now.format(&Rfc3339)?,
+    });
+    crate::fsutil::write_atomically(
+        path,
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+        0o600,
+        crate::fsutil::Existing::Replace,
+    )?;
+    Ok(())
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("tokenproxy-demo-")
+        .tempdir()
+        .context("creating a temporary folder")?;
+    let provider = DemoProvider::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let provider_addr: SocketAddr = listener.local_addr()?;
+    tokio::spawn(provider.clone().serve(listener));
+
+    // A token file as an app's login flow would have left it.
+    let (access, refresh) = (provider.mint("access"), provider.mint("refresh"));
+    {
+        let mut state = provider.state();
+        state.valid_access.insert(access.clone());
+        state.valid_refresh.insert(refresh.clone());
+    }
+    let token_file = dir.path().join("demo.json");
+    let now = OffsetDateTime::now_utc();
+    write_token_file(&token_file, &access, &refresh, now + time::Duration::hours(1))?;
+
+    let config_path = dir.path().join("tokenproxy.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"[proxy]
+listen = "{proxy}"
+[admin]
+listen = "{admin}"
+[tls]
+ca_dir = "ca"
+[providers.demo]
+hosts = ["{provider_addr}", "localhost:{port}"]
+token_file = "demo.json"
+allow_plaintext = true   # the demo provider is on loopback
+[providers.demo.oauth]
+token_url = "http://{provider_addr}/oauth/token"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+refresh_before = "1m"
+"#,
+            proxy = free_or_any("127.0.0.1:8080"),
+            admin = free_or_any("127.0.0.1:9090"),
+            port = provider_addr.port(),
+        ),
+    )?;
+    let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let running = app::start(config).await?;
+    let api_url = format!("http://{provider_addr}/v1/me");
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", running.proxy_addr))?)
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let demo = running.providers.get("demo").context("the demo provider")?.clone();
+
+    println!("tokenproxy demo: a provider API and its token endpoint on http://{provider_addr},");
+    println!(
+        "tokenproxy on http://{} (admin http://{}), token file {}",
+        running.proxy_addr,
+        running.admin_addr,
+        token_file.display()
+    );
+    println!("Tokens are shown by fingerprint (first 8 hex digits of their SHA-256), never in full.\n");
+
+    // 1. A fresh token, injected.
+    let r = client.get(&api_url).send().await?;
+    println!("1. A fresh token from the token file is injected");
+    println!("   GET {api_url} through the proxy -> {}", r.status());
+    println!(
+        "   the provider saw token {} (the file's token is {})\n",
+        last_fingerprint(&provider),
+        fingerprint(&access)
+    );
+
+    // 2. An expired token: refreshed before use.
+    let expired = provider.mint("access");
+    write_token_file(&token_file, &expired, &refresh, now - time::Duration::minutes(5))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while demo.current().is_some_and(|t| t.fingerprint == fingerprint(&access))
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client.get(&api_url).send().await?;
+    // Each value is read on its own: two guards alive in one statement would deadlock.
+    let token_calls = provider.state().token_calls;
+    let seen = last_fingerprint(&provider);
+    println!("2. Someone writes an expired token into the file ({})", fingerprint(&expired));
+    println!(
+        "   tokenproxy sees the change, refreshes before use, and writes the new token back to the file"
+    );
+    println!(
+        "   GET -> {}; token endpoint calls: {token_calls}; the provider saw token {seen}\n",
+        r.status()
+    );
+
+    // 3. The provider revokes the token: 401, refresh, retry, transparently.
+    let revoked = demo.current().map(|t| t.fingerprint.clone()).unwrap_or_default();
+    provider.state().valid_access.clear();
+    let r = client.get(&api_url).send().await?;
+    let calls = provider.state().api_calls.clone();
+    println!("3. The provider revokes token {revoked} without telling anyone");
+    if let [.., (s1, f1), (s2, f2)] = calls.as_slice() {
+        println!(
+            "   the provider answered {s1} to token {f1}; tokenproxy refreshed once and retried: {s2} with {f2}"
+        );
+    }
+    println!("   the application saw only: {}\n", r.status());
+
+    let view = demo.view(OffsetDateTime::now_utc());
+    let token_calls = provider.state().token_calls;
+    println!(
+        "Now: state {}, {} refreshes, {} retries, token endpoint called {token_calls} times ({:.1}s so far).",
+        view.state.as_str(),
+        view.refresh_count,
+        view.retry_count,
+        started.elapsed().as_secs_f64()
+    );
+    println!("\nWhere to look:");
+    println!("  curl http://{}/tokens", running.admin_addr);
+    println!("  curl -s http://{}/metrics | grep tokenproxy_", running.admin_addr);
+    println!("Try it yourself:");
+    println!("  curl -x http://{} {api_url}", running.proxy_addr);
+    println!("Ctrl-C to stop.");
+    running.serve_until_signal().await?;
+    drop(dir);
+    Ok(())
+}
+
+fn last_fingerprint(provider: &DemoProvider) -> String {
+    provider.state().api_calls.last().map(|(_, f)| f.clone()).unwrap_or_default()
+}
