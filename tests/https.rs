@@ -377,3 +377,36 @@ fn the_ca_command_prints_the_path_and_an_unusable_ca_dir_stops_the_start() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(dir.path().join("broken/ca.pem")).unwrap(), "garbage");
 }
+
+#[tokio::test]
+async fn a_401_over_an_intercepted_connection_is_refreshed_and_retried() {
+    let dir = tempdir();
+    let pki = test_pki(dir.path(), "mock", &["localhost"]);
+    let mock = MockApi::start_tls(pki.server_config.clone()).await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    std::fs::write(
+        dir.path().join("api.json"),
+        r#"{"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"ca\"\nextra_roots = [{}]\n\
+         [providers.api]\nhosts = [\"localhost:{}\"]\ntoken_file = \"api.json\"\n{}",
+        toml_path(&pki.ca_pem_path),
+        mock.addr.port(),
+        endpoint.oauth_toml("api", "refresh_token")
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let url = https_url("localhost", &mock, "/v1/me");
+    let r =
+        reqwest_trusting(&tp, &dir.path().join("ca/ca.pem")).post(&url).body("payload").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].authorization(), Some("Bearer revoked"));
+    assert_eq!(seen[1].authorization(), Some("Bearer at-1"));
+    assert_eq!(seen[1].body, "payload");
+    assert_eq!(endpoint.calls(), 1);
+}

@@ -96,6 +96,10 @@ async fn field_note_1_expires_in_without_a_timestamp_heals_on_the_first_call() {
 
     let unauthorized = [("provider", "api")];
     assert_eq!(tp.metric("tokenproxy_upstream_unauthorized_total", &unauthorized).await, 1.0);
+    // tokenproxy's own write is not read back as a change: no reload storm.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let reloads = [("provider", "api"), ("result", "ok")];
+    assert_eq!(tp.metric("tokenproxy_token_reloads_total", &reloads).await, 1.0, "only the initial load");
     assert_eq!(tp.metric("tokenproxy_retries_total", &[("provider", "api"), ("result", "ok")]).await, 1.0);
     let refreshes = [("provider", "api"), ("trigger", "unauthorized"), ("result", "ok")];
     assert_eq!(tp.metric("tokenproxy_refreshes_total", &refreshes).await, 1.0);
@@ -514,4 +518,63 @@ async fn field_note_6_a_token_expiring_during_a_long_stream_does_not_break_the_n
     let r = tp.client().get(mock.url("/next")).send().await.unwrap();
     assert_eq!(r.status(), 200, "the next call carries a fresh token");
     assert_ne!(mock.last().authorization(), Some("Bearer short-lived"));
+}
+
+#[tokio::test]
+async fn a_token_is_refreshed_in_the_background_before_it_expires() {
+    let mock = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let soon = soon.format(&time::format_description::well_known::Rfc3339).unwrap();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "soon", "refresh_token": "rt-0", "expires_at": soon}),
+    );
+    let tp = TokenProxy::start(
+        dir.path(),
+        &config(&mock, &endpoint, "refresh_token", "refresh_before = \"3s\"\n", ""),
+    );
+    assert_eq!(tp.token_view("api").await["state"], "valid");
+    // No request is made: the refresh happens on its own, before expiry.
+    let proactive = [("provider", "api"), ("trigger", "proactive"), ("result", "ok")];
+    eventually(Duration::from_secs(4), "a proactive refresh", || async {
+        (tp.metric("tokenproxy_refreshes_total", &proactive).await == 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        time::OffsetDateTime::now_utc()
+            < time::OffsetDateTime::parse(&soon, &time::format_description::well_known::Rfc3339).unwrap()
+    );
+    assert_eq!(read_token_file(dir.path())["access_token"], "at-1");
+}
+
+#[tokio::test]
+async fn an_expired_token_that_cannot_be_refreshed_is_a_502_with_the_reason() {
+    let mock = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    // Every attempt fails with 500, quickly.
+    endpoint.script(&[(500, "{}"); 20]);
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "expired", "refresh_token": "rt-0", "expires_at": "2020-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(
+        dir.path(),
+        &config(&mock, &endpoint, "refresh_token", "", "")
+            .replace("upstream_timeout = \"10s\"", "upstream_timeout = \"2s\""),
+    );
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-tokenproxy-error"], "token_unavailable");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["provider"], "api");
+    assert!(body["reason"].as_str().unwrap().contains("server_error"), "{body}");
+    assert!(body["action"].as_str().is_some());
+    assert!(mock.seen().is_empty(), "an expired token is not sent");
+    let view = tp.token_view("api").await;
+    assert_eq!(view["last_refresh_result"], "server_error", "{view}");
 }
