@@ -38,6 +38,12 @@ pub enum Command {
     Ca,
     /// A self-contained walk-through on loopback: a mock provider, the proxy, and calls through it
     Demo,
+    /// Show the running proxy's providers as a table; exit 0 only when all are ready
+    Status {
+        /// The admin listener [default: http:// + admin.listen from the config, else http://127.0.0.1:9090]
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+    },
 }
 
 impl Cli {
@@ -110,4 +116,45 @@ pub fn human_seconds(secs: i64) -> String {
         format!("{a}s")
     };
     if secs >= 0 { format!("in {text}") } else { format!("{text} ago") }
+}
+
+/// `tokenproxy status`: the admin `/tokens` view as a table. Returns whether every provider is
+/// ready (the exit code).
+pub async fn status(admin: &str) -> anyhow::Result<bool> {
+    let url = format!("{}/tokens", admin.trim_end_matches('/'));
+    let client = reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(10)).build()?;
+    let response =
+        client.get(&url).send().await.map_err(|e| {
+            anyhow::anyhow!("cannot reach the admin API at {url}: is tokenproxy running? ({e})")
+        })?;
+    anyhow::ensure!(response.status().is_success(), "{url} answered {}", response.status());
+    let views: Vec<serde_json::Value> = response.json().await?;
+    println!(
+        "{:<16} {:<13} {:<22} {:<26} {:<16} FINGERPRINT",
+        "PROVIDER", "STATE", "EXPIRES", "LAST REFRESH", "RESULT"
+    );
+    let mut all_ready = true;
+    for v in &views {
+        let text = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+        let state = text("state");
+        let ready = matches!(state.as_str(), "valid" | "expiring" | "refreshing");
+        all_ready &= ready;
+        let expires = v["expires_in_s"].as_i64().map_or_else(|| "unknown".to_string(), human_seconds);
+        println!(
+            "{:<16} {:<13} {:<22} {:<26} {:<16} {}",
+            text("provider"),
+            state,
+            expires,
+            text("last_refresh_at"),
+            text("last_refresh_result"),
+            text("fingerprint")
+        );
+        if let Some(error) = v["last_error"].as_str() {
+            println!("  last error: {error}");
+        }
+    }
+    if views.is_empty() {
+        println!("no providers configured");
+    }
+    Ok(all_ready)
 }

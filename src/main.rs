@@ -12,11 +12,19 @@ fn main() -> ExitCode {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     let default_level = match command {
         Command::Run => "info",
-        Command::Check | Command::Ca | Command::Demo => "warn",
+        Command::Check | Command::Ca | Command::Demo | Command::Status { .. } => "warn",
     };
     logging::init(cli.log_format, default_level);
     if let Command::Demo = command {
-        return run_async(tokenproxy::demo::run());
+        return exit(block_on(tokenproxy::demo::run()).map(|()| true));
+    }
+    if let Command::Status { admin } = command {
+        // The admin address: the flag, else the config's admin.listen, else the default.
+        let admin = admin.clone().unwrap_or_else(|| match Config::load(&cli.config_path()) {
+            Ok(config) => format!("http://{}", config.admin_listen),
+            Err(_) => "http://127.0.0.1:9090".into(),
+        });
+        return exit(block_on(cli::status(&admin)));
     }
 
     // The config is loaded and validated before anything is bound.
@@ -37,40 +45,33 @@ fn main() -> ExitCode {
     };
 
     match command {
-        Command::Ca => match tokenproxy::tls::ca::CertificateAuthority::load_or_create(&config.ca_dir) {
-            Ok(ca) => {
+        Command::Ca => {
+            exit(tokenproxy::tls::ca::CertificateAuthority::load_or_create(&config.ca_dir).map(|ca| {
                 let path = std::fs::canonicalize(ca.cert_path()).unwrap_or_else(|_| ca.cert_path().into());
                 println!("{}", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("tokenproxy: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Check => {
-            if cli::check(&config) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+                true
+            }))
         }
-        Command::Run => run_async(app::run(config)),
-        Command::Demo => unreachable!("handled before the config is loaded"),
+        Command::Check => exit(Ok(cli::check(&config))),
+        Command::Run => exit(block_on(app::run(config)).map(|()| true)),
+        Command::Demo | Command::Status { .. } => unreachable!("handled before the config is loaded"),
     }
 }
 
-/// Runs `work` on a multi-threaded runtime; an error is one line on stderr and exit code 1.
-fn run_async(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tokenproxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(work) {
-        Ok(()) => ExitCode::SUCCESS,
+/// Runs `work` to completion on a multi-threaded runtime.
+fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+    runtime.block_on(work)
+}
+
+/// `Ok(true)` is success; `Ok(false)` a failure already explained; an error is one line.
+fn exit(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("tokenproxy: {e:#}");
             ExitCode::FAILURE

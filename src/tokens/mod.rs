@@ -237,7 +237,7 @@ impl Provider {
                 }
             }
         };
-        status.file = file_status;
+        status.file = file_status.clone();
         drop(status);
         let label = match outcome {
             Reload::Ok => "ok",
@@ -257,13 +257,22 @@ impl Provider {
                 "token loaded from file"
             );
         } else {
-            let kept = self.current().map(|t| t.fingerprint.clone());
-            tracing::warn!(
-                provider = self.name(),
-                error = %error,
-                kept_fingerprint = kept.as_deref().unwrap_or("none"),
-                "token file not usable; keeping the last good token"
-            );
+            match self.current().map(|t| t.fingerprint.clone()) {
+                Some(kept) => tracing::warn!(
+                    provider = self.name(),
+                    error = %error,
+                    kept_fingerprint = %kept,
+                    "token file not usable; keeping the last good token"
+                ),
+                None if file_status == FileStatus::Missing && self.config.oauth.is_some() => tracing::info!(
+                    provider = self.name(),
+                    path = %path.display(),
+                    "no token file yet; the first refresh creates it"
+                ),
+                None => {
+                    tracing::warn!(provider = self.name(), error = %error, "token file not usable; no token yet")
+                }
+            }
             self.status().last_error = Some(error);
         }
         outcome

@@ -1,0 +1,203 @@
+//! The newcomer's path: `tokenproxy status`, the shipped examples, the Kubernetes manifests, the
+//! Dockerfile, and a user guide that cannot drift from the code.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(binary()).args(args).env_remove("TOKENPROXY_CONFIG").output().unwrap();
+    (
+        out.status.code(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_a_table_and_exits_zero_only_when_all_are_ready() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("ok.json"), token_json("status-token")).unwrap();
+    let config = "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                  [providers.good]\nhosts = [\"good.invalid\"]\ntoken_file = \"ok.json\"\n";
+    let tp = TokenProxy::start(dir.path(), config);
+    let admin = format!("http://{}", tp.admin);
+    let (code, out) = tokio::task::spawn_blocking(move || run(&["status", "--admin", &admin])).await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    let header = out.lines().next().unwrap();
+    for column in ["PROVIDER", "STATE", "EXPIRES", "LAST REFRESH", "RESULT"] {
+        assert!(header.contains(column), "{out}");
+    }
+    let row = out.lines().find(|l| l.starts_with("good")).expect("a row per provider");
+    assert!(
+        row.contains("valid") && row.contains(&tokenproxy::secrets::fingerprint("status-token")),
+        "{row}"
+    );
+    assert!(!out.contains("status-token"));
+    drop(tp);
+
+    let dir = tempdir();
+    let config =
+        format!("{config}[providers.absent]\nhosts = [\"absent.invalid\"]\ntoken_file = \"absent.json\"\n");
+    std::fs::write(dir.path().join("ok.json"), token_json("status-token")).unwrap();
+    let tp = TokenProxy::start(dir.path(), &config);
+    let admin = format!("http://{}", tp.admin);
+    let (code, out) = tokio::task::spawn_blocking(move || run(&["status", "--admin", &admin])).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("absent") && l.contains("missing")), "{out}");
+
+    let (code, out) = run(&["status", "--admin", "http://127.0.0.1:1"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("is tokenproxy running"), "{out}");
+}
+
+#[test]
+fn every_provider_example_passes_check() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo("examples/providers")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let (code, out) = run(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{}: {out}", path.display());
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "spotify, google, withings, github, entra, kubernetes service account");
+    let (code, out) = run(&["check", "--config", repo("config/tokenproxy.toml").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["check", "--config", repo("config/container.toml").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+fn manifests() -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(repo("examples/kubernetes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value =
+                serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(value["apiVersion"].is_string() && value["kind"].is_string(), "{}", path.display());
+            docs.push(value);
+        }
+    }
+    docs
+}
+
+#[test]
+fn the_kubernetes_manifests_parse_and_wire_the_sidecar() {
+    let docs = manifests();
+    let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, BTreeSet::from(["ConfigMap", "Deployment", "PersistentVolumeClaim", "Secret"]));
+
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(pod["metadata"]["annotations"]["prometheus.io/scrape"], "true");
+    let containers = pod["spec"]["containers"].as_sequence().unwrap();
+    let sidecar = containers.iter().find(|c| c["name"] == "tokenproxy").unwrap();
+    assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let app = containers.iter().find(|c| c["name"] == "app").unwrap();
+    let env: BTreeMap<&str, &str> = app["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(env["HTTPS_PROXY"], "http://127.0.0.1:8080");
+    assert_eq!(env["HTTP_PROXY"], "http://127.0.0.1:8080");
+    assert!(env.contains_key("NO_PROXY"));
+    assert!(
+        env["REQUESTS_CA_BUNDLE"].ends_with("bundle.pem") && env["NODE_EXTRA_CA_CERTS"].ends_with("ca.pem")
+    );
+
+    // The ConfigMap's config is one tokenproxy accepts.
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let dir = tempdir();
+    let path = dir.path().join("tokenproxy.toml");
+    std::fs::write(&path, configmap["data"]["tokenproxy.toml"].as_str().unwrap()).unwrap();
+    let (code, out) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn the_dockerfile_builds_what_ci_builds_and_runs_unprivileged() {
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    let ci = std::fs::read_to_string(repo(".ci/run")).unwrap();
+    let build = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("RUN cargo build"))
+        .map(|rest| format!("cargo build{rest}"))
+        .expect("the build stage runs cargo build");
+    assert!(ci.lines().any(|l| l.trim() == build), "CI runs `{build}` too");
+    assert!(dockerfile.contains("USER 10001"), "a non-root user");
+    assert!(dockerfile.contains("EXPOSE 8080 9090"));
+    assert!(dockerfile.contains("VOLUME [\"/var/lib/tokenproxy/ca\", \"/var/lib/tokenproxy/tokens\"]"));
+    assert!(dockerfile.contains("ENV TOKENPROXY_CONFIG="));
+    assert!(repo("config/container.toml").exists(), "the file the image copies");
+}
+
+/// The keys a config section accepts, read from the error the code gives for an unknown key.
+fn accepted_keys(section_toml: &str) -> BTreeSet<String> {
+    let dir = tempdir();
+    let path = dir.path().join("probe.toml");
+    std::fs::write(&path, section_toml).unwrap();
+    let (_, out) = run(&["check", "--config", path.to_str().unwrap()]);
+    let expected = out.split("expected").nth(1).unwrap_or_else(|| panic!("no key list in: {out}"));
+    expected
+        .split('`')
+        .filter(|s| s.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_readme_lists_every_config_key_the_code_accepts() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let table = readme.split("## Configuration").nth(1).unwrap().split("\n## ").next().unwrap();
+    let mut documented: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for row in table.lines().filter(|l| l.starts_with("| `")) {
+        let cell = row.split('|').nth(1).unwrap();
+        let names: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
+        if let Some(routes) = names[0].strip_prefix("[[routes]] ") {
+            for key in routes.split(", ") {
+                documented.entry("routes".into()).or_default().insert(key.into());
+            }
+            continue;
+        }
+        let (section, first) = names[0].rsplit_once('.').unwrap();
+        documented.entry(section.into()).or_default().insert(first.into());
+        for more in &names[1..] {
+            documented.entry(section.into()).or_default().insert(more.to_string());
+        }
+    }
+    let probes = [
+        ("proxy", "[proxy]\nzz_probe = 1\n"),
+        ("admin", "[admin]\nzz_probe = 1\n"),
+        ("tls", "[tls]\nzz_probe = 1\n"),
+        ("egress", "[egress]\nzz_probe = 1\n"),
+        ("providers.NAME", "[providers.x]\nzz_probe = 1\n"),
+        ("providers.NAME.oauth", "[providers.x.oauth]\nzz_probe = 1\n"),
+        ("routes", "[[routes]]\nzz_probe = 1\n"),
+    ];
+    for (section, probe) in probes {
+        let mut accepted = accepted_keys(probe);
+        // A sub-table is documented by its own rows (`providers.NAME.oauth.*`).
+        accepted.retain(|key| !documented.contains_key(&format!("{section}.{key}")));
+        let listed = documented.remove(section).unwrap_or_default();
+        assert_eq!(listed, accepted, "README's keys for [{section}] differ from the code's");
+    }
+    assert!(documented.is_empty(), "README documents sections the code lacks: {documented:?}");
+}
