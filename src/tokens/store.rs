@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::file::FileFormat;
-use crate::fsutil::{Existing, write_atomically};
+use crate::fsutil::{Existing, remove_stale_temporaries, write_atomically};
 use crate::oauth::IssuedToken;
 
 /// An exclusive advisory lock on `<token_file>.lock`, released on drop. Held while deciding to
@@ -77,8 +77,10 @@ pub fn encode(format: FileFormat, fields: &Map<String, Value>) -> std::io::Resul
     }
 }
 
-/// Writes the token file atomically with mode 0600.
+/// Writes the token file atomically with mode 0600. Called under the token file's lock, so the
+/// leftovers of a writer killed mid-write can be cleared first.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    remove_stale_temporaries(path);
     write_atomically(path, bytes, 0o600, Existing::Replace)
 }
 
@@ -107,6 +109,19 @@ mod tests {
         assert!(!fields.contains_key("expires_in"));
         let doc = super::super::file::document_from_fields(fields).unwrap();
         assert_eq!(doc.expiry_source, super::super::file::ExpirySource::ExpiresAt);
+    }
+
+    #[test]
+    fn a_write_clears_what_a_killed_writer_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        let stale = dir.path().join(".t.json.tokenproxy-abc123.tmp");
+        let other = dir.path().join(".other.json.tokenproxy-abc123.tmp");
+        std::fs::write(&stale, "half").unwrap();
+        std::fs::write(&other, "another file's").unwrap();
+        write(&path, b"{}\n").unwrap();
+        assert!(!stale.exists());
+        assert!(other.exists(), "only this file's temporaries are touched");
     }
 
     #[test]
