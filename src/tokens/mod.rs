@@ -278,8 +278,8 @@ impl Provider {
         outcome
     }
 
-    /// Makes `doc`'s token the current one.
-    fn adopt(&self, doc: &TokenDocument) -> Result<(), String> {
+    /// Makes `doc`'s token the current one: one atomic swap, seen by the next request.
+    pub fn adopt(&self, doc: &TokenDocument) -> Result<(), String> {
         let value = format!("{}{}{}", self.config.format_prefix, doc.access_token, self.config.format_suffix);
         let mut header_value = HeaderValue::from_str(&value)
             .map_err(|_| "access_token has characters not allowed in an HTTP header".to_string())?;

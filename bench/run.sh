@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# tokenproxy against squid, tinyproxy, mitmproxy and a direct call, in one run, on loopback.
+#
+#   bash bench/run.sh            # installs what it needs from Debian, builds tokenproxy (release)
+#   DURATION=10 bash bench/run.sh
+#
+# Each proxy adds `Authorization: Bearer …` to a plain-HTTP absolute-form GET and forwards it to
+# one nginx upstream. The proxy is pinned to CPU 0; wrk and nginx share CPU 1. Measured per peer:
+# req/s with 50 keep-alive connections, p50/p99 latency with 1 connection, the proxy's own
+# CPU time (user+system, all its processes) per request served, and its peak RSS.
+# Everything it starts it stops by PID; it is safe to re-run. Only 127.0.0.1 is used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+UPSTREAM_PORT=18080
+TOKEN="bench-token-$(date +%s)"
+WORK=$(mktemp -d /tmp/tokenproxy-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.3
+    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+install_missing() {
+    local missing=()
+    need wrk || missing+=(wrk)
+    need nginx || missing+=(nginx-light)
+    need squid || missing+=(squid)
+    need tinyproxy || missing+=(tinyproxy)
+    need mitmdump || missing+=(mitmproxy)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing: ${missing[*]}" >&2
+        apt-get update -qq >/dev/null 2>&1 || true
+        for pkg in "${missing[@]}"; do
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null 2>&1 \
+                || echo "note: $pkg could not be installed; its row is skipped" >&2
+        done
+    fi
+}
+install_missing
+need wrk || { echo "wrk is required" >&2; exit 1; }
+need nginx || { echo "nginx is required" >&2; exit 1; }
+
+cargo build --release --locked --bin tokenproxy >&2
+TOKENPROXY=$PWD/target/release/tokenproxy
+
+# --- helpers ----------------------------------------------------------------------------------
+wait_port() { # port: waits up to 10 s for a listener
+    for _ in $(seq 1 100); do
+        (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && { exec 3>&- 3<&-; return 0; }
+        sleep 0.1
+    done
+    return 1
+}
+tree_pids() { # pid: the pid and all its descendants
+    local pid=$1
+    echo "$pid"
+    for child in $(pgrep -P "$pid" 2>/dev/null); do tree_pids "$child"; done
+}
+cpu_ticks() { # pid: user+system clock ticks of the process tree
+    local total=0
+    for p in $(tree_pids "$1"); do
+        if [ -r "/proc/$p/stat" ]; then
+            read -r -a f < <(sed 's/^.*) //' "/proc/$p/stat")
+            total=$((total + f[11] + f[12]))
+        fi
+    done
+    echo "$total"
+}
+peak_rss_kib() { # pid: sum of VmHWM over the tree
+    local total=0
+    for p in $(tree_pids "$1"); do
+        local v
+        v=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+cat > "$WORK/absolute.lua" <<EOF
+-- Sends an absolute-form request line, as a client does to a forward proxy.
+wrk.path = "http://127.0.0.1:$UPSTREAM_PORT/"
+wrk.headers["Host"] = "127.0.0.1:$UPSTREAM_PORT"
+EOF
+
+# --- the upstream -------------------------------------------------------------------------------
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log crit;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx;
+    proxy_temp_path $WORK/nginx;
+    fastcgi_temp_path $WORK/nginx;
+    uwsgi_temp_path $WORK/nginx;
+    scgi_temp_path $WORK/nginx;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+PIDS+=($!)
+wait_port $UPSTREAM_PORT || { echo "nginx did not start" >&2; exit 1; }
+
+# --- measuring one peer -----------------------------------------------------------------------
+RESULTS=()
+measure() { # name port pid(or empty for direct) [lua]
+    local name=$1 port=$2 pid=$3 lua=${4:-$WORK/absolute.lua}
+    local url="http://127.0.0.1:$port/"
+    taskset -c 1 wrk -t1 -c50 -d"${WARMUP}s" -s "$lua" "$url" >/dev/null 2>&1 || true
+    local t0=0 t1=0
+    [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
+    local out
+    out=$(taskset -c 1 wrk -t1 -c50 -d"${DURATION}s" -s "$lua" "$url" 2>&1)
+    [ -n "$pid" ] && t1=$(cpu_ticks "$pid")
+    local requests rps
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/ {printf "%d", $2}')
+    local non2xx
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
+    local lat p50 p99
+    lat=$(taskset -c 1 wrk -t1 -c1 -d"${DURATION}s" --latency -s "$lua" "$url" 2>&1)
+    p50=$(echo "$lat" | awk '$1=="50%" {print $2}')
+    p99=$(echo "$lat" | awk '$1=="99%" {print $2}')
+    local cpu_us="-" rss="-"
+    if [ -n "$pid" ] && [ "${requests:-0}" -gt 0 ]; then
+        cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.1f", d / hz * 1e6 / n}')
+        rss=$(awk -v k="$(peak_rss_kib "$pid")" 'BEGIN {printf "%.1f", k / 1024}')
+    fi
+    RESULTS+=("$name|$rps|$p50|$p99|$cpu_us|$rss|${non2xx:-0}")
+}
+
+# --- the peers ----------------------------------------------------------------------------------
+measure "direct" $UPSTREAM_PORT "" /dev/null
+
+# tokenproxy
+mkdir -p "$WORK/tp"
+printf '{"access_token": "%s", "expires_at": "2099-01-01T00:00:00Z"}\n' "$TOKEN" > "$WORK/tp/token.json"
+cat > "$WORK/tp/tokenproxy.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:18081"
+[admin]
+listen = "127.0.0.1:18091"
+[tls]
+ca_dir = "ca"
+[providers.bench]
+hosts = ["127.0.0.1:$UPSTREAM_PORT"]
+token_file = "token.json"
+allow_plaintext = true
+EOF
+RUST_LOG=warn taskset -c 0 "$TOKENPROXY" run --config "$WORK/tp/tokenproxy.toml" 2>"$WORK/tp/log" &
+TP_PID=$!
+PIDS+=($TP_PID)
+wait_port 18081 && measure "tokenproxy" 18081 $TP_PID
+# Idle keep-alive connections: RSS with 1000 open connections against none.
+rss_idle_before=$(awk '/VmRSS/ {print $2}' "/proc/$TP_PID/status")
+python3 - "$TP_PID" <<'EOF' > "$WORK/tp/idle" 2>/dev/null || true
+import socket, sys, time
+conns = []
+for _ in range(1000):
+    s = socket.create_connection(("127.0.0.1", 18081))
+    s.sendall(b"GET http://127.0.0.1:18080/ HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n")
+    conns.append(s)
+for s in conns:
+    s.recv(4096)
+time.sleep(0.5)
+print(open(f"/proc/{sys.argv[1]}/status").read().split("VmRSS:")[1].split()[0])
+EOF
+rss_idle_after=$(cat "$WORK/tp/idle" 2>/dev/null || echo "")
+
+# squid
+if need squid; then
+    mkdir -p "$WORK/squid"
+    chmod 777 "$WORK/squid"
+    cat > "$WORK/squid/squid.conf" <<EOF
+http_port 127.0.0.1:18082
+http_access allow all
+cache deny all
+access_log none
+cache_log $WORK/squid/cache.log
+pid_filename $WORK/squid/squid.pid
+coredump_dir $WORK/squid
+request_header_add Authorization "Bearer $TOKEN" all
+workers 1
+EOF
+    taskset -c 0 squid -N -f "$WORK/squid/squid.conf" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_port 18082 && measure "squid" 18082 "${PIDS[-1]}"
+fi
+
+# tinyproxy
+if need tinyproxy; then
+    mkdir -p "$WORK/tinyproxy"
+    cat > "$WORK/tinyproxy/tinyproxy.conf" <<EOF
+Port 18083
+Listen 127.0.0.1
+Timeout 600
+MaxClients 200
+LogLevel Critical
+AddHeader "Authorization" "Bearer $TOKEN"
+EOF
+    taskset -c 0 tinyproxy -d -c "$WORK/tinyproxy/tinyproxy.conf" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_port 18083 && measure "tinyproxy" 18083 "${PIDS[-1]}"
+fi
+
+# mitmproxy
+if need mitmdump; then
+    mkdir -p "$WORK/mitm"
+    cat > "$WORK/mitm/addon.py" <<EOF
+def request(flow):
+    flow.request.headers["Authorization"] = "Bearer $TOKEN"
+EOF
+    HOME=$WORK/mitm taskset -c 0 mitmdump -q --listen-host 127.0.0.1 -p 18084 -s "$WORK/mitm/addon.py" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_port 18084 && measure "mitmproxy" 18084 "${PIDS[-1]}"
+fi
+
+# --- the table ----------------------------------------------------------------------------------
+to_us() { # wrk latency ("52.00us", "1.20ms") -> microseconds
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1e6; else print "-" }'
+}
+tp_rps=$(for r in "${RESULTS[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [ "$n" = tokenproxy ] && echo "$rps"; done)
+tp_cpu=$(for r in "${RESULTS[@]}"; do IFS='|' read -r n _ _ _ cpu _ <<<"$r"; [ "$n" = tokenproxy ] && echo "$cpu"; done)
+direct_rps=$(for r in "${RESULTS[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [ "$n" = direct ] && echo "$rps"; done)
+
+echo
+echo "plain HTTP GET with header injection, ${DURATION}s per measurement, proxy on CPU 0, wrk + nginx on CPU 1"
+echo
+printf '| %-10s | %9s | %8s | %7s | %9s | %11s | %13s | %10s | %8s |\n' \
+    peer "req/s @50" "vs direct" "p50 @1" "p99 @1" "CPU/request" "CPU vs tokenproxy" "peak RSS" "non-2xx"
+printf '|%s|\n' "------------|-----------|----------|---------|-----------|-------------|-------------------|------------|----------"
+for r in "${RESULTS[@]}"; do
+    IFS='|' read -r name rps p50 p99 cpu rss non2xx <<<"$r"
+    vs_direct=$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
+    vs_tp=$(awk -v a="$cpu" -v b="$tp_cpu" 'BEGIN {if (a != "-" && b > 0) printf "%.1fx", a / b; else print "-"}')
+    printf '| %-10s | %9s | %8s | %5sus | %7sus | %9sus | %17s | %7s MiB | %8s |\n' \
+        "$name" "$rps" "$vs_direct" "$(to_us "$p50")" "$(to_us "$p99")" "$cpu" "$vs_tp" "$rss" "$non2xx"
+done
+if [ -n "$rss_idle_after" ]; then
+    echo
+    awk -v a="$rss_idle_before" -v b="$rss_idle_after" \
+        'BEGIN {printf "tokenproxy RSS: %.1f MiB idle, %.1f MiB with 1000 idle keep-alive connections (+%.1f MiB)\n", a/1024, b/1024, (b-a)/1024}'
+fi
+echo "tokenproxy served $tp_rps req/s at 50 connections."

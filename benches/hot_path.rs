@@ -1,0 +1,106 @@
+//! The per-request hot path, piece by piece: picking the provider for a host, building the
+//! header from the cached token (also while another thread keeps swapping the token), and
+//! looking up an intercepted host's leaf certificate.
+//!
+//!     cargo bench --bench hot_path
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::HeaderMap;
+use tokenproxy::config::Config;
+use tokenproxy::tls::ca::CertificateAuthority;
+use tokenproxy::tls::leaf::LeafCache;
+use tokenproxy::tokens::Providers;
+use tokenproxy::tokens::file::{FileFormat, parse};
+
+/// Twenty providers, as a busy sidecar might have: exact hosts, ports and wildcards.
+fn providers(dir: &std::path::Path) -> Providers {
+    let mut toml = String::from("[proxy]\nlisten = \"127.0.0.1:0\"\n");
+    for i in 0..20 {
+        let hosts = match i % 3 {
+            0 => format!("\"api{i}.example.com\", \"upload{i}.example.com\""),
+            1 => format!("\"*.svc{i}.example.net\""),
+            _ => format!("\"10.0.0.{i}:8443\", \"host{i}.internal:8443\""),
+        };
+        std::fs::write(
+            dir.join(format!("p{i}.json")),
+            format!(r#"{{"access_token":"token-{i}-abcdefghijklmnopqrstuvwxyz","expires_at":"2099-01-01T00:00:00Z"}}"#),
+        )
+        .unwrap();
+        toml += &format!("[providers.p{i}]\nhosts = [{hosts}]\ntoken_file = \"p{i}.json\"\n");
+    }
+    std::fs::write(dir.join("tp.toml"), toml).unwrap();
+    let config = Config::load(&dir.join("tp.toml")).unwrap();
+    Providers::load(&config.providers, None, Duration::from_secs(30))
+}
+
+fn hot_path(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let providers = providers(dir.path());
+
+    let mut group = c.benchmark_group("host_matching");
+    group.bench_function("exact hit (last provider)", |b| {
+        b.iter(|| providers.for_host(black_box("api18.example.com"), 443).is_some())
+    });
+    group.bench_function("wildcard hit", |b| {
+        b.iter(|| providers.for_host(black_box("a.b.svc19.example.net"), 443).is_some())
+    });
+    group.bench_function("miss", |b| b.iter(|| providers.for_host(black_box("www.unrelated.org"), 443).is_some()));
+    group.finish();
+
+    let provider = providers.for_host("api18.example.com", 443).unwrap().clone();
+    let mut headers = HeaderMap::new();
+    c.bench_function("pick provider + build header", |b| {
+        b.iter(|| {
+            let p = providers.for_host(black_box("api18.example.com"), 443).unwrap();
+            let token = p.current().unwrap();
+            headers.insert(p.config.header.clone(), token.header_value().clone());
+        })
+    });
+
+    // The same while another thread swaps the token as fast as it can.
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let provider = provider.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let docs: Vec<_> = (0..2)
+                .map(|i| {
+                    let json = format!(r#"{{"access_token":"swapped-{i}","expires_at":"2099-01-01T00:00:00Z"}}"#);
+                    parse(FileFormat::Json, json.as_bytes()).unwrap()
+                })
+                .collect();
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                provider.adopt(&docs[(swaps % 2) as usize]).unwrap();
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    c.bench_function("pick provider + build header, token swapped concurrently", |b| {
+        b.iter(|| {
+            let p = providers.for_host(black_box("api18.example.com"), 443).unwrap();
+            let token = p.current().unwrap();
+            headers.insert(p.config.header.clone(), token.header_value().clone());
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    println!("(the swapper made {swaps} token swaps meanwhile)");
+
+    tokenproxy::tls::install_crypto_provider();
+    let leaves = LeafCache::new(CertificateAuthority::load_or_create(&dir.path().join("ca")).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(leaves.server_config("api.example.com")).unwrap();
+    c.bench_function("leaf certificate lookup (cached)", |b| {
+        b.iter(|| runtime.block_on(leaves.server_config(black_box("api.example.com"))).unwrap())
+    });
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);
