@@ -9,8 +9,10 @@
 # req/s with 50 keep-alive connections, p50/p99 latency with 1 connection, the proxy's own
 # CPU time (user+system, all its processes) per request served, and its peak RSS.
 # Everything it starts it stops by PID; it is safe to re-run. Only 127.0.0.1 is used.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# No `set -e`: processes come and go while they are measured (squid's helpers), and a vanished
+# /proc entry must not end the run. Steps that must succeed are checked explicitly.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
@@ -47,7 +49,7 @@ install_missing
 need wrk || { echo "wrk is required" >&2; exit 1; }
 need nginx || { echo "nginx is required" >&2; exit 1; }
 
-cargo build --release --locked --bin tokenproxy >&2
+cargo build --release --locked --bin tokenproxy >&2 || { echo "build failed" >&2; exit 1; }
 TOKENPROXY=$PWD/target/release/tokenproxy
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -66,10 +68,9 @@ tree_pids() { # pid: the pid and all its descendants
 cpu_ticks() { # pid: user+system clock ticks of the process tree
     local total=0
     for p in $(tree_pids "$1"); do
-        if [ -r "/proc/$p/stat" ]; then
-            read -r -a f < <(sed 's/^.*) //' "/proc/$p/stat")
-            total=$((total + f[11] + f[12]))
-        fi
+        local f=()
+        read -r -a f < <(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || true
+        [ ${#f[@]} -gt 12 ] && total=$((total + f[11] + f[12]))
     done
     echo "$total"
 }

@@ -195,3 +195,26 @@ async fn every_expiry_source_is_reported_on_tokens_and_by_check() {
         assert!(line.contains(&format!("source={source}")), "{line}");
     }
 }
+
+/// Read syscalls the process has made so far.
+fn read_syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("syscr: ")).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_proxy_does_not_keep_re_reading_its_token_files() {
+    let mock = MockApi::start().await;
+    let dir = tempdir();
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json("idle")).unwrap();
+    let tp = TokenProxy::start(dir.path(), &config_for(&mock, &token_file));
+    wait_for_token(&tp, &mock, "idle").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reading the file is itself an event in the watched folder; a watcher that acted on it
+    // would re-read the file ten times a second forever.
+    let before = read_syscalls(tp.pid());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reads = read_syscalls(tp.pid()) - before;
+    assert!(reads < 15, "{reads} read syscalls in 1.5 s of idling");
+}

@@ -26,7 +26,9 @@ const POLL_EVERY: Duration = Duration::from_secs(5);
 pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reading a file is an "access" event in its folder: acting on those would make every
+        // re-read trigger the next one.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     });
