@@ -210,7 +210,9 @@ async fn an_idle_proxy_does_not_keep_re_reading_its_token_files() {
     std::fs::write(&token_file, token_json("idle")).unwrap();
     let tp = TokenProxy::start(dir.path(), &config_for(&mock, &token_file));
     wait_for_token(&tp, &mock, "idle").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Something else happens in the folder: one re-read, and that should be the end of it.
+    std::fs::write(dir.path().join("unrelated.txt"), "x").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Reading the file is itself an event in the watched folder; a watcher that acted on it
     // would re-read the file ten times a second forever.
     let before = read_syscalls(tp.pid());
