@@ -49,7 +49,9 @@ fn hot_path(c: &mut Criterion) {
     group.bench_function("wildcard hit", |b| {
         b.iter(|| providers.for_host(black_box("a.b.svc19.example.net"), 443).is_some())
     });
-    group.bench_function("miss", |b| b.iter(|| providers.for_host(black_box("www.unrelated.org"), 443).is_some()));
+    group.bench_function("miss", |b| {
+        b.iter(|| providers.for_host(black_box("www.unrelated.org"), 443).is_some())
+    });
     group.finish();
 
     let provider = providers.for_host("api18.example.com", 443).unwrap().clone();
@@ -70,7 +72,8 @@ fn hot_path(c: &mut Criterion) {
         std::thread::spawn(move || {
             let docs: Vec<_> = (0..2)
                 .map(|i| {
-                    let json = format!(r#"{{"access_token":"swapped-{i}","expires_at":"2099-01-01T00:00:00Z"}}"#);
+                    let json =
+                        format!(r#"{{"access_token":"swapped-{i}","expires_at":"2099-01-01T00:00:00Z"}}"#);
                     parse(FileFormat::Json, json.as_bytes()).unwrap()
                 })
                 .collect();

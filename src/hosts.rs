@@ -35,9 +35,15 @@ pub enum HostPatternError {
 
 /// Lower-cases a host and drops a trailing dot and IPv6 brackets, so that the forms a client may
 /// send compare equal.
-pub fn normalize_host(host: &str) -> String {
+pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    // Hosts usually arrive lower-case already: no allocation on the request path then.
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// Splits `host[:port]`, understanding `[v6]:port`.
@@ -66,7 +72,7 @@ impl FromStr for HostPattern {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (host, port) = split_host_port(s.trim())?;
-        let host = normalize_host(host);
+        let host = normalize_host(host).into_owned();
         if host.is_empty() {
             return Err(HostPatternError::Empty);
         }

@@ -32,21 +32,35 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// `2xx`, `4xx`, …: the `status` label.
-pub fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+/// The per-request metrics of one provider (or of unmatched requests), registered once so that
+/// the request path does no label formatting, hashing or registry lookup.
+pub struct RequestMetrics {
+    /// `1xx` … `5xx`.
+    by_class: [metrics::Counter; 5],
+    duration: metrics::Histogram,
 }
 
-pub fn request(provider: &str, status: StatusCode, elapsed: Duration) {
-    metrics::counter!(REQUESTS_TOTAL, "provider" => provider.to_string(), "status" => status_class(status))
-        .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "provider" => provider.to_string()).record(elapsed.as_secs_f64());
+impl RequestMetrics {
+    /// Registers the handles; the recorder must be installed first (without one they are no-ops).
+    pub fn new(provider: &str) -> RequestMetrics {
+        let counter = |class: &'static str| metrics::counter!(REQUESTS_TOTAL, "provider" => provider.to_string(), "status" => class);
+        RequestMetrics {
+            by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(counter),
+            duration: metrics::histogram!(REQUEST_DURATION, "provider" => provider.to_string()),
+        }
+    }
+
+    /// The handles for requests that matched no provider.
+    pub fn unmatched() -> &'static RequestMetrics {
+        static UNMATCHED: std::sync::OnceLock<RequestMetrics> = std::sync::OnceLock::new();
+        UNMATCHED.get_or_init(|| RequestMetrics::new(NO_PROVIDER))
+    }
+
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
 }
 
 pub fn token_reload(provider: &str, result: &'static str) {

@@ -18,6 +18,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and every header the `Connection` header names. `TE: trailers` is
 /// kept: it is end-to-end in practice (gRPC needs it) and the only TE value HTTP/2 allows.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // One scan first: most messages carry none of these, and a removal is a hash lookup each.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -332,11 +332,15 @@ fn finish(
     started: Instant,
     result: Result<Response<ProxyBody>, ProxyError>,
 ) -> Response<ProxyBody> {
-    let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
     let response = result.unwrap_or_else(|e| {
+        let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
         tracing::warn!(provider = label, error = %e, code = e.code(), "request refused");
         e.into_response()
     });
-    metrics::request(label, response.status(), started.elapsed());
+    let handles = match provider {
+        Some(p) => &p.request_metrics,
+        None => metrics::RequestMetrics::unmatched(),
+    };
+    handles.record(response.status(), started.elapsed());
     response
 }

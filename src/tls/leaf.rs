@@ -41,7 +41,7 @@ impl LeafCache {
     /// The server configuration for `host`, from the cache when a fresh one is there.
     /// Concurrent misses for one host mint one certificate between them.
     pub async fn server_config(&self, host: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let host = crate::hosts::normalize_host(host);
+        let host = crate::hosts::normalize_host(host).into_owned();
         if let Some(leaf) = self.cache.get(&host) {
             if leaf.not_after - OffsetDateTime::now_utc() > RENEW_BEFORE {
                 metrics::leaf_cache_hit();

@@ -135,6 +135,8 @@ pub struct Provider {
     changed: tokio::sync::Notify,
     /// The longest a request waits for a refresh.
     pub wait_limit: Duration,
+    /// This provider's request counters, registered once.
+    pub request_metrics: metrics::RequestMetrics,
 }
 
 /// The outcome of re-reading a token file, also the `result` label of
@@ -151,6 +153,7 @@ impl Provider {
     pub fn new(config: ProviderConfig, oauth_client: Option<OAuthClient>, wait_limit: Duration) -> Provider {
         let oauth_client = oauth_client.filter(|_| config.oauth.is_some());
         Provider {
+            request_metrics: metrics::RequestMetrics::new(&config.name),
             config,
             token: ArcSwapOption::empty(),
             status: Mutex::new(Status::default()),
