@@ -47,6 +47,27 @@ fn read_token_file(dir: &Path) -> serde_json::Value {
         .expect("the token file parses")
 }
 
+/// The usual arrangement: an API that accepts only tokens the endpoint issued, a token endpoint
+/// (adjusted by `tune`) on which refresh token `rt-0` works, the token file `token`, and the proxy.
+async fn setup(
+    tune: impl FnOnce(&mut MockTokenEndpoint),
+    token: serde_json::Value,
+    oauth_extra: &str,
+    proxy_extra: &str,
+) -> (MockApi, MockTokenEndpoint, tempfile::TempDir, TokenProxy) {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    tune(&mut endpoint);
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(dir.path(), token);
+    let tp =
+        TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", oauth_extra, proxy_extra));
+    (mock, endpoint, dir, tp)
+}
+
 async fn post_refresh(tp: &TokenProxy) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
         .post(format!("http://{}/tokens/api/refresh", tp.admin))
@@ -60,19 +81,9 @@ async fn post_refresh(tp: &TokenProxy) -> (u16, serde_json::Value) {
 
 #[tokio::test]
 async fn field_note_1_expires_in_without_a_timestamp_heals_on_the_first_call() {
-    let mock = MockApi::start().await;
-    mock.accept_only(&[]);
-    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
-    endpoint.rotate = Rotation::Strict;
-    let endpoint = endpoint.start().await;
-    endpoint.allow_refresh_token("rt-0");
-    let dir = tempdir();
     // A dead token whose expiry is "unknown": expires_in with no timestamp.
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "dead-token", "refresh_token": "rt-0", "expires_in": 10800, "custom": "kept"}),
-    );
-    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let token = serde_json::json!({"access_token": "dead-token", "refresh_token": "rt-0", "expires_in": 10800, "custom": "kept"});
+    let (mock, endpoint, dir, tp) = setup(|e| e.rotate = Rotation::Strict, token, "", "").await;
     assert_eq!(tp.token_view("api").await["expiry_source"], "unknown");
     assert_eq!(endpoint.calls(), 0, "an unknown expiry is not treated as expired");
 
@@ -140,18 +151,8 @@ async fn an_expired_token_at_start_is_refreshed_and_a_restart_with_a_fresh_one_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_note_7_two_hundred_concurrent_401s_cause_exactly_one_refresh() {
-    let mock = MockApi::start().await;
-    mock.accept_only(&[]);
-    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
-    endpoint.delay = Duration::from_millis(300);
-    let endpoint = endpoint.start().await;
-    endpoint.allow_refresh_token("rt-0");
-    let dir = tempdir();
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
-    );
-    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let token = serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"});
+    let (mock, endpoint, _dir, tp) = setup(|e| e.delay = Duration::from_millis(300), token, "", "").await;
     let client = tp.client();
     let requests: Vec<_> = (0..200)
         .map(|i| {
@@ -173,19 +174,8 @@ async fn field_note_7_two_hundred_concurrent_401s_cause_exactly_one_refresh() {
 
 #[tokio::test]
 async fn a_10kb_post_is_replayed_identically_and_a_body_over_the_limit_is_not() {
-    let mock = MockApi::start().await;
-    mock.accept_only(&[]);
-    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
-    endpoint.allow_refresh_token("rt-0");
-    let dir = tempdir();
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
-    );
-    let tp = TokenProxy::start(
-        dir.path(),
-        &config(&mock, &endpoint, "refresh_token", "", "max_replay_body = 16384"),
-    );
+    let token = serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"});
+    let (mock, _endpoint, _dir, tp) = setup(|_| {}, token, "", "max_replay_body = 16384").await;
     let body: Vec<u8> = (0..10_240u32).map(|i| (i * 7 % 251) as u8).collect();
     let r = tp.client().post(mock.url("/upload")).body(body.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -262,17 +252,9 @@ async fn client_credentials_with_no_token_file_creates_it_privately() {
 
 #[tokio::test]
 async fn field_note_5_transient_failures_back_off_and_succeed() {
-    let mock = MockApi::start().await;
-    mock.accept_only(&[]);
-    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
-    endpoint.allow_refresh_token("rt-0");
+    let token = serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"});
+    let (mock, endpoint, _dir, tp) = setup(|_| {}, token, "", "").await;
     endpoint.script(&[(503, "{}"), (503, "{}")]);
-    let dir = tempdir();
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
-    );
-    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
     let r = tp.client().get(mock.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(endpoint.calls(), 3, "503, 503, then 200");
@@ -411,18 +393,8 @@ async fn crash_safety_sigkill_during_refreshes_leaves_a_whole_file_with_a_workin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_note_9_no_refresh_token_or_client_secret_in_logs_admin_or_error_bodies() {
-    let mock = MockApi::start().await;
-    mock.accept_only(&[]);
-    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
-    endpoint.rotate = Rotation::Strict;
-    let endpoint = endpoint.start().await;
-    endpoint.allow_refresh_token("rt-0");
-    let dir = tempdir();
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "at-initial-secret", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
-    );
-    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    let token = serde_json::json!({"access_token": "at-initial-secret", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"});
+    let (mock, endpoint, dir, tp) = setup(|e| e.rotate = Rotation::Strict, token, "", "").await;
     let mut seen = String::new();
     seen += &tp.client().get(mock.url("/a")).send().await.unwrap().text().await.unwrap();
     seen += &post_refresh(&tp).await.1.to_string();
