@@ -197,7 +197,7 @@ impl Provider {
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
         self.adopt(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
-        self.persist(&fields);
+        self.persist(&fields).await;
         drop(lock);
         Ok(self.current().expect("just adopted"))
     }
@@ -242,12 +242,18 @@ impl Provider {
     }
 
     /// Writes the refreshed token file. A failure is logged, counted and shown, and traffic goes
-    /// on with the new token in memory (FIELD-NOTES #3).
-    fn persist(&self, fields: &serde_json::Map<String, serde_json::Value>) {
+    /// on with the new token in memory (FIELD-NOTES #3). The write and its fsyncs run on the
+    /// blocking pool, not on a thread that serves requests.
+    async fn persist(&self, fields: &serde_json::Map<String, serde_json::Value>) {
+        let path = self.config.token_file.clone();
+        let owned = fields.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let bytes = store::encode(FileFormat::of(&path), &owned)?;
+            store::write(&path, &bytes).map(|()| bytes)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         let path = &self.config.token_file;
-        let format = FileFormat::of(path);
-        let result =
-            store::encode(format, fields).and_then(|bytes| store::write(path, &bytes).map(|()| bytes));
         let mut status = self.status();
         status.fields = fields.clone();
         match result {
