@@ -201,3 +201,89 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
     }
     assert!(documented.is_empty(), "README documents sections the code lacks: {documented:?}");
 }
+
+#[test]
+fn the_readme_defaults_are_the_codes_defaults() {
+    use tokenproxy::config::{ClientAuth, ClientHeader, Grant, UpstreamScheme};
+    let dir = tempdir();
+    let path = dir.path().join("minimal.toml");
+    std::fs::write(
+        &path,
+        "[providers.p]\nhosts = [\"a.com\"]\ntoken_file = \"t.json\"\n\
+         [providers.p.oauth]\ntoken_url = \"https://auth.example.com/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+    )
+    .unwrap();
+    let c = tokenproxy::config::Config::load(&path).unwrap();
+    let p = &c.providers[0];
+    let o = p.oauth.as_ref().unwrap();
+    let duration = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let actual: Vec<(&str, String)> = vec![
+        ("proxy.listen", c.proxy.listen.to_string()),
+        ("proxy.max_replay_body", c.proxy.max_replay_body.to_string()),
+        ("proxy.upstream_timeout", duration(c.proxy.upstream_timeout)),
+        ("proxy.header_read_timeout", duration(c.proxy.header_read_timeout)),
+        ("proxy.shutdown_timeout", duration(c.proxy.shutdown_timeout)),
+        ("proxy.max_header_bytes", c.proxy.max_header_bytes.to_string()),
+        ("admin.listen", c.admin_listen.to_string()),
+        ("tls.ca_dir", c.ca_dir.strip_prefix(dir.path()).unwrap().display().to_string()),
+        ("tls.extra_roots", if c.extra_roots.is_empty() { "[]".into() } else { "?".into() }),
+        ("egress.allow_unmatched", c.allow_unmatched.to_string()),
+        ("providers.NAME.header", p.header.to_string()),
+        ("providers.NAME.format", format!("{}{{token}}{}", p.format_prefix, p.format_suffix)),
+        (
+            "providers.NAME.client_header",
+            match p.client_header {
+                ClientHeader::Override => "override",
+                ClientHeader::Keep => "keep",
+            }
+            .into(),
+        ),
+        (
+            "providers.NAME.upstream_scheme",
+            match p.upstream_scheme {
+                UpstreamScheme::Keep => "keep",
+                UpstreamScheme::Https => "https",
+            }
+            .into(),
+        ),
+        ("providers.NAME.allow_plaintext", p.allow_plaintext.to_string()),
+        (
+            "providers.NAME.refresh_on_status",
+            format!("{:?}", p.refresh_on_status.iter().map(|s| s.as_u16()).collect::<Vec<_>>()),
+        ),
+        (
+            "providers.NAME.oauth.grant",
+            match o.grant {
+                Grant::RefreshToken => "refresh_token",
+                Grant::ClientCredentials => "client_credentials",
+            }
+            .into(),
+        ),
+        (
+            "providers.NAME.oauth.client_auth",
+            match o.client_auth {
+                ClientAuth::Basic => "basic",
+                ClientAuth::Post => "post",
+                ClientAuth::None => "none",
+            }
+            .into(),
+        ),
+        ("providers.NAME.oauth.scope", format!("{:?}", o.scope)),
+        (
+            "providers.NAME.oauth.extra_params",
+            if o.extra_params.is_empty() { "{}".into() } else { "?".into() },
+        ),
+        ("providers.NAME.oauth.response_pointer", format!("{:?}", o.response_pointer)),
+        ("providers.NAME.oauth.refresh_before", duration(o.refresh_before)),
+    ];
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let table = readme.split("## Configuration").nth(1).unwrap().split("\n## ").next().unwrap();
+    for (key, value) in actual {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{key}`")))
+            .unwrap_or_else(|| panic!("README has no row for {key}"));
+        let default = row.split('|').nth(2).unwrap().trim().trim_matches('`');
+        assert!(default.eq_ignore_ascii_case(&value), "{key}: README says {default:?}, the code {value:?}");
+    }
+}
