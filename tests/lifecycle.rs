@@ -68,6 +68,12 @@ async fn setup(
     (mock, endpoint, dir, tp)
 }
 
+/// An RFC 3339 time `seconds` from now.
+fn rfc3339_in(seconds: i64) -> String {
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+    at.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
 async fn post_refresh(tp: &TokenProxy) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
         .post(format!("http://{}/tokens/api/refresh", tp.admin))
@@ -463,21 +469,9 @@ async fn field_note_3_an_unwritable_token_folder_still_serves_and_shows_the_writ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn field_note_6_a_token_expiring_during_a_long_stream_does_not_break_the_next_call() {
-    let mock = MockApi::start().await;
-    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
-    endpoint.allow_refresh_token("rt-0");
-    let dir = tempdir();
-    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
-    let soon = soon.format(&time::format_description::well_known::Rfc3339).unwrap();
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "short-lived", "refresh_token": "rt-0", "expires_at": soon}),
-    );
+    let token = serde_json::json!({"access_token": "short-lived", "refresh_token": "rt-0", "expires_at": rfc3339_in(2)});
+    let (mock, endpoint, _dir, tp) = setup(|_| {}, token, "refresh_before = \"1s\"\n", "").await;
     mock.accept_only(&["short-lived"]);
-    let tp = TokenProxy::start(
-        dir.path(),
-        &config(&mock, &endpoint, "refresh_token", "refresh_before = \"1s\"\n", ""),
-    );
     let mut stream = tp.client().get(mock.url("/stream")).send().await.unwrap();
     assert_eq!(stream.status(), 200);
     assert_eq!(stream.chunk().await.unwrap().as_deref(), Some(&b"first\n"[..]));
@@ -494,20 +488,9 @@ async fn field_note_6_a_token_expiring_during_a_long_stream_does_not_break_the_n
 
 #[tokio::test]
 async fn a_token_is_refreshed_in_the_background_before_it_expires() {
-    let mock = MockApi::start().await;
-    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
-    endpoint.allow_refresh_token("rt-0");
-    let dir = tempdir();
-    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
-    let soon = soon.format(&time::format_description::well_known::Rfc3339).unwrap();
-    write_token_file(
-        dir.path(),
-        serde_json::json!({"access_token": "soon", "refresh_token": "rt-0", "expires_at": soon}),
-    );
-    let tp = TokenProxy::start(
-        dir.path(),
-        &config(&mock, &endpoint, "refresh_token", "refresh_before = \"3s\"\n", ""),
-    );
+    let soon = rfc3339_in(4);
+    let token = serde_json::json!({"access_token": "soon", "refresh_token": "rt-0", "expires_at": soon});
+    let (_mock, _endpoint, dir, tp) = setup(|_| {}, token, "refresh_before = \"3s\"\n", "").await;
     assert_eq!(tp.token_view("api").await["state"], "valid");
     // No request is made: the refresh happens on its own, before expiry.
     let proactive = [("provider", "api"), ("trigger", "proactive"), ("result", "ok")];

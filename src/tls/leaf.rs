@@ -34,10 +34,6 @@ impl LeafCache {
         LeafCache { ca, cache: Cache::new(CACHE_CAPACITY) }
     }
 
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.ca
-    }
-
     /// The server configuration for `host`, from the cache when a fresh one is there.
     /// Concurrent misses for one host mint one certificate between them.
     pub async fn server_config(&self, host: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
