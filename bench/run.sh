@@ -3,9 +3,13 @@
 #
 #   bash bench/run.sh            # installs what it needs from Debian, builds tokenproxy (release)
 #   DURATION=10 bash bench/run.sh
+#   PEERS="tokenproxy mitmproxy" bash bench/run.sh   # a subset (direct is always measured)
 #
 # Each proxy adds `Authorization: Bearer …` to a plain-HTTP absolute-form GET and forwards it to
-# one nginx upstream. The proxy is pinned to CPU 0; wrk and nginx share CPU 1. Measured per peer:
+# one nginx upstream. Then the proxies that intercept TLS (tokenproxy, mitmproxy) do the same for
+# HTTPS: CONNECT, a TLS handshake with the proxy's leaf certificate, keep-alive GETs inside, and
+# a verified TLS connection to an nginx HTTPS upstream. wrk cannot CONNECT, so that part is driven
+# by examples/loadgen.rs. The proxy is pinned to CPU 0; wrk and nginx share CPU 1. Measured per peer:
 # req/s with 50 keep-alive connections, p50/p99 latency with 1 connection, the proxy's own
 # CPU time (user+system, all its processes) per request served, and its peak RSS.
 # Everything it starts it stops by PID; it is safe to re-run. Only 127.0.0.1 is used.
@@ -16,7 +20,9 @@ cd "$(dirname "$0")/.." || exit 1
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
+PEERS=${PEERS:-"tokenproxy squid tinyproxy mitmproxy"}
 UPSTREAM_PORT=18080
+TLS_UPSTREAM_PORT=18443
 TOKEN="bench-token-$(date +%s)"
 WORK=$(mktemp -d /tmp/tokenproxy-bench.XXXXXX)
 PIDS=()
@@ -29,6 +35,7 @@ cleanup() {
 trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null 2>&1; }
+want() { [[ " $PEERS " == *" $1 "* ]]; }
 install_missing() {
     local missing=()
     need wrk || missing+=(wrk)
@@ -36,6 +43,7 @@ install_missing() {
     need squid || missing+=(squid)
     need tinyproxy || missing+=(tinyproxy)
     need mitmdump || missing+=(mitmproxy)
+    need openssl || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing: ${missing[*]}" >&2
         apt-get update -qq >/dev/null 2>&1 || true
@@ -49,8 +57,9 @@ install_missing
 need wrk || { echo "wrk is required" >&2; exit 1; }
 need nginx || { echo "nginx is required" >&2; exit 1; }
 
-cargo build --release --locked --bin tokenproxy >&2 || { echo "build failed" >&2; exit 1; }
+cargo build --release --locked --bin tokenproxy --example loadgen >&2 || { echo "build failed" >&2; exit 1; }
 TOKENPROXY=$PWD/target/release/tokenproxy
+LOADGEN=$PWD/target/release/examples/loadgen
 
 # --- helpers ----------------------------------------------------------------------------------
 wait_port() { # port: waits up to 10 s for a listener
@@ -85,13 +94,43 @@ peak_rss_kib() { # pid: sum of VmHWM over the tree
 }
 HZ=$(getconf CLK_TCK)
 
+# Both upstreams answer 401 unless the request carries the token: a proxy that does not inject
+# shows up in the non-2xx column. The direct baseline sends the header itself.
+cat > "$WORK/direct.lua" <<EOF
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+EOF
 cat > "$WORK/absolute.lua" <<EOF
 -- Sends an absolute-form request line, as a client does to a forward proxy.
 wrk.path = "http://127.0.0.1:$UPSTREAM_PORT/"
 wrk.headers["Host"] = "127.0.0.1:$UPSTREAM_PORT"
 EOF
 
-# --- the upstream -------------------------------------------------------------------------------
+# --- the upstreams ------------------------------------------------------------------------------
+# The HTTPS upstream's certificate, from a CA of its own that the proxies are told to trust.
+TLS_UPSTREAM=""
+if need openssl; then
+    up=$WORK/upstream
+    mkdir -p "$up"
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$up/ext"
+    if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj "/CN=bench upstream CA" -keyout "$up/ca.key" -out "$up/ca.pem" 2>/dev/null \
+        && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
+            -keyout "$up/server.key" -out "$up/server.csr" 2>/dev/null \
+        && openssl x509 -req -in "$up/server.csr" -CA "$up/ca.pem" -CAkey "$up/ca.key" -CAcreateserial \
+            -days 2 -extfile "$up/ext" -out "$up/server.pem" 2>/dev/null; then
+        TLS_UPSTREAM="    server {
+        listen 127.0.0.1:$TLS_UPSTREAM_PORT ssl;
+        ssl_certificate $up/server.pem;
+        ssl_certificate_key $up/server.key;
+        location / {
+            if (\$http_authorization != \"Bearer $TOKEN\") { return 401; }
+            return 200 \"ok\\n\";
+        }
+    }"
+    fi
+fi
+[ -n "$TLS_UPSTREAM" ] || echo "note: no openssl to make the HTTPS upstream's certificate; HTTPS is skipped" >&2
+
 mkdir -p "$WORK/nginx"
 cat > "$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -109,13 +148,18 @@ http {
     keepalive_requests 1000000;
     server {
         listen 127.0.0.1:$UPSTREAM_PORT;
-        location / { return 200 "ok\n"; }
+        location / {
+            if (\$http_authorization != "Bearer $TOKEN") { return 401; }
+            return 200 "ok\n";
+        }
     }
+$TLS_UPSTREAM
 }
 EOF
 taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
 PIDS+=($!)
 wait_port $UPSTREAM_PORT || { echo "nginx did not start" >&2; exit 1; }
+[ -z "$TLS_UPSTREAM" ] || wait_port $TLS_UPSTREAM_PORT || { echo "nginx did not start HTTPS" >&2; exit 1; }
 
 # --- measuring one peer -----------------------------------------------------------------------
 RESULTS=()
@@ -154,31 +198,62 @@ measure() { # name port pid(or empty for direct) [lua]
     RESULTS+=("$name|$rps|$p50|$p99|$cpu_us|$rss|${non2xx:-0}|$same50|$same99")
 }
 
+# The same for intercepted HTTPS, driven by loadgen; `ca` is the proxy's interception CA.
+HTTPS_RESULTS=()
+measure_https() { # name port pid ca
+    local name=$1 port=$2 pid=$3 ca=$4
+    [ -n "$TLS_UPSTREAM" ] || return 0
+    local load=(taskset -c 1 "$LOADGEN" --proxy "127.0.0.1:$port" --target "127.0.0.1:$TLS_UPSTREAM_PORT" --ca "$ca")
+    # The warm-up also makes the leaf certificate, so that the measurement finds it cached.
+    "${load[@]}" --connections 50 --duration "$WARMUP" >/dev/null 2>>"$WORK/loadgen.log" || true
+    local t0 t1 out lat
+    t0=$(cpu_ticks "$pid")
+    out=$("${load[@]}" --connections 50 --duration "$DURATION" 2>>"$WORK/loadgen.log")
+    t1=$(cpu_ticks "$pid")
+    lat=$("${load[@]}" --connections 1 --duration "$DURATION" 2>>"$WORK/loadgen.log")
+    field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k {print $2}'; }
+    local requests cpu_us="-"
+    requests=$(field "$out" requests)
+    if [ "${requests:-0}" -gt 0 ]; then
+        cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.1f", d / hz * 1e6 / n}')
+    else
+        echo "note: no HTTPS request through $name succeeded: $(tail -n 1 "$WORK/loadgen.log")" >&2
+    fi
+    HTTPS_RESULTS+=("$name|$(field "$out" rps)|$(field "$lat" p50_us)|$(field "$lat" p99_us)|$cpu_us|$(field "$out" non2xx)|$(field "$out" errors)")
+}
+
 # --- the peers ----------------------------------------------------------------------------------
-measure "direct" $UPSTREAM_PORT "" /dev/null
+measure "direct" $UPSTREAM_PORT "" "$WORK/direct.lua"
 
 # tokenproxy
-mkdir -p "$WORK/tp"
-printf '{"access_token": "%s", "expires_at": "2099-01-01T00:00:00Z"}\n' "$TOKEN" > "$WORK/tp/token.json"
-cat > "$WORK/tp/tokenproxy.toml" <<EOF
+rss_idle_after=""
+if want tokenproxy; then
+    mkdir -p "$WORK/tp"
+    printf '{"access_token": "%s", "expires_at": "2099-01-01T00:00:00Z"}\n' "$TOKEN" > "$WORK/tp/token.json"
+    cat > "$WORK/tp/tokenproxy.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:18081"
 [admin]
 listen = "127.0.0.1:18091"
 [tls]
 ca_dir = "ca"
+extra_roots = ["$WORK/upstream/ca.pem"]
 [providers.bench]
 hosts = ["127.0.0.1:$UPSTREAM_PORT"]
 token_file = "token.json"
 allow_plaintext = true
+[providers.bench-tls]
+hosts = ["127.0.0.1:$TLS_UPSTREAM_PORT"]
+token_file = "token.json"
 EOF
-RUST_LOG=warn taskset -c 0 "$TOKENPROXY" run --config "$WORK/tp/tokenproxy.toml" 2>"$WORK/tp/log" &
-TP_PID=$!
-PIDS+=($TP_PID)
-wait_port 18081 && measure "tokenproxy" 18081 $TP_PID
-# Idle keep-alive connections: RSS with 1000 open connections against none.
-rss_idle_before=$(awk '/VmRSS/ {print $2}' "/proc/$TP_PID/status")
-python3 - "$TP_PID" <<'EOF' > "$WORK/tp/idle" 2>/dev/null || true
+    [ -f "$WORK/upstream/ca.pem" ] || sed -i '/^extra_roots/d' "$WORK/tp/tokenproxy.toml"
+    RUST_LOG=warn taskset -c 0 "$TOKENPROXY" run --config "$WORK/tp/tokenproxy.toml" 2>"$WORK/tp/log" &
+    TP_PID=$!
+    PIDS+=($TP_PID)
+    wait_port 18081 && measure "tokenproxy" 18081 $TP_PID
+    # Idle keep-alive connections: RSS with 1000 open connections against none.
+    rss_idle_before=$(awk '/VmRSS/ {print $2}' "/proc/$TP_PID/status")
+    python3 - "$TP_PID" <<'EOF' > "$WORK/tp/idle" 2>/dev/null || true
 import socket, sys, time
 conns = []
 for _ in range(1000):
@@ -190,10 +265,12 @@ for s in conns:
 time.sleep(0.5)
 print(open(f"/proc/{sys.argv[1]}/status").read().split("VmRSS:")[1].split()[0])
 EOF
-rss_idle_after=$(cat "$WORK/tp/idle" 2>/dev/null || echo "")
+    rss_idle_after=$(cat "$WORK/tp/idle" 2>/dev/null || echo "")
+    measure_https "tokenproxy" 18081 $TP_PID "$WORK/tp/ca/ca.pem"
+fi
 
 # squid
-if need squid; then
+if want squid && need squid; then
     mkdir -p "$WORK/squid"
     chmod 777 "$WORK/squid"
     cat > "$WORK/squid/squid.conf" <<EOF
@@ -213,7 +290,7 @@ EOF
 fi
 
 # tinyproxy
-if need tinyproxy; then
+if want tinyproxy && need tinyproxy; then
     mkdir -p "$WORK/tinyproxy"
     cat > "$WORK/tinyproxy/tinyproxy.conf" <<EOF
 Port 18083
@@ -229,15 +306,20 @@ EOF
 fi
 
 # mitmproxy
-if need mitmdump; then
+if want mitmproxy && need mitmdump; then
     mkdir -p "$WORK/mitm"
     cat > "$WORK/mitm/addon.py" <<EOF
 def request(flow):
     flow.request.headers["Authorization"] = "Bearer $TOKEN"
 EOF
-    HOME=$WORK/mitm taskset -c 0 mitmdump -q --listen-host 127.0.0.1 -p 18084 -s "$WORK/mitm/addon.py" >/dev/null 2>&1 &
+    # It verifies the HTTPS upstream against the same CA that tokenproxy is given.
+    HOME=$WORK/mitm taskset -c 0 mitmdump -q --listen-host 127.0.0.1 -p 18084 -s "$WORK/mitm/addon.py" \
+        --set ssl_verify_upstream_trusted_ca="$WORK/upstream/ca.pem" >/dev/null 2>&1 &
     PIDS+=($!)
-    wait_port 18084 && measure "mitmproxy" 18084 "${PIDS[-1]}"
+    if wait_port 18084; then
+        measure "mitmproxy" 18084 "${PIDS[-1]}"
+        measure_https "mitmproxy" 18084 "${PIDS[-1]}" "$WORK/mitm/.mitmproxy/mitmproxy-ca-cert.pem"
+    fi
 fi
 
 # --- the table ----------------------------------------------------------------------------------
@@ -271,3 +353,20 @@ if [ -n "$rss_idle_after" ]; then
         'BEGIN {printf "tokenproxy RSS: %.1f MiB idle, %.1f MiB with 1000 idle keep-alive connections (+%.1f MiB)\n", a/1024, b/1024, (b-a)/1024}'
 fi
 echo "tokenproxy served $tp_rps req/s at 50 connections."
+
+if [ ${#HTTPS_RESULTS[@]} -gt 0 ]; then
+    tp_https_rps=$(for r in "${HTTPS_RESULTS[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [ "$n" = tokenproxy ] && echo "$rps"; done)
+    echo
+    echo "intercepted HTTPS GET with header injection (CONNECT, leaf certificate cached, keep-alive,"
+    echo "verified TLS to an nginx HTTPS upstream), ${DURATION}s per measurement, proxy on CPU 0, loadgen + nginx on CPU 1"
+    echo
+    printf '| %-10s | %9s | %19s | %15s | %11s | %8s | %6s |\n' \
+        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request" "non-2xx" "errors"
+    printf '|%s|\n' "------------|-----------|---------------------|-----------------|-------------|----------|--------"
+    for r in "${HTTPS_RESULTS[@]}"; do
+        IFS='|' read -r name rps p50 p99 cpu non2xx errors <<<"$r"
+        vs=$(awk -v a="${tp_https_rps:-0}" -v b="${rps:-0}" 'BEGIN {if (b > 0 && a > 0) printf "%.1fx", a / b; else print "-"}')
+        printf '| %-10s | %9s | %19s | %15s | %9sus | %8s | %6s |\n' \
+            "$name" "${rps:--}" "$vs" "${p50:--}/${p99:--} us" "$cpu" "${non2xx:--}" "${errors:--}"
+    done
+fi
