@@ -65,6 +65,7 @@ struct RawProxy {
     header_read_timeout: String,
     shutdown_timeout: String,
     max_header_bytes: usize,
+    max_idle_per_host: usize,
 }
 
 impl Default for RawProxy {
@@ -76,6 +77,7 @@ impl Default for RawProxy {
             header_read_timeout: "10s".into(),
             shutdown_timeout: "30s".into(),
             max_header_bytes: 64 * 1024,
+            max_idle_per_host: 64,
         }
     }
 }
@@ -312,6 +314,9 @@ pub struct ProxySettings {
     pub shutdown_timeout: Duration,
     /// The largest request head accepted; a larger one is answered `431`.
     pub max_header_bytes: usize,
+    /// Idle upstream connections kept per host; beyond that a connection closes after use, so
+    /// that a burst does not leave its connections (and their buffers) open for good.
+    pub max_idle_per_host: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +409,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         header_read_timeout: parse_duration("proxy.header_read_timeout", &raw.proxy.header_read_timeout, p),
         shutdown_timeout: parse_duration("proxy.shutdown_timeout", &raw.proxy.shutdown_timeout, p),
         max_header_bytes: raw.proxy.max_header_bytes,
+        max_idle_per_host: raw.proxy.max_idle_per_host,
     };
     if proxy.max_header_bytes < 8192 {
         p.push("proxy.max_header_bytes must be at least 8192".into());

@@ -181,7 +181,12 @@ where
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
+                // Boxed per request: hyper otherwise keeps room for this future in every
+                // connection, idle or not, and an allocation per request is cheaper than that
+                // much memory per idle connection.
+                let response: Pin<Box<dyn Future<Output = _> + Send>> =
+                    Box::pin(async move { Ok::<_, Infallible>(handler(req).await) });
+                response
             });
             // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
             let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();

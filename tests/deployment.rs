@@ -224,6 +224,7 @@ fn the_readme_defaults_are_the_codes_defaults() {
         ("proxy.header_read_timeout", duration(c.proxy.header_read_timeout)),
         ("proxy.shutdown_timeout", duration(c.proxy.shutdown_timeout)),
         ("proxy.max_header_bytes", c.proxy.max_header_bytes.to_string()),
+        ("proxy.max_idle_per_host", c.proxy.max_idle_per_host.to_string()),
         ("admin.listen", c.admin_listen.to_string()),
         ("tls.ca_dir", c.ca_dir.strip_prefix(dir.path()).unwrap().display().to_string()),
         ("tls.extra_roots", if c.extra_roots.is_empty() { "[]".into() } else { "?".into() }),

@@ -285,3 +285,33 @@ async fn an_unreachable_upstream_is_a_502_naming_the_host() {
     let (status, _) = tp.admin_get("/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_burst_leaves_at_most_max_idle_per_host_upstream_connections_open() {
+    let mock = MockApi::start().await;
+    let dir = tempdir();
+    let hosts = format!("{:?}", mock.authority());
+    let config = config(dir.path(), &hosts, "allow_plaintext = true", "");
+    let tp = TokenProxy::start_with_env(dir.path(), &config, &[("TOKENPROXY_PROXY__MAX_IDLE_PER_HOST", "2")]);
+
+    // Eight requests that overlap (each takes a second upstream) need eight upstream connections.
+    let client = tp.client();
+    let burst = (0..8).map(|_| {
+        let client = client.clone();
+        let url = mock.url("/slow");
+        async move { client.get(url).send().await.map(|r| r.status()) }
+    });
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(mock.seen().len(), 8);
+    // Afterwards only two stay open for reuse; the others are closed, not kept forever.
+    eventually(Duration::from_secs(5), "idle upstream connections down to 2", || async {
+        (mock.open_connections() == 2).then_some(())
+    })
+    .await;
+    // And the two kept are reused: a sequential request opens no new one.
+    let r = client.get(mock.url("/again")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.open_connections(), 2);
+}

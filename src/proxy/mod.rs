@@ -88,7 +88,10 @@ impl Proxy {
     /// A request on the forward-proxy port: absolute form, or CONNECT.
     pub async fn handle_forward(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
-            return self.handle_connect(req).await;
+            // Boxed, like every path that is not the common one: hyper keeps room for the
+            // request future in every connection, idle or not, so its size is memory per
+            // connection.
+            return Box::pin(self.handle_connect(req)).await;
         }
         let started = Instant::now();
         let (provider, result) = match self.forward_target(&req) {
@@ -192,7 +195,7 @@ impl Proxy {
         if !provider.config.refresh_on_status.contains(&response.status()) {
             return Ok(response);
         }
-        self.retry_with_fresh_token(provider, &token, head, replay, response, &target).await
+        Box::pin(self.retry_with_fresh_token(provider, &token, head, replay, response, &target)).await
     }
 
     /// The token to inject: the current one, or, when it has expired and the provider has a
@@ -201,11 +204,15 @@ impl Proxy {
         let current = provider.current();
         match current {
             Some(token) if !provider.can_refresh() || !token.is_expired(time::OffsetDateTime::now_utc()) => {
-                return Ok(token);
+                Ok(token)
             }
-            None if !provider.can_refresh() => return Err(token_unavailable(provider)),
-            _ => {}
+            None if !provider.can_refresh() => Err(token_unavailable(provider)),
+            _ => Box::pin(self.wait_for_refresh(provider)).await,
         }
+    }
+
+    /// The expired (or missing) token's replacement, from the refresh in flight.
+    async fn wait_for_refresh(&self, provider: &Arc<Provider>) -> Result<Arc<Token>, ProxyError> {
         let wait = self.settings.upstream_timeout;
         match tokio::time::timeout(wait, provider.refresh(Trigger::Expired, None)).await {
             Ok(Ok(token)) => Ok(token),

@@ -31,6 +31,7 @@ pub fn client(tls: Arc<rustls::ClientConfig>, settings: &ProxySettings) -> Clien
         .wrap_connector(http);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(settings.max_idle_per_host)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector)

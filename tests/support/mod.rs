@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,8 @@ pub struct MockApi {
     release: Arc<Notify>,
     /// When set, only `Bearer <one of these>` is accepted; anything else gets 401.
     accepted: Arc<Mutex<Option<std::collections::HashSet<String>>>>,
+    /// Connections accepted and not yet closed by either side.
+    open: Arc<AtomicUsize>,
 }
 
 impl MockApi {
@@ -92,6 +95,7 @@ impl MockApi {
             seen: Arc::default(),
             release: Arc::new(Notify::new()),
             accepted: Arc::default(),
+            open: Arc::default(),
         };
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let served = mock.clone();
@@ -101,6 +105,8 @@ impl MockApi {
                 let mock = served.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    mock.open.fetch_add(1, Ordering::SeqCst);
+                    let open = mock.open.clone();
                     let service = service_fn(move |req| {
                         let mock = mock.clone();
                         async move { Ok::<_, Infallible>(mock.answer(req).await) }
@@ -116,6 +122,7 @@ impl MockApi {
                             }
                         }
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -129,6 +136,11 @@ impl MockApi {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// How many connections to the mock are open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
