@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# tokenproxy against squid, tinyproxy, mitmproxy and a direct call, in one run, on loopback.
+# tokenproxy against squid, tinyproxy, mitmproxy, nginx as a reverse proxy (the floor) and a
+# direct call, in one run, on loopback.
 #
 #   bash bench/run.sh            # installs what it needs from Debian, builds tokenproxy (release)
 #   DURATION=10 bash bench/run.sh
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
-PEERS=${PEERS:-"tokenproxy squid tinyproxy mitmproxy"}
+PEERS=${PEERS:-"tokenproxy nginx squid tinyproxy mitmproxy"}
 UPSTREAM_PORT=18080
 TLS_UPSTREAM_PORT=18443
 TOKEN="bench-token-$(date +%s)"
@@ -30,6 +31,7 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     sleep 0.3
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null # reaps them quietly (no "Killed" notices)
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -74,14 +76,21 @@ tree_pids() { # pid: the pid and all its descendants
     echo "$pid"
     for child in $(pgrep -P "$pid" 2>/dev/null); do tree_pids "$child"; done
 }
-cpu_ticks() { # pid: user+system clock ticks of the process tree
-    local total=0
+cpu_ticks() { # pid: "user system" clock ticks of the process tree
+    local user=0 system=0
     for p in $(tree_pids "$1"); do
         local f=()
         read -r -a f < <(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null) || true
-        [ ${#f[@]} -gt 12 ] && total=$((total + f[11] + f[12]))
+        [ ${#f[@]} -gt 12 ] && user=$((user + f[11])) && system=$((system + f[12]))
     done
-    echo "$total"
+    echo "$user $system"
+}
+cpu_per_request() { # "u0 s0" "u1 s1" requests: "total (user + system)" microseconds per request
+    local u0 s0 u1 s1
+    read -r u0 s0 <<<"$1"
+    read -r u1 s1 <<<"$2"
+    awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$HZ" -v n="$3" \
+        'BEGIN {f = 1e6 / hz / n; printf "%.1f (%.1f + %.1f)", (u + s) * f, u * f, s * f}'
 }
 peak_rss_kib() { # pid: sum of VmHWM over the tree
     local total=0
@@ -167,7 +176,7 @@ measure() { # name port pid(or empty for direct) [lua]
     local name=$1 port=$2 pid=$3 lua=${4:-$WORK/absolute.lua}
     local url="http://127.0.0.1:$port/"
     taskset -c 1 wrk -t1 -c50 -d"${WARMUP}s" -s "$lua" "$url" >/dev/null 2>&1 || true
-    local t0=0 t1=0
+    local t0="0 0" t1="0 0"
     [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
     local out
     out=$(taskset -c 1 wrk -t1 -c50 -d"${DURATION}s" -s "$lua" "$url" 2>&1)
@@ -192,7 +201,7 @@ measure() { # name port pid(or empty for direct) [lua]
     fi
     local cpu_us="-" rss="-"
     if [ -n "$pid" ] && [ "${requests:-0}" -gt 0 ]; then
-        cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.1f", d / hz * 1e6 / n}')
+        cpu_us=$(cpu_per_request "$t0" "$t1" "$requests")
         rss=$(awk -v k="$(peak_rss_kib "$pid")" 'BEGIN {printf "%.1f", k / 1024}')
     fi
     RESULTS+=("$name|$rps|$p50|$p99|$cpu_us|$rss|${non2xx:-0}|$same50|$same99")
@@ -215,7 +224,7 @@ measure_https() { # name port pid ca
     local requests cpu_us="-"
     requests=$(field "$out" requests)
     if [ "${requests:-0}" -gt 0 ]; then
-        cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$HZ" -v n="$requests" 'BEGIN {printf "%.1f", d / hz * 1e6 / n}')
+        cpu_us=$(cpu_per_request "$t0" "$t1" "$requests")
     else
         echo "note: no HTTPS request through $name succeeded: $(tail -n 1 "$WORK/loadgen.log")" >&2
     fi
@@ -251,7 +260,9 @@ EOF
     TP_PID=$!
     PIDS+=($TP_PID)
     wait_port 18081 && measure "tokenproxy" 18081 $TP_PID
-    # Idle keep-alive connections: RSS with 1000 open connections against none.
+    # Idle keep-alive connections: RSS with 1000 open connections against none. Each connection
+    # makes one request and stays open; they are made one after another, so that what is left is
+    # the cost of an idle connection, not of 1000 requests in flight at once.
     rss_idle_before=$(awk '/VmRSS/ {print $2}' "/proc/$TP_PID/status")
     python3 - "$TP_PID" <<'EOF' > "$WORK/tp/idle" 2>/dev/null || true
 import socket, sys, time
@@ -259,14 +270,49 @@ conns = []
 for _ in range(1000):
     s = socket.create_connection(("127.0.0.1", 18081))
     s.sendall(b"GET http://127.0.0.1:18080/ HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n")
-    conns.append(s)
-for s in conns:
     s.recv(4096)
+    conns.append(s)
 time.sleep(0.5)
 print(open(f"/proc/{sys.argv[1]}/status").read().split("VmRSS:")[1].split()[0])
 EOF
     rss_idle_after=$(cat "$WORK/tp/idle" 2>/dev/null || echo "")
     measure_https "tokenproxy" 18081 $TP_PID "$WORK/tp/ca/ca.pem"
+fi
+
+# nginx as a reverse proxy: not a forward proxy (no CONNECT, no routing by the request's host),
+# but the leanest HTTP relay there is, so its CPU per request is the floor on this machine for
+# the reads, writes and wakeups that relaying a request takes.
+if want nginx; then
+    mkdir -p "$WORK/nginx-rp"
+    cat > "$WORK/nginx-rp/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-rp/nginx.pid;
+error_log $WORK/nginx-rp/error.log crit;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx-rp;
+    proxy_temp_path $WORK/nginx-rp;
+    fastcgi_temp_path $WORK/nginx-rp;
+    uwsgi_temp_path $WORK/nginx-rp;
+    scgi_temp_path $WORK/nginx-rp;
+    keepalive_requests 1000000;
+    upstream bench { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:18085;
+        location / {
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer $TOKEN";
+        }
+    }
+}
+EOF
+    taskset -c 0 nginx -c "$WORK/nginx-rp/nginx.conf" -p "$WORK/nginx-rp" &
+    PIDS+=($!)
+    wait_port 18085 && measure "nginx (reverse proxy)" 18085 "${PIDS[-1]}"
 fi
 
 # squid
@@ -335,16 +381,16 @@ echo
 echo "plain HTTP GET with header injection, ${DURATION}s per measurement, proxy on CPU 0, wrk + nginx on CPU 1"
 echo "(\"one core\": the 1-connection latency again with the proxy moved onto CPU 1 beside wrk and nginx)"
 echo
-printf '| %-10s | %9s | %8s | %15s | %19s | %11s | %13s | %10s | %8s |\n' \
-    peer "req/s @50" "vs direct" "p50/p99 @1" "p50/p99 @1 one core" "CPU/request" "CPU vs tokenproxy" "peak RSS" "non-2xx"
-printf '|%s|\n' "------------|-----------|----------|-----------------|---------------------|-------------|-------------------|------------|----------"
+printf '| %-21s | %9s | %8s | %15s | %19s | %24s | %13s | %10s | %8s |\n' \
+    peer "req/s @50" "vs direct" "p50/p99 @1" "p50/p99 @1 one core" "CPU/request (user + sys)" "CPU vs tokenproxy" "peak RSS" "non-2xx"
+printf '|%s|\n' "-----------------------|-----------|----------|-----------------|---------------------|--------------------------|-------------------|------------|----------"
 for r in "${RESULTS[@]}"; do
     IFS='|' read -r name rps p50 p99 cpu rss non2xx same50 same99 <<<"$r"
     vs_direct=$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
-    vs_tp=$(awk -v a="$cpu" -v b="$tp_cpu" 'BEGIN {if (a != "-" && b > 0) printf "%.1fx", a / b; else print "-"}')
+    vs_tp=$(awk -v a="${cpu%% *}" -v b="${tp_cpu%% *}" 'BEGIN {if (a != "-" && b > 0) printf "%.1fx", a / b; else print "-"}')
     same="-"
     [ "$same50" != "-" ] && same="$(to_us "$same50")/$(to_us "$same99") us"
-    printf '| %-10s | %9s | %8s | %15s | %19s | %9sus | %17s | %7s MiB | %8s |\n' \
+    printf '| %-21s | %9s | %8s | %15s | %19s | %21s us | %17s | %7s MiB | %8s |\n' \
         "$name" "$rps" "$vs_direct" "$(to_us "$p50")/$(to_us "$p99") us" "$same" "$cpu" "$vs_tp" "$rss" "$non2xx"
 done
 if [ -n "$rss_idle_after" ]; then
@@ -360,13 +406,13 @@ if [ ${#HTTPS_RESULTS[@]} -gt 0 ]; then
     echo "intercepted HTTPS GET with header injection (CONNECT, leaf certificate cached, keep-alive,"
     echo "verified TLS to an nginx HTTPS upstream), ${DURATION}s per measurement, proxy on CPU 0, loadgen + nginx on CPU 1"
     echo
-    printf '| %-10s | %9s | %19s | %15s | %11s | %8s | %6s |\n' \
-        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request" "non-2xx" "errors"
-    printf '|%s|\n' "------------|-----------|---------------------|-----------------|-------------|----------|--------"
+    printf '| %-21s | %9s | %19s | %15s | %24s | %8s | %6s |\n' \
+        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request (user + sys)" "non-2xx" "errors"
+    printf '|%s|\n' "-----------------------|-----------|---------------------|-----------------|--------------------------|----------|--------"
     for r in "${HTTPS_RESULTS[@]}"; do
         IFS='|' read -r name rps p50 p99 cpu non2xx errors <<<"$r"
         vs=$(awk -v a="${tp_https_rps:-0}" -v b="${rps:-0}" 'BEGIN {if (b > 0 && a > 0) printf "%.1fx", a / b; else print "-"}')
-        printf '| %-10s | %9s | %19s | %15s | %9sus | %8s | %6s |\n' \
+        printf '| %-21s | %9s | %19s | %15s | %21s us | %8s | %6s |\n' \
             "$name" "${rps:--}" "$vs" "${p50:--}/${p99:--} us" "$cpu" "${non2xx:--}" "${errors:--}"
     done
 fi
