@@ -140,21 +140,30 @@ if need openssl; then
 fi
 [ -n "$TLS_UPSTREAM" ] || echo "note: no openssl to make the HTTPS upstream's certificate; HTTPS is skipped" >&2
 
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<EOF
+nginx_conf() { # dir: writes dir/nginx.conf (one worker, no logs) with stdin inside `http { }`
+    mkdir -p "$1"
+    {
+        cat <<EOF
 worker_processes 1;
 daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log crit;
+pid $1/nginx.pid;
+error_log $1/error.log crit;
 events { worker_connections 4096; }
 http {
     access_log off;
-    client_body_temp_path $WORK/nginx;
-    proxy_temp_path $WORK/nginx;
-    fastcgi_temp_path $WORK/nginx;
-    uwsgi_temp_path $WORK/nginx;
-    scgi_temp_path $WORK/nginx;
+    client_body_temp_path $1;
+    proxy_temp_path $1;
+    fastcgi_temp_path $1;
+    uwsgi_temp_path $1;
+    scgi_temp_path $1;
     keepalive_requests 1000000;
+EOF
+        cat
+        echo "}"
+    } > "$1/nginx.conf"
+}
+
+nginx_conf "$WORK/nginx" <<EOF
     server {
         listen 127.0.0.1:$UPSTREAM_PORT;
         location / {
@@ -163,7 +172,6 @@ http {
         }
     }
 $TLS_UPSTREAM
-}
 EOF
 taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
 PIDS+=($!)
@@ -283,21 +291,7 @@ fi
 # but the leanest HTTP relay there is, so its CPU per request is the floor on this machine for
 # the reads, writes and wakeups that relaying a request takes.
 if want nginx; then
-    mkdir -p "$WORK/nginx-rp"
-    cat > "$WORK/nginx-rp/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx-rp/nginx.pid;
-error_log $WORK/nginx-rp/error.log crit;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx-rp;
-    proxy_temp_path $WORK/nginx-rp;
-    fastcgi_temp_path $WORK/nginx-rp;
-    uwsgi_temp_path $WORK/nginx-rp;
-    scgi_temp_path $WORK/nginx-rp;
-    keepalive_requests 1000000;
+    nginx_conf "$WORK/nginx-rp" <<EOF
     upstream bench { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:18085;
@@ -308,7 +302,6 @@ http {
             proxy_set_header Authorization "Bearer $TOKEN";
         }
     }
-}
 EOF
     taskset -c 0 nginx -c "$WORK/nginx-rp/nginx.conf" -p "$WORK/nginx-rp" &
     PIDS+=($!)

@@ -14,8 +14,8 @@ use http::HeaderMap;
 use tokenproxy::config::Config;
 use tokenproxy::tls::ca::CertificateAuthority;
 use tokenproxy::tls::leaf::LeafCache;
-use tokenproxy::tokens::{Provider, Providers};
 use tokenproxy::tokens::file::{FileFormat, parse};
+use tokenproxy::tokens::{Provider, Providers};
 
 /// Twenty providers, as a busy sidecar might have: exact hosts, ports and wildcards.
 fn providers(dir: &std::path::Path) -> Providers {

@@ -15,21 +15,7 @@ const TOKEN: &str = "tok-robust-very-secret-9f8e7d";
 fn config(dir: &std::path::Path, mock: &MockApi, extra_proxy: &str) -> String {
     let token_file = dir.join("api.json");
     std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-{extra_proxy}
-[admin]
-listen = "127.0.0.1:0"
-[providers.api]
-hosts = ["{}"]
-token_file = {}
-allow_plaintext = true
-"#,
-        mock.authority(),
-        toml_path(&token_file)
-    )
+    mock.plain_config(&token_file, extra_proxy)
 }
 
 /// Sends raw bytes on a fresh connection and returns what comes back before the server closes or

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
@@ -11,23 +11,6 @@ use support::*;
 
 /// Hand edits must show up on the next request within this time.
 const PICKUP: Duration = Duration::from_secs(2);
-
-fn config_for(mock: &MockApi, token_file: &Path) -> String {
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[providers.api]
-hosts = ["{}"]
-token_file = {}
-allow_plaintext = true
-"#,
-        mock.authority(),
-        toml_path(token_file)
-    )
-}
 
 /// Waits until a request through the proxy carries `Bearer <token>`.
 async fn wait_for_token(tp: &TokenProxy, mock: &MockApi, token: &str) {
@@ -52,7 +35,7 @@ async fn file_edits_are_picked_up_by_rename_in_place_rewrite_and_delete_recreate
     let token_file = dir.path().join("tokens").join("api.json");
     std::fs::create_dir_all(token_file.parent().unwrap()).unwrap();
     std::fs::write(&token_file, token_json("first")).unwrap();
-    let tp = TokenProxy::start(dir.path(), &config_for(&mock, &token_file));
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
     wait_for_token(&tp, &mock, "first").await;
 
     // Atomic rename over the file, as editors and tokenproxy itself do.
@@ -94,7 +77,7 @@ async fn a_kubernetes_style_data_symlink_swap_is_picked_up() {
     write_version("..2026_11_22_v1", "k8s-v1");
     std::os::unix::fs::symlink("..2026_11_22_v1", volume.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/token.json", volume.join("token.json")).unwrap();
-    let tp = TokenProxy::start(dir.path(), &config_for(&mock, &volume.join("token.json")));
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&volume.join("token.json"), ""));
     wait_for_token(&tp, &mock, "k8s-v1").await;
 
     // The kubelet's update: a new folder, a new ..data_tmp link, renamed over ..data.
@@ -117,7 +100,7 @@ async fn an_unparsable_file_keeps_the_last_good_token_and_reports_the_error() {
     let dir = tempdir();
     let token_file = dir.path().join("api.json");
     std::fs::write(&token_file, token_json("good-token")).unwrap();
-    let tp = TokenProxy::start(dir.path(), &config_for(&mock, &token_file));
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
     wait_for_token(&tp, &mock, "good-token").await;
 
     std::fs::write(&token_file, r#"{"access_token": "half-written-secret", "#).unwrap();
@@ -208,7 +191,7 @@ async fn an_idle_proxy_does_not_keep_re_reading_its_token_files() {
     let dir = tempdir();
     let token_file = dir.path().join("api.json");
     std::fs::write(&token_file, token_json("idle")).unwrap();
-    let tp = TokenProxy::start(dir.path(), &config_for(&mock, &token_file));
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
     wait_for_token(&tp, &mock, "idle").await;
     // Something else happens in the folder: one re-read, and that should be the end of it.
     std::fs::write(dir.path().join("unrelated.txt"), "x").unwrap();

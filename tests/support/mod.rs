@@ -129,6 +129,26 @@ impl MockApi {
         mock
     }
 
+    /// A config with one provider `api` for this mock over plain HTTP, both listeners on ephemeral
+    /// loopback ports; `extra_proxy` is added to `[proxy]`.
+    pub fn plain_config(&self, token_file: &Path, extra_proxy: &str) -> String {
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+{extra_proxy}
+[admin]
+listen = "127.0.0.1:0"
+[providers.api]
+hosts = ["{}"]
+token_file = {}
+allow_plaintext = true
+"#,
+            self.authority(),
+            toml_path(token_file)
+        )
+    }
+
     /// `127.0.0.1:PORT`
     pub fn authority(&self) -> String {
         self.addr.to_string()
