@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::egress::Egress;
 use crate::oauth::OAuthClient;
-use crate::proxy::{Proxy, upstream};
+use crate::proxy::Proxy;
+use crate::proxy::upstream::{self, Protocols};
 use crate::server::{self, ConnectionLimits, Drain};
 use crate::tls::ca::CertificateAuthority;
 use crate::tls::leaf::LeafCache;
@@ -58,9 +60,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut background: Vec<_> =
         providers.iter().filter(|p| p.can_refresh()).map(|p| tokio::spawn(p.clone().keep_fresh())).collect();
     let drain = Drain::new();
+    let egress = Arc::new(Egress::new(config.egress_deny.clone()));
+    let mut own_listeners = vec![proxy_listener.local_addr()?, admin_listener.local_addr()?];
+    for listener in &route_listeners {
+        own_listeners.push(listener.local_addr()?);
+    }
+    egress.set_own_listeners(own_listeners);
     let proxy = Arc::new(Proxy {
         providers: providers.clone(),
-        client: upstream::client(tls, &config.proxy),
+        client: upstream::client(tls.clone(), &config.proxy, egress.clone(), Protocols::Http1AndHttp2),
+        upgrade_client: upstream::client(tls, &config.proxy, egress.clone(), Protocols::Http1Only),
+        egress,
         settings: config.proxy.clone(),
         allow_unmatched: config.allow_unmatched,
         leaves,

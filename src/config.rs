@@ -66,6 +66,10 @@ struct RawProxy {
     shutdown_timeout: String,
     max_header_bytes: usize,
     max_idle_per_host: usize,
+    idle_timeout: String,
+    max_connections: usize,
+    max_replay_total: u64,
+    access_log: bool,
 }
 
 impl Default for RawProxy {
@@ -78,6 +82,10 @@ impl Default for RawProxy {
             shutdown_timeout: "30s".into(),
             max_header_bytes: 64 * 1024,
             max_idle_per_host: 64,
+            idle_timeout: "5m".into(),
+            max_connections: 10_000,
+            max_replay_total: 64 * 1024 * 1024,
+            access_log: false,
         }
     }
 }
@@ -111,11 +119,12 @@ impl Default for RawTls {
 #[serde(deny_unknown_fields, default)]
 struct RawEgress {
     allow_unmatched: bool,
+    deny: Vec<String>,
 }
 
 impl Default for RawEgress {
     fn default() -> Self {
-        RawEgress { allow_unmatched: true }
+        RawEgress { allow_unmatched: true, deny: Vec::new() }
     }
 }
 
@@ -317,6 +326,17 @@ pub struct ProxySettings {
     /// Idle upstream connections kept per host; beyond that a connection closes after use, so
     /// that a burst does not leave its connections (and their buffers) open for good.
     pub max_idle_per_host: usize,
+    /// How long a tunnel, an upgraded connection or an HTTP/2 connection may stay quiet with no
+    /// request in flight before it is closed. (HTTP/1.1 keep-alive connections are bounded by
+    /// `header_read_timeout`, which also runs while they wait for their next request.)
+    pub idle_timeout: Duration,
+    /// Client connections served at once per listener; the accept loop waits beyond that.
+    pub max_connections: usize,
+    /// The bytes of request bodies kept for replay at once, across all requests. A request that
+    /// finds the budget spent streams on unbuffered and is not replayable.
+    pub max_replay_total: u64,
+    /// One log line per request (method, host, status, provider, retry, duration).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +348,8 @@ pub struct Config {
     pub ca_dir: PathBuf,
     pub extra_roots: Vec<PathBuf>,
     pub allow_unmatched: bool,
+    /// Networks never dialled (forward, tunnel, transparent relay), checked on resolved addresses.
+    pub egress_deny: Vec<ipnet::IpNet>,
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -410,11 +432,30 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         shutdown_timeout: parse_duration("proxy.shutdown_timeout", &raw.proxy.shutdown_timeout, p),
         max_header_bytes: raw.proxy.max_header_bytes,
         max_idle_per_host: raw.proxy.max_idle_per_host,
+        idle_timeout: parse_duration("proxy.idle_timeout", &raw.proxy.idle_timeout, p),
+        max_connections: raw.proxy.max_connections,
+        max_replay_total: raw.proxy.max_replay_total,
+        access_log: raw.proxy.access_log,
     };
+    if proxy.max_connections == 0 {
+        p.push("proxy.max_connections must be at least 1".into());
+    }
     if proxy.max_header_bytes < 8192 {
         p.push("proxy.max_header_bytes must be at least 8192".into());
     }
     let admin_listen = parse_listen("admin.listen", &raw.admin.listen, p);
+    let egress_deny = raw
+        .egress
+        .deny
+        .iter()
+        .filter_map(|net| {
+            let parsed = crate::egress::parse_net(net.trim());
+            if parsed.is_none() {
+                p.push(format!("egress.deny: {net:?} is not a network like \"10.0.0.0/8\" or an address"));
+            }
+            parsed
+        })
+        .collect();
 
     let mut providers = Vec::new();
     for (name, rp) in raw.providers {
@@ -476,6 +517,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             ca_dir: resolve(base, &raw.tls.ca_dir),
             extra_roots: raw.tls.extra_roots.iter().map(|r| resolve(base, r)).collect(),
             allow_unmatched: raw.egress.allow_unmatched,
+            egress_deny,
             providers,
             routes,
         })

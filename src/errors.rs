@@ -22,9 +22,11 @@ pub enum ProxyError {
     /// The request's target could not be understood.
     #[error("bad request target: {0}")]
     BadTarget(String),
-    /// The host matches no provider and `[egress] allow_unmatched` is false.
-    #[error("host {host} matches no provider and [egress] allow_unmatched is false")]
-    EgressDenied { host: String },
+    /// The egress policy refuses the destination: a host that matches no provider while
+    /// `[egress] allow_unmatched` is false, an address in `[egress] deny`, or one of
+    /// tokenproxy's own listeners.
+    #[error("{reason}")]
+    EgressDenied { host: String, reason: String },
     /// A provider's token would travel over plain HTTP.
     #[error(
         "provider {provider:?} would receive its token over plain HTTP; call https:// instead, or set \
@@ -44,6 +46,12 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// A host that matches no provider while `[egress] allow_unmatched` is false.
+    pub fn unmatched_host(host: String) -> ProxyError {
+        let reason = format!("host {host} matches no provider and [egress] allow_unmatched is false");
+        ProxyError::EgressDenied { host, reason }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,

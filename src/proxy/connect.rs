@@ -8,22 +8,22 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 
-use super::{BoxError, Proxy, ProxyBody, Target, finish};
+use super::{BoxError, Proxy, ProxyBody, Target, dial_error, finish};
 use crate::errors::ProxyError;
-use crate::hosts::split_host_port;
+use crate::relay::{self, Activity, InFlightBody, Tracked};
 use crate::server;
 use crate::tokens::Provider;
 
@@ -34,10 +34,10 @@ impl Proxy {
             Ok(target) => target,
             Err(e) => return finish(None, started, Err(e)),
         };
-        let provider = self.providers.for_host(target.host(), target.port).cloned();
+        let provider = self.providers.for_host(&target.host, target.port).cloned();
         match provider {
             Some(provider) => {
-                let tls = match self.leaves.server_config(target.host()).await {
+                let tls = match self.leaves.server_config(&target.host).await {
                     Ok(tls) => tls,
                     Err(e) => {
                         let e = ProxyError::Interception {
@@ -53,31 +53,17 @@ impl Proxy {
                 connection_established()
             }
             None if !self.allow_unmatched => {
-                let e = ProxyError::EgressDenied { host: target.authority.to_string() };
+                let e = ProxyError::unmatched_host(target.authority.to_string());
                 finish(None, started, Err(e))
             }
             None => {
-                let connect = TcpStream::connect(target.authority.as_str());
-                let upstream = match tokio::time::timeout(self.settings.upstream_timeout, connect).await {
-                    Ok(Ok(upstream)) => upstream,
-                    Ok(Err(e)) => {
-                        let e = ProxyError::UpstreamUnreachable {
-                            host: target.authority.to_string(),
-                            reason: e.to_string(),
-                        };
-                        return finish(None, started, Err(e));
-                    }
-                    Err(_) => {
-                        let e = ProxyError::UpstreamTimeout {
-                            host: target.authority.to_string(),
-                            seconds: self.settings.upstream_timeout.as_secs(),
-                        };
-                        return finish(None, started, Err(e));
-                    }
+                let dialled = self.egress.connect(&target.host, target.port, self.settings.upstream_timeout);
+                let upstream = match dialled.await {
+                    Ok(upstream) => upstream,
+                    Err(e) => return finish(None, started, Err(dial_error(&target, e))),
                 };
-                let _ = upstream.set_nodelay(true);
                 let upgrade = hyper::upgrade::on(&mut req);
-                tokio::spawn(tunnel(upgrade, upstream, self.drain.clone()));
+                tokio::spawn(tunnel(upgrade, upstream, self.settings.idle_timeout, self.drain.clone()));
                 finish(None, started, Ok(connection_established()))
             }
         }
@@ -111,22 +97,64 @@ impl Proxy {
                 return tracing::debug!(host = %target.authority, "client sent no TLS handshake in time");
             }
         };
+        // ALPN decided the protocol: no sniffing of a preface, which no deadline would cover.
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        if h2 {
+            self.serve_intercepted_h2(stream, target, provider, drain).await;
+        } else {
+            let proxy = self.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let proxy = proxy.clone();
+                let target = target.clone();
+                let provider = provider.clone();
+                async move { Ok::<_, Infallible>(proxy.handle_intercepted(req, target, &provider).await) }
+            });
+            // HTTP/1.1: `header_read_timeout` bounds the wait for every request head, the first
+            // one and each one after an idle keep-alive pause alike.
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.settings.header_read_timeout)
+                .max_buf_size(self.settings.max_header_bytes);
+            let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            server::until_drained(conn, drain).await;
+        }
+    }
+
+    /// HTTP/2 inside an interception. HTTP/2 has no request-head deadline, so the connection is
+    /// closed when it has been quiet with no request in flight: for `header_read_timeout` before
+    /// its first request, for `idle_timeout` after.
+    async fn serve_intercepted_h2<S>(
+        self: Arc<Self>,
+        stream: S,
+        target: Target,
+        provider: Arc<Provider>,
+        drain: server::DrainWatch,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Activity::new();
+        let io = Tracked::new(stream, activity.clone());
         let proxy = self.clone();
+        let tracked = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let target = target.clone();
             let provider = provider.clone();
-            async move { Ok::<_, Infallible>(proxy.handle_intercepted(req, target, &provider).await) }
+            let in_flight = tracked.request();
+            async move {
+                let response = proxy.handle_intercepted(req, target, &provider).await;
+                Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight).boxed()))
+            }
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
-            .max_buf_size(self.settings.max_header_bytes);
-        builder.http2().timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_bytes as u32);
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        server::until_drained(conn, drain).await;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_bytes as u32);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let idle = activity.idle(self.settings.idle_timeout, self.settings.header_read_timeout);
+        tokio::select! {
+            _ = server::until_drained(conn, drain) => {}
+            _ = idle => tracing::debug!("intercepted HTTP/2 connection idle; closing it"),
+        }
     }
 
     /// A request decrypted from an intercepted connection: it goes to the CONNECT's host, whatever
@@ -143,37 +171,29 @@ impl Proxy {
     }
 }
 
-/// The `host:port` of a CONNECT, which must name both.
+/// The `host:port` of a CONNECT, which must name both (RFC 9110 §9.3.6).
 fn connect_target(req: &Request<Incoming>) -> Result<Target, ProxyError> {
-    let bad = || ProxyError::BadTarget(format!("CONNECT needs host:port, got {:?}", req.uri().to_string()));
+    let bad = || ProxyError::BadTarget("CONNECT needs host:port".into());
     let authority: &Authority = req.uri().authority().ok_or_else(bad)?;
-    let (host, port) = split_host_port(authority.as_str()).map_err(|_| bad())?;
-    let port = port.ok_or_else(bad)?;
-    if host.is_empty() || authority.as_str().contains('@') {
+    let target = Target::new(Scheme::HTTPS, authority)?;
+    if authority.port().is_none() || req.uri().path_and_query().is_some_and(|p| p.as_str() != "/") {
         return Err(bad());
     }
-    Ok(Target { scheme: Scheme::HTTPS, authority: authority.clone(), port })
+    Ok(target)
 }
 
 fn connection_established() -> Response<ProxyBody> {
     Response::new(Empty::<Bytes>::new().map_err(|e| -> BoxError { match e {} }).boxed())
 }
 
-/// Copies bytes both ways until both sides are done; a half-close on one side is passed on to
-/// the other. Ends at shutdown: a blind tunnel has no request boundary to wait for.
-async fn tunnel(upgrade: OnUpgrade, mut upstream: TcpStream, drain: server::DrainHandle) {
-    let Some(mut drain) = drain.watch() else { return };
+/// A blind tunnel: bytes both ways, untouched, until both sides are done, the tunnel has been
+/// idle for `idle_timeout`, or shutdown (a blind tunnel has no request boundary to wait for).
+async fn tunnel(upgrade: OnUpgrade, upstream: TcpStream, idle_timeout: Duration, drain: server::DrainHandle) {
+    let Some(drain) = drain.watch() else { return };
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
     };
-    let mut client = TokioIo::new(upgraded);
-    tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "tunnel ended with an error");
-            }
-        }
-        _ = drain.signaled() => {}
-    }
+    let end = relay::join(TokioIo::new(upgraded), upstream, idle_timeout, drain).await;
+    tracing::debug!(end = ?end, "tunnel closed");
 }

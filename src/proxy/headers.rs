@@ -39,6 +39,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Upgrade: websocket` with `Connection:
+/// upgrade`), if any. `h2c` is not offered upstream: the upstream connection decides HTTP/2.
+pub fn upgrade_protocol<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
+    let protocol = req.headers().get(header::UPGRADE)?;
+    let asked = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let h2c = protocol.as_bytes().eq_ignore_ascii_case(b"h2c");
+    (asked && !h2c && req.version() == http::Version::HTTP_11).then(|| protocol.clone())
+}
+
+/// Re-creates the two hop-by-hop headers that an upgrade needs on the next hop.
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: http::HeaderValue) {
+    headers.insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

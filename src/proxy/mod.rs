@@ -21,54 +21,76 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
+use crate::egress::{DialError, Egress};
 use crate::errors::ProxyError;
-use crate::hosts::split_host_port;
-use crate::metrics;
+use crate::hosts::normalize_host;
 use crate::server::DrainHandle;
 use crate::tls::leaf::LeafCache;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{Provider, Providers, Token, TokenState};
+use crate::{metrics, relay};
+use hyper_util::rt::TokioIo;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy: streamed, never collected whole.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// Where a request is going.
+/// Where a request is going, in normal form: made once, where the request enters, and used for
+/// matching, dialling, SNI, the leaf certificate and the logs alike.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub scheme: Scheme,
-    pub authority: Authority,
+    /// Lower case, no trailing dot, no IPv6 brackets: `api.example.com`, `::1`.
+    pub host: String,
     /// The port the connection goes to (the scheme's default when the authority names none).
     pub port: u16,
+    /// `host[:port]` from the normal host, as dialled and as sent in `Host`.
+    pub authority: Authority,
 }
 
 impl Target {
-    fn new(scheme: Scheme, authority: Authority) -> Result<Target, ProxyError> {
+    /// From an authority as a client wrote it. Userinfo is refused (RFC 9110 §4.2.4): it would
+    /// otherwise hide the port from a reader that splits the string, and it is a credential that
+    /// must not travel on or reach a log. The error never repeats the authority it refuses.
+    pub fn new(scheme: Scheme, authority: &Authority) -> Result<Target, ProxyError> {
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::BadTarget(
+                "the request target carries user credentials (user:password@host); \
+                 send credentials in a header instead"
+                    .into(),
+            ));
+        }
+        let host = normalize_host(authority.host()).into_owned();
+        if host.is_empty() {
+            return Err(ProxyError::BadTarget("the request target has no host".into()));
+        }
+        let explicit_port = match (authority.port(), authority.port_u16()) {
+            (Some(_), None) => {
+                return Err(ProxyError::BadTarget("the request target's port is not a number".into()));
+            }
+            (_, port) => port,
+        };
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let (_, port) = split_host_port(authority.as_str())
-            .map_err(|e| ProxyError::BadTarget(format!("{authority}: {e}")))?;
-        Ok(Target { port: port.unwrap_or(default_port), scheme, authority })
+        Target::from_parts(scheme, host, explicit_port.unwrap_or(default_port), explicit_port.is_some())
     }
 
-    fn host(&self) -> &str {
-        self.authority.host()
+    fn from_parts(scheme: Scheme, host: String, port: u16, show_port: bool) -> Result<Target, ProxyError> {
+        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+        let text = if show_port { format!("{bracketed}:{port}") } else { bracketed };
+        let authority = text
+            .parse::<Authority>()
+            .map_err(|_| ProxyError::BadTarget("the request target's host is not a valid name".into()))?;
+        Ok(Target { scheme, host, port, authority })
     }
 
     /// The same host over TLS: an explicit port 80 becomes 443, another explicit port is kept.
     fn upgraded_to_https(&self) -> Target {
-        let authority = match self.authority.port_u16() {
-            Some(80) => {
-                let host = self.authority.host();
-                let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
-                host.parse().unwrap_or_else(|_| self.authority.clone())
-            }
-            _ => self.authority.clone(),
+        let explicit = self.authority.port_u16();
+        let (port, show) = match explicit {
+            None | Some(80) => (443, false),
+            Some(p) => (p, true),
         };
-        let port = match self.authority.port_u16() {
-            None | Some(80) => 443,
-            Some(p) => p,
-        };
-        Target { scheme: Scheme::HTTPS, authority, port }
+        Target::from_parts(Scheme::HTTPS, self.host.clone(), port, show).unwrap_or_else(|_| self.clone())
     }
 }
 
@@ -76,12 +98,16 @@ impl Target {
 pub struct Proxy {
     pub providers: Arc<Providers>,
     pub client: upstream::Client,
+    /// HTTP/1.1 only, for `Upgrade` requests (a WebSocket cannot ride on HTTP/2 here).
+    pub upgrade_client: upstream::Client,
     pub settings: ProxySettings,
     pub allow_unmatched: bool,
     /// Certificates for intercepted hosts.
     pub leaves: Arc<LeafCache>,
     /// Lets connections that outlive their CONNECT request take part in the shutdown drain.
     pub drain: DrainHandle,
+    /// Where connections may go; every dial of the data path asks it.
+    pub egress: Arc<Egress>,
 }
 
 impl Proxy {
@@ -112,10 +138,10 @@ impl Proxy {
         if scheme != &Scheme::HTTP && scheme != &Scheme::HTTPS {
             return Err(ProxyError::BadTarget(format!("unsupported scheme {scheme}")));
         }
-        let target = Target::new(scheme.clone(), authority.clone())?;
-        let provider = self.providers.for_host(target.host(), target.port).cloned();
+        let target = Target::new(scheme.clone(), authority)?;
+        let provider = self.providers.for_host(&target.host, target.port).cloned();
         if provider.is_none() && !self.allow_unmatched {
-            return Err(ProxyError::EgressDenied { host: authority.to_string() });
+            return Err(ProxyError::unmatched_host(target.authority.to_string()));
         }
         Ok((target, provider))
     }
@@ -124,7 +150,7 @@ impl Proxy {
     pub async fn handle_route(&self, route: &RouteConfig, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let provider = self.providers.get(&route.provider).cloned();
-        let result = match Target::new(route.upstream_scheme.clone(), route.upstream_authority.clone()) {
+        let result = match Target::new(route.upstream_scheme.clone(), &route.upstream_authority) {
             Ok(target) => {
                 let (mut parts, body) = req.into_parts();
                 let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
@@ -148,11 +174,60 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
+        target: Target,
+        provider: Option<&Arc<Provider>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match headers::upgrade_protocol(&req) {
+            None => self.forward_message(req, None, target, provider).await,
+            Some(protocol) => Box::pin(self.forward_upgrade(req, protocol, target, provider)).await,
+        }
+    }
+
+    /// An `Upgrade` request (a WebSocket handshake): forwarded like any other, token included,
+    /// with its `Upgrade` re-created upstream; once the upstream answers `101`, the client's and
+    /// the upstream's connections are joined byte for byte.
+    async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        protocol: http::HeaderValue,
+        target: Target,
+        provider: Option<&Arc<Provider>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let client_side = hyper::upgrade::on(&mut req);
+        let mut response = self.forward_message(req, Some(protocol), target, provider).await?;
+        if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            let (idle_timeout, drain) = (self.settings.idle_timeout, self.drain.clone());
+            tokio::spawn(async move {
+                let Some(drain) = drain.watch() else { return };
+                match tokio::try_join!(client_side, upstream_side) {
+                    Ok((client, upstream)) => {
+                        let end =
+                            relay::join(TokioIo::new(client), TokioIo::new(upstream), idle_timeout, drain)
+                                .await;
+                        tracing::debug!(end = ?end, "upgraded connection closed");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed after 101"),
+                }
+            });
+        }
+        Ok(response)
+    }
+
+    /// Forwards one request and its response. `upgrade` is the protocol of an `Upgrade`
+    /// request, whose hop-by-hop headers are re-created for the upstream.
+    async fn forward_message(
+        &self,
+        req: Request<Incoming>,
+        upgrade: Option<http::HeaderValue>,
         mut target: Target,
         provider: Option<&Arc<Provider>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = upgrade {
+            headers::set_upgrade(&mut parts.headers, protocol);
+        }
         // The client sets Host from the upstream URI (RFC 9112 §3.2.2: a proxy replaces it).
         parts.headers.remove(http::header::HOST);
 
@@ -285,7 +360,13 @@ impl Proxy {
         target: &Target,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let timeout = self.settings.upstream_timeout;
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+        // An upgrade needs HTTP/1.1 all the way: its own client never negotiates HTTP/2.
+        let client = if request.headers().contains_key(http::header::UPGRADE) {
+            &self.upgrade_client
+        } else {
+            &self.client
+        };
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     host: target.authority.to_string(),
@@ -293,6 +374,9 @@ impl Proxy {
                 });
             }
             Ok(Err(e)) => {
+                if let Some(dial) = crate::egress::find_dial_error(&e) {
+                    return Err(dial_error_ref(target, dial));
+                }
                 return Err(ProxyError::UpstreamUnreachable {
                     host: target.authority.to_string(),
                     reason: upstream::describe_error(&e),
@@ -301,8 +385,30 @@ impl Proxy {
             Ok(Ok(response)) => response,
         };
         let (mut parts, body) = response.into_parts();
+        let switched = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| parts.headers.get(http::header::UPGRADE).cloned())
+            .flatten();
         headers::remove_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = switched {
+            headers::set_upgrade(&mut parts.headers, protocol);
+        }
         Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
+    }
+}
+
+/// The answer for a connection that could not be made.
+fn dial_error(target: &Target, e: DialError) -> ProxyError {
+    dial_error_ref(target, &e)
+}
+
+fn dial_error_ref(target: &Target, e: &DialError) -> ProxyError {
+    let host = target.authority.to_string();
+    match e {
+        DialError::Denied { .. } => ProxyError::EgressDenied { host, reason: e.to_string() },
+        DialError::Timeout(limit) => ProxyError::UpstreamTimeout { host, seconds: limit.as_secs() },
+        DialError::Resolve { .. } | DialError::Connect { .. } => {
+            ProxyError::UpstreamUnreachable { host, reason: e.to_string() }
+        }
     }
 }
 

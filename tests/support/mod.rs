@@ -66,6 +66,8 @@ impl Seen {
 /// - `/redirect`: 302 to `http://127.0.0.1:1/elsewhere`;
 /// - `/slow`: 200 after one second;
 /// - `/stream`: sends `first\n`, waits until [`MockApi::release`] (at most 10 s), then `second\n`;
+/// - `/ws` with a WebSocket handshake: `101`, then a WebSocket that first sends
+///   `authorization: <the handshake's Authorization header>` and then echoes every message;
 /// - anything else: 200 with a JSON echo of method, path and header names.
 #[derive(Clone)]
 pub struct MockApi {
@@ -114,11 +116,13 @@ impl MockApi {
                     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     match acceptor {
                         None => {
-                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            let _ =
+                                builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
                         }
                         Some(acceptor) => {
                             if let Ok(tls) = acceptor.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                                let _ =
+                                    builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await;
                             }
                         }
                     }
@@ -188,7 +192,9 @@ allow_plaintext = true
         self.release.notify_one();
     }
 
-    async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn answer(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let websocket = req.uri().path() == "/ws" && req.headers().contains_key("sec-websocket-key");
+        let on_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let path = parts.uri.path().to_string();
@@ -207,6 +213,9 @@ allow_plaintext = true
             if !token.is_some_and(|t| accepted.contains(t)) {
                 return respond(StatusCode::UNAUTHORIZED, r#"{"error":"invalid_token"}"#.into());
             }
+        }
+        if let Some(on_upgrade) = on_upgrade {
+            return websocket_echo(&parts.headers, on_upgrade);
         }
         if let Some(code) = path.strip_prefix("/status/") {
             let status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
@@ -243,6 +252,35 @@ allow_plaintext = true
             }
         }
     }
+}
+
+/// Answers a WebSocket handshake with `101` and serves the echo described on [`MockApi`].
+fn websocket_echo(headers: &http::HeaderMap, on_upgrade: hyper::upgrade::OnUpgrade) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+    let key = headers.get("sec-websocket-key").unwrap().as_bytes();
+    let authorization =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("none").to_string();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                .await;
+        if ws.send(Message::text(format!("authorization: {authorization}"))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() || ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = respond(StatusCode::SWITCHING_PROTOCOLS, String::new());
+    let h = r.headers_mut();
+    h.insert("connection", "upgrade".parse().unwrap());
+    h.insert("upgrade", "websocket".parse().unwrap());
+    h.insert("sec-websocket-accept", derive_accept_key(key).parse().unwrap());
+    r
 }
 
 fn respond(status: StatusCode, body: String) -> Response<Body> {

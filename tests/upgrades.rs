@@ -1,0 +1,137 @@
+//! WebSocket (and other `Upgrade`) requests: to a provider host, plain or intercepted, the
+//! handshake carries the token and the two sides are joined after `101`; to any other host a
+//! blind tunnel keeps working untouched.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+const TOKEN: &str = "tok-ws-7c1d2e3f";
+
+fn python_websockets_available() -> bool {
+    client_available(
+        "python3 with websockets",
+        std::process::Command::new("python3").args(["-c", "import websockets"]),
+    )
+}
+
+/// A Python `websockets` client that connects through `proxy`, prints the first message (the
+/// mock's report of the handshake's Authorization), sends `hello` and prints the echo.
+async fn python_websocket(url: &str, proxy: &str, cafile: &std::path::Path) -> (bool, String, String) {
+    let script = format!(
+        r#"
+import ssl
+from websockets.sync.client import connect
+ctx = ssl.create_default_context(cafile={cafile:?})
+with connect({url:?}, ssl=ctx, proxy={proxy:?}, open_timeout=10) as ws:
+    print(ws.recv(timeout=10))
+    ws.send("hello")
+    print(ws.recv(timeout=10))
+"#,
+        cafile = cafile.display().to_string(),
+    );
+    python(&script, &[]).await
+}
+
+/// An HTTPS mock for `localhost` and a proxy whose provider is `localhost:PORT`.
+async fn tls_setup(dir: &std::path::Path) -> (MockApi, TokenProxy, std::path::PathBuf, std::path::PathBuf) {
+    let pki = test_pki(dir, "mock", &["localhost", "127.0.0.1"]);
+    let mock = MockApi::start_tls(pki.server_config.clone()).await;
+    std::fs::write(dir.join("api.json"), token_json(TOKEN)).unwrap();
+    let config = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "5s"
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+ca_dir = "ca"
+extra_roots = [{roots}]
+[providers.api]
+hosts = ["localhost:{port}"]
+token_file = "api.json"
+"#,
+        roots = toml_path(&pki.ca_pem_path),
+        port = mock.addr.port(),
+    );
+    let tp = TokenProxy::start(dir, &config);
+    (mock, tp, dir.join("ca").join("ca.pem"), pki.ca_pem_path)
+}
+
+#[tokio::test]
+async fn python_websockets_through_an_intercepted_provider_host_gets_the_token_in_its_handshake() {
+    if !python_websockets_available() {
+        return;
+    }
+    let dir = tempdir();
+    let (mock, tp, ca_pem, _) = tls_setup(dir.path()).await;
+    let url = format!("wss://localhost:{}/ws", mock.addr.port());
+    let (ok, out, err) = python_websocket(&url, &tp.proxy_url(), &ca_pem).await;
+    assert!(ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, [format!("authorization: Bearer {TOKEN}").as_str(), "hello"], "{err}");
+    assert_eq!(mock.last().path, "/ws");
+    assert!(
+        mock.last().headers.get("upgrade").is_some_and(|v| v == "websocket"),
+        "the upgrade reached the provider as an upgrade, not a plain GET"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_to_an_unmatched_host_still_goes_through_a_blind_tunnel() {
+    if !python_websockets_available() {
+        return;
+    }
+    let dir = tempdir();
+    let (mock, tp, _, mock_ca) = tls_setup(dir.path()).await;
+    // 127.0.0.1:PORT matches no provider: tunnelled, the client sees the mock's own certificate.
+    let url = format!("wss://127.0.0.1:{}/ws", mock.addr.port());
+    let (ok, out, err) = python_websocket(&url, &tp.proxy_url(), &mock_ca).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["authorization: none", "hello"], "nothing injected");
+}
+
+#[tokio::test]
+async fn a_plain_http_websocket_upgrade_is_forwarded_with_the_token_and_joined() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
+
+    // An absolute-form handshake, as a client configured with HTTP_PROXY sends it; the frames
+    // after it are tungstenite's.
+    let mut stream = tokio::net::TcpStream::connect(tp.proxy).await.unwrap();
+    let target = mock.authority();
+    let handshake = format!(
+        "GET http://{target}/ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(n, 1, "connection closed during the handshake: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first, Message::text(format!("authorization: Bearer {TOKEN}")));
+    ws.send(Message::text("ping through the proxy")).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echo, Message::text("ping through the proxy"));
+    ws.close(None).await.unwrap();
+}
