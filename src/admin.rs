@@ -29,9 +29,15 @@ impl Admin {
 
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
         let path = req.uri().path();
+        if !matches!(*req.method(), Method::GET | Method::HEAD)
+            && let Err(reason) = same_origin(&req)
+        {
+            return json_response(StatusCode::FORBIDDEN, &json!({"error": "cross_origin", "reason": reason}));
+        }
         if let Some(name) = path.strip_prefix("/tokens/").and_then(|rest| rest.strip_suffix("/refresh")) {
+            let force = query_flag(req.uri().query(), "force");
             return match *req.method() {
-                Method::POST => self.manual_refresh(name).await,
+                Method::POST => self.manual_refresh(name, force).await,
                 _ => json_response(
                     StatusCode::METHOD_NOT_ALLOWED,
                     &json!({"error": "method_not_allowed", "reason": "POST to force a refresh"}),
@@ -58,9 +64,10 @@ impl Admin {
         }
     }
 
-    /// `POST /tokens/{provider}/refresh`: 200 with the provider's view when it holds a fresh token
-    /// afterwards, else 502 with the error body of SPEC §5.
-    async fn manual_refresh(&self, name: &str) -> Response<ProxyBody> {
+    /// `POST /tokens/{provider}/refresh[?force=true]`: 200 with the provider's view when it holds
+    /// a fresh token afterwards, else 502 with the error body of SPEC §5. Concurrent requests
+    /// share one refresh; a token endpoint in backoff is left alone unless `force`.
+    async fn manual_refresh(&self, name: &str, force: bool) -> Response<ProxyBody> {
         let Some(provider) = self.providers.get(name) else {
             return json_response(
                 StatusCode::NOT_FOUND,
@@ -68,7 +75,17 @@ impl Admin {
             );
         };
         let wait = provider.wait_limit.max(std::time::Duration::from_secs(1));
-        let result = tokio::time::timeout(wait, provider.refresh(Trigger::Manual, None)).await;
+        // The token this request is unhappy with: a refresh that replaces it meanwhile (another
+        // POST's, a request's) answers this one too.
+        let seen = provider.current().map(|t| t.generation);
+        let refresh = async {
+            if force {
+                provider.refresh_forced(seen).await
+            } else {
+                provider.refresh(Trigger::Manual, seen).await
+            }
+        };
+        let result = tokio::time::timeout(wait, refresh).await;
         match result {
             Ok(Ok(_)) => json_response(StatusCode::OK, &json!(provider.view(OffsetDateTime::now_utc()))),
             Ok(Err(e)) => ProxyError::TokenUnavailable {
@@ -113,6 +130,33 @@ impl Admin {
         self.metrics.run_upkeep();
         text(StatusCode::OK, &self.metrics.render(), "text/plain; version=0.0.4")
     }
+}
+
+/// A state-changing request must come from the admin API's own origin: a page on another site
+/// that a person's browser runs must not force refreshes (or, later, start authorizations).
+/// Requests without `Origin` (curl, scripts) are not from a browser page and pass.
+fn same_origin<B>(req: &Request<B>) -> Result<(), String> {
+    if req.headers().get("sec-fetch-site").is_some_and(|v| v == "cross-site") {
+        return Err("a cross-site request cannot change state here".into());
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else { return Ok(()) };
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let origin = origin.to_str().unwrap_or("null");
+    let origin_host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    match origin_host {
+        Some(authority) if !host.is_empty() && authority.eq_ignore_ascii_case(host) => Ok(()),
+        _ => Err(format!(
+            "Origin {origin:?} is not this admin API ({host}); state-changing requests must come from it"
+        )),
+    }
+}
+
+/// `?name`, `?name=true` or `?name=1`.
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.unwrap_or("").split('&').any(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        key == name && matches!(value, "" | "1" | "true" | "yes")
+    })
 }
 
 fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {

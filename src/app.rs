@@ -53,6 +53,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         route_listeners.push(server::bind(&format!("routes[{i}].listen"), route.listen).await?);
     }
 
+    for warning in config.loose_permission_warnings() {
+        tracing::warn!("{warning}");
+    }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
     let providers =
         Arc::new(Providers::load(&config.providers, Some(oauth_client), config.proxy.upstream_timeout));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use time::OffsetDateTime;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, Grant};
 use crate::logging::LogFormat;
 use crate::tokens::{Provider, TokenState};
 
@@ -76,12 +76,19 @@ pub fn check(config: &Config) -> bool {
             view.expiry_source,
             view.fingerprint.as_deref().unwrap_or("-"),
         );
+        // Only a client_credentials grant can create its token file; every other provider
+        // cannot serve a single request without one.
+        let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant == Grant::ClientCredentials);
         match view.state {
-            // A provider with OAuth can create its token file; one without cannot.
-            TokenState::Missing if pc.oauth.is_none() => problems.push(format!(
-                "providers.{}: token file {} does not exist",
+            TokenState::Missing if !creates_its_file => problems.push(format!(
+                "providers.{}: token file {} does not exist{}",
                 pc.name,
-                pc.token_file.display()
+                pc.token_file.display(),
+                if pc.oauth.is_some() {
+                    " (a refresh_token grant needs a first refresh token in it)"
+                } else {
+                    ""
+                }
             )),
             TokenState::Error => problems.push(format!(
                 "providers.{}: {}",
@@ -93,6 +100,9 @@ pub fn check(config: &Config) -> bool {
     }
     if config.providers.is_empty() {
         println!("no providers configured: every request is forwarded untouched");
+    }
+    for warning in config.loose_permission_warnings() {
+        println!("warning: {warning}");
     }
     for problem in &problems {
         println!("problem: {problem}");

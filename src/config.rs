@@ -377,6 +377,36 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Secret files that the group or others can read: token files, client secret files and the
+    /// CA's key. A warning each (for the log and `check`), never an error: the file still works.
+    pub fn loose_permission_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut files = vec![("the CA key".to_string(), self.ca_dir.join("ca-key.pem"))];
+        for p in &self.providers {
+            files.push((format!("providers.{} token file", p.name), p.token_file.clone()));
+            if let Some(OAuthConfig { client_secret: SecretSource::File(f), .. }) = &p.oauth {
+                files.push((format!("providers.{} client secret file", p.name), f.clone()));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        files
+            .into_iter()
+            .filter(|(_, path)| seen.insert(path.clone()))
+            .filter_map(|(what, path)| {
+                let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+                (mode & 0o044 != 0).then(|| {
+                    format!(
+                        "{what} {} is readable by {} (mode {mode:o}); chmod 600 it",
+                        path.display(),
+                        if mode & 0o004 != 0 { "everyone" } else { "its group" }
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
 /// "file: key proxy.bogus: unknown field …", naming where an override came from when it was
 /// the environment.
 fn describe_figment_error(path: &Path, e: &figment::Error) -> String {

@@ -533,3 +533,167 @@ async fn an_expired_token_that_cannot_be_refreshed_is_a_502_with_the_reason() {
     let view = tp.token_view("api").await;
     assert_eq!(view["last_refresh_result"], "server_error", "{view}");
 }
+
+#[tokio::test]
+async fn a_refresh_never_writes_over_a_file_that_does_not_parse_and_lands_once_it_does() {
+    let (mock, endpoint, dir, tp) = setup(
+        |e| e.rotate = Rotation::Strict,
+        serde_json::json!({"access_token": "at-dead", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400)}),
+        "",
+        "",
+    )
+    .await;
+    // A person's half-written edit, seen by the proxy before the 401 arrives.
+    let garbage = r#"{"access_token": "at-dead", "refresh_token": "rt-0", "note": "#;
+    std::fs::write(dir.path().join("tokens/api.json"), garbage).unwrap();
+    eventually(Duration::from_secs(10), "the parse error on /tokens", || async {
+        let view = tp.token_view("api").await;
+        view["last_error"].as_str().is_some_and(|e| e.contains("cannot be parsed")).then_some(())
+    })
+    .await;
+
+    // The 401 is healed from memory: refreshed, retried, served.
+    let r = tp.client().get(mock.url("/heal")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.last().authorization(), Some("Bearer at-1"));
+    assert_eq!(endpoint.calls(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tokens/api.json")).unwrap(),
+        garbage,
+        "the edit was overwritten"
+    );
+    let view = tp.token_view("api").await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("kept in memory") && error.contains("once the file parses again"), "{view}");
+
+    // The person finishes the edit (from the old content): the refresh lands on top of it, the
+    // rotated refresh token included, and the edit is kept.
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "at-dead", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400), "note": "kept"}),
+    );
+    let file =
+        eventually(Duration::from_secs(10), "the refreshed token written into the fixed file", || async {
+            let file: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.path().join("tokens/api.json")).ok()?).ok()?;
+            (file["access_token"] == "at-1").then_some(file)
+        })
+        .await;
+    assert_eq!(file["refresh_token"], "rt-1", "the rotated refresh token was lost");
+    assert_eq!(file["note"], "kept", "the person's edit was lost");
+    assert!(endpoint.refresh_token_works("rt-1"));
+    tp.client().get(mock.url("/after")).send().await.unwrap();
+    assert_eq!(mock.last().authorization(), Some("Bearer at-1"));
+    assert!(tp.token_view("api").await["last_error"].is_null());
+    assert_eq!(endpoint.calls(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_manual_refreshes_share_one_call_and_respect_backoff_unless_forced() {
+    let (_mock, endpoint, _dir, tp) = setup(
+        |e| {
+            e.rotate = Rotation::Strict;
+            e.delay = Duration::from_millis(300);
+        },
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400)}),
+        "",
+        "",
+    )
+    .await;
+    let posts = (0..50).map(|_| post_refresh(&tp));
+    let answers = futures_util::future::join_all(posts).await;
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}");
+    assert_eq!(endpoint.calls(), 1, "50 concurrent POSTs spent {} refresh tokens", endpoint.calls());
+    assert_eq!(endpoint.invalid_grants(), 0);
+
+    // A rate-limited endpoint: the next POST waits out Retry-After instead of calling again.
+    endpoint.script(&[(429, r#"{"error":"slow_down"}"#)]);
+    let (status, body) = post_refresh(&tp).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(endpoint.calls(), 2);
+    let (status, body) = post_refresh(&tp).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("backing off"), "{body}");
+    assert_eq!(endpoint.calls(), 2, "a POST during the backoff called the endpoint");
+    // Forced: the person knows better.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh?force=true", tp.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(endpoint.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_state_changing_admin_request_from_another_origin_is_refused() {
+    let (_mock, endpoint, _dir, tp) = setup(
+        |_| {},
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400)}),
+        "",
+        "",
+    )
+    .await;
+    let post = |origin: Option<String>, site: Option<&'static str>| {
+        let mut request = reqwest::Client::new().post(format!("http://{}/tokens/api/refresh", tp.admin));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        if let Some(site) = site {
+            request = request.header("sec-fetch-site", site);
+        }
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    for (origin, site) in [
+        (Some("http://evil.example".to_string()), None),
+        (Some("null".to_string()), None),
+        (Some(format!("http://127.0.0.1:{}.evil.example", tp.admin.port())), None),
+        (None, Some("cross-site")),
+    ] {
+        let (status, body) = post(origin.clone(), site).await;
+        assert_eq!(status, 403, "{origin:?} {site:?}: {body}");
+        assert!(body.contains("cross_origin"), "{body}");
+    }
+    assert_eq!(endpoint.calls(), 0);
+    let (status, body) = post(Some(format!("http://{}", tp.admin)), Some("same-origin")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(endpoint.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_symlinked_token_file_is_written_through_to_its_target_with_the_lock_beside_it() {
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.rotate = Rotation::Strict;
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(dir.path().join("tokens")).unwrap();
+    let target = shared.join("real.json");
+    std::fs::write(
+        &target,
+        serde_json::json!({"access_token": "at-dead", "refresh_token": "rt-0"}).to_string(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("tokens/api.json")).unwrap();
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+
+    let r = tp.client().get(mock.url("/through")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let link = dir.path().join("tokens/api.json");
+    assert!(
+        std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(),
+        "the link was replaced by a file"
+    );
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&target).unwrap()).unwrap();
+    assert_eq!(written["access_token"], "at-1");
+    assert_eq!(written["refresh_token"], "rt-1", "the target keeps a spent refresh token");
+    assert!(shared.join("real.json.lock").exists(), "the lock is beside the target");
+    assert!(!dir.path().join("tokens/api.json.lock").exists());
+}

@@ -292,3 +292,46 @@ fn a_port_in_use_stops_the_start_with_a_one_line_reason() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_fails_for_a_missing_token_file_that_only_a_person_can_provide() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let provider = |name: &str, grant: &str| {
+        format!(
+            "[providers.{name}]\nhosts = [\"{name}.example.com\"]\ntoken_file = \"tokens/{name}.json\"\n\
+             [providers.{name}.oauth]\ntoken_url = \"https://auth.example.com/token\"\ngrant = \"{grant}\"\n\
+             client_id = \"c\"\nclient_secret_file = \"secret\"\n"
+        )
+    };
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    std::fs::set_permissions(dir.path().join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = dir.path().join("tokenproxy.toml");
+    let p = path.to_str().unwrap();
+
+    // A client_credentials provider creates its own file: valid.
+    std::fs::write(&path, provider("machine", "client_credentials")).unwrap();
+    let (code, out, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(0), "{out}");
+
+    // A refresh_token provider cannot serve a request without its file: a problem, named.
+    std::fs::write(&path, provider("machine", "client_credentials") + &provider("person", "refresh_token"))
+        .unwrap();
+    let (code, out, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(1), "{out}");
+    let problem = out.lines().find(|l| l.starts_with("problem:")).unwrap_or_default();
+    assert!(problem.contains("providers.person") && problem.contains("person.json"), "{out}");
+    assert!(!out.contains("providers.machine: token file"), "{out}");
+
+    // A secret file others can read: a warning, not a failure.
+    std::fs::create_dir_all(dir.path().join("tokens")).unwrap();
+    std::fs::write(dir.path().join("tokens/person.json"), token_json("t")).unwrap();
+    std::fs::set_permissions(dir.path().join("tokens/person.json"), std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    std::fs::set_permissions(dir.path().join("secret"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let warning = out.lines().find(|l| l.starts_with("warning:")).unwrap_or_default();
+    assert!(warning.contains("client secret file") && warning.contains("readable by everyone"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("warning:")).count(), 1, "only the loose file: {out}");
+}

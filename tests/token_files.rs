@@ -203,3 +203,37 @@ async fn an_idle_proxy_does_not_keep_re_reading_its_token_files() {
     let reads = read_syscalls(tp.pid()) - before;
     assert!(reads < 15, "{reads} read syscalls in 1.5 s of idling");
 }
+
+#[tokio::test]
+async fn a_token_file_over_the_size_limit_is_refused_as_a_parse_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = MockApi::start().await;
+    let dir = tempdir();
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json("small-token")).unwrap();
+    // Readable by others: a warning in the log at start.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
+    wait_for_token(&tp, &mock, "small-token").await;
+    assert!(
+        tp.logs().iter().any(|l| l.contains("api.json is readable by everyone")),
+        "no warning about a token file others can read"
+    );
+
+    // Valid JSON, but 2 MiB of it.
+    let padding = "x".repeat(2 * 1024 * 1024);
+    let big = serde_json::json!({"access_token": "big-token", "padding": padding}).to_string();
+    std::fs::write(&token_file, big).unwrap();
+    let view = eventually(PICKUP, "/tokens to show the size error", || async {
+        let view = tp.token_view("api").await;
+        (!view["last_error"].is_null()).then_some(view)
+    })
+    .await;
+    assert!(view["last_error"].as_str().unwrap().contains("larger than 1024 KiB"), "{view}");
+    assert_eq!(
+        tp.metric("tokenproxy_token_reloads_total", &[("provider", "api"), ("result", "parse_error")]).await,
+        1.0
+    );
+    tp.client().get(mock.url("/still")).send().await.unwrap();
+    assert_eq!(mock.last().authorization(), Some("Bearer small-token"), "the last good token stays");
+}

@@ -8,6 +8,30 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// A token file larger than this is refused as unparsable: no token document is near it, and
+/// holding and hashing such a file on every poll would cost memory and time for nothing.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Why a token file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the file is larger than {} KiB; refused", MAX_FILE_BYTES / 1024)]
+    TooLarge,
+}
+
+/// Reads a token file, refusing one over [`MAX_FILE_BYTES`] (whatever its metadata claims).
+pub fn read(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(bytes)
+}
+
 /// How a token file is encoded, from its extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileFormat {

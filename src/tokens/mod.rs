@@ -94,6 +94,17 @@ enum FileStatus {
     Unparsable,
 }
 
+/// A refreshed token that could not be written because the token file did not parse (a person
+/// mid-edit): it waits in memory and is merged into the file once the file parses again.
+#[derive(Clone)]
+struct PendingWrite {
+    /// The fields the refresh would have written.
+    fields: serde_json::Map<String, serde_json::Value>,
+    /// The fingerprint of the access token the refresh replaced: a fixed file that still holds
+    /// it was edited from the old content, so the refresh belongs on top of it.
+    based_on: Option<String>,
+}
+
 #[derive(Default)]
 struct Status {
     file: FileStatus,
@@ -110,6 +121,9 @@ struct Status {
     last_failure: Option<RefreshError>,
     /// The last failed write of the token file, shown until a write succeeds.
     write_error: Option<String>,
+    pending_write: Option<PendingWrite>,
+    /// The fingerprint of the token the last refresh replaced.
+    replaced_fingerprint: Option<String>,
     /// The fields of the token last read or written: the base of the next write, and where the
     /// refresh token comes from even when a write failed.
     fields: serde_json::Map<String, serde_json::Value>,
@@ -197,10 +211,11 @@ impl Provider {
     /// in use and the problem shows as `last_error`.
     pub fn reload(&self) -> Reload {
         let path = &self.config.token_file;
-        let bytes = std::fs::read(path);
+        let bytes = file::read(path);
         let mut status = self.status();
+        let mut write_back = None;
         let (outcome, file_status, error) = match bytes {
-            Err(e) => {
+            Err(file::ReadError::Io(e)) => {
                 let (file_status, reason) = if e.kind() == std::io::ErrorKind::NotFound {
                     (FileStatus::Missing, "not found".to_string())
                 } else {
@@ -212,17 +227,24 @@ impl Provider {
                 status.content_hash = None;
                 (Reload::IoError, file_status, format!("token file {}: {reason}", path.display()))
             }
+            Err(e @ file::ReadError::TooLarge) => {
+                if status.file == FileStatus::Unparsable && status.content_hash.is_none() {
+                    return Reload::Unchanged;
+                }
+                status.content_hash = None;
+                (Reload::ParseError, FileStatus::Unparsable, format!("token file {}: {e}", path.display()))
+            }
             Ok(bytes) => {
                 let hash: [u8; 32] = Sha256::digest(&bytes).into();
                 if status.content_hash == Some(hash) {
                     return Reload::Unchanged;
                 }
                 status.content_hash = Some(hash);
-                match file::parse(FileFormat::of(path), &bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|doc| self.adopt(&doc).map(|()| doc))
-                {
-                    Ok(doc) => {
+                match file::parse(FileFormat::of(path), &bytes).map_err(|e| e.to_string()).and_then(|doc| {
+                    let (doc, merged) = reconcile_pending(&mut status, doc);
+                    self.adopt(&doc).map(|()| (doc, merged))
+                }) {
+                    Ok((doc, merged)) => {
                         // A changed file is a new chance: whatever stopped automatic refreshes
                         // (a revoked refresh token, a backoff) may be fixed by it.
                         status.fields = doc.fields;
@@ -230,6 +252,7 @@ impl Provider {
                         status.config_error = None;
                         status.retry_not_before = None;
                         status.last_failure = None;
+                        write_back = merged;
                         (Reload::Ok, FileStatus::Ok, String::new())
                     }
                     Err(e) => (
@@ -248,8 +271,18 @@ impl Provider {
             _ => "io_error",
         };
         metrics::token_reload(self.name(), label);
+        if let Some(fields) = write_back {
+            // Called off the async threads (the watcher's blocking task, or at start).
+            let _lock = store::lock(&self.config.token_file).ok();
+            self.write_fields(&fields);
+            tracing::info!(
+                provider = self.name(),
+                "the token file parses again; the refreshed token is written into it"
+            );
+        }
         if outcome == Reload::Ok {
-            self.status().last_error = None;
+            let write_error = self.status().write_error.clone();
+            self.status().last_error = write_error;
             let token = self.current();
             let token = token.as_deref().expect("adopt stored a token");
             tracing::info!(
@@ -356,6 +389,29 @@ impl Provider {
             refresh_count: status.refresh_count,
             retry_count: status.retry_count,
         }
+    }
+}
+
+/// A file that parses again after a refresh could not be written over it: when it still holds
+/// the token the refresh replaced, the refresh goes on top of the person's edit (returned as the
+/// fields to write); when it holds another token, the person's token wins.
+fn reconcile_pending(
+    status: &mut Status,
+    doc: TokenDocument,
+) -> (TokenDocument, Option<serde_json::Map<String, serde_json::Value>>) {
+    let Some(pending) = status.pending_write.take() else { return (doc, None) };
+    if pending.based_on.as_deref() != Some(fingerprint(&doc.access_token).as_str()) {
+        tracing::warn!(
+            fingerprint = %fingerprint(&doc.access_token),
+            "the token file parses again and holds a new token; it replaces the refreshed one that could not be written"
+        );
+        status.write_error = None;
+        return (doc, None);
+    }
+    let fields = store::overlay_refresh(&doc.fields, &pending.fields);
+    match file::document_from_fields(fields.clone()) {
+        Ok(merged) => (merged, Some(fields)),
+        Err(_) => (doc, None),
     }
 }
 

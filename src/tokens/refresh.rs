@@ -67,15 +67,33 @@ impl Provider {
     /// Refreshes the token (or adopts one another process wrote) and returns the token to use.
     ///
     /// `seen` is the generation of the token the caller is unhappy with; if the current token is
-    /// already newer, it is returned without a refresh.
+    /// already newer, it is returned without a refresh. A refresh after a transient failure waits
+    /// for its backoff to pass (see [`Provider::refresh_forced`] for the exception).
     pub async fn refresh(
         self: &Arc<Self>,
         trigger: Trigger,
         seen: Option<u64>,
     ) -> Result<Arc<Token>, RefreshError> {
+        self.refresh_with(trigger, seen, false).await
+    }
+
+    /// A manual refresh that does not wait for the backoff of a failing token endpoint (the
+    /// admin API's `?force=true`). It still joins a refresh in flight.
+    pub async fn refresh_forced(self: &Arc<Self>, seen: Option<u64>) -> Result<Arc<Token>, RefreshError> {
+        self.refresh_with(Trigger::Manual, seen, true).await
+    }
+
+    async fn refresh_with(
+        self: &Arc<Self>,
+        trigger: Trigger,
+        seen: Option<u64>,
+        force: bool,
+    ) -> Result<Arc<Token>, RefreshError> {
         if self.config.oauth.is_none() || self.oauth_client.is_none() {
-            // No token endpoint: the file is all there is. Re-read it in case it changed.
-            self.reload();
+            // No token endpoint: the file is all there is. Re-read it (off the async threads) in
+            // case it changed.
+            let provider = self.clone();
+            let _ = tokio::task::spawn_blocking(move || provider.reload()).await;
             return match self.current() {
                 Some(t) if seen.is_none_or(|g| t.generation > g) => Ok(t),
                 _ => Err(RefreshError::new(
@@ -90,15 +108,25 @@ impl Provider {
         {
             return Ok(token);
         }
-        if trigger != Trigger::Manual {
+        {
             let status = self.status();
-            if let Some(reason) = &status.reauth_reason {
+            // A revoked refresh token stops automatic refreshes; a person asking is the exception.
+            if let Some(reason) = &status.reauth_reason
+                && trigger != Trigger::Manual
+            {
                 return Err(RefreshError::new(RefreshErrorKind::InvalidGrant, reason.clone()));
             }
             if let (Some(until), Some(last)) = (status.retry_not_before, &status.last_failure)
                 && Instant::now() < until
+                && !force
             {
-                return Err(last.clone());
+                let mut waiting = last.clone();
+                waiting.message = format!(
+                    "{} (backing off for {}s more)",
+                    waiting.message,
+                    until.saturating_duration_since(Instant::now()).as_secs() + 1
+                );
+                return Err(waiting);
             }
         }
         let deadline = match trigger {
@@ -118,8 +146,8 @@ impl Provider {
     fn needs_refresh(&self, token: &Token, trigger: Trigger, seen: Option<u64>) -> bool {
         let now = OffsetDateTime::now_utc();
         match trigger {
-            Trigger::Manual => true,
-            Trigger::Unauthorized => seen.is_none_or(|g| token.generation <= g),
+            // Both name the token they are unhappy with; a newer one is the answer.
+            Trigger::Manual | Trigger::Unauthorized => seen.is_none_or(|g| token.generation <= g),
             Trigger::Expired | Trigger::Startup => token.is_expired(now),
             Trigger::Proactive => token
                 .expires_at
@@ -152,7 +180,7 @@ impl Provider {
         };
 
         // Under the lock, the file again: another process may have refreshed while we waited.
-        if let Some(token) = self.adopt_newer_file(trigger)? {
+        if let Some(token) = self.adopt_newer_file(trigger).await? {
             drop(lock);
             return Ok(token);
         }
@@ -194,6 +222,7 @@ impl Provider {
 
         let now = OffsetDateTime::now_utc();
         let fields = store::refreshed_fields(&base, &issued, now);
+        self.status().replaced_fingerprint = self.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
         self.adopt(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
@@ -203,12 +232,21 @@ impl Provider {
     }
 
     /// Adopts the token file's token if another process wrote it since we last read or wrote
-    /// it. A file that does not parse is never overwritten: that is an error.
-    fn adopt_newer_file(&self, trigger: Trigger) -> Result<Option<Arc<Token>>, RefreshError> {
+    /// it. A file that does not parse is left alone: the refresh goes on from memory, and its
+    /// result waits to be written (see [`Provider::write_fields`]).
+    async fn adopt_newer_file(
+        self: &Arc<Self>,
+        trigger: Trigger,
+    ) -> Result<Option<Arc<Token>>, RefreshError> {
+        let path = self.config.token_file.clone();
+        let read = tokio::task::spawn_blocking(move || file::read(&path))
+            .await
+            .map_err(|e| RefreshError::new(RefreshErrorKind::NetworkError, e.to_string()))?;
         let path = &self.config.token_file;
-        let bytes = match std::fs::read(path) {
+        let bytes = match read {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(file::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(file::ReadError::TooLarge) => return Ok(None),
             Err(e) => {
                 return Err(RefreshError::new(
                     RefreshErrorKind::NetworkError,
@@ -220,14 +258,13 @@ impl Provider {
         if self.status().content_hash == Some(hash) {
             return Ok(None);
         }
-        let doc = file::parse(FileFormat::of(path), &bytes).map_err(|e| {
-            RefreshError::new(
-                RefreshErrorKind::BadResponse,
-                format!("token file {} cannot be parsed ({e}); not overwriting it", path.display()),
-            )
-        })?;
+        let Ok(doc) = file::parse(FileFormat::of(path), &bytes) else { return Ok(None) };
+        let (doc, merged) = super::reconcile_pending(&mut self.status(), doc);
         self.adopt_file_document(&doc, hash)
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
+        if let Some(fields) = merged {
+            self.persist(&fields).await;
+        }
         let token = self.current().expect("just adopted");
         // A newer file is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
@@ -241,26 +278,56 @@ impl Provider {
         Ok(Some(token))
     }
 
-    /// Writes the refreshed token file. A failure is logged, counted and shown, and traffic goes
-    /// on with the new token in memory (FIELD-NOTES #3). The write and its fsyncs run on the
-    /// blocking pool, not on a thread that serves requests.
-    async fn persist(&self, fields: &serde_json::Map<String, serde_json::Value>) {
-        let path = self.config.token_file.clone();
-        let owned = fields.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let bytes = store::encode(FileFormat::of(&path), &owned)?;
-            store::write(&path, &bytes).map(|()| bytes)
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    /// Writes the refreshed token file on the blocking pool, not on a thread that serves
+    /// requests. Called under the token file's lock.
+    async fn persist(self: &Arc<Self>, fields: &serde_json::Map<String, serde_json::Value>) {
+        let provider = self.clone();
+        let fields = fields.clone();
+        let _ = tokio::task::spawn_blocking(move || provider.write_fields(&fields)).await;
+    }
+
+    /// Writes `fields` to the token file (the caller holds its lock). A failure is logged,
+    /// counted and shown, and traffic goes on with the new token in memory (FIELD-NOTES #3).
+    /// A file that does not parse is never written over (SPEC §4): a person may be mid-edit;
+    /// the fields wait in memory until it parses again.
+    pub(super) fn write_fields(&self, fields: &serde_json::Map<String, serde_json::Value>) {
         let path = &self.config.token_file;
+        let format = FileFormat::of(path);
+        let unparsable = match file::read(path) {
+            Ok(existing) => file::parse(format, &existing).is_err(),
+            Err(file::ReadError::TooLarge) => true,
+            Err(file::ReadError::Io(_)) => false,
+        };
         let mut status = self.status();
         status.fields = fields.clone();
+        if unparsable {
+            let based_on = match &status.pending_write {
+                Some(pending) => pending.based_on.clone(),
+                None => status.replaced_fingerprint.clone(),
+            };
+            status.pending_write = Some(super::PendingWrite { fields: fields.clone(), based_on });
+            let message = format!(
+                "token file {} cannot be parsed, so the refreshed token was not written over it; it is kept \
+                 in memory and written once the file parses again",
+                path.display()
+            );
+            status.write_error = Some(message.clone());
+            drop(status);
+            metrics::token_write(self.name(), "deferred");
+            tracing::warn!(provider = self.name(), error = %message, "token file left alone");
+            return;
+        }
+        drop(status);
+        let result =
+            store::encode(format, fields).and_then(|bytes| store::write(path, &bytes).map(|()| bytes));
+        let mut status = self.status();
         match result {
             Ok(bytes) => {
                 // Our own write must not come back as a "change" through the watcher.
                 status.content_hash = Some(Sha256::digest(&bytes).into());
+                status.file = super::FileStatus::Ok;
                 status.write_error = None;
+                status.pending_write = None;
                 drop(status);
                 metrics::token_write(self.name(), "ok");
             }
@@ -309,8 +376,8 @@ impl Provider {
                 status.last_error = Some(e.to_string());
                 status.last_failure = Some(e.clone());
                 match e.kind {
-                    RefreshErrorKind::InvalidGrant => status.reauth_reason = Some(e.to_string()),
-                    RefreshErrorKind::InvalidClient => status.config_error = Some(e.to_string()),
+                    RefreshErrorKind::InvalidGrant => status.reauth_reason = Some(e.message.clone()),
+                    RefreshErrorKind::InvalidClient => status.config_error = Some(e.message.clone()),
                     _ => {}
                 }
                 drop(status);

@@ -18,7 +18,20 @@ pub struct TokenFileLock {
     _file: File,
 }
 
+/// The file a token path stands for: a symlinked token file is written through to its target
+/// (replacing the link would leave the target holding a spent refresh token), and its lock lives
+/// beside the target, where every process sharing the target finds it.
+pub fn resolve(token_file: &Path) -> PathBuf {
+    match std::fs::symlink_metadata(token_file) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            std::fs::canonicalize(token_file).unwrap_or_else(|_| token_file.to_path_buf())
+        }
+        _ => token_file.to_path_buf(),
+    }
+}
+
 pub fn lock_path(token_file: &Path) -> PathBuf {
+    let token_file = resolve(token_file);
     let mut name = token_file.file_name().unwrap_or_default().to_os_string();
     name.push(".lock");
     token_file.with_file_name(name)
@@ -26,10 +39,11 @@ pub fn lock_path(token_file: &Path) -> PathBuf {
 
 /// Blocks until the lock is ours; call it off the async threads.
 pub fn lock(token_file: &Path) -> std::io::Result<TokenFileLock> {
+    let token_file = resolve(token_file);
     if let Some(dir) = token_file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let file = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(token_file))?;
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(lock_path(&token_file))?;
     file.lock()?;
     Ok(TokenFileLock { _file: file })
 }
@@ -56,8 +70,29 @@ pub fn refreshed_fields(
         fields.insert("scope".into(), Value::String(scope.clone()));
     }
     // `expires_in` relative to an old timestamp would now contradict `expires_at`.
-    fields.remove("expires_in");
-    fields.remove("issued_at");
+    for key in REFRESH_REMOVES {
+        fields.remove(key);
+    }
+    fields
+}
+
+/// The fields a refresh owns, and those it removes.
+const REFRESH_OWNED: [&str; 6] =
+    ["access_token", "refresh_token", "expires_at", "updated_at", "token_type", "scope"];
+const REFRESH_REMOVES: [&str; 2] = ["expires_in", "issued_at"];
+
+/// `file`'s fields with a refresh's own fields (from `refreshed`) laid on top: a person's edit
+/// to other fields is kept, the refresh's tokens and times win.
+pub fn overlay_refresh(file: &Map<String, Value>, refreshed: &Map<String, Value>) -> Map<String, Value> {
+    let mut fields = file.clone();
+    for key in REFRESH_OWNED {
+        if let Some(value) = refreshed.get(key) {
+            fields.insert(key.into(), value.clone());
+        }
+    }
+    for key in REFRESH_REMOVES {
+        fields.remove(key);
+    }
     fields
 }
 
@@ -80,8 +115,9 @@ pub fn encode(format: FileFormat, fields: &Map<String, Value>) -> std::io::Resul
 /// Writes the token file atomically with mode 0600. Called under the token file's lock, so the
 /// leftovers of a writer killed mid-write can be cleared first.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    remove_stale_temporaries(path);
-    write_atomically(path, bytes, 0o600, Existing::Replace)
+    let path = resolve(path);
+    remove_stale_temporaries(&path);
+    write_atomically(&path, bytes, 0o600, Existing::Replace)
 }
 
 #[cfg(test)]

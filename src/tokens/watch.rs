@@ -32,8 +32,13 @@ pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
             let _ = tx.send(());
         }
     });
-    let folders: BTreeSet<PathBuf> =
-        providers.iter().filter_map(|p| p.config.token_file.parent().map(|d| d.to_path_buf())).collect();
+    // The token file's folder, and for a symlinked file also its target's folder, where edits
+    // and tokenproxy's own writes land.
+    let folders: BTreeSet<PathBuf> = providers
+        .iter()
+        .flat_map(|p| [p.config.token_file.clone(), super::store::resolve(&p.config.token_file)])
+        .filter_map(|file| file.parent().map(|d| d.to_path_buf()))
+        .collect();
     let watcher = match watcher {
         Ok(mut watcher) => {
             for folder in &folders {

@@ -738,7 +738,7 @@ impl MockTokenEndpoint {
         self.state.lock().unwrap().valid_refresh.contains(token)
     }
 
-    /// The next answers, before normal behaviour resumes.
+    /// The next answers, before normal behaviour resumes (a `429` carries `Retry-After: 30`).
     pub fn script(&self, answers: &[(u16, &str)]) {
         let mut state = self.state.lock().unwrap();
         state.script.extend(answers.iter().map(|(s, b)| (*s, b.to_string())));
@@ -793,7 +793,12 @@ impl MockTokenEndpoint {
             if body.contains("invalid_grant") {
                 state.invalid_grants += 1;
             }
-            return json(status, body);
+            let mut answer = json(status, body);
+            if status == 429 {
+                // A rate limiter says when to come back.
+                answer.headers_mut().insert("retry-after", "30".parse().unwrap());
+            }
+            return answer;
         }
         // Client authentication, exactly the configured style.
         let basic = parts
