@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::egress::Egress;
 use crate::oauth::OAuthClient;
 use crate::proxy::Proxy;
+use crate::proxy::replay::ReplayBudget;
 use crate::proxy::upstream::{self, Protocols};
 use crate::server::{self, ConnectionLimits, Drain};
 use crate::tls::ca::CertificateAuthority;
@@ -74,6 +75,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         client: upstream::client(tls.clone(), &config.proxy, egress.clone(), Protocols::Http1AndHttp2),
         upgrade_client: upstream::client(tls, &config.proxy, egress.clone(), Protocols::Http1Only),
         egress,
+        replay_budget: ReplayBudget::new(config.proxy.max_replay_total),
         settings: config.proxy.clone(),
         allow_unmatched: config.allow_unmatched,
         leaves,
@@ -83,6 +85,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
+        max_connections: config.proxy.max_connections,
     };
 
     background.push(watch::spawn(providers.clone()));
@@ -105,7 +108,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             async move { proxy.handle_forward(req).await }
         }
     };
-    tokio::spawn(server::serve(proxy_listener, limits.clone(), drain.watch(), handler));
+    tokio::spawn(server::serve("proxy", proxy_listener, limits.clone(), drain.watch(), handler));
 
     for (route, listener) in config.routes.iter().zip(route_listeners) {
         tracing::info!(
@@ -122,7 +125,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let route = route.clone();
             async move { proxy.handle_route(&route, req).await }
         };
-        tokio::spawn(server::serve(listener, limits.clone(), drain.watch(), handler));
+        tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), handler));
     }
 
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
@@ -130,7 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let admin = admin.clone();
         async move { admin.handle(req).await }
     };
-    tokio::spawn(server::serve(admin_listener, limits, drain.watch(), handler));
+    tokio::spawn(server::serve("admin", admin_listener, limits, drain.watch(), handler));
 
     Ok(Running {
         proxy_addr,

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -18,7 +18,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::proxy::ProxyBody;
 
@@ -140,6 +140,57 @@ impl Default for Drain {
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Connections served at once on one listener.
+    pub max_connections: usize,
+}
+
+/// A client connection's place under `max_connections`. Every request carries it (in its
+/// extensions), so that a tunnel or an interception that outlives its CONNECT request keeps the
+/// place until it closes.
+#[derive(Clone)]
+pub struct ConnectionPermit {
+    _place: Arc<OwnedSemaphorePermit>,
+}
+
+/// Failed accepts (out of file descriptors, mostly) back off exponentially and are logged once
+/// per interval with a count, instead of a line every few milliseconds.
+struct AcceptTrouble {
+    delay: Duration,
+    failures: u64,
+    last_log: Option<Instant>,
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl AcceptTrouble {
+    fn new() -> Self {
+        AcceptTrouble { delay: ACCEPT_BACKOFF_MIN, failures: 0, last_log: None }
+    }
+
+    /// Records a failure and returns how long to wait before the next accept.
+    fn failed(&mut self, listener: &str, error: &std::io::Error) -> Duration {
+        self.failures += 1;
+        if self.last_log.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
+            tracing::warn!(
+                listener,
+                error = %error,
+                failures = self.failures,
+                retry_in_ms = self.delay.as_millis() as u64,
+                "accepting connections fails (out of file descriptors? raise `ulimit -n` or lower proxy.max_connections)"
+            );
+            self.last_log = Some(Instant::now());
+            self.failures = 0;
+        }
+        let delay = self.delay;
+        self.delay = (self.delay * 2).min(ACCEPT_BACKOFF_MAX);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        self.delay = ACCEPT_BACKOFF_MIN;
+    }
 }
 
 /// Binds `addr`, naming the config key in the error so that a port in use is a one-line reason.
@@ -148,8 +199,13 @@ pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request.
-pub async fn serve<H, F>(listener: TcpListener, limits: ConnectionLimits, mut drain: DrainWatch, handler: H)
-where
+pub async fn serve<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    mut drain: DrainWatch,
+    handler: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
@@ -160,16 +216,41 @@ where
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     let builder = Arc::new(builder);
+    let places = Arc::new(Semaphore::new(limits.max_connections));
+    let mut trouble = AcceptTrouble::new();
+    let mut full_since: Option<Instant> = None;
     loop {
+        // A place first: at max_connections, new connections wait in the listen backlog.
+        let place = match places.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(_) => {
+                if full_since.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
+                    tracing::warn!(
+                        listener = name,
+                        max_connections = limits.max_connections,
+                        "connection limit reached; new connections wait until one closes"
+                    );
+                    full_since = Some(Instant::now());
+                }
+                tokio::select! {
+                    _ = drain.signaled() => break,
+                    place = places.clone().acquire_owned() => place.expect("the semaphore is never closed"),
+                }
+            }
+        };
         let (stream, _peer) = tokio::select! {
             _ = drain.signaled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    trouble.succeeded();
+                    accepted
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    let delay = trouble.failed(name, &e);
+                    tokio::select! {
+                        _ = drain.signaled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
                 }
             },
         };
@@ -177,8 +258,10 @@ where
         let builder = builder.clone();
         let handler = handler.clone();
         let conn_drain = drain.clone();
+        let permit = ConnectionPermit { _place: Arc::new(place) };
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(permit.clone());
                 let handler = handler.clone();
                 // Boxed per request: hyper otherwise keeps room for this future in every
                 // connection, idle or not, and an allocation per request is cheaper than that

@@ -315,3 +315,49 @@ async fn a_burst_leaves_at_most_max_idle_per_host_upstream_connections_open() {
     assert_eq!(r.status(), 200);
     assert_eq!(mock.open_connections(), 2);
 }
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_and_no_secret() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, "access_log = true"));
+    let r = tp.client().get(mock.url("/users/42?api_key=query-secret-value")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = tp.client().get("http://127.0.0.1:1/nowhere").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+
+    let lines = eventually(Duration::from_secs(5), "two access log lines", || async {
+        let lines: Vec<serde_json::Value> = tp
+            .logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "tokenproxy::access")
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await;
+    let served = &lines[0];
+    assert_eq!(served["method"], "GET");
+    assert_eq!(served["host"], mock.authority());
+    assert_eq!(served["path"], "/users/42", "the query string was logged");
+    assert_eq!(served["status"], 200);
+    assert_eq!(served["provider"], "api");
+    assert_eq!(served["retried"], false);
+    assert!(served["duration_us"].as_u64().is_some());
+    assert_eq!(lines[1]["status"], 502);
+    assert_eq!(lines[1]["provider"], "none");
+    for line in tp.logs() {
+        assert!(!line.contains("query-secret-value") && !line.contains(TOKEN), "a secret in the log: {line}");
+    }
+
+    // Off by default: no access lines.
+    let dir = tempdir();
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let quiet = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
+    quiet.client().get(mock.url("/quiet")).send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(quiet.logs().iter().all(|l| !l.contains("tokenproxy::access")));
+}

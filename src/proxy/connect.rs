@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -24,16 +24,17 @@ use tokio::net::TcpStream;
 use super::{BoxError, Proxy, ProxyBody, Target, dial_error, finish};
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};
-use crate::server;
+use crate::server::{self, ConnectionPermit};
 use crate::tokens::Provider;
 
 impl Proxy {
     pub(super) async fn handle_connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let started = Instant::now();
+        let mut access = self.access(&req);
         let target = match connect_target(&req) {
             Ok(target) => target,
-            Err(e) => return finish(None, started, Err(e)),
+            Err(e) => return finish(None, access, Err(e)),
         };
+        access.host(&target);
         let provider = self.providers.for_host(&target.host, target.port).cloned();
         match provider {
             Some(provider) => {
@@ -44,27 +45,35 @@ impl Proxy {
                             host: target.authority.to_string(),
                             reason: format!("{e:#}"),
                         };
-                        return finish(Some(&provider), started, Err(e));
+                        return finish(Some(&provider), access, Err(e));
                     }
                 };
                 let upgrade = hyper::upgrade::on(&mut req);
-                tokio::spawn(self.clone().intercept(upgrade, tls, target, provider));
+                let place = req.extensions().get::<ConnectionPermit>().cloned();
+                tokio::spawn(self.clone().intercept(upgrade, tls, target, provider, place));
                 // Not counted as a request: the requests inside the tunnel are.
                 connection_established()
             }
             None if !self.allow_unmatched => {
                 let e = ProxyError::unmatched_host(target.authority.to_string());
-                finish(None, started, Err(e))
+                finish(None, access, Err(e))
             }
             None => {
                 let dialled = self.egress.connect(&target.host, target.port, self.settings.upstream_timeout);
                 let upstream = match dialled.await {
                     Ok(upstream) => upstream,
-                    Err(e) => return finish(None, started, Err(dial_error(&target, e))),
+                    Err(e) => return finish(None, access, Err(dial_error(&target, e))),
                 };
                 let upgrade = hyper::upgrade::on(&mut req);
-                tokio::spawn(tunnel(upgrade, upstream, self.settings.idle_timeout, self.drain.clone()));
-                finish(None, started, Ok(connection_established()))
+                let place = req.extensions().get::<ConnectionPermit>().cloned();
+                tokio::spawn(tunnel(
+                    upgrade,
+                    upstream,
+                    self.settings.idle_timeout,
+                    self.drain.clone(),
+                    place,
+                ));
+                finish(None, access, Ok(connection_established()))
             }
         }
     }
@@ -77,6 +86,7 @@ impl Proxy {
         tls: Arc<rustls::ServerConfig>,
         target: Target,
         provider: Arc<Provider>,
+        _place: Option<ConnectionPermit>,
     ) {
         let Some(drain) = self.drain.watch() else { return };
         let upgraded = match upgrade.await {
@@ -165,9 +175,10 @@ impl Proxy {
         target: Target,
         provider: &Arc<Provider>,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
+        let mut access = self.access(&req);
+        access.host(&target);
         let result = self.forward(req, target, Some(provider)).await;
-        finish(Some(provider.as_ref()), started, result)
+        finish(Some(provider.as_ref()), access, result)
     }
 }
 
@@ -188,7 +199,13 @@ fn connection_established() -> Response<ProxyBody> {
 
 /// A blind tunnel: bytes both ways, untouched, until both sides are done, the tunnel has been
 /// idle for `idle_timeout`, or shutdown (a blind tunnel has no request boundary to wait for).
-async fn tunnel(upgrade: OnUpgrade, upstream: TcpStream, idle_timeout: Duration, drain: server::DrainHandle) {
+async fn tunnel(
+    upgrade: OnUpgrade,
+    upstream: TcpStream,
+    idle_timeout: Duration,
+    drain: server::DrainHandle,
+    _place: Option<ConnectionPermit>,
+) {
     let Some(drain) = drain.watch() else { return };
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,

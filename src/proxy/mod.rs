@@ -7,7 +7,7 @@
 
 mod connect;
 mod headers;
-mod replay;
+pub mod replay;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
 use crate::egress::{DialError, Egress};
 use crate::errors::ProxyError;
 use crate::hosts::normalize_host;
-use crate::server::DrainHandle;
+use crate::server::{ConnectionPermit, DrainHandle};
 use crate::tls::leaf::LeafCache;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{Provider, Providers, Token, TokenState};
@@ -108,6 +108,8 @@ pub struct Proxy {
     pub drain: DrainHandle,
     /// Where connections may go; every dial of the data path asks it.
     pub egress: Arc<Egress>,
+    /// The bytes all replay copies may hold at once (`proxy.max_replay_total`).
+    pub replay_budget: replay::ReplayBudget,
 }
 
 impl Proxy {
@@ -119,15 +121,21 @@ impl Proxy {
             // connection.
             return Box::pin(self.handle_connect(req)).await;
         }
-        let started = Instant::now();
+        let mut access = self.access(&req);
         let (provider, result) = match self.forward_target(&req) {
             Ok((target, provider)) => {
+                access.host(&target);
                 let result = self.forward(req, target, provider.as_ref()).await;
                 (provider, result)
             }
             Err(e) => (None, Err(e)),
         };
-        finish(provider.as_deref(), started, result)
+        finish(provider.as_deref(), access, result)
+    }
+
+    /// The start of a request's access record; see [`Access`].
+    fn access<B>(&self, req: &Request<B>) -> Access {
+        Access::start(self.settings.access_log, req)
     }
 
     fn forward_target(&self, req: &Request<Incoming>) -> Result<(Target, Option<Arc<Provider>>), ProxyError> {
@@ -148,10 +156,11 @@ impl Proxy {
 
     /// A request on a `[[routes]]` listener: it goes to the route's upstream whatever its form.
     pub async fn handle_route(&self, route: &RouteConfig, req: Request<Incoming>) -> Response<ProxyBody> {
-        let started = Instant::now();
+        let mut access = self.access(&req);
         let provider = self.providers.get(&route.provider).cloned();
         let result = match Target::new(route.upstream_scheme.clone(), &route.upstream_authority) {
             Ok(target) => {
+                access.host(&target);
                 let (mut parts, body) = req.into_parts();
                 let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
                 let joined = format!("{}{}", route.upstream_base_path, path);
@@ -161,12 +170,13 @@ impl Proxy {
                         let req = Request::from_parts(parts, body);
                         self.forward(req, target, provider.as_ref()).await
                     }
-                    Err(_) => Err(ProxyError::BadTarget(format!("bad path {path:?}"))),
+                    // The path is not repeated: its query may hold a secret.
+                    Err(_) => Err(ProxyError::BadTarget("the request path is not valid".into())),
                 }
             }
             Err(e) => Err(e),
         };
-        finish(provider.as_deref(), started, result)
+        finish(provider.as_deref(), access, result)
     }
 
     /// The one forwarding path: inject the provider's token if there is one, relay, and after a
@@ -194,11 +204,14 @@ impl Proxy {
         provider: Option<&Arc<Provider>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let client_side = hyper::upgrade::on(&mut req);
+        // The joined connection keeps the client connection's place under max_connections.
+        let place = req.extensions().get::<ConnectionPermit>().cloned();
         let mut response = self.forward_message(req, Some(protocol), target, provider).await?;
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             let upstream_side = hyper::upgrade::on(&mut response);
             let (idle_timeout, drain) = (self.settings.idle_timeout, self.drain.clone());
             tokio::spawn(async move {
+                let _place = place;
                 let Some(drain) = drain.watch() else { return };
                 match tokio::try_join!(client_side, upstream_side) {
                     Ok((client, upstream)) => {
@@ -265,7 +278,7 @@ impl Proxy {
         };
         // What a retry needs: the head, and the body kept as it streams out (up to the limit).
         let head = clone_head(&parts);
-        let (body, replay) = replay::tee(body, self.settings.max_replay_body);
+        let (body, replay) = replay::tee(body, self.settings.max_replay_body, &self.replay_budget);
         let response = self.send(Request::from_parts(parts, body.boxed()), &target).await?;
         if !provider.config.refresh_on_status.contains(&response.status()) {
             return Ok(response);
@@ -341,9 +354,10 @@ impl Proxy {
         head.headers.insert(provider.config.header.clone(), fresh.header_value().clone());
         let body = Full::new(body).map_err(|e| -> BoxError { match e {} }).boxed();
         match self.send(Request::from_parts(head, body), target).await {
-            Ok(response) => {
+            Ok(mut response) => {
                 let still_dead = provider.config.refresh_on_status.contains(&response.status());
                 metrics::retry(name, if still_dead { "unauthorized" } else { "ok" });
+                response.extensions_mut().insert(Retried);
                 Ok(response)
             }
             Err(e) => {
@@ -439,14 +453,49 @@ fn token_unavailable(provider: &Provider) -> ProxyError {
     ProxyError::TokenUnavailable { provider: provider.name().to_string(), reason, action }
 }
 
-/// Records the request's metrics and turns an error into its answer.
+/// A request's start and, when `proxy.access_log` is on, what its access log line will say:
+/// method, host in normal form, path without its query. Never a query string, userinfo or a
+/// header value. Nothing is copied when the log is off.
+pub(crate) struct Access {
+    started: Instant,
+    line: Option<AccessLine>,
+}
+
+struct AccessLine {
+    method: Method,
+    host: String,
+    path: String,
+}
+
+/// Marks a response that came from the retry after a refresh.
+#[derive(Clone, Copy)]
+struct Retried;
+
+impl Access {
+    pub(crate) fn start<B>(enabled: bool, req: &Request<B>) -> Access {
+        let line = enabled.then(|| AccessLine {
+            method: req.method().clone(),
+            host: "-".into(),
+            path: if req.method() == Method::CONNECT { "-".into() } else { req.uri().path().to_string() },
+        });
+        Access { started: Instant::now(), line }
+    }
+
+    pub(crate) fn host(&mut self, target: &Target) {
+        if let Some(line) = &mut self.line {
+            line.host = target.authority.to_string();
+        }
+    }
+}
+
+/// Records the request's metrics (and access log line) and turns an error into its answer.
 fn finish(
     provider: Option<&Provider>,
-    started: Instant,
+    access: Access,
     result: Result<Response<ProxyBody>, ProxyError>,
 ) -> Response<ProxyBody> {
+    let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
     let response = result.unwrap_or_else(|e| {
-        let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
         tracing::warn!(provider = label, error = %e, code = e.code(), "request refused");
         e.into_response()
     });
@@ -454,6 +503,20 @@ fn finish(
         Some(p) => &p.request_metrics,
         None => metrics::RequestMetrics::unmatched(),
     };
-    handles.record(response.status(), started.elapsed());
+    let elapsed = access.started.elapsed();
+    handles.record(response.status(), elapsed);
+    if let Some(line) = access.line {
+        tracing::info!(
+            target: "tokenproxy::access",
+            method = %line.method,
+            host = %line.host,
+            path = %line.path,
+            status = response.status().as_u16(),
+            provider = label,
+            retried = response.extensions().get::<Retried>().is_some(),
+            duration_us = elapsed.as_micros() as u64,
+            "request"
+        );
+    }
     response
 }

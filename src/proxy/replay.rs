@@ -1,10 +1,12 @@
 //! Keeping a request body while it streams out, so that the one retry after a 401 can resend it.
 //!
 //! The body is never held back: frames go upstream as they arrive, and a copy is kept only while
-//! the total stays within `max_replay_body`. Past that the copy is dropped and the request is not
+//! the total stays within `max_replay_body` and the process-wide [`ReplayBudget`] has room for it.
+//! Past either, the copy is dropped (its bytes go back to the budget) and the request is not
 //! replayable.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -13,12 +15,56 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::BoxError;
 
-#[derive(Default)]
+/// The bytes all kept copies may hold at once, across every request: without it, many
+/// concurrent large uploads to a slow provider hold their copies at once.
+#[derive(Clone)]
+pub struct ReplayBudget {
+    left: Arc<AtomicU64>,
+}
+
+impl ReplayBudget {
+    pub fn new(bytes: u64) -> ReplayBudget {
+        ReplayBudget { left: Arc::new(AtomicU64::new(bytes)) }
+    }
+
+    /// Takes `n` bytes if that many are left.
+    fn take(&self, n: u64) -> bool {
+        self.left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(n)).is_ok()
+    }
+
+    fn give_back(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Bytes not held by any copy now.
+    pub fn left(&self) -> u64 {
+        self.left.load(Ordering::Acquire)
+    }
+}
+
 struct Copy {
     chunks: Vec<Bytes>,
     len: u64,
+    /// Bytes of the budget this copy holds.
+    held: u64,
+    budget: ReplayBudget,
     overflowed: bool,
     ended: bool,
+}
+
+impl Copy {
+    /// Drops the copy for good: the request is not replayable.
+    fn overflow(&mut self) {
+        self.overflowed = true;
+        self.chunks = Vec::new();
+        self.budget.give_back(std::mem::take(&mut self.held));
+    }
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
+    }
 }
 
 /// The body as sent upstream, keeping a copy.
@@ -36,8 +82,15 @@ pub struct Replay {
     expected: Option<u64>,
 }
 
-pub fn tee<B: Body>(inner: B, limit: u64) -> (TeeBody<B>, Replay) {
-    let copy = Arc::new(Mutex::new(Copy::default()));
+pub fn tee<B: Body>(inner: B, limit: u64, budget: &ReplayBudget) -> (TeeBody<B>, Replay) {
+    let copy = Arc::new(Mutex::new(Copy {
+        chunks: Vec::new(),
+        len: 0,
+        held: 0,
+        budget: budget.clone(),
+        overflowed: false,
+        ended: false,
+    }));
     let expected = inner.size_hint().exact();
     let replay = Replay { copy: copy.clone(), expected };
     (TeeBody { inner, copy, limit, expected }, replay)
@@ -76,12 +129,15 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    copy.len += data.len() as u64;
-                    if copy.len > self.limit {
-                        copy.overflowed = true;
-                        copy.chunks = Vec::new();
-                    } else if !copy.overflowed {
-                        copy.chunks.push(data.clone());
+                    let n = data.len() as u64;
+                    copy.len += n;
+                    if !copy.overflowed {
+                        if copy.len > self.limit || !copy.budget.take(n) {
+                            copy.overflow();
+                        } else {
+                            copy.held += n;
+                            copy.chunks.push(data.clone());
+                        }
                     }
                 }
             }
@@ -111,22 +167,43 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_body_is_kept_whole_and_a_large_one_is_not() {
-        let (body, replay) = tee(Full::new(Bytes::from_static(b"hello")), 10);
+        let budget = ReplayBudget::new(1000);
+        let (body, replay) = tee(Full::new(Bytes::from_static(b"hello")), 10, &budget);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
         assert_eq!(replay.take().unwrap(), "hello");
 
         let chunks =
             (0..4).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abcd"))));
-        let (body, replay) = tee(StreamBody::new(futures_util::stream::iter(chunks)), 10);
+        let (body, replay) = tee(StreamBody::new(futures_util::stream::iter(chunks)), 10, &budget);
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 16, "everything still streams");
         assert!(replay.take().is_none());
+        assert_eq!(budget.left(), 1000 - 5, "an overflowed copy gives its bytes back at once");
+    }
+
+    #[tokio::test]
+    async fn copies_share_one_budget_and_give_it_back_when_dropped() {
+        let budget = ReplayBudget::new(8);
+        let (first, first_replay) = tee(Full::new(Bytes::from_static(b"12345")), 100, &budget);
+        let (second, second_replay) = tee(Full::new(Bytes::from_static(b"67890")), 100, &budget);
+        assert_eq!(first.collect().await.unwrap().to_bytes(), "12345");
+        assert_eq!(
+            second.collect().await.unwrap().to_bytes(),
+            "67890",
+            "the body streams whatever the budget"
+        );
+        assert_eq!(first_replay.take().unwrap(), "12345");
+        assert!(second_replay.take().is_none(), "no budget left for the second copy");
+        assert_eq!(budget.left(), 3);
+        drop(first_replay);
+        assert_eq!(budget.left(), 8);
     }
 
     #[tokio::test]
     async fn a_body_not_yet_sent_whole_is_not_replayable() {
         let chunks =
             (0..2).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"ab"))));
-        let (mut body, replay) = tee(StreamBody::new(futures_util::stream::iter(chunks)), 10);
+        let (mut body, replay) =
+            tee(StreamBody::new(futures_util::stream::iter(chunks)), 10, &ReplayBudget::new(100));
         let _first = body.frame().await;
         assert!(replay.take().is_none());
     }

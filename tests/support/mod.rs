@@ -362,6 +362,20 @@ impl TokenProxy {
         Self::start_command(dir, config, env, Command::new(binary()))
     }
 
+    /// Starts the proxy with at most `fds` open file descriptors (`prlimit`, from util-linux).
+    pub fn start_with_fd_limit(dir: &Path, config: &str, fds: u32) -> TokenProxy {
+        let mut command = Command::new("prlimit");
+        command.arg(format!("--nofile={fds}:{fds}")).arg("--").arg(binary());
+        Self::start_command(dir, config, &[], command)
+    }
+
+    /// The proxy's resident memory now, from /proc, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// Starts the proxy as an unprivileged user (`nobody`, via setpriv) when the tests run as
     /// root, so that file permissions apply to it; `dir` is handed over to that user.
     pub fn start_unprivileged(dir: &Path, config: &str) -> TokenProxy {

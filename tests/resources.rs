@@ -1,0 +1,144 @@
+//! Bounded resources: memory for replay copies, connections per listener, and an accept loop
+//! that stays calm when the process runs out of file descriptors.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+const TOKEN: &str = "tok-res-9f8e7d6c";
+
+fn start(dir: &std::path::Path, mock: &MockApi, proxy_extra: &str) -> TokenProxy {
+    let token_file = dir.join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    TokenProxy::start(dir, &mock.plain_config(&token_file, proxy_extra))
+}
+
+/// Sends `n` concurrent 1 MiB POSTs to the mock's one-second `/slow` and returns the proxy's RSS
+/// growth at its peak and once the requests are done, in MiB.
+async fn rss_growth_under_uploads(tp: &TokenProxy, mock: &MockApi, n: usize) -> (f64, f64) {
+    let before = tp.rss_kib();
+    let body = bytes::Bytes::from(vec![b'u'; 1024 * 1024]);
+    let client = tp.client();
+    let uploads = (0..n).map(|_| {
+        let request = client.post(mock.url("/slow")).body(body.clone());
+        async move { request.send().await.map(|r| r.status().as_u16()) }
+    });
+    let uploads = tokio::spawn(futures_util::future::join_all(uploads));
+    let mut peak = before;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !uploads.is_finished() && Instant::now() < deadline {
+        peak = peak.max(tp.rss_kib());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let statuses = uploads.await.unwrap();
+    assert!(statuses.iter().all(|s| matches!(s, Ok(200))), "every upload went through");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = tp.rss_kib();
+    let mib = |kib: u64| kib.saturating_sub(before) as f64 / 1024.0;
+    (mib(peak), mib(after))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_budget_bounds_memory_under_many_large_uploads_to_a_slow_provider() {
+    const UPLOADS: usize = 200;
+    // Unbounded (the budget larger than everything at once), then bounded, in one run.
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let unbounded = start(dir.path(), &mock, "max_replay_total = 1073741824");
+    let (unbounded_peak, unbounded_after) = rss_growth_under_uploads(&unbounded, &mock, UPLOADS).await;
+    drop(unbounded);
+    let dir = tempdir();
+    let bounded = start(dir.path(), &mock, "max_replay_total = 16777216");
+    let (bounded_peak, bounded_after) = rss_growth_under_uploads(&bounded, &mock, UPLOADS).await;
+    eprintln!(
+        "{UPLOADS} concurrent 1 MiB uploads, RSS growth: unbounded peak {unbounded_peak:.1} MiB, after {unbounded_after:.1} MiB; \
+         16 MiB budget peak {bounded_peak:.1} MiB, after {bounded_after:.1} MiB"
+    );
+    assert!(
+        unbounded_peak > 100.0,
+        "the uploads did not hold their copies at once ({unbounded_peak:.1} MiB)"
+    );
+    assert!(
+        bounded_peak < unbounded_peak / 2.0 && bounded_peak < 80.0,
+        "the budget did not bound memory: {bounded_peak:.1} MiB against {unbounded_peak:.1} MiB unbounded"
+    );
+    assert!(bounded_after < 80.0, "{bounded_after:.1} MiB stayed resident");
+}
+
+#[tokio::test]
+async fn a_request_that_finds_the_replay_budget_spent_streams_on_and_is_not_replayable() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    // The provider rejects the token; without a copy the request cannot be retried.
+    mock.accept_only(&[]);
+    let tp = start(dir.path(), &mock, "max_replay_total = 1000");
+    let r = tp.client().post(mock.url("/upload")).body(vec![b'x'; 10_000]).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the original answer, not a retry");
+    assert_eq!(mock.last().body.len(), 10_000, "the body streamed whole");
+    let not_replayable = [("provider", "api"), ("result", "not_replayable")];
+    assert_eq!(tp.metric("tokenproxy_retries_total", &not_replayable).await, 1.0);
+}
+
+#[tokio::test]
+async fn at_max_connections_new_connections_wait_and_a_tunnel_keeps_its_place() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let tp = start(dir.path(), &mock, "max_connections = 2");
+    // Two places taken: one idle connection, one tunnel to a host that matches no provider.
+    let idle = tokio::net::TcpStream::connect(tp.proxy).await.unwrap();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut tunnel = tokio::net::TcpStream::connect(tp.proxy).await.unwrap();
+    let to = silent.local_addr().unwrap();
+    tunnel.write_all(format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes()).await.unwrap();
+    let _far_end = silent.accept().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let client = || {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
+            .timeout(Duration::from_millis(700))
+            .build()
+            .unwrap()
+    };
+    assert!(client().get(mock.url("/third")).send().await.is_err(), "a third connection was served");
+    drop(idle);
+    eventually(Duration::from_secs(5), "a place to free up", || async {
+        client().get(mock.url("/now")).send().await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    assert!(
+        tp.logs().iter().filter(|l| l.contains("connection limit reached")).count() >= 1,
+        "the limit was not logged"
+    );
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_the_accept_loop_backs_off_and_logs_once_per_interval() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let tp = TokenProxy::start_with_fd_limit(dir.path(), &mock.plain_config(&token_file, ""), 48);
+    // More connections than descriptors: accept fails with EMFILE.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(tp.proxy).await {
+            held.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let complaints = tp.logs().iter().filter(|l| l.contains("accepting connections fails")).count();
+    assert!(
+        (1..=2).contains(&complaints),
+        "{complaints} log lines about failed accepts in 2 s (one per interval expected)"
+    );
+    drop(held);
+    eventually(Duration::from_secs(10), "the proxy to serve again", || async {
+        let r = tp.client().get(mock.url("/again")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
