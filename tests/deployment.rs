@@ -111,7 +111,7 @@ fn every_provider_example_passes_check_once_seeded_as_it_says() {
     assert_eq!(code, Some(0), "{out}");
 }
 
-fn manifests() -> Vec<serde_yaml::Value> {
+fn manifests() -> Vec<serde_norway::Value> {
     use serde::Deserialize;
     let mut docs = Vec::new();
     for entry in std::fs::read_dir(repo("examples/kubernetes")).unwrap() {
@@ -120,9 +120,9 @@ fn manifests() -> Vec<serde_yaml::Value> {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        for doc in serde_norway::Deserializer::from_str(&text) {
             let value =
-                serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                serde_norway::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(value["apiVersion"].is_string() && value["kind"].is_string(), "{}", path.display());
             docs.push(value);
         }

@@ -136,7 +136,7 @@ pub fn parse(format: FileFormat, bytes: &[u8]) -> Result<TokenDocument, ParseErr
         // Errors keep only serde's position text, never a snippet of content.
         FileFormat::Json => serde_json::from_slice::<Value>(bytes)
             .map_err(|e| ParseError::Json(format!("line {} column {}", e.line(), e.column())))?,
-        FileFormat::Yaml => serde_yaml::from_slice::<Value>(bytes).map_err(|e| {
+        FileFormat::Yaml => serde_norway::from_slice::<Value>(bytes).map_err(|e| {
             ParseError::Yaml(match e.location() {
                 Some(l) => format!("line {} column {}", l.line(), l.column()),
                 None => "unreadable".into(),

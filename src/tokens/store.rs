@@ -106,7 +106,7 @@ pub fn encode(format: FileFormat, fields: &Map<String, Value>) -> std::io::Resul
             Ok(bytes)
         }
         FileFormat::Yaml => {
-            serde_yaml::to_string(&value).map(String::into_bytes).map_err(std::io::Error::other)
+            serde_norway::to_string(&value).map(String::into_bytes).map_err(std::io::Error::other)
         }
         FileFormat::Raw => Err(std::io::Error::other("a raw token file is only read, never written")),
     }
@@ -158,6 +158,18 @@ mod tests {
         write(&path, b"{}\n").unwrap();
         assert!(!stale.exists());
         assert!(other.exists(), "only this file's temporaries are touched");
+    }
+
+    #[test]
+    fn a_yaml_token_file_round_trips_with_every_field() {
+        let fields: Map<String, Value> = serde_json::from_str(
+            r#"{"access_token":"a: b # not a comment","refresh_token":"r","expires_at":"2099-01-01T00:00:00Z","userid":12345,"nested":{"k":[1,"two"]}}"#,
+        )
+        .unwrap();
+        let bytes = encode(FileFormat::Yaml, &fields).unwrap();
+        let doc = super::super::file::parse(FileFormat::Yaml, &bytes).unwrap();
+        assert_eq!(doc.fields, fields);
+        assert_eq!(doc.access_token, "a: b # not a comment");
     }
 
     #[test]
