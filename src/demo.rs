@@ -3,7 +3,9 @@
 //! One in-process server plays a provider: an API that accepts only the tokens it issued and has
 //! not revoked, and its OAuth token endpoint (rotating refresh tokens). tokenproxy runs in front
 //! of it with a token file in a temporary folder, and the demo sends calls through it: a fresh
-//! token, an expired one, and one the provider revoked. Then it keeps serving for `curl -x`.
+//! token, an expired one, one the provider revoked, and an HTTPS call that tokenproxy intercepts
+//! (the provider also serves TLS, from a throw-away CA that tokenproxy is told to trust). Then it
+//! keeps serving for `curl -x`.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -17,7 +19,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -25,6 +27,8 @@ use time::format_description::well_known::Rfc3339;
 use crate::app;
 use crate::config::Config;
 use crate::secrets::fingerprint;
+use crate::tls::ca::CertificateAuthority;
+use crate::tls::leaf::LeafCache;
 
 const CLIENT_ID: &str = "demo-client";
 const CLIENT_SECRET: &str = "demo-client-secret";
@@ -57,18 +61,26 @@ impl DemoProvider {
         format!("demo-{kind}-{n:x}")
     }
 
-    async fn serve(self, listener: tokio::net::TcpListener) {
+    /// Serves plain HTTP, or HTTPS with `tls`.
+    async fn serve(self, listener: tokio::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let provider = self.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let provider = provider.clone();
                     async move { Ok::<_, Infallible>(provider.answer(req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = match acceptor {
+                    None => builder.serve_connection(TokioIo::new(stream), service).await,
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(tls) => builder.serve_connection(TokioIo::new(tls), service).await,
+                        Err(_) => return,
+                    },
+                };
             });
         }
     }
@@ -166,7 +178,16 @@ pub async fn run() -> anyhow::Result<()> {
     let provider = DemoProvider::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let provider_addr: SocketAddr = listener.local_addr()?;
-    tokio::spawn(provider.clone().serve(listener));
+    tokio::spawn(provider.clone().serve(listener, None));
+    // The same provider over HTTPS as `localhost`, with a certificate from a throw-away CA: made
+    // by the code that makes tokenproxy's own CA, in its own folder.
+    crate::tls::install_crypto_provider();
+    let provider_ca = CertificateAuthority::load_or_create(&dir.path().join("provider-ca"))?;
+    let provider_ca_pem = provider_ca.cert_path().to_path_buf();
+    let provider_tls = LeafCache::new(provider_ca).server_config("localhost").await?;
+    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tls_port = tls_listener.local_addr()?.port();
+    tokio::spawn(provider.clone().serve(tls_listener, Some(provider_tls)));
 
     // A token file as an app's login flow would have left it.
     let (access, refresh) = (provider.mint("access"), provider.mint("refresh"));
@@ -189,8 +210,9 @@ listen = "{proxy}"
 listen = "{admin}"
 [tls]
 ca_dir = "ca"
+extra_roots = ["provider-ca/ca.pem"]   # the demo provider's throw-away CA
 [providers.demo]
-hosts = ["{provider_addr}", "localhost:{port}"]
+hosts = ["{provider_addr}", "localhost:{port}", "localhost:{tls_port}"]
 token_file = "demo.json"
 allow_plaintext = true   # the demo provider is on loopback
 [providers.demo.oauth]
@@ -267,13 +289,32 @@ refresh_before = "1m"
     }
     println!("   the application saw only: {}\n", r.status());
 
+    // 4. HTTPS: the application calls https:// through the proxy and trusts tokenproxy's CA.
+    let ca_pem = std::fs::canonicalize(dir.path().join("ca").join("ca.pem"))?;
+    let https_url = format!("https://localhost:{tls_port}/v1/me");
+    let https_client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::https(format!("http://{}", running.proxy_addr))?)
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(&ca_pem)?)?])
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let r = https_client.get(&https_url).send().await?;
+    println!("4. An HTTPS call: CONNECT, then TLS with a certificate tokenproxy made for localhost");
+    println!("   GET {https_url} through the proxy -> {}", r.status());
+    println!(
+        "   the provider saw token {}; the application trusted only {} (the provider's own CA is {})\n",
+        last_fingerprint(&provider),
+        ca_pem.display(),
+        provider_ca_pem.display()
+    );
+
     let view = demo.view(OffsetDateTime::now_utc());
     let token_calls = provider.state().token_calls;
     println!(
-        "Now: state {}, {} refreshes, {} retries, token endpoint called {token_calls} times ({:.1}s so far).",
+        "Now: state {}, {}, {}, token endpoint called {} ({:.1}s so far).",
         view.state.as_str(),
-        view.refresh_count,
-        view.retry_count,
+        plural(view.refresh_count, "refresh", "refreshes"),
+        plural(view.retry_count, "retry", "retries"),
+        plural(u64::from(token_calls), "time", "times"),
         started.elapsed().as_secs_f64()
     );
     println!("\nWhere to look:");
@@ -281,10 +322,16 @@ refresh_before = "1m"
     println!("  curl -s http://{}/metrics | grep tokenproxy_", running.admin_addr);
     println!("Try it yourself:");
     println!("  curl -x http://{} {api_url}", running.proxy_addr);
+    println!("  curl --cacert {} -x http://{} {https_url}", ca_pem.display(), running.proxy_addr);
     println!("Ctrl-C to stop.");
     running.serve_until_signal().await?;
     drop(dir);
     Ok(())
+}
+
+/// "1 retry", "2 retries".
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn last_fingerprint(provider: &DemoProvider) -> String {

@@ -34,14 +34,36 @@ fn the_demo_shows_injection_refresh_and_retry_then_stops_cleanly_on_ctrl_c() {
         }
     }
     let text = out.join("\n");
-    assert_eq!(text.matches("-> 200 OK").count(), 2, "{text}");
     assert!(text.contains("answered 401") && text.contains("retried: 200"), "{text}");
     assert!(text.contains("the application saw only: 200 OK"), "{text}");
-    assert!(text.contains("state valid, 2 refreshes, 1 retries"), "{text}");
+    assert!(text.contains("state valid, 2 refreshes, 1 retry,"), "{text}");
+    assert!(
+        text.contains("4. An HTTPS call") && text.contains("/v1/me through the proxy -> 200 OK"),
+        "{text}"
+    );
+    assert_eq!(text.matches("-> 200 OK").count(), 3, "{text}");
     assert!(
         !text.contains("demo-access-") && !text.contains("demo-refresh-"),
         "no token value in the output"
     );
+
+    // The printed commands work as printed, the HTTPS one included.
+    let commands: Vec<&str> =
+        text.lines().map(str::trim).filter(|l| l.starts_with("curl ") && l.contains(" -x ")).collect();
+    assert_eq!(commands.len(), 2, "{text}");
+    if support::curl_available() {
+        for command in commands {
+            let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+            let out = Command::new("curl")
+                .args(["-sS", "--fail-with-body", "--max-time", "10"])
+                .args(&args)
+                .output()
+                .unwrap();
+            let body = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{command}: {body}{}", String::from_utf8_lossy(&out.stderr));
+            assert!(body.contains("from the demo provider"), "{command}: {body}");
+        }
+    }
 
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
