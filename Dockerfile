@@ -1,11 +1,21 @@
 # tokenproxy as a container, usually a sidecar beside an application.
 #
-#   docker build -t tokenproxy .
-#   docker run --rm -v "$PWD/config:/etc/tokenproxy:ro" -v tokenproxy-data:/var/lib/tokenproxy tokenproxy
+#   docker build -t tokenproxy .          (or: podman build -t tokenproxy .)
+#   docker run --rm \
+#     -v "$PWD/my-tokenproxy.toml:/etc/tokenproxy/tokenproxy.toml:ro" \
+#     -v tokenproxy-ca:/var/lib/tokenproxy/ca -v tokenproxy-tokens:/var/lib/tokenproxy/tokens \
+#     -e TOKENPROXY_PROXY__LISTEN=0.0.0.0:8080 -p 127.0.0.1:8080:8080 -p 127.0.0.1:9090:9090 \
+#     tokenproxy
+#
+# Mount your config as the one file, with its ca_dir and token files under /var/lib/tokenproxy
+# (the two writable volumes; see config/container.toml). Standalone, the container's loopback is not
+# the host's: the proxy listens on all of the container's addresses and the host publishes it on
+# its own loopback only. As a Kubernetes sidecar, keep the default 127.0.0.1 (the pod's loopback).
 #
 # The build stage runs the same release build as .ci/run (a test checks that they agree).
 
-FROM rust:1.95-slim-bookworm AS build
+# Fully qualified names: podman and other engines without a default registry resolve them too.
+FROM docker.io/library/rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -13,7 +23,7 @@ COPY benches ./benches
 COPY examples ./examples
 RUN cargo build --locked --release --bin tokenproxy
 
-FROM debian:bookworm-slim
+FROM docker.io/library/debian:bookworm-slim
 # ca-certificates: the system roots that upstream and token-endpoint TLS is verified against.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \

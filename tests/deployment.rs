@@ -185,6 +185,22 @@ fn the_dockerfile_builds_what_ci_builds_and_runs_unprivileged() {
         .expect("the build stage runs cargo build");
     assert!(ci.lines().any(|l| l.trim() == build), "CI runs `{build}` too");
     assert!(dockerfile.contains("USER 10001"), "a non-root user");
+    // Engines without a default registry (podman) resolve only fully qualified names.
+    for from in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
+        assert!(from.starts_with("FROM docker.io/library/"), "{from}");
+    }
+    // The usage comment runs as written: a config file (not a folder over /etc/tokenproxy, where
+    // nothing could be created), the two writable volumes, and the proxy published on the host's
+    // loopback while listening on the container's addresses.
+    let usage: String =
+        dockerfile.lines().filter(|l| l.starts_with("#   ") || l.starts_with("#     ")).collect();
+    assert!(usage.contains(":/etc/tokenproxy/tokenproxy.toml:ro"), "{usage}");
+    assert!(!usage.contains(":/etc/tokenproxy:ro"), "{usage}");
+    assert!(
+        usage.contains(":/var/lib/tokenproxy/ca ") && usage.contains(":/var/lib/tokenproxy/tokens "),
+        "{usage}"
+    );
+    assert!(usage.contains("TOKENPROXY_PROXY__LISTEN=0.0.0.0:8080 -p 127.0.0.1:8080:8080"), "{usage}");
     assert!(dockerfile.contains("EXPOSE 8080 9090"));
     assert!(dockerfile.contains("VOLUME [\"/var/lib/tokenproxy/ca\", \"/var/lib/tokenproxy/tokens\"]"));
     assert!(dockerfile.contains("ENV TOKENPROXY_CONFIG="));

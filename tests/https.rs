@@ -208,6 +208,50 @@ async fn a_java_http_client_gets_the_token_injected() {
     assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
 }
 
+/// Where `.ci/run` installs the Node client libraries (`npm install --prefix target/node-clients`).
+fn node_modules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-clients/node_modules")
+}
+
+#[tokio::test]
+async fn node_fetch_with_undicis_env_proxy_agent_gets_the_token_injected_as_the_readme_says() {
+    let node_ok = client_available(
+        "node with undici (npm install --prefix target/node-clients undici@6)",
+        Command::new("node")
+            .args(["-e", "require('undici').EnvHttpProxyAgent"])
+            .env("NODE_PATH", node_modules()),
+    );
+    if !node_ok {
+        return;
+    }
+    let s = setup(&["localhost"], "localhost:{port}", true, "").await;
+    let url = https_url("localhost", &s.mock, "/node");
+    // The README's two lines, then Node's own fetch, configured as an app would be: the proxy
+    // variables and NODE_EXTRA_CA_CERTS.
+    let script = format!(
+        r#"const {{ setGlobalDispatcher, EnvHttpProxyAgent }} = require("undici");
+setGlobalDispatcher(new EnvHttpProxyAgent());
+fetch("{url}").then(r => console.log(r.status)).catch(e => {{ console.error(e); process.exit(1); }});"#
+    );
+    let mut command = tokio::process::Command::new("node");
+    command.args(["-e", &script]).env("NODE_PATH", node_modules());
+    for var in ["http_proxy", "https_proxy", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"] {
+        command.env_remove(var);
+    }
+    let out = command
+        .env("HTTPS_PROXY", s.tp.proxy_url())
+        .env("HTTP_PROXY", s.tp.proxy_url())
+        .env("NODE_EXTRA_CA_CERTS", &s.ca_pem)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "200");
+    assert_eq!(s.mock.last().path, "/node");
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+}
+
 #[tokio::test]
 async fn unmatched_hosts_are_tunnelled_untouched_or_refused() {
     // The provider is localhost:PORT; 127.0.0.1:PORT matches nothing and is tunnelled.
