@@ -147,11 +147,26 @@ async fn intercepted_tls(
     ca: &std::path::Path,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    intercepted_tls_as(proxy, host, host, port, ca, alpn).await
+}
+
+/// [`intercepted_tls`] with the CONNECT naming `connect_host` and TLS verifying `host`.
+async fn intercepted_tls_as(
+    proxy: SocketAddr,
+    connect_host: &str,
+    host: &str,
+    port: u16,
+    ca: &std::path::Path,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     use rustls_pki_types::pem::PemObject;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut stream = TcpStream::connect(proxy).await.unwrap();
     stream
-        .write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes())
+        .write_all(
+            format!("CONNECT {connect_host}:{port} HTTP/1.1\r\nHost: {connect_host}:{port}\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .unwrap();
     let mut head = Vec::new();
@@ -213,6 +228,44 @@ async fn an_intercepted_client_that_goes_silent_after_the_handshake_is_dropped()
     let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
     assert!(ended.is_ok(), "an idle HTTP/2 connection was still open after 5 s");
     assert!(idle_since.elapsed() >= Duration::from_millis(800), "closed before idle_timeout");
+}
+
+#[tokio::test]
+async fn an_intercepted_host_in_odd_spelling_gets_a_leaf_sni_and_dial_in_normal_form() {
+    let dir = tempdir();
+    let pki = test_pki(dir.path(), "mock", &["localhost"]);
+    let mock = MockApi::start_tls(pki.server_config.clone()).await;
+    std::fs::write(dir.path().join("api.json"), token_json(TOKEN)).unwrap();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"ca\"\nextra_roots = [{}]\n\
+         [providers.api]\nhosts = [\"localhost:{}\"]\ntoken_file = \"api.json\"\n",
+        toml_path(&pki.ca_pem_path),
+        mock.addr.port()
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    // The client verifies the leaf as `localhost`: it was minted for the normal form.
+    let port = mock.addr.port();
+    let mut tls = intercepted_tls_as(
+        tp.proxy,
+        "LocalHost.",
+        "localhost",
+        port,
+        &dir.path().join("ca/ca.pem"),
+        &[b"http/1.1"],
+    )
+    .await;
+    tls.write_all(
+        format!("GET /odd HTTP/1.1\r\nHost: LocalHost.:{port}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    // The upstream was dialled and verified as `localhost` (its certificate names only that).
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+    assert!(tp.logs().iter().all(|l| !l.contains("LocalHost.")), "a log line has the unnormalised host");
 }
 
 /// A plain TCP server that accepts one connection and reports what it saw.

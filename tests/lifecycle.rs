@@ -697,3 +697,30 @@ async fn a_symlinked_token_file_is_written_through_to_its_target_with_the_lock_b
     assert!(shared.join("real.json.lock").exists(), "the lock is beside the target");
     assert!(!dir.path().join("tokens/api.json.lock").exists());
 }
+
+#[tokio::test]
+async fn a_needs_reauth_502_names_its_class_once() {
+    let mock = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "expired", "refresh_token": "rt-revoked", "expires_at": "2020-01-01T00:00:00Z"}),
+    );
+    let tp = TokenProxy::start(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    eventually(Duration::from_secs(5), "needs_reauth after the startup refresh", || async {
+        (tp.token_view("api").await["state"] == "needs_reauth").then_some(())
+    })
+    .await;
+    // This request meets the remembered invalid_grant, not the endpoint.
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("invalid_grant: HTTP 400"),
+        "the class once, then what the endpoint said: {reason}"
+    );
+    assert!(!reason.contains("invalid_grant: invalid_grant"), "{reason}");
+    assert_eq!(endpoint.calls(), 1);
+}
