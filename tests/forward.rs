@@ -320,9 +320,7 @@ async fn a_burst_leaves_at_most_max_idle_per_host_upstream_connections_open() {
 async fn the_access_log_has_one_line_per_request_and_no_secret() {
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let token_file = dir.path().join("api.json");
-    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, "access_log = true"));
+    let tp = proxy_with_token(dir.path(), &mock, TOKEN, "access_log = true");
     let r = tp.client().get(mock.url("/users/42?api_key=query-secret-value")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = tp.client().get("http://127.0.0.1:1/nowhere").send().await.unwrap();
@@ -354,9 +352,7 @@ async fn the_access_log_has_one_line_per_request_and_no_secret() {
 
     // Off by default: no access lines.
     let dir = tempdir();
-    let token_file = dir.path().join("api.json");
-    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let quiet = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
+    let quiet = proxy_with_token(dir.path(), &mock, TOKEN, "");
     quiet.client().get(mock.url("/quiet")).send().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(quiet.logs().iter().all(|l| !l.contains("tokenproxy::access")));

@@ -28,16 +28,11 @@ fn get(url: &str) -> Vec<u8> {
     format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
-async fn plain_proxy(dir: &std::path::Path, mock: &MockApi, extra: &str) -> TokenProxy {
+fn plain_proxy(dir: &std::path::Path, mock: &MockApi, extra: &str) -> TokenProxy {
+    let limits = "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"\n";
     let token_file = dir.join("api.json");
     std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    TokenProxy::start(
-        dir,
-        &format!(
-            "{}{extra}",
-            mock.plain_config(&token_file, "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"")
-        ),
-    )
+    TokenProxy::start(dir, &format!("{}{extra}", mock.plain_config(&token_file, limits)))
 }
 
 #[tokio::test]
@@ -47,7 +42,7 @@ async fn a_target_with_userinfo_is_refused_and_the_credentials_are_never_echoed_
     // The provider is narrowed to the mock's port; the userinfo request names another port.
     let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let other_port = other.local_addr().unwrap().port();
-    let tp = plain_proxy(dir.path(), &mock, "").await;
+    let tp = plain_proxy(dir.path(), &mock, "");
     for target in [
         format!("http://u:hunter2-secret@127.0.0.1:{other_port}/steal"),
         format!("http://hunter2-secret@{}/steal", mock.authority()),
@@ -91,7 +86,7 @@ async fn a_host_in_upper_case_with_a_trailing_dot_is_matched_dialled_and_sent_in
 async fn denied_networks_are_never_dialled_whatever_the_spelling() {
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let tp = plain_proxy(dir.path(), &mock, "[egress]\ndeny = [\"127.0.0.0/8\", \"::1\"]\n").await;
+    let tp = plain_proxy(dir.path(), &mock, "[egress]\ndeny = [\"127.0.0.0/8\", \"::1\"]\n");
     // The provider (the mock) is denied too: a provider host is no exception.
     let port = mock.addr.port();
     // A host that matches no provider, for blind tunnels.
@@ -116,7 +111,7 @@ async fn denied_networks_are_never_dialled_whatever_the_spelling() {
 async fn tokenproxys_own_listeners_are_never_reachable_through_it() {
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let tp = plain_proxy(dir.path(), &mock, "").await;
+    let tp = plain_proxy(dir.path(), &mock, "");
     let admin = tp.admin.port();
     for url in [
         format!("http://127.0.0.1:{admin}/tokens"),
@@ -169,13 +164,8 @@ async fn intercepted_tls_as(
         )
         .await
         .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut roots = rustls::RootCertStore::empty();
     roots.add(rustls_pki_types::CertificateDer::from_pem_file(ca).unwrap()).unwrap();
     let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -190,14 +180,8 @@ async fn an_intercepted_client_that_goes_silent_after_the_handshake_is_dropped()
     let pki = test_pki(dir.path(), "mock", &["localhost"]);
     let mock = MockApi::start_tls(pki.server_config.clone()).await;
     std::fs::write(dir.path().join("api.json"), token_json(TOKEN)).unwrap();
-    let config = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"ca\"\nextra_roots = [{}]\n\
-         [providers.api]\nhosts = [\"localhost:{}\"]\ntoken_file = \"api.json\"\n",
-        toml_path(&pki.ca_pem_path),
-        mock.addr.port()
-    );
-    let tp = TokenProxy::start(dir.path(), &config);
+    let limits = "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"";
+    let tp = TokenProxy::start(dir.path(), &mock.tls_config("localhost", &pki.ca_pem_path, limits));
     let ca = dir.path().join("ca/ca.pem");
     for alpn in [&[][..], &[&b"http/1.1"[..]][..], &[&b"h2"[..]][..]] {
         let mut tls = intercepted_tls(tp.proxy, "localhost", mock.addr.port(), &ca, alpn).await;
@@ -236,13 +220,7 @@ async fn an_intercepted_host_in_odd_spelling_gets_a_leaf_sni_and_dial_in_normal_
     let pki = test_pki(dir.path(), "mock", &["localhost"]);
     let mock = MockApi::start_tls(pki.server_config.clone()).await;
     std::fs::write(dir.path().join("api.json"), token_json(TOKEN)).unwrap();
-    let config = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_dir = \"ca\"\nextra_roots = [{}]\n\
-         [providers.api]\nhosts = [\"localhost:{}\"]\ntoken_file = \"api.json\"\n",
-        toml_path(&pki.ca_pem_path),
-        mock.addr.port()
-    );
-    let tp = TokenProxy::start(dir.path(), &config);
+    let tp = TokenProxy::start(dir.path(), &mock.tls_config("localhost", &pki.ca_pem_path, ""));
     // The client verifies the leaf as `localhost`: it was minted for the normal form.
     let port = mock.addr.port();
     let mut tls = intercepted_tls_as(
@@ -289,15 +267,8 @@ async fn silent_server() -> (SocketAddr, tokio::sync::oneshot::Receiver<(Vec<u8>
 async fn open_tunnel(proxy: SocketAddr, to: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(proxy).await.unwrap();
     stream.write_all(format!("CONNECT {to} HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut head = [0u8; 19];
-    stream.read_exact(&mut head).await.unwrap();
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
-    let mut rest = Vec::new();
-    while !rest.ends_with(b"\r\n\r\n") && !(head.ends_with(b"\r\n") && rest.ends_with(b"\r\n")) {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).await.unwrap();
-        rest.push(byte[0]);
-    }
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     stream
 }
 
@@ -305,7 +276,7 @@ async fn open_tunnel(proxy: SocketAddr, to: SocketAddr) -> TcpStream {
 async fn a_forgotten_tunnel_is_closed_after_the_idle_timeout() {
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let tp = plain_proxy(dir.path(), &mock, "").await;
+    let tp = plain_proxy(dir.path(), &mock, "");
     let (server, seen) = silent_server().await;
     let mut client = open_tunnel(tp.proxy, server).await;
     client.write_all(b"hello").await.unwrap();
@@ -322,9 +293,7 @@ async fn a_half_close_is_passed_on_at_once() {
     let dir = tempdir();
     let mock = MockApi::start().await;
     // A long idle timeout: only the half-close can end the upstream's read.
-    let token_file = dir.path().join("api.json");
-    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, "idle_timeout = \"60s\""));
+    let tp = proxy_with_token(dir.path(), &mock, TOKEN, "idle_timeout = \"60s\"");
     let (server, seen) = silent_server().await;
     let mut client = open_tunnel(tp.proxy, server).await;
     client.write_all(b"request then FIN").await.unwrap();

@@ -10,12 +10,6 @@ use tokio::io::AsyncWriteExt;
 
 const TOKEN: &str = "tok-res-9f8e7d6c";
 
-fn start(dir: &std::path::Path, mock: &MockApi, proxy_extra: &str) -> TokenProxy {
-    let token_file = dir.join("api.json");
-    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    TokenProxy::start(dir, &mock.plain_config(&token_file, proxy_extra))
-}
-
 /// Sends `n` concurrent 1 MiB POSTs to the mock's one-second `/slow` and returns the proxy's RSS
 /// growth at its peak and once the requests are done, in MiB.
 async fn rss_growth_under_uploads(tp: &TokenProxy, mock: &MockApi, n: usize) -> (f64, f64) {
@@ -47,11 +41,11 @@ async fn the_replay_budget_bounds_memory_under_many_large_uploads_to_a_slow_prov
     // Unbounded (the budget larger than everything at once), then bounded, in one run.
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let unbounded = start(dir.path(), &mock, "max_replay_total = 1073741824");
+    let unbounded = proxy_with_token(dir.path(), &mock, TOKEN, "max_replay_total = 1073741824");
     let (unbounded_peak, unbounded_after) = rss_growth_under_uploads(&unbounded, &mock, UPLOADS).await;
     drop(unbounded);
     let dir = tempdir();
-    let bounded = start(dir.path(), &mock, "max_replay_total = 16777216");
+    let bounded = proxy_with_token(dir.path(), &mock, TOKEN, "max_replay_total = 16777216");
     let (bounded_peak, bounded_after) = rss_growth_under_uploads(&bounded, &mock, UPLOADS).await;
     eprintln!(
         "{UPLOADS} concurrent 1 MiB uploads, RSS growth: unbounded peak {unbounded_peak:.1} MiB, after {unbounded_after:.1} MiB; \
@@ -74,7 +68,7 @@ async fn a_request_that_finds_the_replay_budget_spent_streams_on_and_is_not_repl
     let mock = MockApi::start().await;
     // The provider rejects the token; without a copy the request cannot be retried.
     mock.accept_only(&[]);
-    let tp = start(dir.path(), &mock, "max_replay_total = 1000");
+    let tp = proxy_with_token(dir.path(), &mock, TOKEN, "max_replay_total = 1000");
     let r = tp.client().post(mock.url("/upload")).body(vec![b'x'; 10_000]).send().await.unwrap();
     assert_eq!(r.status(), 401, "the original answer, not a retry");
     assert_eq!(mock.last().body.len(), 10_000, "the body streamed whole");
@@ -86,7 +80,7 @@ async fn a_request_that_finds_the_replay_budget_spent_streams_on_and_is_not_repl
 async fn at_max_connections_new_connections_wait_and_a_tunnel_keeps_its_place() {
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let tp = start(dir.path(), &mock, "max_connections = 2");
+    let tp = proxy_with_token(dir.path(), &mock, TOKEN, "max_connections = 2");
     // Two places taken: one idle connection, one tunnel to a host that matches no provider.
     let idle = tokio::net::TcpStream::connect(tp.proxy).await.unwrap();
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
@@ -39,29 +39,13 @@ with connect({url:?}, ssl=ctx, proxy={proxy:?}, open_timeout=10) as ws:
     python(&script, &[]).await
 }
 
-/// An HTTPS mock for `localhost` and a proxy whose provider is `localhost:PORT`.
+/// An HTTPS mock for `localhost` and a proxy whose provider is `localhost:PORT`; returns
+/// tokenproxy's CA and the mock's.
 async fn tls_setup(dir: &std::path::Path) -> (MockApi, TokenProxy, std::path::PathBuf, std::path::PathBuf) {
     let pki = test_pki(dir, "mock", &["localhost", "127.0.0.1"]);
     let mock = MockApi::start_tls(pki.server_config.clone()).await;
     std::fs::write(dir.join("api.json"), token_json(TOKEN)).unwrap();
-    let config = format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-upstream_timeout = "5s"
-[admin]
-listen = "127.0.0.1:0"
-[tls]
-ca_dir = "ca"
-extra_roots = [{roots}]
-[providers.api]
-hosts = ["localhost:{port}"]
-token_file = "api.json"
-"#,
-        roots = toml_path(&pki.ca_pem_path),
-        port = mock.addr.port(),
-    );
-    let tp = TokenProxy::start(dir, &config);
+    let tp = TokenProxy::start(dir, &mock.tls_config("localhost", &pki.ca_pem_path, ""));
     (mock, tp, dir.join("ca").join("ca.pem"), pki.ca_pem_path)
 }
 
@@ -102,9 +86,7 @@ async fn a_websocket_to_an_unmatched_host_still_goes_through_a_blind_tunnel() {
 async fn a_plain_http_websocket_upgrade_is_forwarded_with_the_token_and_joined() {
     let dir = tempdir();
     let mock = MockApi::start().await;
-    let token_file = dir.path().join("api.json");
-    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let tp = TokenProxy::start(dir.path(), &mock.plain_config(&token_file, ""));
+    let tp = proxy_with_token(dir.path(), &mock, TOKEN, "");
 
     // An absolute-form handshake, as a client configured with HTTP_PROXY sends it; the frames
     // after it are tungstenite's.
@@ -115,14 +97,7 @@ async fn a_plain_http_websocket_upgrade_is_forwarded_with_the_token_and_joined()
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(handshake.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await.unwrap().unwrap();
-        assert_eq!(n, 1, "connection closed during the handshake: {}", String::from_utf8_lossy(&head));
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_head(&mut stream).await.to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");

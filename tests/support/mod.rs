@@ -153,6 +153,30 @@ allow_plaintext = true
         )
     }
 
+    /// A config with one provider `api` for this mock behind TLS, matched as `host:PORT`, with the
+    /// mock's CA (`mock_ca`) in `extra_roots`, tokenproxy's CA in `ca` and the token in
+    /// `api.json` (both relative to the config's folder); `extra_proxy` is added to `[proxy]`.
+    pub fn tls_config(&self, host: &str, mock_ca: &Path, extra_proxy: &str) -> String {
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "5s"
+{extra_proxy}
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+ca_dir = "ca"
+extra_roots = [{roots}]
+[providers.api]
+hosts = ["{host}:{port}"]
+token_file = "api.json"
+"#,
+            roots = toml_path(mock_ca),
+            port = self.addr.port(),
+        )
+    }
+
     /// `127.0.0.1:PORT`
     pub fn authority(&self) -> String {
         self.addr.to_string()
@@ -575,6 +599,28 @@ pub fn toml_path(p: &Path) -> String {
 /// A fresh temporary folder, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
+}
+
+/// Writes `token` to `dir/api.json` and starts a proxy on [`MockApi::plain_config`] for `mock`.
+pub fn proxy_with_token(dir: &Path, mock: &MockApi, token: &str, extra_proxy: &str) -> TokenProxy {
+    let token_file = dir.join("api.json");
+    std::fs::write(&token_file, token_json(token)).unwrap();
+    TokenProxy::start(dir, &mock.plain_config(&token_file, extra_proxy))
+}
+
+/// Reads an HTTP response head byte by byte (so that nothing after it is consumed), bounded.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await;
+        match read {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => panic!("the connection ended inside a response head: {}", String::from_utf8_lossy(&head)),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
