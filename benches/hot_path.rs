@@ -12,9 +12,10 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::HeaderMap;
 use tokenproxy::config::Config;
+use tokenproxy::config::FileFormat;
 use tokenproxy::tls::ca::CertificateAuthority;
 use tokenproxy::tls::leaf::LeafCache;
-use tokenproxy::tokens::file::{FileFormat, parse};
+use tokenproxy::tokens::file::parse;
 use tokenproxy::tokens::{Provider, Providers};
 
 /// Twenty providers, as a busy sidecar might have: exact hosts, ports and wildcards.

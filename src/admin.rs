@@ -11,9 +11,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use time::OffsetDateTime;
 
+use crate::body::ProxyBody;
 use crate::errors::ProxyError;
 use crate::metrics;
-use crate::proxy::ProxyBody;
 use crate::tokens::Providers;
 use crate::tokens::refresh::Trigger;
 

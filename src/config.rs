@@ -196,6 +196,25 @@ struct RawRoute {
 // The validated form.
 // ---------------------------------------------------------------------------------------------
 
+/// How a token file is encoded, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Json,
+    Yaml,
+    /// The whole file, trimmed, is the token; such a file is only read, never written.
+    Raw,
+}
+
+impl FileFormat {
+    pub fn of(path: &Path) -> FileFormat {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("json") => FileFormat::Json,
+            Some("yaml" | "yml") => FileFormat::Yaml,
+            _ => FileFormat::Raw,
+        }
+    }
+}
+
 /// What to do with a header the application already set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -601,9 +620,7 @@ fn validate_provider(
         })
         .collect();
     let oauth = rp.oauth.map(|o| validate_oauth(&what, o, base, p));
-    if oauth.is_some()
-        && crate::tokens::file::FileFormat::of(&rp.token_file) == crate::tokens::file::FileFormat::Raw
-    {
+    if oauth.is_some() && FileFormat::of(&rp.token_file) == FileFormat::Raw {
         p.push(format!(
             "{what}.token_file: a provider with [oauth] needs a .json, .yaml or .yml token file \
              (a raw file cannot hold a refresh token or an expiry, and is never written)"

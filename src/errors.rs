@@ -10,7 +10,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
-use crate::proxy::ProxyBody;
+use crate::body::ProxyBody;
 
 pub const ERROR_HEADER: &str = "x-tokenproxy-error";
 

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::config::{ClientAuth, Grant, OAuthConfig, SecretSource};
-use crate::tokens::file::jwt_exp;
+use crate::secrets::jwt_exp;
 
 /// How long a token is assumed to live when the endpoint says neither `expires_in` nor a JWT `exp`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);

@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use crate::proxy::ProxyBody;
+use crate::body::ProxyBody;
 
 /// Signals shutdown to every listener and connection, and knows when they are all done.
 pub struct Drain {

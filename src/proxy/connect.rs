@@ -21,7 +21,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{BoxError, Proxy, ProxyBody, Target, dial_error, finish};
+use super::{Proxy, Target, dial_error, finish};
+use crate::body::{BoxError, ProxyBody};
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};
 use crate::server::{self, ConnectionPermit};

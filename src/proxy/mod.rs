@@ -13,13 +13,12 @@ pub mod upstream;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, Version};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::body::{BoxError, ProxyBody};
 use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
 use crate::egress::{DialError, Egress};
 use crate::errors::ProxyError;
@@ -30,10 +29,6 @@ use crate::tokens::refresh::Trigger;
 use crate::tokens::{Provider, Providers, Token, TokenState};
 use crate::{metrics, relay};
 use hyper_util::rt::TokioIo;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type on both sides of the proxy: streamed, never collected whole.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Where a request is going, in normal form: made once, where the request enters, and used for
 /// matching, dialling, SNI, the leaf certificate and the logs alike.

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
-use super::BoxError;
+use crate::body::BoxError;
 
 /// The bytes all kept copies may hold at once, across every request: without it, many
 /// concurrent large uploads to a slow provider hold their copies at once.

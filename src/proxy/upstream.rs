@@ -6,7 +6,7 @@ use std::time::Duration;
 use hyper_rustls::HttpsConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::ProxyBody;
+use crate::body::ProxyBody;
 use crate::config::ProxySettings;
 use crate::egress::{Egress, EgressConnector};
 

@@ -8,6 +8,9 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::config::FileFormat;
+use crate::secrets::jwt_exp;
+
 /// A token file larger than this is refused as unparsable: no token document is near it, and
 /// holding and hashing such a file on every poll would cost memory and time for nothing.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -30,25 +33,6 @@ pub fn read(path: &Path) -> Result<Vec<u8>, ReadError> {
         return Err(ReadError::TooLarge);
     }
     Ok(bytes)
-}
-
-/// How a token file is encoded, from its extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileFormat {
-    Json,
-    Yaml,
-    /// The whole file, trimmed, is the token; such a file is only read, never written.
-    Raw,
-}
-
-impl FileFormat {
-    pub fn of(path: &Path) -> FileFormat {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-            Some("json") => FileFormat::Json,
-            Some("yaml" | "yml") => FileFormat::Yaml,
-            _ => FileFormat::Raw,
-        }
-    }
 }
 
 /// Where a token's expiry came from, in the order they are tried.
@@ -215,20 +199,6 @@ fn expires_in(fields: &Map<String, Value>) -> Result<Option<time::Duration>, Par
         Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(time::Duration::seconds(s as i64))),
         _ => Err(ParseError::BadExpiresIn),
     }
-}
-
-/// The `exp` claim of a JWT, read without verifying the signature: it only tells when to refresh.
-pub fn jwt_exp(token: &str) -> Option<OffsetDateTime> {
-    use base64::Engine;
-    let mut parts = token.split('.');
-    let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let bytes =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    unix(claims.get("exp")?.as_f64()?)
 }
 
 #[cfg(test)]

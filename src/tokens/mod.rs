@@ -21,12 +21,12 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::config::ProviderConfig;
+use crate::config::{FileFormat, ProviderConfig};
 use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
-use file::{ExpirySource, FileFormat, TokenDocument};
+use file::{ExpirySource, TokenDocument};
 
 /// A token ready for the request path: the header value is built once, when the token arrives.
 pub struct Token {

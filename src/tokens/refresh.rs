@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use super::file::{self, FileFormat, TokenDocument};
+use super::file::{self, TokenDocument};
 use super::{Provider, Token, store};
+use crate::config::FileFormat;
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
 

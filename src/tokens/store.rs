@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::file::FileFormat;
+use crate::config::FileFormat;
 use crate::fsutil::{Existing, remove_stale_temporaries, write_atomically};
 use crate::oauth::IssuedToken;
 
