@@ -12,10 +12,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::body::ProxyBody;
-use crate::errors::ProxyError;
 use crate::metrics;
-use crate::tokens::Providers;
 use crate::tokens::refresh::Trigger;
+use crate::tokens::{Providers, Unavailable};
 
 pub struct Admin {
     providers: Arc<Providers>,
@@ -88,18 +87,8 @@ impl Admin {
         let result = tokio::time::timeout(wait, refresh).await;
         match result {
             Ok(Ok(_)) => json_response(StatusCode::OK, &json!(provider.view(OffsetDateTime::now_utc()))),
-            Ok(Err(e)) => ProxyError::TokenUnavailable {
-                provider: name.to_string(),
-                reason: e.to_string(),
-                action: e.action(&provider.config.token_file),
-            }
-            .into_response(),
-            Err(_) => ProxyError::TokenUnavailable {
-                provider: name.to_string(),
-                reason: "the refresh did not finish in time; it goes on in the background".into(),
-                action: "look at /tokens in a moment".into(),
-            }
-            .into_response(),
+            Ok(Err(e)) => provider.unavailable(Unavailable::Refresh(&e)).into_response(),
+            Err(_) => provider.unavailable(Unavailable::Timeout(wait)).into_response(),
         }
     }
 

@@ -31,6 +31,9 @@ pub enum RefreshErrorKind {
     NetworkError,
     /// The endpoint answered something that is not a usable token.
     BadResponse,
+    /// Not the endpoint: tokenproxy's own token store (the token file) could not be used, so no
+    /// refresh token was spent.
+    StoreUnavailable,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -49,6 +52,7 @@ impl RefreshErrorKind {
             RefreshErrorKind::ServerError => "server_error",
             RefreshErrorKind::NetworkError => "network_error",
             RefreshErrorKind::BadResponse => "bad_response",
+            RefreshErrorKind::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -78,6 +82,10 @@ impl RefreshError {
             RefreshErrorKind::InvalidClient => {
                 "check the provider's [oauth] client_id, client secret, scope and grant in the config".into()
             }
+            RefreshErrorKind::StoreUnavailable => format!(
+                "check that tokenproxy can read {} and its folder (permissions, disk); nothing was sent to the token endpoint",
+                token_file.display()
+            ),
             _ => {
                 "nothing: tokenproxy retries with backoff; check the token endpoint's health if this persists"
                     .into()

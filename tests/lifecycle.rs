@@ -724,3 +724,29 @@ async fn a_needs_reauth_502_names_its_class_once() {
     assert!(!reason.contains("invalid_grant: invalid_grant"), "{reason}");
     assert_eq!(endpoint.calls(), 1);
 }
+
+#[tokio::test]
+async fn an_unreadable_token_file_is_a_store_failure_not_an_endpoint_failure() {
+    use std::os::unix::fs::PermissionsExt;
+    let mock = MockApi::start().await;
+    mock.accept_only(&[]);
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    endpoint.allow_refresh_token("rt-0");
+    let dir = tempdir();
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "revoked", "refresh_token": "rt-0", "expires_at": "2099-01-01T00:00:00Z"}),
+    );
+    // As an unprivileged user, so that permissions apply.
+    let tp = TokenProxy::start_unprivileged(dir.path(), &config(&mock, &endpoint, "refresh_token", "", ""));
+    std::fs::set_permissions(dir.path().join("tokens/api.json"), std::fs::Permissions::from_mode(0o000))
+        .unwrap();
+
+    let r = tp.client().get(mock.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no refresh, so the original answer");
+    let view = tp.token_view("api").await;
+    assert_eq!(view["last_refresh_result"], "store_unavailable", "{view}");
+    assert_eq!(endpoint.calls(), 0, "a refresh token was spent although its result could not be recorded");
+    let store_failures = [("provider", "api"), ("result", "store_unavailable")];
+    assert!(tp.metric("tokenproxy_refreshes_total", &store_failures).await >= 1.0);
+}

@@ -26,7 +26,7 @@ use crate::hosts::normalize_host;
 use crate::server::{ConnectionPermit, DrainHandle};
 use crate::tls::leaf::LeafCache;
 use crate::tokens::refresh::Trigger;
-use crate::tokens::{Provider, Providers, Token, TokenState};
+use crate::tokens::{Provider, Providers, Token, Unavailable};
 use crate::{metrics, relay};
 use hyper_util::rt::TokioIo;
 
@@ -289,7 +289,7 @@ impl Proxy {
             Some(token) if !provider.can_refresh() || !token.is_expired(time::OffsetDateTime::now_utc()) => {
                 Ok(token)
             }
-            None if !provider.can_refresh() => Err(token_unavailable(provider)),
+            None if !provider.can_refresh() => Err(provider.unavailable(Unavailable::NoToken)),
             _ => Box::pin(self.wait_for_refresh(provider)).await,
         }
     }
@@ -299,16 +299,8 @@ impl Proxy {
         let wait = self.settings.upstream_timeout;
         match tokio::time::timeout(wait, provider.refresh(Trigger::Expired, None)).await {
             Ok(Ok(token)) => Ok(token),
-            Ok(Err(e)) => Err(ProxyError::TokenUnavailable {
-                provider: provider.name().to_string(),
-                reason: e.to_string(),
-                action: e.action(&provider.config.token_file),
-            }),
-            Err(_) => Err(ProxyError::TokenUnavailable {
-                provider: provider.name().to_string(),
-                reason: format!("no fresh token within {}s (upstream_timeout)", wait.as_secs()),
-                action: "check the token endpoint's health; tokenproxy keeps retrying".into(),
-            }),
+            Ok(Err(e)) => Err(provider.unavailable(Unavailable::Refresh(&e))),
+            Err(_) => Err(provider.unavailable(Unavailable::Timeout(wait))),
         }
     }
 
@@ -429,23 +421,6 @@ fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     request.into_parts().0
-}
-
-/// The 502 answer for a provider that has no token to inject, with what to do about it.
-fn token_unavailable(provider: &Provider) -> ProxyError {
-    let view = provider.view(time::OffsetDateTime::now_utc());
-    let path = provider.config.token_file.display();
-    let (reason, action) = match view.state {
-        TokenState::Missing => (
-            format!("token file {path} does not exist"),
-            format!("write the token to {path}; it is picked up without a restart"),
-        ),
-        _ => (
-            view.last_error.unwrap_or_else(|| "no token loaded".into()),
-            format!("fix the token file {path}; it is picked up without a restart"),
-        ),
-    };
-    ProxyError::TokenUnavailable { provider: provider.name().to_string(), reason, action }
 }
 
 /// A request's start and, when `proxy.access_log` is on, what its access log line will say:

@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::{FileFormat, ProviderConfig};
+use crate::errors::ProxyError;
 use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
@@ -81,6 +82,17 @@ impl TokenState {
     pub fn is_ready(self) -> bool {
         matches!(self, TokenState::Valid | TokenState::Expiring | TokenState::Refreshing)
     }
+}
+
+/// Why a provider has no token to give a request (or a manual refresh).
+#[derive(Debug)]
+pub enum Unavailable<'a> {
+    /// The refresh failed.
+    Refresh(&'a RefreshError),
+    /// No fresh token came within this long; the refresh goes on.
+    Timeout(Duration),
+    /// No token endpoint, and the file holds no usable token.
+    NoToken,
 }
 
 /// What the token file looked like when last read.
@@ -369,6 +381,29 @@ impl Provider {
                 _ => TokenState::Valid,
             },
         }
+    }
+
+    /// The one `502 token_unavailable` answer, with what to do about it.
+    pub fn unavailable(&self, why: Unavailable<'_>) -> ProxyError {
+        let path = self.config.token_file.display();
+        let (reason, action) = match why {
+            Unavailable::Refresh(e) => (e.to_string(), e.action(&self.config.token_file)),
+            Unavailable::Timeout(limit) => (
+                format!("no fresh token within {}s; the refresh goes on in the background", limit.as_secs()),
+                "look at /tokens in a moment; if this persists, check the token endpoint's health".into(),
+            ),
+            Unavailable::NoToken => match self.view(OffsetDateTime::now_utc()) {
+                view if view.state == TokenState::Missing => (
+                    format!("token file {path} does not exist"),
+                    format!("write the token to {path}; it is picked up without a restart"),
+                ),
+                view => (
+                    view.last_error.unwrap_or_else(|| "no token loaded".into()),
+                    format!("fix the token file {path}; it is picked up without a restart"),
+                ),
+            },
+        };
+        ProxyError::TokenUnavailable { provider: self.name().to_string(), reason, action }
     }
 
     /// The provider as `GET /tokens` shows it. Holds fingerprints only.

@@ -164,7 +164,7 @@ impl Provider {
         let path = self.config.token_file.clone();
         let locked = tokio::task::spawn_blocking(move || store::lock(&path))
             .await
-            .map_err(|e| RefreshError::new(RefreshErrorKind::NetworkError, e.to_string()))?;
+            .map_err(|e| RefreshError::new(RefreshErrorKind::StoreUnavailable, e.to_string()))?;
         // A folder where the lock file cannot be created (read-only) must not stop refreshes:
         // traffic goes on, without protection against other processes sharing the file.
         let lock = match locked {
@@ -242,7 +242,7 @@ impl Provider {
         let path = self.config.token_file.clone();
         let read = tokio::task::spawn_blocking(move || file::read(&path))
             .await
-            .map_err(|e| RefreshError::new(RefreshErrorKind::NetworkError, e.to_string()))?;
+            .map_err(|e| RefreshError::new(RefreshErrorKind::StoreUnavailable, e.to_string()))?;
         let path = &self.config.token_file;
         let bytes = match read {
             Ok(bytes) => bytes,
@@ -250,7 +250,7 @@ impl Provider {
             Err(file::ReadError::TooLarge) => return Ok(None),
             Err(e) => {
                 return Err(RefreshError::new(
-                    RefreshErrorKind::NetworkError,
+                    RefreshErrorKind::StoreUnavailable,
                     format!("cannot read {}: {e}", path.display()),
                 ));
             }
