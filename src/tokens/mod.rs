@@ -52,6 +52,20 @@ impl Token {
     }
 }
 
+/// Where a token stands against its expiry (see [`Provider::freshness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// No expiry is known: only a 401 tells that it died.
+    Unknown,
+    /// Valid, and not yet within the refresh margin; it enters it after `expiring_in`.
+    Fresh {
+        expiring_in: Duration,
+    },
+    /// Within the refresh margin: a proactive refresh is due.
+    Expiring,
+    Expired,
+}
+
 /// What a provider's token looks like to a user (SPEC §6 `state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -254,7 +268,7 @@ impl Provider {
                 status.content_hash = Some(hash);
                 match file::parse(FileFormat::of(path), &bytes).map_err(|e| e.to_string()).and_then(|doc| {
                     let (doc, merged) = reconcile_pending(&mut status, doc);
-                    self.adopt(&doc).map(|()| (doc, merged))
+                    self.adopt(&doc).map(|_| (doc, merged))
                 }) {
                     Ok((doc, merged)) => {
                         // A changed file is a new chance: whatever stopped automatic refreshes
@@ -326,8 +340,10 @@ impl Provider {
         outcome
     }
 
-    /// Makes `doc`'s token the current one: one atomic swap, seen by the next request.
-    pub fn adopt(&self, doc: &TokenDocument) -> Result<(), String> {
+    /// Makes `doc`'s token the current one: one atomic swap, seen by the next request. Returns
+    /// the token stored, which a caller uses rather than loading the current one again (a
+    /// concurrent re-read may have replaced it meanwhile).
+    pub fn adopt(&self, doc: &TokenDocument) -> Result<Arc<Token>, String> {
         let value = format!("{}{}{}", self.config.format_prefix, doc.access_token, self.config.format_suffix);
         let mut header_value = HeaderValue::from_str(&value)
             .map_err(|_| "access_token has characters not allowed in an HTTP header".to_string())?;
@@ -340,9 +356,28 @@ impl Provider {
             issued_at: doc.issued_at,
             generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
         };
-        self.token.store(Some(Arc::new(token)));
+        let token = Arc::new(token);
+        self.token.store(Some(token.clone()));
         self.changed.notify_one();
-        Ok(())
+        Ok(token)
+    }
+
+    /// Where `token` stands against its expiry: the one rule that the request path's refresh,
+    /// the background refresher and the admin state all follow.
+    pub fn freshness(&self, token: &Token, now: OffsetDateTime) -> Freshness {
+        match token.expires_at {
+            None => Freshness::Unknown,
+            Some(_) if token.is_expired(now) => Freshness::Expired,
+            Some(at) => {
+                let left = (at - now).unsigned_abs();
+                let margin = self.refresh_margin(token);
+                if left <= margin {
+                    Freshness::Expiring
+                } else {
+                    Freshness::Fresh { expiring_in: left - margin }
+                }
+            }
+        }
     }
 
     /// How long before expiry a token counts as expiring: `refresh_before`, capped at half the
@@ -375,10 +410,10 @@ impl Provider {
         match self.current() {
             None if matches!(file, FileStatus::Missing | FileStatus::NotRead) => TokenState::Missing,
             None => TokenState::Error,
-            Some(t) => match t.expires_at {
-                Some(at) if at <= now => TokenState::Expired,
-                Some(at) if (at - now).unsigned_abs() < self.refresh_margin(&t) => TokenState::Expiring,
-                _ => TokenState::Valid,
+            Some(t) => match self.freshness(&t, now) {
+                Freshness::Expired => TokenState::Expired,
+                Freshness::Expiring => TokenState::Expiring,
+                Freshness::Fresh { .. } | Freshness::Unknown => TokenState::Valid,
             },
         }
     }

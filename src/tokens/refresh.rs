@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::file::{self, TokenDocument};
-use super::{Provider, Token, store};
+use super::{Freshness, Provider, Token, store};
 use crate::config::FileFormat;
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
@@ -149,10 +149,10 @@ impl Provider {
         match trigger {
             // Both name the token they are unhappy with; a newer one is the answer.
             Trigger::Manual | Trigger::Unauthorized => seen.is_none_or(|g| token.generation <= g),
-            Trigger::Expired | Trigger::Startup => token.is_expired(now),
-            Trigger::Proactive => token
-                .expires_at
-                .is_some_and(|at| at <= now || ((at - now).unsigned_abs()) < self.refresh_margin(token)),
+            Trigger::Expired | Trigger::Startup => self.freshness(token, now) == Freshness::Expired,
+            Trigger::Proactive => {
+                matches!(self.freshness(token, now), Freshness::Expired | Freshness::Expiring)
+            }
         }
     }
 
@@ -226,10 +226,10 @@ impl Provider {
         self.status().replaced_fingerprint = self.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
-        self.adopt(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
+        let token = self.adopt(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
         self.persist(&fields).await;
         drop(lock);
-        Ok(self.current().expect("just adopted"))
+        Ok(token)
     }
 
     /// Adopts the token file's token if another process wrote it since we last read or wrote
@@ -261,12 +261,12 @@ impl Provider {
         }
         let Ok(doc) = file::parse(FileFormat::of(path), &bytes) else { return Ok(None) };
         let (doc, merged) = super::reconcile_pending(&mut self.status(), doc);
-        self.adopt_file_document(&doc, hash)
+        let token = self
+            .adopt_file_document(&doc, hash)
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
         if let Some(fields) = merged {
             self.persist(&fields).await;
         }
-        let token = self.current().expect("just adopted");
         // A newer file is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
             return Ok(None);
@@ -394,12 +394,12 @@ impl Provider {
     }
 
     /// Adopts a document read from the file, remembering what the file held.
-    fn adopt_file_document(&self, doc: &TokenDocument, hash: [u8; 32]) -> Result<(), String> {
-        self.adopt(doc)?;
+    fn adopt_file_document(&self, doc: &TokenDocument, hash: [u8; 32]) -> Result<Arc<Token>, String> {
+        let token = self.adopt(doc)?;
         let mut status = self.status();
         status.content_hash = Some(hash);
         status.fields = doc.fields.clone();
-        Ok(())
+        Ok(token)
     }
 
     /// The background task of a provider with a token endpoint: refreshes before expiry (with
@@ -409,23 +409,17 @@ impl Provider {
         let mut first = true;
         loop {
             let now = OffsetDateTime::now_utc();
+            let startup_or_expired = if first { Trigger::Startup } else { Trigger::Expired };
             let (trigger, wait) = match self.current() {
-                None => (Some(if first { Trigger::Startup } else { Trigger::Expired }), Duration::ZERO),
-                Some(t) if t.is_expired(now) => {
-                    (Some(if first { Trigger::Startup } else { Trigger::Expired }), Duration::ZERO)
-                }
-                Some(t) => match t.expires_at {
-                    None => (None, Duration::from_secs(30)),
-                    Some(at) => {
-                        let margin = self.refresh_margin(&t);
-                        let left = (at - now).unsigned_abs();
-                        if left <= margin {
-                            (Some(Trigger::Proactive), Duration::ZERO)
-                        } else {
-                            // Wake somewhere in the last tenth of the margin before it begins.
-                            let wait = left - margin + jitter(margin / 10);
-                            (None, wait.min(Duration::from_secs(30)))
-                        }
+                None => (Some(startup_or_expired), Duration::ZERO),
+                Some(t) => match self.freshness(&t, now) {
+                    Freshness::Expired => (Some(startup_or_expired), Duration::ZERO),
+                    Freshness::Expiring => (Some(Trigger::Proactive), Duration::ZERO),
+                    Freshness::Unknown => (None, Duration::from_secs(30)),
+                    // Wake somewhere in the last tenth of the margin before it begins.
+                    Freshness::Fresh { expiring_in } => {
+                        let wait = expiring_in + jitter(self.refresh_margin(&t) / 10);
+                        (None, wait.min(Duration::from_secs(30)))
                     }
                 },
             };
