@@ -21,7 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{Proxy, Target, dial_error, finish};
+use super::{Exchange, Proxy, Target, dial_error, finish};
 use crate::body::{BoxError, ProxyBody};
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};
@@ -178,7 +178,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let mut access = self.access(&req);
         access.host(&target);
-        let result = self.forward(req, target, Some(provider)).await;
+        let result = self.forward(req, Exchange { target, provider: Some(provider) }).await;
         finish(Some(provider.as_ref()), access, result)
     }
 }

@@ -89,6 +89,19 @@ impl Target {
     }
 }
 
+/// One request's way through the data path: where it goes and whose token it may carry. Every
+/// step takes it whole, so that what the steps need to know grows here, not in every signature.
+pub(crate) struct Exchange<'a> {
+    pub target: Target,
+    pub provider: Option<&'a Arc<Provider>>,
+}
+
+/// The token a request carries, and whose it is.
+struct Injected<'a> {
+    provider: &'a Arc<Provider>,
+    token: Arc<Token>,
+}
+
 /// Everything the data path needs, shared by every listener and connection.
 pub struct Proxy {
     pub providers: Arc<Providers>,
@@ -120,7 +133,7 @@ impl Proxy {
         let (provider, result) = match self.forward_target(&req) {
             Ok((target, provider)) => {
                 access.host(&target);
-                let result = self.forward(req, target, provider.as_ref()).await;
+                let result = self.forward(req, Exchange { target, provider: provider.as_ref() }).await;
                 (provider, result)
             }
             Err(e) => (None, Err(e)),
@@ -163,7 +176,7 @@ impl Proxy {
                     Ok(pq) => {
                         parts.uri = Uri::from(pq);
                         let req = Request::from_parts(parts, body);
-                        self.forward(req, target, provider.as_ref()).await
+                        self.forward(req, Exchange { target, provider: provider.as_ref() }).await
                     }
                     // The path is not repeated: its query may hold a secret.
                     Err(_) => Err(ProxyError::BadTarget("the request path is not valid".into())),
@@ -179,12 +192,11 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        target: Target,
-        provider: Option<&Arc<Provider>>,
+        ex: Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match headers::upgrade_protocol(&req) {
-            None => self.forward_message(req, None, target, provider).await,
-            Some(protocol) => Box::pin(self.forward_upgrade(req, protocol, target, provider)).await,
+            None => self.forward_message(req, None, ex).await,
+            Some(protocol) => Box::pin(self.forward_upgrade(req, protocol, ex)).await,
         }
     }
 
@@ -195,13 +207,12 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         protocol: http::HeaderValue,
-        target: Target,
-        provider: Option<&Arc<Provider>>,
+        ex: Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let client_side = hyper::upgrade::on(&mut req);
         // The joined connection keeps the client connection's place under max_connections.
         let place = req.extensions().get::<ConnectionPermit>().cloned();
-        let mut response = self.forward_message(req, Some(protocol), target, provider).await?;
+        let mut response = self.forward_message(req, Some(protocol), ex).await?;
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             let upstream_side = hyper::upgrade::on(&mut response);
             let (idle_timeout, drain) = (self.settings.idle_timeout, self.drain.clone());
@@ -228,8 +239,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         upgrade: Option<http::HeaderValue>,
-        mut target: Target,
-        provider: Option<&Arc<Provider>>,
+        mut ex: Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
@@ -240,12 +250,12 @@ impl Proxy {
         parts.headers.remove(http::header::HOST);
 
         let mut injected = None;
-        if let Some(provider) = provider {
+        if let Some(provider) = ex.provider {
             let config = &provider.config;
-            if target.scheme == Scheme::HTTP && config.upstream_scheme == UpstreamScheme::Https {
-                target = target.upgraded_to_https();
+            if ex.target.scheme == Scheme::HTTP && config.upstream_scheme == UpstreamScheme::Https {
+                ex.target = ex.target.upgraded_to_https();
             }
-            if target.scheme == Scheme::HTTP && !config.allow_plaintext {
+            if ex.target.scheme == Scheme::HTTP && !config.allow_plaintext {
                 return Err(ProxyError::PlaintextRefused { provider: provider.name().to_string() });
             }
             let keep =
@@ -253,32 +263,32 @@ impl Proxy {
             if !keep {
                 let token = self.token_for(provider).await?;
                 parts.headers.insert(config.header.clone(), token.header_value().clone());
-                injected = Some((provider, token));
+                injected = Some(Injected { provider, token });
             }
         }
 
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
+            .scheme(ex.target.scheme.clone())
+            .authority(ex.target.authority.clone())
             .path_and_query(path)
             .build()
             .map_err(|e| ProxyError::BadTarget(e.to_string()))?;
         // The upstream connection decides the wire version; the client wants HTTP/1.1 here.
         parts.version = Version::HTTP_11;
 
-        let Some((provider, token)) = injected else {
+        let Some(injected) = injected else {
             let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-            return self.send(request, &target).await;
+            return self.send(request, &ex.target).await;
         };
         // What a retry needs: the head, and the body kept as it streams out (up to the limit).
         let head = clone_head(&parts);
         let (body, replay) = replay::tee(body, self.settings.max_replay_body, &self.replay_budget);
-        let response = self.send(Request::from_parts(parts, body.boxed()), &target).await?;
-        if !provider.config.refresh_on_status.contains(&response.status()) {
+        let response = self.send(Request::from_parts(parts, body.boxed()), &ex.target).await?;
+        if !injected.provider.config.refresh_on_status.contains(&response.status()) {
             return Ok(response);
         }
-        Box::pin(self.retry_with_fresh_token(provider, &token, head, replay, response, &target)).await
+        Box::pin(self.retry_with_fresh_token(&ex, injected, head, replay, response)).await
     }
 
     /// The token to inject: the current one, or, when it has expired and the provider has a
@@ -309,13 +319,13 @@ impl Proxy {
     /// one when no retry was possible.
     async fn retry_with_fresh_token(
         &self,
-        provider: &Arc<Provider>,
-        failed: &Token,
+        ex: &Exchange<'_>,
+        injected: Injected<'_>,
         mut head: http::request::Parts,
         replay: replay::Replay,
         response: Response<ProxyBody>,
-        target: &Target,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Injected { provider, token: failed } = injected;
         let name = provider.name();
         metrics::upstream_unauthorized(name);
         tracing::info!(
@@ -340,7 +350,7 @@ impl Proxy {
         provider.note_retry();
         head.headers.insert(provider.config.header.clone(), fresh.header_value().clone());
         let body = Full::new(body).map_err(|e| -> BoxError { match e {} }).boxed();
-        match self.send(Request::from_parts(head, body), target).await {
+        match self.send(Request::from_parts(head, body), &ex.target).await {
             Ok(mut response) => {
                 let still_dead = provider.config.refresh_on_status.contains(&response.status());
                 metrics::retry(name, if still_dead { "unauthorized" } else { "ok" });
