@@ -344,6 +344,12 @@ impl Provider {
     /// the token stored, which a caller uses rather than loading the current one again (a
     /// concurrent re-read may have replaced it meanwhile).
     pub fn adopt(&self, doc: &TokenDocument) -> Result<Arc<Token>, String> {
+        Ok(self.install(self.prepare(doc)?))
+    }
+
+    /// The token `doc` stands for, ready for the request path but not yet in use: a refresh
+    /// checks it can be used before writing it anywhere.
+    fn prepare(&self, doc: &TokenDocument) -> Result<Token, String> {
         let value = format!("{}{}{}", self.config.format_prefix, doc.access_token, self.config.format_suffix);
         let mut header_value = HeaderValue::from_str(&value)
             .map_err(|_| "access_token has characters not allowed in an HTTP header".to_string())?;
@@ -354,12 +360,18 @@ impl Provider {
             expires_at: doc.expires_at,
             expiry_source: doc.expiry_source,
             issued_at: doc.issued_at,
-            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+            generation: 0,
         };
+        Ok(token)
+    }
+
+    /// Makes `token` the current one, with the next generation.
+    fn install(&self, mut token: Token) -> Arc<Token> {
+        token.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let token = Arc::new(token);
         self.token.store(Some(token.clone()));
         self.changed.notify_one();
-        Ok(token)
+        token
     }
 
     /// Where `token` stands against its expiry: the one rule that the request path's refresh,

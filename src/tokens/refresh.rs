@@ -226,10 +226,12 @@ impl Provider {
         self.status().replaced_fingerprint = self.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
-        let token = self.adopt(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
+        let token = self.prepare(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
+        // On disk first, then in use: a request served with the new token finds it in the file
+        // too (a failed write is reported, and the token is used all the same).
         self.persist(&fields).await;
         drop(lock);
-        Ok(token)
+        Ok(self.install(token))
     }
 
     /// Adopts the token file's token if another process wrote it since we last read or wrote
