@@ -46,11 +46,17 @@ async fn the_replay_budget_bounds_memory_under_many_large_uploads_to_a_slow_prov
     drop(unbounded);
     let dir = tempdir();
     let bounded = proxy_with_token(dir.path(), &mock, TOKEN, "max_replay_total = 16777216");
+    let start_kib = bounded.rss_kib();
     let (bounded_peak, bounded_after) = rss_growth_under_uploads(&bounded, &mock, UPLOADS).await;
+    // A second burst: freed memory stays with the allocator, and is reused rather than added to.
+    let (second_peak, _) = rss_growth_under_uploads(&bounded, &mock, UPLOADS).await;
+    let second_over_start = (bounded.rss_kib().saturating_sub(start_kib)) as f64 / 1024.0;
     eprintln!(
         "{UPLOADS} concurrent 1 MiB uploads, RSS growth: unbounded peak {unbounded_peak:.1} MiB, after {unbounded_after:.1} MiB; \
-         16 MiB budget peak {bounded_peak:.1} MiB, after {bounded_after:.1} MiB"
+         16 MiB budget peak {bounded_peak:.1} MiB, after {bounded_after:.1} MiB; a second burst added {second_peak:.1} MiB \
+         ({second_over_start:.1} MiB over the start in all)"
     );
+    assert!(second_peak < 16.0, "a second burst grew RSS by {second_peak:.1} MiB: memory is not reused");
     assert!(
         unbounded_peak > 100.0,
         "the uploads did not hold their copies at once ({unbounded_peak:.1} MiB)"
