@@ -60,7 +60,7 @@ fn hot_path(c: &mut Criterion) {
     c.bench_function("pick provider + build header", |b| {
         b.iter(|| {
             let p = providers.for_host(black_box("api18.example.com"), 443).unwrap();
-            let token = p.current().unwrap();
+            let token = p.credential().current().unwrap();
             headers.insert(p.config.header.clone(), token.header_value().clone());
         })
     });
@@ -77,7 +77,7 @@ fn hot_path(c: &mut Criterion) {
         c.bench_function(label, |b| {
             b.iter(|| {
                 let p = providers.for_host(black_box("api18.example.com"), 443).unwrap();
-                let token = p.current().unwrap();
+                let token = p.credential().current().unwrap();
                 headers.insert(p.config.header.clone(), token.header_value().clone());
             })
         });

@@ -76,7 +76,7 @@ impl Admin {
         let wait = provider.wait_limit.max(std::time::Duration::from_secs(1));
         // The token this request is unhappy with: a refresh that replaces it meanwhile (another
         // POST's, a request's) answers this one too.
-        let seen = provider.current().map(|t| t.generation);
+        let seen = provider.credential().current().map(|t| t.generation);
         let refresh = async {
             if force {
                 provider.refresh_forced(seen).await
@@ -112,7 +112,7 @@ impl Admin {
         let now = OffsetDateTime::now_utc();
         // The gauge is a function of the clock, so it is set when it is read.
         for provider in self.providers.iter() {
-            if let Some(at) = provider.current().and_then(|t| t.expires_at) {
+            if let Some(at) = provider.credential().current().and_then(|t| t.expires_at) {
                 metrics::token_expires_in(provider.name(), (at - now).as_seconds_f64());
             }
         }

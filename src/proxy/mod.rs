@@ -294,7 +294,7 @@ impl Proxy {
     /// The token to inject: the current one, or, when it has expired and the provider has a
     /// token endpoint, the one the refresh in flight brings (waiting at most `upstream_timeout`).
     async fn token_for(&self, provider: &Arc<Provider>) -> Result<Arc<Token>, ProxyError> {
-        let current = provider.current();
+        let current = provider.credential().current();
         match current {
             Some(token) if !provider.can_refresh() || !token.is_expired(time::OffsetDateTime::now_utc()) => {
                 Ok(token)
@@ -347,7 +347,7 @@ impl Proxy {
             }
         };
         drop(response);
-        provider.note_retry();
+        provider.credential().note_retry();
         head.headers.insert(provider.config.header.clone(), fresh.header_value().clone());
         let body = Full::new(body).map_err(|e| -> BoxError { match e {} }).boxed();
         match self.send(Request::from_parts(head, body), &ex.target).await {

@@ -1,20 +1,21 @@
-//! The token cache: one [`Provider`] per configured provider, each holding its current token in
-//! an `ArcSwap` that the request path reads without a lock and without file I/O.
+//! The token cache: one [`Provider`] per configured provider (its settings, token endpoint client
+//! and refresh policy), each with a [`Credential`] holding its current token in an `ArcSwap` that
+//! the request path reads without a lock and without file I/O.
 //!
 //! The token file is the source of truth. The cache changes only when the file's content changes
 //! (see [`watch`]) or, later, when a refresh completes; it never holds anything the file did not
 //! say, except a token kept in use after the file became unreadable.
 
+mod credential;
 pub mod file;
 pub mod refresh;
 pub mod store;
 pub mod watch;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -27,6 +28,8 @@ use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
+pub use credential::Credential;
+use credential::{FileStatus, Status};
 use file::{ExpirySource, TokenDocument};
 
 /// A token ready for the request path: the header value is built once, when the token arrives.
@@ -109,70 +112,13 @@ pub enum Unavailable<'a> {
     NoToken,
 }
 
-/// What the token file looked like when last read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-enum FileStatus {
-    #[default]
-    NotRead,
-    Ok,
-    Missing,
-    Unreadable,
-    Unparsable,
-}
-
-/// A refreshed token that could not be written because the token file did not parse (a person
-/// mid-edit): it waits in memory and is merged into the file once the file parses again.
-#[derive(Clone)]
-struct PendingWrite {
-    /// The fields the refresh would have written.
-    fields: serde_json::Map<String, serde_json::Value>,
-    /// The fingerprint of the access token the refresh replaced: a fixed file that still holds
-    /// it was edited from the old content, so the refresh belongs on top of it.
-    based_on: Option<String>,
-}
-
-#[derive(Default)]
-struct Status {
-    file: FileStatus,
-    /// SHA-256 of the bytes last read, so that a re-read of unchanged content is a no-op (this
-    /// absorbs duplicate watcher events and, later, tokenproxy's own writes).
-    content_hash: Option<[u8; 32]>,
-    last_error: Option<String>,
-    /// Set by `invalid_grant`: no automatic refresh until the file changes or a manual refresh.
-    reauth_reason: Option<String>,
-    /// Set by `invalid_client`: the config is wrong.
-    config_error: Option<String>,
-    /// After a transient failure, automatic refreshes wait until then.
-    retry_not_before: Option<std::time::Instant>,
-    last_failure: Option<RefreshError>,
-    /// The last failed write of the token file, shown until a write succeeds.
-    write_error: Option<String>,
-    pending_write: Option<PendingWrite>,
-    /// The fingerprint of the token the last refresh replaced.
-    replaced_fingerprint: Option<String>,
-    /// The fields of the token last read or written: the base of the next write, and where the
-    /// refresh token comes from even when a write failed.
-    fields: serde_json::Map<String, serde_json::Value>,
-    last_refresh_at: Option<OffsetDateTime>,
-    last_refresh_result: Option<String>,
-    refresh_count: u64,
-    retry_count: u64,
-}
-
-/// One provider: its settings and its current token.
+/// One provider: its settings, its token endpoint client, and its credential.
 pub struct Provider {
     pub config: ProviderConfig,
-    token: ArcSwapOption<Token>,
-    /// Everything the admin API shows besides the token. Never touched on the request path.
-    status: Mutex<Status>,
-    generations: AtomicU64,
+    /// The provider's one token and its state (one per account, once providers have accounts).
+    credential: Credential,
     /// The token endpoint client, for providers with an `[oauth]` section.
     oauth_client: Option<OAuthClient>,
-    /// Single flight: one refresh at a time; waiters queue here.
-    refresh_lock: tokio::sync::Mutex<()>,
-    refreshing: AtomicBool,
-    /// Wakes the background refresher when the token changes.
-    changed: tokio::sync::Notify,
     /// The longest a request waits for a refresh.
     pub wait_limit: Duration,
     /// This provider's request counters, registered once.
@@ -195,20 +141,10 @@ impl Provider {
         Provider {
             request_metrics: metrics::RequestMetrics::new(&config.name),
             config,
-            token: ArcSwapOption::empty(),
-            status: Mutex::new(Status::default()),
-            generations: AtomicU64::new(0),
+            credential: Credential::default(),
             oauth_client,
-            refresh_lock: tokio::sync::Mutex::new(()),
-            refreshing: AtomicBool::new(false),
-            changed: tokio::sync::Notify::new(),
             wait_limit,
         }
-    }
-
-    /// Counts a request sent again with a fresh token after the upstream rejected the old one.
-    pub fn note_retry(&self) {
-        self.status().retry_count += 1;
     }
 
     /// Whether tokenproxy can refresh this provider's token itself.
@@ -220,15 +156,13 @@ impl Provider {
         &self.config.name
     }
 
-    /// The current token: one atomic load, no lock, no I/O.
-    pub fn current(&self) -> Option<Arc<Token>> {
-        self.token.load_full()
+    /// The credential the request path reads.
+    pub fn credential(&self) -> &Credential {
+        &self.credential
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
-        // A panic while holding this lock cannot leave the status half-written in a way that
-        // matters more than losing the admin view, so poisoning is ignored.
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
+        self.credential.status()
     }
 
     /// Re-reads the token file and adopts its token if the content changed.
@@ -309,7 +243,7 @@ impl Provider {
         if outcome == Reload::Ok {
             let write_error = self.status().write_error.clone();
             self.status().last_error = write_error;
-            let token = self.current();
+            let token = self.credential.current();
             let token = token.as_deref().expect("adopt stored a token");
             tracing::info!(
                 provider = self.name(),
@@ -319,7 +253,7 @@ impl Provider {
                 "token loaded from file"
             );
         } else {
-            match self.current().map(|t| t.fingerprint.clone()) {
+            match self.credential.current().map(|t| t.fingerprint.clone()) {
                 Some(kept) => tracing::warn!(
                     provider = self.name(),
                     error = %error,
@@ -344,7 +278,7 @@ impl Provider {
     /// the token stored, which a caller uses rather than loading the current one again (a
     /// concurrent re-read may have replaced it meanwhile).
     pub fn adopt(&self, doc: &TokenDocument) -> Result<Arc<Token>, String> {
-        Ok(self.install(self.prepare(doc)?))
+        Ok(self.credential.install(self.prepare(doc)?))
     }
 
     /// The token `doc` stands for, ready for the request path but not yet in use: a refresh
@@ -363,15 +297,6 @@ impl Provider {
             generation: 0,
         };
         Ok(token)
-    }
-
-    /// Makes `token` the current one, with the next generation.
-    fn install(&self, mut token: Token) -> Arc<Token> {
-        token.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let token = Arc::new(token);
-        self.token.store(Some(token.clone()));
-        self.changed.notify_one();
-        token
     }
 
     /// Where `token` stands against its expiry: the one rule that the request path's refresh,
@@ -416,10 +341,10 @@ impl Provider {
         if config_error {
             return TokenState::Error;
         }
-        if self.refreshing.load(Ordering::Relaxed) {
+        if self.credential.refreshing.load(Ordering::Relaxed) {
             return TokenState::Refreshing;
         }
-        match self.current() {
+        match self.credential.current() {
             None if matches!(file, FileStatus::Missing | FileStatus::NotRead) => TokenState::Missing,
             None => TokenState::Error,
             Some(t) => match self.freshness(&t, now) {
@@ -456,7 +381,7 @@ impl Provider {
     /// The provider as `GET /tokens` shows it. Holds fingerprints only.
     pub fn view(&self, now: OffsetDateTime) -> TokenView {
         let state = self.state(now);
-        let token = self.current();
+        let token = self.credential.current();
         let status = self.status();
         TokenView {
             provider: self.name().to_string(),

@@ -95,7 +95,7 @@ impl Provider {
             // case it changed.
             let provider = self.clone();
             let _ = tokio::task::spawn_blocking(move || provider.reload()).await;
-            return match self.current() {
+            return match self.credential.current() {
                 Some(t) if seen.is_none_or(|g| t.generation > g) => Ok(t),
                 _ => Err(RefreshError::new(
                     RefreshErrorKind::BadResponse,
@@ -103,8 +103,8 @@ impl Provider {
                 )),
             };
         }
-        let _flight = self.refresh_lock.lock().await;
-        if let Some(token) = self.current()
+        let _flight = self.credential.refresh_lock.lock().await;
+        if let Some(token) = self.credential.current()
             && !self.needs_refresh(&token, trigger, seen)
         {
             return Ok(token);
@@ -135,10 +135,10 @@ impl Provider {
             // Someone is waiting: no longer than the upstream timeout that bounds every wait.
             _ => self.wait_limit,
         };
-        self.refreshing.store(true, Ordering::Relaxed);
+        self.credential.refreshing.store(true, Ordering::Relaxed);
         let started = Instant::now();
         let result = self.refresh_under_file_lock(trigger, started + deadline).await;
-        self.refreshing.store(false, Ordering::Relaxed);
+        self.credential.refreshing.store(false, Ordering::Relaxed);
         self.record(trigger, started.elapsed(), &result);
         result
     }
@@ -223,7 +223,7 @@ impl Provider {
 
         let now = OffsetDateTime::now_utc();
         let fields = store::refreshed_fields(&base, &issued, now);
-        self.status().replaced_fingerprint = self.current().map(|t| t.fingerprint.clone());
+        self.status().replaced_fingerprint = self.credential.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
         let token = self.prepare(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
@@ -231,7 +231,7 @@ impl Provider {
         // too (a failed write is reported, and the token is used all the same).
         self.persist(&fields).await;
         drop(lock);
-        Ok(self.install(token))
+        Ok(self.credential.install(token))
     }
 
     /// Adopts the token file's token if another process wrote it since we last read or wrote
@@ -308,7 +308,7 @@ impl Provider {
                 Some(pending) => pending.based_on.clone(),
                 None => status.replaced_fingerprint.clone(),
             };
-            status.pending_write = Some(super::PendingWrite { fields: fields.clone(), based_on });
+            status.pending_write = Some(super::credential::PendingWrite { fields: fields.clone(), based_on });
             let message = format!(
                 "token file {} cannot be parsed, so the refreshed token was not written over it; it is kept \
                  in memory and written once the file parses again",
@@ -328,7 +328,7 @@ impl Provider {
             Ok(bytes) => {
                 // Our own write must not come back as a "change" through the watcher.
                 status.content_hash = Some(Sha256::digest(&bytes).into());
-                status.file = super::FileStatus::Ok;
+                status.file = super::credential::FileStatus::Ok;
                 status.write_error = None;
                 status.pending_write = None;
                 drop(status);
@@ -412,7 +412,7 @@ impl Provider {
         loop {
             let now = OffsetDateTime::now_utc();
             let startup_or_expired = if first { Trigger::Startup } else { Trigger::Expired };
-            let (trigger, wait) = match self.current() {
+            let (trigger, wait) = match self.credential.current() {
                 None => (Some(startup_or_expired), Duration::ZERO),
                 Some(t) => match self.freshness(&t, now) {
                     Freshness::Expired => (Some(startup_or_expired), Duration::ZERO),
@@ -439,7 +439,7 @@ impl Provider {
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = self.changed.notified() => {}
+                        _ = self.credential.changed.notified() => {}
                     }
                 }
                 continue;
@@ -447,7 +447,7 @@ impl Provider {
             let wait = if stuck { Duration::from_secs(3600) } else { wait };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.changed.notified() => {}
+                _ = self.credential.changed.notified() => {}
             }
         }
     }
