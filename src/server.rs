@@ -144,9 +144,9 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
 }
 
-/// A client connection's place under `max_connections`. Every request carries it (in its
-/// extensions), so that a tunnel or an interception that outlives its CONNECT request keeps the
-/// place until it closes.
+/// A client connection's place under `max_connections`. A CONNECT or upgrade request carries it
+/// (in its extensions), so that a tunnel, an interception or a WebSocket that outlives its
+/// request keeps the place until it closes.
 #[derive(Clone)]
 pub struct ConnectionPermit {
     _place: Arc<OwnedSemaphorePermit>,
@@ -261,7 +261,12 @@ pub async fn serve<H, F>(
         let permit = ConnectionPermit { _place: Arc::new(place) };
         tokio::spawn(async move {
             let service = service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(permit.clone());
+                // Only a CONNECT or an upgrade outlives its request; inserting the permit into
+                // every request would cost an allocation each.
+                if req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE)
+                {
+                    req.extensions_mut().insert(permit.clone());
+                }
                 let handler = handler.clone();
                 // Boxed per request: hyper otherwise keeps room for this future in every
                 // connection, idle or not, and an allocation per request is cheaper than that
