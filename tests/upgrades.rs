@@ -36,7 +36,11 @@ with connect({url:?}, ssl=ctx, proxy={proxy:?}, open_timeout=10) as ws:
 "#,
         cafile = cafile.display().to_string(),
     );
-    python(&script, &[]).await
+    // Bounded, so that a hang fails with what the client printed instead of waiting forever.
+    match tokio::time::timeout(std::time::Duration::from_secs(60), python(&script, &[])).await {
+        Ok(result) => result,
+        Err(_) => panic!("the Python WebSocket client did not finish within 60 s ({url} via {proxy})"),
+    }
 }
 
 /// An HTTPS mock for `localhost` and a proxy whose provider is `localhost:PORT`; returns

@@ -294,7 +294,12 @@ fn websocket_echo(headers: &http::HeaderMap, on_upgrade: hyper::upgrade::OnUpgra
             return;
         }
         while let Some(Ok(message)) = ws.next().await {
-            if message.is_close() || ws.send(message).await.is_err() {
+            if message.is_close() {
+                // Answer the close handshake before the connection goes.
+                let _ = ws.close(None).await;
+                break;
+            }
+            if ws.send(message).await.is_err() {
                 break;
             }
         }
