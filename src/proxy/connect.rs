@@ -36,10 +36,10 @@ impl Proxy {
             Err(e) => return finish(None, access, Err(e)),
         };
         access.host(&target);
-        let provider = self.providers.for_host(&target.host, target.port).cloned();
+        let provider = self.providers.for_host(target.host(), target.port).cloned();
         match provider {
             Some(provider) => {
-                let tls = match self.leaves.server_config(&target.host).await {
+                let tls = match self.leaves.server_config(target.host()).await {
                     Ok(tls) => tls,
                     Err(e) => {
                         let e = ProxyError::Interception {
@@ -60,7 +60,7 @@ impl Proxy {
                 finish(None, access, Err(e))
             }
             None => {
-                let dialled = self.egress.connect(&target.host, target.port, self.settings.upstream_timeout);
+                let dialled = self.egress.connect(target.host(), target.port, self.settings.upstream_timeout);
                 let upstream = match dialled.await {
                     Ok(upstream) => upstream,
                     Err(e) => return finish(None, access, Err(dial_error(&target, e))),

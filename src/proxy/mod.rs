@@ -35,11 +35,9 @@ use hyper_util::rt::TokioIo;
 #[derive(Debug, Clone)]
 pub struct Target {
     pub scheme: Scheme,
-    /// Lower case, no trailing dot, no IPv6 brackets: `api.example.com`, `::1`.
-    pub host: String,
     /// The port the connection goes to (the scheme's default when the authority names none).
     pub port: u16,
-    /// `host[:port]` from the normal host, as dialled and as sent in `Host`.
+    /// `host[:port]` with the host in normal form, as dialled and as sent in `Host`.
     pub authority: Authority,
 }
 
@@ -55,7 +53,7 @@ impl Target {
                     .into(),
             ));
         }
-        let host = normalize_host(authority.host()).into_owned();
+        let host = normalize_host(authority.host());
         if host.is_empty() {
             return Err(ProxyError::BadTarget("the request target has no host".into()));
         }
@@ -66,16 +64,27 @@ impl Target {
             (_, port) => port,
         };
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        Target::from_parts(scheme, host, explicit_port.unwrap_or(default_port), explicit_port.is_some())
+        let port = explicit_port.unwrap_or(default_port);
+        if host == strip_brackets(authority.host()) {
+            // Already in normal form, as almost every client sends it: no allocation.
+            return Ok(Target { scheme, port, authority: authority.clone() });
+        }
+        Target::from_parts(scheme, &host, port, explicit_port.is_some())
     }
 
-    fn from_parts(scheme: Scheme, host: String, port: u16, show_port: bool) -> Result<Target, ProxyError> {
-        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+    fn from_parts(scheme: Scheme, host: &str, port: u16, show_port: bool) -> Result<Target, ProxyError> {
+        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
         let text = if show_port { format!("{bracketed}:{port}") } else { bracketed };
         let authority = text
             .parse::<Authority>()
             .map_err(|_| ProxyError::BadTarget("the request target's host is not a valid name".into()))?;
-        Ok(Target { scheme, host, port, authority })
+        Ok(Target { scheme, port, authority })
+    }
+
+    /// The host in normal form: lower case, no trailing dot, no IPv6 brackets
+    /// (`api.example.com`, `::1`).
+    pub fn host(&self) -> &str {
+        strip_brackets(self.authority.host())
     }
 
     /// The same host over TLS: an explicit port 80 becomes 443, another explicit port is kept.
@@ -85,8 +94,12 @@ impl Target {
             None | Some(80) => (443, false),
             Some(p) => (p, true),
         };
-        Target::from_parts(Scheme::HTTPS, self.host.clone(), port, show).unwrap_or_else(|_| self.clone())
+        Target::from_parts(Scheme::HTTPS, self.host(), port, show).unwrap_or_else(|_| self.clone())
     }
+}
+
+fn strip_brackets(host: &str) -> &str {
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 /// One request's way through the data path: where it goes and whose token it may carry. Every
@@ -155,7 +168,7 @@ impl Proxy {
             return Err(ProxyError::BadTarget(format!("unsupported scheme {scheme}")));
         }
         let target = Target::new(scheme.clone(), authority)?;
-        let provider = self.providers.for_host(&target.host, target.port).cloned();
+        let provider = self.providers.for_host(target.host(), target.port).cloned();
         if provider.is_none() && !self.allow_unmatched {
             return Err(ProxyError::unmatched_host(target.authority.to_string()));
         }
