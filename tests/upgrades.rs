@@ -29,10 +29,10 @@ async fn python_websocket(url: &str, proxy: &str, cafile: &std::path::Path) -> (
 import ssl
 from websockets.sync.client import connect
 ctx = ssl.create_default_context(cafile={cafile:?})
-with connect({url:?}, ssl=ctx, proxy={proxy:?}, open_timeout=10) as ws:
-    print(ws.recv(timeout=10))
+with connect({url:?}, ssl=ctx, proxy={proxy:?}, open_timeout=30) as ws:
+    print(ws.recv(timeout=20))
     ws.send("hello")
-    print(ws.recv(timeout=10))
+    print(ws.recv(timeout=20))
 "#,
         cafile = cafile.display().to_string(),
     );
