@@ -58,8 +58,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
-    let providers =
-        Arc::new(Providers::load(&config.providers, Some(oauth_client), config.proxy.upstream_timeout));
+    // The first read of every token file, off the async threads like every other file access.
+    let (configs, wait) = (config.providers.clone(), config.proxy.upstream_timeout);
+    let providers = tokio::task::spawn_blocking(move || Providers::load(&configs, Some(oauth_client), wait))
+        .await
+        .map(Arc::new)
+        .map_err(|e| anyhow::anyhow!("loading the token files: {e}"))?;
     // One background refresher per provider with a token endpoint.
     let mut background: Vec<_> =
         providers.iter().filter(|p| p.can_refresh()).map(|p| tokio::spawn(p.clone().keep_fresh())).collect();
