@@ -191,6 +191,68 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 }
 
+/// A byte stream with the bytes already read from it put back in front, so that what a connection
+/// speaks can be decided from its first byte without losing that byte.
+pub struct Rewound<T> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: T,
+}
+
+/// Reads the first byte of `io` and returns it with the stream rewound, or `None` when the peer
+/// closed before sending anything.
+pub async fn first_byte<T: AsyncRead + Unpin>(mut io: T) -> io::Result<Option<(u8, Rewound<T>)>> {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    if io.read(&mut byte).await? == 0 {
+        return Ok(None);
+    }
+    Ok(Some((byte[0], Rewound { prefix: byte.to_vec(), at: 0, inner: io })))
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewound<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Copies bytes both ways between `a` and `b` until both directions have ended, the connection
 /// has been idle for `idle_timeout`, or shutdown. When one side half-closes, the other is told
 /// at once (its write side is shut down), and the remaining direction may linger only briefly.

@@ -114,3 +114,65 @@ async fn a_plain_http_websocket_upgrade_is_forwarded_with_the_token_and_joined()
     assert_eq!(echo, Message::text("ping through the proxy"));
     ws.close(None).await.unwrap();
 }
+
+#[tokio::test]
+async fn plain_http_inside_a_connect_to_a_provider_host_is_served_under_the_plaintext_rules() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let tp = proxy_with_token(dir.path(), &mock, TOKEN, "");
+    // A client that always tunnels, speaking plain HTTP inside: the provider allows plaintext.
+    let mut stream = tokio::net::TcpStream::connect(tp.proxy).await.unwrap();
+    let target = mock.authority();
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut stream).await.starts_with("HTTP/1.1 200"));
+    stream.write_all(format!("GET /inside HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(mock.last().path, "/inside");
+    assert_eq!(mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+
+    // Python websockets with a ws:// URL tunnels through CONNECT too.
+    if python_websockets_available() {
+        let script = format!(
+            r#"
+from websockets.sync.client import connect
+with connect("ws://{target}/ws", proxy={proxy:?}, open_timeout=30) as ws:
+    print(ws.recv(timeout=20))
+    ws.send("plain hello")
+    print(ws.recv(timeout=20))
+"#,
+            proxy = tp.proxy_url()
+        );
+        let (ok, out, err) = python(&script, &[]).await;
+        assert!(ok, "{out}{err}");
+        assert_eq!(
+            out.lines().collect::<Vec<_>>(),
+            [format!("authorization: Bearer {TOKEN}").as_str(), "plain hello"]
+        );
+        assert_eq!(mock.last().method, "GET");
+        assert!(!mock.last().headers.contains_key("proxy-authorization"));
+    }
+
+    // Without allow_plaintext the token does not travel over plain HTTP, tunnel or not.
+    let dir = tempdir();
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let strict = TokenProxy::start(
+        dir.path(),
+        &mock.plain_config(&token_file, "").replace("allow_plaintext = true", ""),
+    );
+    let mut stream = tokio::net::TcpStream::connect(strict.proxy).await.unwrap();
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut stream).await.starts_with("HTTP/1.1 200"));
+    let seen = mock.seen().len();
+    stream.write_all(format!("GET /refused HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 403") && head.contains("plaintext_refused"), "{head}");
+    assert_eq!(mock.seen().len(), seen, "the request reached the provider");
+}

@@ -2,7 +2,9 @@
 //!
 //! For a host that matches a provider, tokenproxy answers the client's TLS handshake itself with
 //! a leaf certificate for that host signed by its own CA, and the decrypted requests go through
-//! [`Proxy::forward`] like any other: one path for injection, retries, limits and metrics. For any
+//! [`Proxy::forward`] like any other: one path for injection, retries, limits and metrics. A
+//! client that speaks plain HTTP inside the tunnel instead (a `ws://` client behind a proxy that
+//! always sends CONNECT) is served as plain HTTP to the host, under the plaintext rules. For any
 //! other host (when `[egress] allow_unmatched`) the bytes are copied both ways untouched, and the
 //! client sees the upstream's own certificate.
 
@@ -94,8 +96,29 @@ impl Proxy {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
         };
-        let accept = tokio_rustls::TlsAcceptor::from(tls).accept(TokioIo::new(upgraded));
-        let stream = match tokio::time::timeout(self.settings.header_read_timeout, accept).await {
+        // The first byte says what the client speaks: a TLS handshake record starts with 0x16.
+        // Anything else is plain HTTP inside the tunnel (a `ws://` client behind a proxy that
+        // always sends CONNECT), served as plain HTTP to the host under the plaintext rules.
+        let deadline = tokio::time::Instant::now() + self.settings.header_read_timeout;
+        let first = tokio::time::timeout_at(deadline, relay::first_byte(TokioIo::new(upgraded))).await;
+        let (byte, io) = match first {
+            Ok(Ok(Some(first))) => first,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                return tracing::debug!(error = %e, "intercepted connection failed before its first byte");
+            }
+            Err(_) => return tracing::debug!(host = %target.authority, "client sent nothing in time"),
+        };
+        const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+        if byte != TLS_HANDSHAKE_RECORD {
+            match Target::new(Scheme::HTTP, &target.authority) {
+                Ok(plain) => self.serve_intercepted_h1(io, plain, provider, drain).await,
+                Err(e) => tracing::debug!(error = %e, "cannot serve plain HTTP in this tunnel"),
+            }
+            return;
+        }
+        let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io);
+        let stream = match tokio::time::timeout_at(deadline, accept).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 return tracing::warn!(
@@ -113,23 +136,35 @@ impl Proxy {
         if h2 {
             self.serve_intercepted_h2(stream, target, provider, drain).await;
         } else {
-            let proxy = self.clone();
-            let service = service_fn(move |req: Request<Incoming>| {
-                let proxy = proxy.clone();
-                let target = target.clone();
-                let provider = provider.clone();
-                async move { Ok::<_, Infallible>(proxy.handle_intercepted(req, target, &provider).await) }
-            });
-            // HTTP/1.1: `header_read_timeout` bounds the wait for every request head, the first
-            // one and each one after an idle keep-alive pause alike.
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.settings.header_read_timeout)
-                .max_buf_size(self.settings.max_header_bytes);
-            let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            server::until_drained(conn, drain).await;
+            self.serve_intercepted_h1(stream, target, provider, drain).await;
         }
+    }
+
+    /// HTTP/1.1 inside an interception (over TLS, or plain): `header_read_timeout` bounds the
+    /// wait for every request head, the first one and each one after an idle keep-alive pause.
+    async fn serve_intercepted_h1<S>(
+        self: Arc<Self>,
+        stream: S,
+        target: Target,
+        provider: Arc<Provider>,
+        drain: server::DrainWatch,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let target = target.clone();
+            let provider = provider.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_intercepted(req, target, &provider).await) }
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .max_buf_size(self.settings.max_header_bytes);
+        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        server::until_drained(conn, drain).await;
     }
 
     /// HTTP/2 inside an interception. HTTP/2 has no request-head deadline, so the connection is
