@@ -224,13 +224,22 @@ fn a_config_with_unknown_keys_or_bad_values_is_rejected_with_every_problem_named
 
     std::fs::write(
         &path,
-        "[proxy]\nlisten = \"nowhere\"\nupstream_timeout = \"soon\"\n\
+        "[proxy]\nlisten = \"nowhere\"\nupstream_timeout = \"soon\"\nidle_timeout = \"0s\"\nmax_connections = 0\n\
+         [egress]\ndeny = [\"10.0.0.0/33\"]\n\
          [providers.a]\nhosts = [\"a.*.com\"]\ntoken_file = \"a.json\"\nformat = \"Bearer\"\n",
     )
     .unwrap();
     let (code, stdout, _) = run_binary(&["check", "--config", p], &[]);
     assert_eq!(code, Some(1));
-    for key in ["proxy.listen", "proxy.upstream_timeout", "providers.a.hosts", "providers.a.format"] {
+    for key in [
+        "proxy.listen",
+        "proxy.upstream_timeout",
+        "proxy.idle_timeout",
+        "proxy.max_connections",
+        "egress.deny: \"10.0.0.0/33\"",
+        "providers.a.hosts",
+        "providers.a.format",
+    ] {
         assert!(stdout.contains(key), "{key} named in: {stdout}");
     }
 
