@@ -62,7 +62,7 @@ async fn python_websockets_through_an_intercepted_provider_host_gets_the_token_i
     let (mock, tp, ca_pem, _) = tls_setup(dir.path()).await;
     let url = format!("wss://localhost:{}/ws", mock.addr.port());
     let (ok, out, err) = python_websocket(&url, &tp.proxy_url(), &ca_pem).await;
-    assert!(ok, "{out}{err}");
+    assert!(ok, "{out}{err}\nproxy log:\n{}", tp.logs().join("\n"));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines, [format!("authorization: Bearer {TOKEN}").as_str(), "hello"], "{err}");
     assert_eq!(mock.last().path, "/ws");

@@ -109,6 +109,7 @@ impl Proxy {
             }
             Err(_) => return tracing::debug!(host = %target.authority, "client sent nothing in time"),
         };
+        tracing::debug!(host = %target.authority, first_byte = byte, "intercepted connection: first byte");
         const TLS_HANDSHAKE_RECORD: u8 = 0x16;
         if byte != TLS_HANDSHAKE_RECORD {
             match Target::new(Scheme::HTTP, &target.authority) {
@@ -133,6 +134,7 @@ impl Proxy {
         };
         // ALPN decided the protocol: no sniffing of a preface, which no deadline would cover.
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        tracing::debug!(host = %target.authority, h2, "intercepted connection: TLS established");
         if h2 {
             self.serve_intercepted_h2(stream, target, provider, drain).await;
         } else {
@@ -211,6 +213,7 @@ impl Proxy {
         target: Target,
         provider: &Arc<Provider>,
     ) -> Response<ProxyBody> {
+        tracing::debug!(method = %req.method(), path = req.uri().path(), "intercepted request");
         let mut access = self.access(&req);
         access.host(&target);
         let result = self.forward(req, Exchange { target, provider: Some(provider) }).await;
