@@ -153,12 +153,10 @@ impl Proxy {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let proxy = self.clone();
+        let host = Arc::new(InterceptedHost { proxy: self.clone(), target, provider });
         let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let target = target.clone();
-            let provider = provider.clone();
-            async move { Ok::<_, Infallible>(proxy.handle_intercepted(req, target, &provider).await) }
+            let host = host.clone();
+            async move { Ok::<_, Infallible>(host.handle(req).await) }
         });
         let mut builder = http1::Builder::new();
         builder
@@ -183,15 +181,13 @@ impl Proxy {
     {
         let activity = Activity::new();
         let io = Tracked::new(stream, activity.clone());
-        let proxy = self.clone();
+        let host = Arc::new(InterceptedHost { proxy: self.clone(), target, provider });
         let tracked = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let target = target.clone();
-            let provider = provider.clone();
+            let host = host.clone();
             let in_flight = tracked.request();
             async move {
-                let response = proxy.handle_intercepted(req, target, &provider).await;
+                let response = host.handle(req).await;
                 Ok::<_, Infallible>(response.map(|body| InFlightBody::new(body, in_flight).boxed()))
             }
         });
@@ -204,20 +200,24 @@ impl Proxy {
             _ = idle => tracing::debug!("intercepted HTTP/2 connection idle; closing it"),
         }
     }
+}
 
-    /// A request decrypted from an intercepted connection: it goes to the CONNECT's host, whatever
-    /// its own Host header says.
-    async fn handle_intercepted(
-        &self,
-        req: Request<Incoming>,
-        target: Target,
-        provider: &Arc<Provider>,
-    ) -> Response<ProxyBody> {
+/// What every request inside one interception shares: it goes to the CONNECT's host with its
+/// provider's token, whatever its own Host header says.
+struct InterceptedHost {
+    proxy: Arc<Proxy>,
+    target: Target,
+    provider: Arc<Provider>,
+}
+
+impl InterceptedHost {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         tracing::debug!(method = %req.method(), path = req.uri().path(), "intercepted request");
-        let mut access = self.access(&req);
-        access.host(&target);
-        let result = self.forward(req, Exchange { target, provider: Some(provider) }).await;
-        finish(Some(provider.as_ref()), access, result)
+        let mut access = self.proxy.access(&req);
+        access.host(&self.target);
+        let exchange = Exchange { target: self.target.clone(), provider: Some(&self.provider) };
+        let result = self.proxy.forward(req, exchange).await;
+        finish(Some(self.provider.as_ref()), access, result)
     }
 }
 
