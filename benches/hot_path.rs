@@ -1,6 +1,7 @@
 //! The per-request hot path, piece by piece: picking the provider for a host, building the
-//! header from the cached token (also while another thread keeps swapping the token), and
-//! looking up an intercepted host's leaf certificate.
+//! header from the cached token (also while another thread keeps swapping the token), picking
+//! an account among 10, 10 000 and 100 000 loaded ones, and looking up an intercepted host's
+//! leaf certificate.
 //!
 //!     cargo bench --bench hot_path
 
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
 use http::HeaderMap;
 use tokenproxy::config::Config;
 use tokenproxy::config::FileFormat;
@@ -60,7 +62,7 @@ fn hot_path(c: &mut Criterion) {
     c.bench_function("pick provider + build header", |b| {
         b.iter(|| {
             let p = providers.for_host(black_box("api18.example.com"), 443).unwrap();
-            let token = p.credential().current().unwrap();
+            let token = p.single().unwrap().current().unwrap();
             headers.insert(p.config.header.clone(), token.header_value().clone());
         })
     });
@@ -77,7 +79,7 @@ fn hot_path(c: &mut Criterion) {
         c.bench_function(label, |b| {
             b.iter(|| {
                 let p = providers.for_host(black_box("api18.example.com"), 443).unwrap();
-                let token = p.credential().current().unwrap();
+                let token = p.single().unwrap().current().unwrap();
                 headers.insert(p.config.header.clone(), token.header_value().clone());
             })
         });
@@ -86,6 +88,8 @@ fn hot_path(c: &mut Criterion) {
         println!("(the swapper made {swaps} token swaps meanwhile)");
     }
 
+    accounts(c);
+
     tokenproxy::tls::install_crypto_provider();
     let leaves = LeafCache::new(CertificateAuthority::load_or_create(&dir.path().join("ca")).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -93,6 +97,59 @@ fn hot_path(c: &mut Criterion) {
     c.bench_function("leaf certificate lookup (cached)", |b| {
         b.iter(|| runtime.block_on(leaves.server_config(black_box("api.example.com"))).unwrap())
     });
+}
+
+/// Account lookup + header build for a multi-account provider with `n` loaded accounts: what a
+/// request that names its account costs (SPEC §8), against the single-account figure above.
+fn accounts(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let mut group = c.benchmark_group("account lookup + build header");
+    for n in [10usize, 10_000, 100_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = runtime.block_on(load_accounts(dir.path(), n));
+        let names: Vec<String> = (0..n).map(account_name).collect();
+        let mut headers = HeaderMap::new();
+        let mut i = 0usize;
+        group.bench_function(format!("{n} accounts"), |b| {
+            b.iter(|| {
+                i = (i + 7919) % n;
+                let credential = provider
+                    .credential_for(Some(black_box(names[i].as_str())))
+                    .now_or_never()
+                    .expect("a loaded account is found without waiting")
+                    .unwrap();
+                let token = credential.current().unwrap();
+                headers.insert(provider.config.header.clone(), token.header_value().clone());
+            })
+        });
+    }
+    group.finish();
+}
+
+fn account_name(i: usize) -> String {
+    format!("user{i:06}@example.com")
+}
+
+/// A multi-account provider with `n` accounts, each with its token file, all loaded.
+async fn load_accounts(dir: &std::path::Path, n: usize) -> Arc<Provider> {
+    std::fs::create_dir_all(dir.join("tokens")).unwrap();
+    for i in 0..n {
+        std::fs::write(
+            dir.join(format!("tokens/{}.json", account_name(i))),
+            format!(r#"{{"access_token":"token-{i}-abcdefghijklmnopqrstuvwxyz","expires_at":"2099-01-01T00:00:00Z"}}"#),
+        )
+        .unwrap();
+    }
+    let toml = "[providers.many]\nhosts = [\"api.example.com\"]\ntoken_file = \"tokens/{account}.json\"\n";
+    std::fs::write(dir.join("tp.toml"), toml).unwrap();
+    let config = Config::load(&dir.join("tp.toml")).unwrap();
+    let providers = Providers::load(&config.providers, None, Duration::from_secs(30));
+    let provider = providers.get("many").unwrap().clone();
+    for i in 0..n {
+        provider.credential_for(Some(&account_name(i))).await.unwrap();
+    }
+    assert_eq!(provider.credentials().len(), n);
+    provider
 }
 
 /// A thread that adopts a new token every `pause` (or back to back) until `stop`; returns how
@@ -111,7 +168,7 @@ fn spawn_swapper(
             .collect();
         let mut swaps = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            provider.adopt(&docs[(swaps % 2) as usize]).unwrap();
+            provider.adopt(provider.single().unwrap(), &docs[(swaps % 2) as usize]).unwrap();
             swaps += 1;
             if let Some(pause) = pause {
                 std::thread::sleep(pause);

@@ -14,7 +14,8 @@ use time::OffsetDateTime;
 use crate::body::ProxyBody;
 use crate::metrics;
 use crate::tokens::refresh::Trigger;
-use crate::tokens::{Providers, Unavailable};
+use crate::errors::ProxyError;
+use crate::tokens::{AccountError, Providers, Unavailable};
 
 pub struct Admin {
     providers: Arc<Providers>,
@@ -33,10 +34,12 @@ impl Admin {
         {
             return json_response(StatusCode::FORBIDDEN, &json!({"error": "cross_origin", "reason": reason}));
         }
+        let query = req.uri().query();
         if let Some(name) = path.strip_prefix("/tokens/").and_then(|rest| rest.strip_suffix("/refresh")) {
-            let force = query_flag(req.uri().query(), "force");
+            let force = query_flag(query, "force");
+            let account = query_value(query, "account");
             return match *req.method() {
-                Method::POST => self.manual_refresh(name, force).await,
+                Method::POST => self.manual_refresh(name, account.as_deref(), force).await,
                 _ => json_response(
                     StatusCode::METHOD_NOT_ALLOWED,
                     &json!({"error": "method_not_allowed", "reason": "POST to force a refresh"}),
@@ -45,13 +48,9 @@ impl Admin {
         }
         match (req.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n", "text/plain"),
-            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => self.metrics(),
-            (&Method::GET, "/tokens") => {
-                let now = OffsetDateTime::now_utc();
-                let views: Vec<_> = self.providers.iter().map(|p| p.view(now)).collect();
-                json_response(StatusCode::OK, &json!(views))
-            }
+            (&Method::GET, "/tokens") => self.tokens(query_value(query, "provider").as_deref()),
             (_, "/healthz" | "/readyz" | "/metrics" | "/tokens") => json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &json!({"error": "method_not_allowed", "reason": format!("{path} answers GET only")}),
@@ -63,44 +62,65 @@ impl Admin {
         }
     }
 
-    /// `POST /tokens/{provider}/refresh[?force=true]`: 200 with the provider's view when it holds
-    /// a fresh token afterwards, else 502 with the error body of SPEC §5. Concurrent requests
-    /// share one refresh; a token endpoint in backoff is left alone unless `force`.
-    async fn manual_refresh(&self, name: &str, force: bool) -> Response<ProxyBody> {
-        let Some(provider) = self.providers.get(name) else {
-            return json_response(
-                StatusCode::NOT_FOUND,
-                &json!({"error": "unknown_provider", "reason": format!("no provider named {name:?}")}),
-            );
+    /// `GET /tokens[?provider=NAME]`: one object per provider, or per loaded account of a
+    /// multi-account provider (SPEC §6).
+    fn tokens(&self, only: Option<&str>) -> Response<ProxyBody> {
+        if let Some(name) = only
+            && self.providers.get(name).is_none()
+        {
+            return unknown_provider(name);
+        }
+        let now = OffsetDateTime::now_utc();
+        let views: Vec<_> = self
+            .providers
+            .iter()
+            .filter(|p| only.is_none_or(|name| p.name() == name))
+            .flat_map(|p| p.credentials().into_iter().map(move |c| p.view(&c, now)))
+            .collect();
+        json_response(StatusCode::OK, &json!(views))
+    }
+
+    /// `POST /tokens/{provider}/refresh[?account=NAME][&force=true]`: 200 with the credential's
+    /// view when it holds a fresh token afterwards, else 502 with the error body of SPEC §5.
+    /// Concurrent requests share one refresh; a token endpoint in backoff is left alone unless
+    /// `force`.
+    async fn manual_refresh(&self, name: &str, account: Option<&str>, force: bool) -> Response<ProxyBody> {
+        let Some(provider) = self.providers.get(name) else { return unknown_provider(name) };
+        let credential = match provider.credential_for(account).await {
+            Ok(credential) => credential,
+            Err(AccountError::Required) => {
+                let e = ProxyError::AccountRequired { provider: name.to_string(), proxy_auth: false };
+                return with_action(e, "name the account: POST /tokens/{provider}/refresh?account=NAME");
+            }
+            Err(AccountError::Bad(reason)) => {
+                return ProxyError::BadAccount { provider: name.to_string(), reason }.into_response();
+            }
         };
         let wait = provider.wait_limit.max(std::time::Duration::from_secs(1));
         // The token this request is unhappy with: a refresh that replaces it meanwhile (another
         // POST's, a request's) answers this one too.
-        let seen = provider.credential().current().map(|t| t.generation);
+        let seen = credential.current().map(|t| t.generation);
         let refresh = async {
             if force {
-                provider.refresh_forced(seen).await
+                provider.refresh_forced(&credential, seen).await
             } else {
-                provider.refresh(Trigger::Manual, seen).await
+                provider.refresh(&credential, Trigger::Manual, seen).await
             }
         };
         let result = tokio::time::timeout(wait, refresh).await;
         match result {
-            Ok(Ok(_)) => json_response(StatusCode::OK, &json!(provider.view(OffsetDateTime::now_utc()))),
-            Ok(Err(e)) => provider.unavailable(Unavailable::Refresh(&e)).into_response(),
-            Err(_) => provider.unavailable(Unavailable::Timeout(wait)).into_response(),
+            Ok(Ok(_)) => json_response(StatusCode::OK, &json!(provider.view(&credential, OffsetDateTime::now_utc()))),
+            Ok(Err(e)) => provider.unavailable(&credential, Unavailable::Refresh(&e)).into_response(),
+            Err(_) => provider.unavailable(&credential, Unavailable::Timeout(wait)).into_response(),
         }
     }
 
-    fn readyz(&self) -> Response<ProxyBody> {
-        let now = OffsetDateTime::now_utc();
-        let not_ready: Vec<_> = self
-            .providers
-            .iter()
-            .map(|p| p.view(now))
-            .filter(|v| !v.state.is_ready())
-            .map(|v| json!({"provider": v.provider, "state": v.state, "last_error": v.last_error}))
-            .collect();
+    /// `200` when every single-account provider has a usable token and no multi-account
+    /// provider is broken as a whole; one account's state never makes the pod unready (SPEC §8).
+    async fn readyz(&self) -> Response<ProxyBody> {
+        let providers = self.providers.clone();
+        // A multi-account provider's check reads its token folder: off the async threads.
+        let not_ready = tokio::task::spawn_blocking(move || not_ready(&providers)).await.unwrap_or_default();
         if not_ready.is_empty() {
             text(StatusCode::OK, "ready\n", "text/plain")
         } else {
@@ -110,10 +130,13 @@ impl Admin {
 
     fn metrics(&self) -> Response<ProxyBody> {
         let now = OffsetDateTime::now_utc();
-        // The gauge is a function of the clock, so it is set when it is read.
+        // The gauges are functions of the clock, so they are set when they are read.
         for provider in self.providers.iter() {
-            if let Some(at) = provider.credential().current().and_then(|t| t.expires_at) {
+            if let Some(at) = provider.single().and_then(|c| c.current()).and_then(|t| t.expires_at) {
                 metrics::token_expires_in(provider.name(), (at - now).as_seconds_f64());
+            }
+            for (state, count) in provider.account_states(now) {
+                metrics::accounts(provider.name(), state.as_str(), count);
             }
         }
         self.metrics.run_upkeep();
@@ -138,6 +161,56 @@ fn same_origin<B>(req: &Request<B>) -> Result<(), String> {
             "Origin {origin:?} is not this admin API ({host}); state-changing requests must come from it"
         )),
     }
+}
+
+/// What keeps the pod out of service: a single-account provider without a usable token, or a
+/// multi-account provider that is broken for every account.
+fn not_ready(providers: &Providers) -> Vec<serde_json::Value> {
+    let now = OffsetDateTime::now_utc();
+    let mut not_ready = Vec::new();
+    for provider in providers.iter() {
+        match provider.single() {
+            Some(credential) => {
+                let v = provider.view(credential, now);
+                if !v.state.is_ready() {
+                    not_ready.push(json!({"provider": v.provider, "state": v.state, "last_error": v.last_error}));
+                }
+            }
+            None => {
+                if let Some(problem) = provider.provider_problem() {
+                    not_ready.push(json!({"provider": provider.name(), "state": "error", "last_error": problem}));
+                }
+            }
+        }
+    }
+    not_ready
+}
+
+fn unknown_provider(name: &str) -> Response<ProxyBody> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"error": "unknown_provider", "reason": format!("no provider named {name:?}")}),
+    )
+}
+
+/// An error's answer with its `action` replaced (for the admin API, where proxy credentials or
+/// headers are not how an account is named).
+fn with_action(e: ProxyError, action: &str) -> Response<ProxyBody> {
+    let status = e.status();
+    let code = e.code();
+    let body = json!({"error": code, "reason": e.to_string(), "action": action});
+    let mut response = json_response(status, &body);
+    response.headers_mut().insert(crate::errors::ERROR_HEADER, HeaderValue::from_static(code));
+    response
+}
+
+/// The percent-decoded value of `name` in a query string (`+` stays `+`: account names may hold
+/// it, and spaces never).
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned())
+    })
 }
 
 /// `?name`, `?name=true` or `?name=1`.

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Grant};
 use crate::logging::LogFormat;
-use crate::tokens::{Provider, TokenState};
+use crate::tokens::{Provider, TokenState, TokenView};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,41 +62,15 @@ pub fn check(config: &Config) -> bool {
     let now = OffsetDateTime::now_utc();
     for pc in &config.providers {
         let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO);
-        provider.reload();
-        let view = provider.view(now);
-        let expiry = match (&view.expires_at, view.expires_in_s) {
-            (Some(at), Some(secs)) => format!("expires {at} ({})", human_seconds(secs)),
-            _ => "expiry unknown".to_string(),
-        };
-        println!(
-            "{:<16} {:<12} {:<44} source={:<22} fingerprint={}",
-            view.provider,
-            view.state.as_str(),
-            expiry,
-            view.expiry_source,
-            view.fingerprint.as_deref().unwrap_or("-"),
-        );
-        // Only a client_credentials grant can create its token file; every other provider
-        // cannot serve a single request without one.
-        let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant == Grant::ClientCredentials);
-        match view.state {
-            TokenState::Missing if !creates_its_file => problems.push(format!(
-                "providers.{}: token file {} does not exist{}",
-                pc.name,
-                pc.token_file.display(),
-                if pc.oauth.is_some() {
-                    " (a refresh_token grant needs a first refresh token in it)"
-                } else {
-                    ""
-                }
-            )),
-            TokenState::Error => problems.push(format!(
-                "providers.{}: {}",
-                pc.name,
-                view.last_error.unwrap_or_else(|| "token unusable".into())
-            )),
-            _ => {}
+        if provider.is_multi_account() {
+            check_accounts(&provider, now, &mut problems);
+            continue;
         }
+        let credential = provider.single().expect("a single-account provider");
+        provider.reload(credential);
+        let view = provider.view(credential, now);
+        print_view(&view.provider, &view);
+        check_view(&provider, &view, &credential.file().display().to_string(), &mut problems);
     }
     if config.providers.is_empty() {
         println!("no providers configured: every request is forwarded untouched");
@@ -111,6 +85,99 @@ pub fn check(config: &Config) -> bool {
         println!("config {} is valid", config.source.display());
     }
     problems.is_empty()
+}
+
+/// At most this many accounts are listed one per line by `check`.
+const CHECK_LISTS_ACCOUNTS: usize = 50;
+
+/// A multi-account provider in `check`: a line with the number of accounts by state, then one
+/// line per account (names are shown: `check` is a local command, not a log).
+fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<String>) {
+    let pc = &provider.config;
+    let names = match provider.account_names_on_disk() {
+        Ok(names) => names,
+        Err(e) => {
+            println!("{:<16} {:<12} accounts cannot be listed", pc.name, "error");
+            problems.push(format!("providers.{}: {e}", pc.name));
+            return;
+        }
+    };
+    let mut views = Vec::new();
+    for name in &names {
+        let credential = provider.read_account(name);
+        views.push((provider.view(&credential, now), credential.file().display().to_string()));
+    }
+    let mut by_state: Vec<String> = TokenState::ALL
+        .iter()
+        .filter_map(|state| {
+            let n = views.iter().filter(|(v, _)| v.state == *state).count();
+            (n > 0).then(|| format!("{n} {}", state.as_str()))
+        })
+        .collect();
+    if by_state.is_empty() {
+        by_state.push("none yet".into());
+    }
+    println!(
+        "{:<16} {:<12} {} account{} ({}) in {}",
+        pc.name,
+        "accounts",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        by_state.join(", "),
+        pc.token_file.display()
+    );
+    for (view, _) in views.iter().take(CHECK_LISTS_ACCOUNTS) {
+        print_view(&format!("  {}", view.account.as_deref().unwrap_or("")), view);
+    }
+    if views.len() > CHECK_LISTS_ACCOUNTS {
+        println!("  … and {} more", views.len() - CHECK_LISTS_ACCOUNTS);
+    }
+    for (view, file) in &views {
+        check_view(provider, view, file, problems);
+    }
+    if let Some(default) = &pc.default_account
+        && !names.contains(default)
+    {
+        let credential = provider.read_account(default);
+        check_view(provider, &provider.view(&credential, now), &credential.file().display().to_string(), problems);
+    }
+}
+
+fn print_view(label: &str, view: &TokenView) {
+    let expiry = match (&view.expires_at, view.expires_in_s) {
+        (Some(at), Some(secs)) => format!("expires {at} ({})", human_seconds(secs)),
+        _ => "expiry unknown".to_string(),
+    };
+    println!(
+        "{:<16} {:<12} {:<44} source={:<22} fingerprint={}",
+        label,
+        view.state.as_str(),
+        expiry,
+        view.expiry_source,
+        view.fingerprint.as_deref().unwrap_or("-"),
+    );
+}
+
+/// The problems one token file has for `check`.
+fn check_view(provider: &Provider, view: &TokenView, file: &str, problems: &mut Vec<String>) {
+    let pc = &provider.config;
+    let what = match &view.account {
+        Some(account) => format!("providers.{} account {account}", pc.name),
+        None => format!("providers.{}", pc.name),
+    };
+    // Only a client_credentials grant can create its token file; every other provider
+    // cannot serve a single request without one.
+    let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant == Grant::ClientCredentials);
+    match view.state {
+        TokenState::Missing if !creates_its_file => problems.push(format!(
+            "{what}: token file {file} does not exist{}",
+            if pc.oauth.is_some() { " (a refresh_token grant needs a first refresh token in it)" } else { "" }
+        )),
+        TokenState::Error => {
+            problems.push(format!("{what}: {}", view.last_error.clone().unwrap_or_else(|| "token unusable".into())))
+        }
+        _ => {}
+    }
 }
 
 /// `3600` → "in 1h 0m", `-90` → "1m 30s ago".

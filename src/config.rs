@@ -145,6 +145,8 @@ struct RawProvider {
     allow_plaintext: bool,
     #[serde(default = "default_refresh_on_status")]
     refresh_on_status: Vec<u16>,
+    #[serde(default)]
+    default_account: String,
     oauth: Option<RawOAuth>,
 }
 
@@ -301,7 +303,11 @@ pub struct OAuthConfig {
 pub struct ProviderConfig {
     pub name: String,
     pub hosts: Vec<HostPattern>,
+    /// The token file; for a multi-account provider (SPEC §8) a template whose file name holds
+    /// `{account}` once.
     pub token_file: PathBuf,
+    /// The account of requests that name none (multi-account providers only).
+    pub default_account: Option<String>,
     pub header: HeaderName,
     /// `format` split around `{token}`: the header value is `prefix + token + suffix`.
     pub format_prefix: String,
@@ -314,11 +320,38 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
+    /// Whether the provider holds one token per account (its `token_file` names `{account}`).
+    pub fn is_multi_account(&self) -> bool {
+        self.token_file.file_name().is_some_and(|n| n.to_string_lossy().contains(ACCOUNT_PLACEHOLDER))
+    }
+
+    /// The token file of `account`, whose name must have passed [`crate::accounts::check`]: it
+    /// only fills the file name, so it cannot name a file outside the template's folder.
+    pub fn account_file(&self, account: &str) -> PathBuf {
+        let name = self.token_file.file_name().unwrap_or_default().to_string_lossy();
+        self.token_file.with_file_name(name.replacen(ACCOUNT_PLACEHOLDER, account, 1))
+    }
+
+    /// The account a token file of this multi-account provider belongs to, if `path` is one.
+    pub fn account_of_file(&self, path: &Path) -> Option<String> {
+        if path.parent() != self.token_file.parent() {
+            return None;
+        }
+        let template = self.token_file.file_name()?.to_str()?;
+        let (before, after) = template.split_once(ACCOUNT_PLACEHOLDER)?;
+        let name = path.file_name()?.to_str()?;
+        let account = name.strip_prefix(before)?.strip_suffix(after)?;
+        crate::accounts::check(account).ok().map(|()| account.to_string())
+    }
+
     /// The margin before expiry at which a token counts as "expiring".
     pub fn refresh_before(&self) -> Duration {
         self.oauth.as_ref().map_or(Duration::from_secs(300), |o| o.refresh_before)
     }
 }
+
+/// What a multi-account provider's `token_file` holds in place of the account name.
+pub const ACCOUNT_PLACEHOLDER: &str = "{account}";
 
 /// A `[[routes]]` entry: everything arriving on `listen` goes to `upstream` with the provider's
 /// token.
@@ -626,10 +659,12 @@ fn validate_provider(
              (a raw file cannot hold a refresh token or an expiry, and is never written)"
         ));
     }
+    let default_account = validate_accounts(&what, &rp.token_file, rp.default_account, p);
     (p.len() == before).then(|| ProviderConfig {
         name: name.to_string(),
         hosts,
         token_file: resolve(base, &rp.token_file),
+        default_account,
         header,
         format_prefix,
         format_suffix,
@@ -639,6 +674,32 @@ fn validate_provider(
         refresh_on_status,
         oauth: oauth.flatten(),
     })
+}
+
+/// `{account}` may stand once in the token file's name, never in a folder (so an account name
+/// can only ever pick a file in one folder); `default_account` needs it and must be a valid name.
+fn validate_accounts(what: &str, token_file: &Path, default_account: String, p: &mut Vec<String>) -> Option<String> {
+    let text = token_file.to_string_lossy();
+    let in_name = token_file.file_name().map(|n| n.to_string_lossy().matches(ACCOUNT_PLACEHOLDER).count());
+    let total = text.matches(ACCOUNT_PLACEHOLDER).count();
+    if total > 0 && (in_name != Some(1) || total != 1) {
+        p.push(format!(
+            "{what}.token_file: {ACCOUNT_PLACEHOLDER} may appear once, in the file name only              (e.g. \"tokens/spotify/{ACCOUNT_PLACEHOLDER}.json\")"
+        ));
+    }
+    if default_account.is_empty() {
+        return None;
+    }
+    if total == 0 {
+        p.push(format!(
+            "{what}.default_account: only a multi-account provider has accounts; put {ACCOUNT_PLACEHOLDER} \
+             in its token_file"
+        ));
+    }
+    if let Err(e) = crate::accounts::check(&default_account) {
+        p.push(format!("{what}.default_account: {e}"));
+    }
+    Some(default_account)
 }
 
 fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> Option<OAuthConfig> {

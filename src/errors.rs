@@ -33,9 +33,16 @@ pub enum ProxyError {
          upstream_scheme = \"https\" or allow_plaintext = true for this provider"
     )]
     PlaintextRefused { provider: String },
-    /// No usable token for the provider.
+    /// No usable token for the provider (or the account of it).
     #[error("no usable token for provider {provider:?}: {reason}")]
-    TokenUnavailable { provider: String, reason: String, action: String },
+    TokenUnavailable { provider: String, account: Option<String>, reason: String, action: String },
+    /// A request to a multi-account provider named no account, and it has no default (SPEC §8).
+    /// `proxy_auth`: on the forward port, where proxy credentials can name one (`407`).
+    #[error("provider {provider:?} has one token per account and the request named none")]
+    AccountRequired { provider: String, proxy_auth: bool },
+    /// The account name a request gave cannot be one (the name itself is never repeated).
+    #[error("bad account name for provider {provider:?}: {reason}")]
+    BadAccount { provider: String, reason: crate::accounts::BadAccount },
     #[error("cannot reach upstream {host}: {reason}")]
     UpstreamUnreachable { host: String, reason: String },
     #[error("upstream {host} sent no response headers within {seconds}s")]
@@ -54,7 +61,11 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) | ProxyError::BadAccount { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::AccountRequired { proxy_auth: true, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::AccountRequired { proxy_auth: false, .. } => StatusCode::BAD_REQUEST,
             ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::TokenUnavailable { .. }
             | ProxyError::UpstreamUnreachable { .. }
@@ -71,6 +82,8 @@ impl ProxyError {
             ProxyError::EgressDenied { .. } => "egress_denied",
             ProxyError::PlaintextRefused { .. } => "plaintext_refused",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::AccountRequired { .. } => "account_required",
+            ProxyError::BadAccount { .. } => "bad_account",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Interception { .. } => "interception_failed",
@@ -79,8 +92,33 @@ impl ProxyError {
 
     fn body(&self) -> serde_json::Value {
         match self {
-            ProxyError::TokenUnavailable { provider, reason, action } => json!({
-                "error": self.code(), "provider": provider, "reason": reason, "action": action,
+            ProxyError::TokenUnavailable { provider, account, reason, action } => match account {
+                None => json!({
+                    "error": self.code(), "provider": provider, "reason": reason, "action": action,
+                }),
+                Some(account) => json!({
+                    "error": self.code(), "provider": provider, "account": account, "reason": reason,
+                    "action": action,
+                }),
+            },
+            ProxyError::AccountRequired { provider, proxy_auth } => json!({
+                "error": self.code(),
+                "provider": provider,
+                "reason": self.to_string(),
+                "action": if *proxy_auth {
+                    "name the account in a Tokenproxy-Account header, or as the proxy user name \
+                     (HTTP_PROXY=http://ACCOUNT@HOST:PORT, curl -x http://ACCOUNT@HOST:PORT), \
+                     or set the provider's default_account"
+                } else {
+                    "name the account in a Tokenproxy-Account header (inside a tunnel, the user name of \
+                     the proxy credentials on its CONNECT also does), or set the provider's default_account"
+                },
+            }),
+            ProxyError::BadAccount { provider, reason } => json!({
+                "error": self.code(),
+                "provider": provider,
+                "reason": reason.to_string(),
+                "action": "account names are 1-128 characters from A-Z a-z 0-9 . _ @ + - and do not start with '.'",
             }),
             ProxyError::PlaintextRefused { provider } => json!({
                 "error": self.code(), "provider": provider, "reason": self.to_string(),
@@ -103,6 +141,9 @@ impl ProxyError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if self.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            headers.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tokenproxy\""));
+        }
         response
     }
 }

@@ -2,6 +2,7 @@
 //! calls. See README.md for use and `../shared/SPEC.md` for the contract.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod body;

@@ -107,3 +107,11 @@ pub fn token_write(provider: &str, result: &'static str) {
     metrics::counter!(TOKEN_WRITES_TOTAL, "provider" => provider.to_string(), "result" => result)
         .increment(1);
 }
+
+pub const ACCOUNTS: &str = "tokenproxy_accounts";
+
+/// How many of a provider's loaded accounts are in `state` (SPEC §7): accounts are counted,
+/// never a label.
+pub fn accounts(provider: &str, state: &'static str, count: usize) {
+    metrics::gauge!(ACCOUNTS, "provider" => provider.to_string(), "state" => state).set(count as f64);
+}

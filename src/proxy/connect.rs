@@ -23,7 +23,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{Exchange, Proxy, Target, dial_error, finish};
+use super::{Entry, Exchange, Proxy, Target, dial_error, finish, headers};
 use crate::body::{BoxError, ProxyBody};
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};
@@ -53,7 +53,10 @@ impl Proxy {
                 };
                 let upgrade = hyper::upgrade::on(&mut req);
                 let place = req.extensions().get::<ConnectionPermit>().cloned();
-                tokio::spawn(self.clone().intercept(upgrade, tls, target, provider, place));
+                // The proxy credentials' user name names the account for the whole tunnel.
+                let proxy_user = headers::proxy_user(req.headers()).map(String::into_boxed_str);
+                let host = InterceptedHost { proxy: self.clone(), target, provider, proxy_user };
+                tokio::spawn(host.intercept(upgrade, tls, place));
                 // Not counted as a request: the requests inside the tunnel are.
                 connection_established()
             }
@@ -80,18 +83,23 @@ impl Proxy {
             }
         }
     }
+}
 
+/// What every request inside one interception shares: it goes to the CONNECT's host with its
+/// provider's token (of the account the CONNECT's proxy credentials named, if any), whatever its
+/// own Host header says.
+struct InterceptedHost {
+    proxy: Arc<Proxy>,
+    target: Target,
+    provider: Arc<Provider>,
+    proxy_user: Option<Box<str>>,
+}
+
+impl InterceptedHost {
     /// Terminates the client's TLS with a leaf for the host and serves the requests inside,
     /// over HTTP/1.1 or HTTP/2 as ALPN decided.
-    async fn intercept(
-        self: Arc<Self>,
-        upgrade: OnUpgrade,
-        tls: Arc<rustls::ServerConfig>,
-        target: Target,
-        provider: Arc<Provider>,
-        _place: Option<ConnectionPermit>,
-    ) {
-        let Some(drain) = self.drain.watch() else { return };
+    async fn intercept(mut self, upgrade: OnUpgrade, tls: Arc<rustls::ServerConfig>, _place: Option<ConnectionPermit>) {
+        let Some(drain) = self.proxy.drain.watch() else { return };
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
@@ -99,7 +107,8 @@ impl Proxy {
         // The first byte says what the client speaks: a TLS handshake record starts with 0x16.
         // Anything else is plain HTTP inside the tunnel (a `ws://` client behind a proxy that
         // always sends CONNECT), served as plain HTTP to the host under the plaintext rules.
-        let deadline = tokio::time::Instant::now() + self.settings.header_read_timeout;
+        let settings = &self.proxy.settings;
+        let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
         let first = tokio::time::timeout_at(deadline, relay::first_byte(TokioIo::new(upgraded))).await;
         let (byte, io) = match first {
             Ok(Ok(Some(first))) => first,
@@ -107,13 +116,16 @@ impl Proxy {
             Ok(Err(e)) => {
                 return tracing::debug!(error = %e, "intercepted connection failed before its first byte");
             }
-            Err(_) => return tracing::debug!(host = %target.authority, "client sent nothing in time"),
+            Err(_) => return tracing::debug!(host = %self.target.authority, "client sent nothing in time"),
         };
-        tracing::debug!(host = %target.authority, first_byte = byte, "intercepted connection: first byte");
+        tracing::debug!(host = %self.target.authority, first_byte = byte, "intercepted connection: first byte");
         const TLS_HANDSHAKE_RECORD: u8 = 0x16;
         if byte != TLS_HANDSHAKE_RECORD {
-            match Target::new(Scheme::HTTP, &target.authority) {
-                Ok(plain) => self.serve_intercepted_h1(io, plain, provider, drain).await,
+            match Target::new(Scheme::HTTP, &self.target.authority) {
+                Ok(plain) => {
+                    self.target = plain;
+                    Arc::new(self).serve_h1(io, drain).await;
+                }
                 Err(e) => tracing::debug!(error = %e, "cannot serve plain HTTP in this tunnel"),
             }
             return;
@@ -123,37 +135,33 @@ impl Proxy {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 return tracing::warn!(
-                    host = %target.authority,
+                    host = %self.target.authority,
                     error = %e,
                     "TLS handshake with the client failed (does the client trust tokenproxy's ca.pem?)"
                 );
             }
             Err(_) => {
-                return tracing::debug!(host = %target.authority, "client sent no TLS handshake in time");
+                return tracing::debug!(host = %self.target.authority, "client sent no TLS handshake in time");
             }
         };
         // ALPN decided the protocol: no sniffing of a preface, which no deadline would cover.
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        tracing::debug!(host = %target.authority, h2, "intercepted connection: TLS established");
+        tracing::debug!(host = %self.target.authority, h2, "intercepted connection: TLS established");
         if h2 {
-            self.serve_intercepted_h2(stream, target, provider, drain).await;
+            Arc::new(self).serve_h2(stream, drain).await;
         } else {
-            self.serve_intercepted_h1(stream, target, provider, drain).await;
+            Arc::new(self).serve_h1(stream, drain).await;
         }
     }
 
     /// HTTP/1.1 inside an interception (over TLS, or plain): `header_read_timeout` bounds the
     /// wait for every request head, the first one and each one after an idle keep-alive pause.
-    async fn serve_intercepted_h1<S>(
-        self: Arc<Self>,
-        stream: S,
-        target: Target,
-        provider: Arc<Provider>,
-        drain: server::DrainWatch,
-    ) where
+    async fn serve_h1<S>(self: Arc<Self>, stream: S, drain: server::DrainWatch)
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let host = Arc::new(InterceptedHost { proxy: self.clone(), target, provider });
+        let settings = self.proxy.settings.clone();
+        let host = self;
         let service = service_fn(move |req: Request<Incoming>| {
             let host = host.clone();
             async move { Ok::<_, Infallible>(host.handle(req).await) }
@@ -161,8 +169,8 @@ impl Proxy {
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
-            .max_buf_size(self.settings.max_header_bytes);
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes);
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         server::until_drained(conn, drain).await;
     }
@@ -170,18 +178,14 @@ impl Proxy {
     /// HTTP/2 inside an interception. HTTP/2 has no request-head deadline, so the connection is
     /// closed when it has been quiet with no request in flight: for `header_read_timeout` before
     /// its first request, for `idle_timeout` after.
-    async fn serve_intercepted_h2<S>(
-        self: Arc<Self>,
-        stream: S,
-        target: Target,
-        provider: Arc<Provider>,
-        drain: server::DrainWatch,
-    ) where
+    async fn serve_h2<S>(self: Arc<Self>, stream: S, drain: server::DrainWatch)
+    where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let settings = self.proxy.settings.clone();
         let activity = Activity::new();
         let io = Tracked::new(stream, activity.clone());
-        let host = Arc::new(InterceptedHost { proxy: self.clone(), target, provider });
+        let host = self;
         let tracked = activity.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let host = host.clone();
@@ -192,30 +196,25 @@ impl Proxy {
             }
         });
         let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder.timer(TokioTimer::new()).max_header_list_size(self.settings.max_header_bytes as u32);
+        builder.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes as u32);
         let conn = builder.serve_connection(TokioIo::new(io), service);
-        let idle = activity.idle(self.settings.idle_timeout, self.settings.header_read_timeout);
+        let idle = activity.idle(settings.idle_timeout, settings.header_read_timeout);
         tokio::select! {
             _ = server::until_drained(conn, drain) => {}
             _ = idle => tracing::debug!("intercepted HTTP/2 connection idle; closing it"),
         }
     }
-}
 
-/// What every request inside one interception shares: it goes to the CONNECT's host with its
-/// provider's token, whatever its own Host header says.
-struct InterceptedHost {
-    proxy: Arc<Proxy>,
-    target: Target,
-    provider: Arc<Provider>,
-}
-
-impl InterceptedHost {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         tracing::debug!(method = %req.method(), path = req.uri().path(), "intercepted request");
         let mut access = self.proxy.access(&req);
         access.host(&self.target);
-        let exchange = Exchange { target: self.target.clone(), provider: Some(&self.provider) };
+        let exchange = Exchange {
+            target: self.target.clone(),
+            provider: Some(&self.provider),
+            proxy_user: self.proxy_user.as_deref(),
+            entry: Entry::Tunnel,
+        };
         let result = self.proxy.forward(req, exchange).await;
         finish(Some(self.provider.as_ref()), access, result)
     }

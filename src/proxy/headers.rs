@@ -88,3 +88,23 @@ mod tests {
         assert!(h.contains_key(header::TE));
     }
 }
+
+/// The request header that names the account of a multi-account provider (SPEC §8). It is
+/// tokenproxy's own and never forwarded.
+pub const ACCOUNT: HeaderName = HeaderName::from_static("tokenproxy-account");
+
+/// The user name of `Proxy-Authorization: Basic base64(user:password)`, which clients send for
+/// `HTTP_PROXY=http://user@host:port`: it names an account (SPEC §8). Anything else (another
+/// scheme, bad base64, an empty user) names none. The password is ignored and never kept.
+pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let user = decoded.split_once(':').map_or(decoded.as_str(), |(user, _)| user);
+    (!user.is_empty()).then(|| user.to_string())
+}

@@ -26,7 +26,7 @@ use crate::hosts::normalize_host;
 use crate::server::{ConnectionPermit, DrainHandle};
 use crate::tls::leaf::LeafCache;
 use crate::tokens::refresh::Trigger;
-use crate::tokens::{Provider, Providers, Token, Unavailable};
+use crate::tokens::{AccountError, Credential, Provider, Providers, Token, Unavailable};
 use crate::{metrics, relay};
 use hyper_util::rt::TokioIo;
 
@@ -107,11 +107,25 @@ fn strip_brackets(host: &str) -> &str {
 pub(crate) struct Exchange<'a> {
     pub target: Target,
     pub provider: Option<&'a Arc<Provider>>,
+    /// The account the connection named: the user name of the proxy credentials, on this
+    /// request or on the CONNECT of its tunnel (SPEC §8, second in the selection order).
+    pub proxy_user: Option<&'a str>,
+    pub entry: Entry,
+}
+
+/// Where a request entered: on the forward port, proxy credentials can still name an account
+/// (`407`); in a tunnel or on a route they cannot (`400`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    Forward,
+    Tunnel,
+    Route,
 }
 
 /// The token a request carries, and whose it is.
 struct Injected<'a> {
     provider: &'a Arc<Provider>,
+    credential: Arc<Credential>,
     token: Arc<Token>,
 }
 
@@ -146,7 +160,14 @@ impl Proxy {
         let (provider, result) = match self.forward_target(&req) {
             Ok((target, provider)) => {
                 access.host(&target);
-                let result = self.forward(req, Exchange { target, provider: provider.as_ref() }).await;
+                let proxy_user = headers::proxy_user(req.headers());
+                let ex = Exchange {
+                    target,
+                    provider: provider.as_ref(),
+                    proxy_user: proxy_user.as_deref(),
+                    entry: Entry::Forward,
+                };
+                let result = self.forward(req, ex).await;
                 (provider, result)
             }
             Err(e) => (None, Err(e)),
@@ -189,7 +210,9 @@ impl Proxy {
                     Ok(pq) => {
                         parts.uri = Uri::from(pq);
                         let req = Request::from_parts(parts, body);
-                        self.forward(req, Exchange { target, provider: provider.as_ref() }).await
+                        let ex =
+                            Exchange { target, provider: provider.as_ref(), proxy_user: None, entry: Entry::Route };
+                        self.forward(req, ex).await
                     }
                     // The path is not repeated: its query may hold a secret.
                     Err(_) => Err(ProxyError::BadTarget("the request path is not valid".into())),
@@ -255,6 +278,8 @@ impl Proxy {
         mut ex: Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        // Removed whoever the request goes to: it is tokenproxy's, not the upstream's.
+        let named_account = parts.headers.remove(headers::ACCOUNT);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
@@ -274,9 +299,10 @@ impl Proxy {
             let keep =
                 config.client_header == ClientHeader::Keep && parts.headers.contains_key(&config.header);
             if !keep {
-                let token = self.token_for(provider).await?;
+                let credential = self.credential_for(provider, named_account.as_ref(), &ex).await?;
+                let token = self.token_for(provider, &credential).await?;
                 parts.headers.insert(config.header.clone(), token.header_value().clone());
-                injected = Some(Injected { provider, token });
+                injected = Some(Injected { provider, credential, token });
             }
         }
 
@@ -304,26 +330,66 @@ impl Proxy {
         Box::pin(self.retry_with_fresh_token(&ex, injected, head, replay, response)).await
     }
 
+    /// Whose token the request carries (SPEC §8): a single-account provider's one credential;
+    /// for a multi-account provider the account named by the `Tokenproxy-Account` header, else
+    /// by the proxy credentials' user name, else the provider's `default_account`.
+    async fn credential_for(
+        &self,
+        provider: &Arc<Provider>,
+        header: Option<&http::HeaderValue>,
+        ex: &Exchange<'_>,
+    ) -> Result<Arc<Credential>, ProxyError> {
+        if let Some(single) = provider.single() {
+            return Ok(single.clone());
+        }
+        let bad = |reason| ProxyError::BadAccount { provider: provider.name().to_string(), reason };
+        let named = match header {
+            Some(value) => Some(value.to_str().map_err(|_| bad(crate::accounts::BadAccount::Character))?),
+            None => ex.proxy_user,
+        };
+        provider.credential_for(named).await.map_err(|e| match e {
+            AccountError::Required => ProxyError::AccountRequired {
+                provider: provider.name().to_string(),
+                proxy_auth: ex.entry == Entry::Forward,
+            },
+            AccountError::Bad(reason) => bad(reason),
+        })
+    }
+
     /// The token to inject: the current one, or, when it has expired and the provider has a
     /// token endpoint, the one the refresh in flight brings (waiting at most `upstream_timeout`).
-    async fn token_for(&self, provider: &Arc<Provider>) -> Result<Arc<Token>, ProxyError> {
-        let current = provider.credential().current();
+    /// An account's requests also keep it fresh: one that finds its token due starts a
+    /// background refresh.
+    async fn token_for(&self, provider: &Arc<Provider>, cred: &Arc<Credential>) -> Result<Arc<Token>, ProxyError> {
+        let current = cred.current();
+        if !provider.can_refresh() {
+            return current.ok_or_else(|| provider.unavailable(cred, Unavailable::NoToken));
+        }
         match current {
-            Some(token) if !provider.can_refresh() || !token.is_expired(time::OffsetDateTime::now_utc()) => {
-                Ok(token)
+            Some(token) => {
+                let now = time::OffsetDateTime::now_utc();
+                if !token.is_refresh_due(now) {
+                    return Ok(token);
+                }
+                if !token.is_expired(now) {
+                    if cred.account().is_some() {
+                        provider.refresh_ahead(cred);
+                    }
+                    return Ok(token);
+                }
+                Box::pin(self.wait_for_refresh(provider, cred)).await
             }
-            None if !provider.can_refresh() => Err(provider.unavailable(Unavailable::NoToken)),
-            _ => Box::pin(self.wait_for_refresh(provider)).await,
+            None => Box::pin(self.wait_for_refresh(provider, cred)).await,
         }
     }
 
     /// The expired (or missing) token's replacement, from the refresh in flight.
-    async fn wait_for_refresh(&self, provider: &Arc<Provider>) -> Result<Arc<Token>, ProxyError> {
+    async fn wait_for_refresh(&self, provider: &Arc<Provider>, cred: &Arc<Credential>) -> Result<Arc<Token>, ProxyError> {
         let wait = self.settings.upstream_timeout;
-        match tokio::time::timeout(wait, provider.refresh(Trigger::Expired, None)).await {
+        match tokio::time::timeout(wait, provider.refresh(cred, Trigger::Expired, None)).await {
             Ok(Ok(token)) => Ok(token),
-            Ok(Err(e)) => Err(provider.unavailable(Unavailable::Refresh(&e))),
-            Err(_) => Err(provider.unavailable(Unavailable::Timeout(wait))),
+            Ok(Err(e)) => Err(provider.unavailable(cred, Unavailable::Refresh(&e))),
+            Err(_) => Err(provider.unavailable(cred, Unavailable::Timeout(wait))),
         }
     }
 
@@ -338,12 +404,14 @@ impl Proxy {
         replay: replay::Replay,
         response: Response<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let Injected { provider, token: failed } = injected;
+        let Injected { provider, credential, token: failed } = injected;
         let name = provider.name();
         metrics::upstream_unauthorized(name);
         tracing::info!(
             provider = name,
             status = response.status().as_u16(),
+            account = credential.account_log(),
+            account = credential.account_log(),
             fingerprint = %failed.fingerprint,
             "upstream rejected the token"
         );
@@ -351,7 +419,7 @@ impl Proxy {
             metrics::retry(name, "not_replayable");
             return Ok(response);
         };
-        let refresh = provider.refresh(Trigger::Unauthorized, Some(failed.generation));
+        let refresh = provider.refresh(&credential, Trigger::Unauthorized, Some(failed.generation));
         let fresh = match tokio::time::timeout(self.settings.upstream_timeout, refresh).await {
             Ok(Ok(fresh)) => fresh,
             _ => {
@@ -360,7 +428,7 @@ impl Proxy {
             }
         };
         drop(response);
-        provider.credential().note_retry();
+        credential.note_retry();
         head.headers.insert(provider.config.header.clone(), fresh.header_value().clone());
         let body = Full::new(body).map_err(|e| -> BoxError { match e {} }).boxed();
         match self.send(Request::from_parts(head, body), &ex.target).await {

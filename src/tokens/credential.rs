@@ -1,7 +1,8 @@
-//! One token's state: the credential of a provider (of one account of it, once providers have
-//! accounts). The request path reads only [`Credential::current`]: one atomic load, no lock, no
-//! I/O. Everything else here is for the refresher and the admin view.
+//! One token's state: the credential of a provider, or of one account of a multi-account
+//! provider (SPEC §8). The request path reads only [`Credential::current`]: one atomic load, no
+//! lock, no I/O. Everything else here is for the refresher and the admin view.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -9,12 +10,23 @@ use arc_swap::ArcSwapOption;
 use time::OffsetDateTime;
 
 use super::Token;
+use crate::config::ProviderConfig;
 use crate::oauth::RefreshError;
 
-#[derive(Default)]
 pub struct Credential {
     token: ArcSwapOption<Token>,
     generations: AtomicU64,
+    /// The account's name; `None` for a single-account provider.
+    account: Option<Box<str>>,
+    /// How logs name the account: its fingerprint.
+    account_log: Option<Box<str>>,
+    /// The token file.
+    pub(super) file: PathBuf,
+    /// The token file as messages show it: an account's name replaced by its fingerprint, since
+    /// messages reach logs.
+    pub(super) shown_file: String,
+    /// Set once the token file has been read for the first time (accounts load on first use).
+    pub(super) loaded: tokio::sync::OnceCell<()>,
     /// Everything the admin API shows besides the token. Never touched on the request path.
     status: Mutex<Status>,
     /// Single flight: one refresh at a time; waiters queue here.
@@ -22,9 +34,74 @@ pub struct Credential {
     pub(super) refreshing: AtomicBool,
     /// Wakes the background refresher when the token changes.
     pub(super) changed: tokio::sync::Notify,
+    /// Unix milliseconds before which a request does not start another proactive refresh (an
+    /// account in use is kept fresh by its requests, not by a timer).
+    pub(super) proactive_after_ms: AtomicU64,
 }
 
 impl Credential {
+    /// The credential of a single-account provider, or of its account `name` (already checked).
+    pub(super) fn new(config: &ProviderConfig, account: Option<&str>) -> Credential {
+        let account_log = account.map(crate::accounts::log_name);
+        let (file, shown_file) = match (account, &account_log) {
+            (Some(name), Some(log)) => (
+                config.account_file(name),
+                config.account_file(&format!("<account {log}>")).display().to_string(),
+            ),
+            _ => (config.token_file.clone(), config.token_file.display().to_string()),
+        };
+        Credential {
+            token: ArcSwapOption::empty(),
+            generations: AtomicU64::new(0),
+            account: account.map(Into::into),
+            account_log: account_log.map(Into::into),
+            file,
+            shown_file,
+            loaded: tokio::sync::OnceCell::new(),
+            status: Mutex::default(),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            refreshing: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            proactive_after_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The account's name (`None` for a single-account provider): for the admin API only.
+    pub fn account(&self) -> Option<&str> {
+        self.account.as_deref()
+    }
+
+    /// The account as logs name it: its fingerprint (`None` for a single-account provider).
+    pub fn account_log(&self) -> Option<&str> {
+        self.account_log.as_deref()
+    }
+
+    /// The token file (with the account's name in clear: not for logs).
+    pub fn file(&self) -> &std::path::Path {
+        &self.file
+    }
+
+    /// Whether the token file has been read once.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.initialized()
+    }
+
+    /// Claims the right to start a proactive refresh now, so that of the many requests that find
+    /// the token expiring one starts it, and none for `pause` after.
+    pub(super) fn claim_proactive(&self, pause: std::time::Duration) -> bool {
+        let now = unix_ms();
+        let after = self.proactive_after_ms.load(Ordering::Relaxed);
+        now >= after
+            && self
+                .proactive_after_ms
+                .compare_exchange(after, now + pause.as_millis() as u64, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// No proactive refresh from requests before `at` (after a failure, its backoff).
+    pub(super) fn defer_proactive(&self, pause: std::time::Duration) {
+        self.proactive_after_ms.store(unix_ms() + pause.as_millis() as u64, Ordering::Relaxed);
+    }
     /// The current token: one atomic load, no lock, no I/O.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.token.load_full()
@@ -54,7 +131,7 @@ impl Credential {
 
 /// What the token file looked like when last read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) enum FileStatus {
+pub enum FileStatus {
     #[default]
     NotRead,
     Ok,
@@ -77,6 +154,9 @@ pub(super) struct PendingWrite {
 #[derive(Default)]
 pub(super) struct Status {
     pub(super) file: FileStatus,
+    /// The file's metadata when last read: a poll of many accounts skips files whose metadata
+    /// did not change.
+    pub(super) stamp: Option<FileStamp>,
     /// SHA-256 of the bytes last read, so that a re-read of unchanged content is a no-op (this
     /// absorbs duplicate watcher events and, later, tokenproxy's own writes).
     pub(super) content_hash: Option<[u8; 32]>,
@@ -100,4 +180,33 @@ pub(super) struct Status {
     pub(super) last_refresh_result: Option<String>,
     pub(super) refresh_count: u64,
     pub(super) retry_count: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What tells cheaply that a file may have changed: size, times and identity (an atomic
+/// replace is a new inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    len: u64,
+    modified_ns: i128,
+    changed_ns: i128,
+    inode: u64,
+    device: u64,
+}
+
+impl FileStamp {
+    pub(super) fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            len: m.len(),
+            modified_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            changed_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+            inode: m.ino(),
+            device: m.dev(),
+        })
+    }
 }

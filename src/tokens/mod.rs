@@ -1,6 +1,7 @@
 //! The token cache: one [`Provider`] per configured provider (its settings, token endpoint client
-//! and refresh policy), each with a [`Credential`] holding its current token in an `ArcSwap` that
-//! the request path reads without a lock and without file I/O.
+//! and refresh policy), each with a [`Credential`] per account (one for a single-account
+//! provider) holding its current token in an `ArcSwap` that the request path reads without a lock
+//! and without file I/O.
 //!
 //! The token file is the source of truth. The cache changes only when the file's content changes
 //! (see [`watch`]) or, later, when a refresh completes; it never holds anything the file did not
@@ -12,8 +13,9 @@ pub mod refresh;
 pub mod store;
 pub mod watch;
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -28,8 +30,8 @@ use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
-pub use credential::Credential;
-use credential::{FileStatus, Status};
+pub use credential::{Credential, FileStatus};
+use credential::{FileStamp, Status};
 use file::{ExpirySource, TokenDocument};
 
 /// A token ready for the request path: the header value is built once, when the token arrives.
@@ -39,7 +41,10 @@ pub struct Token {
     pub expires_at: Option<OffsetDateTime>,
     pub expiry_source: ExpirySource,
     pub issued_at: Option<OffsetDateTime>,
-    /// Increases with every token this provider adopts; tells a request whether the token it
+    /// When the token enters its refresh margin (see [`Provider::freshness`]); computed once so
+    /// that a request can tell cheaply that its account's token is due.
+    refresh_due_at: Option<OffsetDateTime>,
+    /// Increases with every token this credential adopts; tells a request whether the token it
     /// carried is still the current one.
     pub generation: u64,
 }
@@ -52,6 +57,11 @@ impl Token {
 
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Whether the token is within its refresh margin (or past it).
+    pub fn is_refresh_due(&self, now: OffsetDateTime) -> bool {
+        self.refresh_due_at.is_some_and(|at| at <= now)
     }
 }
 
@@ -83,6 +93,16 @@ pub enum TokenState {
 }
 
 impl TokenState {
+    pub const ALL: [TokenState; 7] = [
+        TokenState::Valid,
+        TokenState::Expiring,
+        TokenState::Expired,
+        TokenState::Refreshing,
+        TokenState::NeedsReauth,
+        TokenState::Error,
+        TokenState::Missing,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TokenState::Valid => "valid",
@@ -112,17 +132,35 @@ pub enum Unavailable<'a> {
     NoToken,
 }
 
-/// One provider: its settings, its token endpoint client, and its credential.
+/// One provider: its settings, its token endpoint client, and its credentials.
 pub struct Provider {
     pub config: ProviderConfig,
-    /// The provider's one token and its state (one per account, once providers have accounts).
-    credential: Credential,
+    accounts: Accounts,
+    /// A problem of the provider rather than of one account (`invalid_client` seen by any of
+    /// its accounts): what makes a multi-account provider unready.
+    provider_error: Mutex<Option<String>>,
     /// The token endpoint client, for providers with an `[oauth]` section.
     oauth_client: Option<OAuthClient>,
     /// The longest a request waits for a refresh.
     pub wait_limit: Duration,
     /// This provider's request counters, registered once.
     pub request_metrics: metrics::RequestMetrics,
+}
+
+/// A provider's credentials.
+enum Accounts {
+    /// A single-account provider's one credential.
+    One(Arc<Credential>),
+    /// A multi-account provider's loaded accounts, by name: read without a lock.
+    Many(papaya::HashMap<Box<str>, Arc<Credential>, foldhash::fast::RandomState>),
+}
+
+/// Why no credential could be chosen for a request to a multi-account provider.
+#[derive(Debug)]
+pub enum AccountError {
+    /// The request named no account and the provider has no `default_account`.
+    Required,
+    Bad(crate::accounts::BadAccount),
 }
 
 /// The outcome of re-reading a token file, also the `result` label of
@@ -138,13 +176,171 @@ pub enum Reload {
 impl Provider {
     pub fn new(config: ProviderConfig, oauth_client: Option<OAuthClient>, wait_limit: Duration) -> Provider {
         let oauth_client = oauth_client.filter(|_| config.oauth.is_some());
+        let accounts = if config.is_multi_account() {
+            Accounts::Many(papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()))
+        } else {
+            Accounts::One(Arc::new(Credential::new(&config, None)))
+        };
         Provider {
             request_metrics: metrics::RequestMetrics::new(&config.name),
             config,
-            credential: Credential::default(),
+            accounts,
+            provider_error: Mutex::new(None),
             oauth_client,
             wait_limit,
         }
+    }
+
+    /// Whether the provider holds one token per account (SPEC §8).
+    pub fn is_multi_account(&self) -> bool {
+        matches!(self.accounts, Accounts::Many(_))
+    }
+
+    /// A single-account provider's credential.
+    pub fn single(&self) -> Option<&Arc<Credential>> {
+        match &self.accounts {
+            Accounts::One(credential) => Some(credential),
+            Accounts::Many(_) => None,
+        }
+    }
+
+    /// The credential a request uses: a single-account provider's one credential whatever the
+    /// request named; for a multi-account provider the named account, else `default_account`.
+    /// A loaded account is found without I/O or a lock; an account not loaded yet is read from
+    /// its file first (off the async threads).
+    pub async fn credential_for(self: &Arc<Self>, named: Option<&str>) -> Result<Arc<Credential>, AccountError> {
+        let map = match &self.accounts {
+            Accounts::One(credential) => return Ok(credential.clone()),
+            Accounts::Many(map) => map,
+        };
+        let name = named.or(self.config.default_account.as_deref()).ok_or(AccountError::Required)?;
+        if let Some(credential) = map.pin().get(name).filter(|c| c.is_loaded()) {
+            return Ok(credential.clone());
+        }
+        crate::accounts::check(name).map_err(AccountError::Bad)?;
+        Ok(Box::pin(self.load_account(name)).await)
+    }
+
+    /// Loads account `name` (checked) once, however many requests ask at the same time. An
+    /// account whose file does not exist is not kept: names that requests make up must not
+    /// accumulate (it is read again on its next use).
+    async fn load_account(self: &Arc<Self>, name: &str) -> Arc<Credential> {
+        let Accounts::Many(map) = &self.accounts else { unreachable!("checked by credential_for") };
+        let credential =
+            map.pin().get_or_insert_with(name.into(), || Arc::new(Credential::new(&self.config, Some(name)))).clone();
+        credential
+            .loaded
+            .get_or_init(|| async {
+                let (provider, loading) = (self.clone(), credential.clone());
+                let _ = tokio::task::spawn_blocking(move || provider.reload(&loading)).await;
+            })
+            .await;
+        if credential.current().is_none() && !self.creates_token_files() {
+            map.pin().remove_if(name, |_, c| Arc::ptr_eq(c, &credential) && c.current().is_none()).ok();
+        }
+        credential
+    }
+
+    /// Loads the accounts that start loaded: a multi-account provider's `default_account`.
+    /// Called off the async threads, at start.
+    fn load_at_start(self: &Arc<Self>) {
+        match &self.accounts {
+            Accounts::One(credential) => {
+                self.reload(credential);
+                let _ = credential.loaded.set(());
+            }
+            Accounts::Many(map) => {
+                if let Some(name) = &self.config.default_account {
+                    let credential = Arc::new(Credential::new(&self.config, Some(name)));
+                    self.reload(&credential);
+                    let _ = credential.loaded.set(());
+                    map.pin().insert(name.as_str().into(), credential);
+                }
+            }
+        }
+    }
+
+    /// The accounts that have a token file in the provider's token folder, sorted (for `check`;
+    /// the proxy itself loads accounts on first use). A folder that does not exist yet has none.
+    pub fn account_names_on_disk(&self) -> std::io::Result<Vec<String>> {
+        let Some(folder) = self.config.token_file.parent() else { return Ok(Vec::new()) };
+        let entries = match std::fs::read_dir(folder) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(std::io::Error::new(e.kind(), format!("token folder {} cannot be read: {e}", folder.display())));
+            }
+        };
+        let mut names: Vec<String> =
+            entries.filter_map(|e| e.ok()).filter_map(|e| self.config.account_of_file(&e.path())).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Reads account `name` (checked) into a credential of its own, outside the cache (for
+    /// `check`). Blocking.
+    pub fn read_account(&self, name: &str) -> Arc<Credential> {
+        let credential = Arc::new(Credential::new(&self.config, Some(name)));
+        self.reload(&credential);
+        credential
+    }
+
+    /// Every loaded credential (for the admin view, the watcher and the gauges).
+    pub fn credentials(&self) -> Vec<Arc<Credential>> {
+        match &self.accounts {
+            Accounts::One(credential) => vec![credential.clone()],
+            Accounts::Many(map) => {
+                let mut all: Vec<_> = map.pin().values().filter(|c| c.is_loaded()).cloned().collect();
+                all.sort_by(|a, b| a.account().cmp(&b.account()));
+                all
+            }
+        }
+    }
+
+    /// The loaded credential of account `name`, if any.
+    pub fn loaded_account(&self, name: &str) -> Option<Arc<Credential>> {
+        match &self.accounts {
+            Accounts::One(_) => None,
+            Accounts::Many(map) => map.pin().get(name).filter(|c| c.is_loaded()).cloned(),
+        }
+    }
+
+    /// Whether a refresh can create a missing token file (a `client_credentials` grant needs no
+    /// refresh token).
+    pub fn creates_token_files(&self) -> bool {
+        self.can_refresh()
+            && self.config.oauth.as_ref().is_some_and(|o| o.grant == crate::config::Grant::ClientCredentials)
+    }
+
+    /// A problem of the provider itself, not of one account: `invalid_client`, or a token folder
+    /// that cannot be read. Only this makes a multi-account provider unready.
+    pub fn provider_problem(&self) -> Option<String> {
+        if let Some(error) = self.provider_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(error);
+        }
+        let folder = self.config.token_file.parent()?;
+        match std::fs::read_dir(folder) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Some(format!("token folder {} cannot be read: {e}", folder.display()))
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn set_provider_error(&self, error: Option<String>) {
+        *self.provider_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// How many loaded accounts are in each state (the `tokenproxy_accounts` gauge).
+    pub fn account_states(&self, now: OffsetDateTime) -> Vec<(TokenState, usize)> {
+        let mut counts = TokenState::ALL.map(|s| (s, 0usize));
+        for credential in self.credentials() {
+            let state = self.state(&credential, now);
+            if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == state) {
+                entry.1 += 1;
+            }
+        }
+        counts.to_vec()
     }
 
     /// Whether tokenproxy can refresh this provider's token itself.
@@ -156,23 +352,17 @@ impl Provider {
         &self.config.name
     }
 
-    /// The credential the request path reads.
-    pub fn credential(&self) -> &Credential {
-        &self.credential
-    }
-
-    fn status(&self) -> MutexGuard<'_, Status> {
-        self.credential.status()
-    }
-
-    /// Re-reads the token file and adopts its token if the content changed.
+    /// Re-reads a credential's token file and adopts its token if the content changed.
     ///
     /// A file that cannot be read or parsed never replaces a good token: the last good one stays
-    /// in use and the problem shows as `last_error`.
-    pub fn reload(&self) -> Reload {
-        let path = &self.config.token_file;
+    /// in use and the problem shows as `last_error`. Blocking: call it off the async threads.
+    pub fn reload(&self, cred: &Credential) -> Reload {
+        let path = &cred.file;
+        let shown = &cred.shown_file;
+        let stamp = FileStamp::of(path);
         let bytes = file::read(path);
-        let mut status = self.status();
+        let mut status = cred.status();
+        status.stamp = stamp;
         let mut write_back = None;
         let (outcome, file_status, error) = match bytes {
             Err(file::ReadError::Io(e)) => {
@@ -185,14 +375,14 @@ impl Provider {
                     return Reload::Unchanged;
                 }
                 status.content_hash = None;
-                (Reload::IoError, file_status, format!("token file {}: {reason}", path.display()))
+                (Reload::IoError, file_status, format!("token file {shown}: {reason}"))
             }
             Err(e @ file::ReadError::TooLarge) => {
                 if status.file == FileStatus::Unparsable && status.content_hash.is_none() {
                     return Reload::Unchanged;
                 }
                 status.content_hash = None;
-                (Reload::ParseError, FileStatus::Unparsable, format!("token file {}: {e}", path.display()))
+                (Reload::ParseError, FileStatus::Unparsable, format!("token file {shown}: {e}"))
             }
             Ok(bytes) => {
                 let hash: [u8; 32] = Sha256::digest(&bytes).into();
@@ -202,7 +392,7 @@ impl Provider {
                 status.content_hash = Some(hash);
                 match file::parse(FileFormat::of(path), &bytes).map_err(|e| e.to_string()).and_then(|doc| {
                     let (doc, merged) = reconcile_pending(&mut status, doc);
-                    self.adopt(&doc).map(|_| (doc, merged))
+                    self.adopt(cred, &doc).map(|_| (doc, merged))
                 }) {
                     Ok((doc, merged)) => {
                         // A changed file is a new chance: whatever stopped automatic refreshes
@@ -218,7 +408,7 @@ impl Provider {
                     Err(e) => (
                         Reload::ParseError,
                         FileStatus::Unparsable,
-                        format!("token file {} cannot be parsed: {e}", path.display()),
+                        format!("token file {shown} cannot be parsed: {e}"),
                     ),
                 }
             }
@@ -231,54 +421,72 @@ impl Provider {
             _ => "io_error",
         };
         metrics::token_reload(self.name(), label);
+        let account = cred.account_log();
         if let Some(fields) = write_back {
             // Called off the async threads (the watcher's blocking task, or at start).
-            let _lock = store::lock(&self.config.token_file).ok();
-            self.write_fields(&fields);
+            let _lock = store::lock(path).ok();
+            self.write_fields(cred, &fields);
             tracing::info!(
                 provider = self.name(),
+                account,
                 "the token file parses again; the refreshed token is written into it"
             );
         }
         if outcome == Reload::Ok {
-            let write_error = self.status().write_error.clone();
-            self.status().last_error = write_error;
-            let token = self.credential.current();
+            let write_error = cred.status().write_error.clone();
+            cred.status().last_error = write_error;
+            let token = cred.current();
             let token = token.as_deref().expect("adopt stored a token");
             tracing::info!(
                 provider = self.name(),
+                account,
                 fingerprint = %token.fingerprint,
                 expires_at = %fmt_time(token.expires_at).unwrap_or_else(|| "unknown".into()),
                 expiry_source = token.expiry_source.as_str(),
                 "token loaded from file"
             );
         } else {
-            match self.credential.current().map(|t| t.fingerprint.clone()) {
+            match cred.current().map(|t| t.fingerprint.clone()) {
                 Some(kept) => tracing::warn!(
                     provider = self.name(),
+                    account,
                     error = %error,
                     kept_fingerprint = %kept,
                     "token file not usable; keeping the last good token"
                 ),
                 None if file_status == FileStatus::Missing && self.config.oauth.is_some() => tracing::info!(
                     provider = self.name(),
-                    path = %path.display(),
-                    "no token file yet; the first refresh creates it"
+                    account,
+                    path = %shown,
+                    "no token file yet; the first refresh or authorization creates it"
                 ),
-                None => {
-                    tracing::warn!(provider = self.name(), error = %error, "token file not usable; no token yet")
-                }
+                None => tracing::warn!(
+                    provider = self.name(),
+                    account,
+                    error = %error,
+                    "token file not usable; no token yet"
+                ),
             }
-            self.status().last_error = Some(error);
+            cred.status().last_error = Some(error);
         }
         outcome
     }
 
-    /// Makes `doc`'s token the current one: one atomic swap, seen by the next request. Returns
-    /// the token stored, which a caller uses rather than loading the current one again (a
-    /// concurrent re-read may have replaced it meanwhile).
-    pub fn adopt(&self, doc: &TokenDocument) -> Result<Arc<Token>, String> {
-        Ok(self.credential.install(self.prepare(doc)?))
+    /// [`Provider::reload`], unless the file's metadata is what it was at the last read: what a
+    /// poll of many accounts does.
+    pub fn reload_if_touched(&self, cred: &Credential) -> Reload {
+        let unchanged = {
+            let status = cred.status();
+            status.stamp.is_some() && status.stamp == FileStamp::of(&cred.file)
+        };
+        if unchanged { Reload::Unchanged } else { self.reload(cred) }
+    }
+
+    /// Makes `doc`'s token the credential's current one: one atomic swap, seen by the next
+    /// request. Returns the token stored, which a caller uses rather than loading the current
+    /// one again (a concurrent re-read may have replaced it meanwhile).
+    pub fn adopt(&self, cred: &Credential, doc: &TokenDocument) -> Result<Arc<Token>, String> {
+        Ok(cred.install(self.prepare(doc)?))
     }
 
     /// The token `doc` stands for, ready for the request path but not yet in use: a refresh
@@ -288,14 +496,17 @@ impl Provider {
         let mut header_value = HeaderValue::from_str(&value)
             .map_err(|_| "access_token has characters not allowed in an HTTP header".to_string())?;
         header_value.set_sensitive(true);
-        let token = Token {
+        let mut token = Token {
             header_value,
             fingerprint: fingerprint(&doc.access_token),
             expires_at: doc.expires_at,
             expiry_source: doc.expiry_source,
             issued_at: doc.issued_at,
+            refresh_due_at: None,
             generation: 0,
         };
+        let margin = time::Duration::try_from(self.refresh_margin(&token)).unwrap_or(time::Duration::ZERO);
+        token.refresh_due_at = token.expires_at.map(|at| at - margin);
         Ok(token)
     }
 
@@ -330,9 +541,9 @@ impl Provider {
         }
     }
 
-    pub fn state(&self, now: OffsetDateTime) -> TokenState {
+    pub fn state(&self, cred: &Credential, now: OffsetDateTime) -> TokenState {
         let (file, reauth, config_error) = {
-            let s = self.status();
+            let s = cred.status();
             (s.file.clone(), s.reauth_reason.is_some(), s.config_error.is_some())
         };
         if reauth {
@@ -341,10 +552,10 @@ impl Provider {
         if config_error {
             return TokenState::Error;
         }
-        if self.credential.refreshing.load(Ordering::Relaxed) {
+        if cred.refreshing.load(Ordering::Relaxed) {
             return TokenState::Refreshing;
         }
-        match self.credential.current() {
+        match cred.current() {
             None if matches!(file, FileStatus::Missing | FileStatus::NotRead) => TokenState::Missing,
             None => TokenState::Error,
             Some(t) => match self.freshness(&t, now) {
@@ -355,36 +566,65 @@ impl Provider {
         }
     }
 
-    /// The one `502 token_unavailable` answer, with what to do about it.
-    pub fn unavailable(&self, why: Unavailable<'_>) -> ProxyError {
-        let path = self.config.token_file.display();
+    /// The one `502 token_unavailable` answer, with what to do about it. Its reason never names
+    /// an account in clear (it reaches logs); its action does (it is what the caller must run).
+    pub fn unavailable(&self, cred: &Credential, why: Unavailable<'_>) -> ProxyError {
+        let shown = &cred.shown_file;
         let (reason, action) = match why {
-            Unavailable::Refresh(e) => (e.to_string(), e.action(&self.config.token_file)),
+            Unavailable::Refresh(e) => {
+                let action = match cred.account() {
+                    Some(account) if e.kind == crate::oauth::RefreshErrorKind::InvalidGrant => {
+                        self.authorize_action(account, &cred.file)
+                    }
+                    _ => e.action(Path::new(shown)),
+                };
+                (e.to_string(), action)
+            }
             Unavailable::Timeout(limit) => (
                 format!("no fresh token within {}s; the refresh goes on in the background", limit.as_secs()),
                 "look at /tokens in a moment; if this persists, check the token endpoint's health".into(),
             ),
-            Unavailable::NoToken => match self.view(OffsetDateTime::now_utc()) {
-                view if view.state == TokenState::Missing => (
-                    format!("token file {path} does not exist"),
-                    format!("write the token to {path}; it is picked up without a restart"),
+            Unavailable::NoToken => match (self.view(cred, OffsetDateTime::now_utc()), cred.account()) {
+                (view, Some(account)) if view.state == TokenState::Missing => (
+                    format!("the account has no token file yet ({shown})"),
+                    self.authorize_action(account, &cred.file),
                 ),
-                view => (
+                (view, _) if view.state == TokenState::Missing => (
+                    format!("token file {shown} does not exist"),
+                    format!("write the token to {shown}; it is picked up without a restart"),
+                ),
+                (view, _) => (
                     view.last_error.unwrap_or_else(|| "no token loaded".into()),
-                    format!("fix the token file {path}; it is picked up without a restart"),
+                    format!("fix the token file {shown}; it is picked up without a restart"),
                 ),
             },
         };
-        ProxyError::TokenUnavailable { provider: self.name().to_string(), reason, action }
+        ProxyError::TokenUnavailable {
+            provider: self.name().to_string(),
+            account: cred.account().map(str::to_string),
+            reason,
+            action,
+        }
     }
 
-    /// The provider as `GET /tokens` shows it. Holds fingerprints only.
-    pub fn view(&self, now: OffsetDateTime) -> TokenView {
-        let state = self.state(now);
-        let token = self.credential.current();
-        let status = self.status();
+    /// What gets an account its first token (or a new one after revocation).
+    fn authorize_action(&self, account: &str, file: &Path) -> String {
+        format!(
+            "run `tokenproxy authorize {} --account {account}`, or use Connect on the admin listener's \
+             /connect page; either writes {}, which is picked up without a restart",
+            self.name(),
+            file.display()
+        )
+    }
+
+    /// A credential as `GET /tokens` shows it. Holds fingerprints only.
+    pub fn view(&self, cred: &Credential, now: OffsetDateTime) -> TokenView {
+        let state = self.state(cred, now);
+        let token = cred.current();
+        let status = cred.status();
         TokenView {
             provider: self.name().to_string(),
+            account: cred.account().map(str::to_string),
             state,
             expires_at: token.as_ref().and_then(|t| fmt_time(t.expires_at)),
             expires_in_s: token.as_ref().and_then(|t| t.expires_at).map(|at| (at - now).whole_seconds()),
@@ -430,6 +670,8 @@ pub fn fmt_time(t: Option<OffsetDateTime>) -> Option<String> {
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenView {
     pub provider: String,
+    /// The account's name; `null` for a single-account provider.
+    pub account: Option<String>,
     pub state: TokenState,
     pub expires_at: Option<String>,
     pub expires_in_s: Option<i64>,
@@ -460,7 +702,7 @@ impl Providers {
             .map(|c| Arc::new(Provider::new(c, oauth_client.clone(), wait_limit)))
             .collect();
         for provider in &list {
-            provider.reload();
+            provider.load_at_start();
         }
         Providers { list }
     }
@@ -485,10 +727,53 @@ impl Providers {
         find(true).or_else(|| find(false))
     }
 
-    /// Re-reads every token file; used by the watcher.
+    /// Re-reads every loaded token file; used by the watcher's poll. Multi-account providers'
+    /// accounts are read only when their file's metadata changed (there may be thousands).
     pub fn reload_all(&self) {
         for provider in &self.list {
-            provider.reload();
+            for credential in provider.credentials() {
+                if provider.is_multi_account() {
+                    provider.reload_if_touched(&credential);
+                } else {
+                    provider.reload(&credential);
+                }
+            }
         }
     }
+
+    /// Re-reads what a change in `paths` may have touched: a single-account provider's file (its
+    /// content decides), the loaded account a path names, and every loaded account of a
+    /// provider whose folder saw a change that names no account (a Kubernetes `..data` swap).
+    pub fn reload_changed(&self, paths: &[std::path::PathBuf]) {
+        for provider in &self.list {
+            if !provider.is_multi_account() {
+                for credential in provider.credentials() {
+                    provider.reload(&credential);
+                }
+                continue;
+            }
+            let folder = provider.config.token_file.parent();
+            let mut everything = false;
+            for path in paths {
+                if let Some(name) = provider.config.account_of_file(path) {
+                    if let Some(credential) = provider.loaded_account(&name) {
+                        provider.reload(&credential);
+                    }
+                } else if path.parent() == folder && !is_bookkeeping(path) {
+                    everything = true;
+                }
+            }
+            if everything {
+                for credential in provider.credentials() {
+                    provider.reload_if_touched(&credential);
+                }
+            }
+        }
+    }
+}
+
+/// tokenproxy's own files beside the token files: locks and the temporaries of atomic writes.
+fn is_bookkeeping(path: &Path) -> bool {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    name.ends_with(".lock") || (name.starts_with('.') && name.ends_with(".tmp"))
 }

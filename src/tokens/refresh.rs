@@ -6,6 +6,7 @@
 //! first does the work, and the others find on waking that the token they were unhappy with has
 //! already been replaced, so any number of waiters share one call to the token endpoint.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::file::{self, TokenDocument};
-use super::{Freshness, Provider, Token, store};
+use super::{Credential, Freshness, Provider, Token, store};
 use crate::config::FileFormat;
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
@@ -47,6 +48,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 const MAX_ATTEMPTS: u32 = 5;
 /// How long one refresh may keep retrying when nobody is waiting for it.
 const BACKGROUND_DEADLINE: Duration = Duration::from_secs(120);
+/// After an account's requests start a proactive refresh, the longest before they may start
+/// another (a success replaces the token, which ends the margin; a failure sets its backoff).
+const PROACTIVE_PAUSE: Duration = Duration::from_secs(30);
 
 /// A uniformly random duration in `[0, max)`, without a dependency: the std hasher is randomly
 /// keyed per process.
@@ -72,20 +76,26 @@ impl Provider {
     /// for its backoff to pass (see [`Provider::refresh_forced`] for the exception).
     pub async fn refresh(
         self: &Arc<Self>,
+        cred: &Arc<Credential>,
         trigger: Trigger,
         seen: Option<u64>,
     ) -> Result<Arc<Token>, RefreshError> {
-        self.refresh_with(trigger, seen, false).await
+        self.refresh_with(cred, trigger, seen, false).await
     }
 
     /// A manual refresh that does not wait for the backoff of a failing token endpoint (the
     /// admin API's `?force=true`). It still joins a refresh in flight.
-    pub async fn refresh_forced(self: &Arc<Self>, seen: Option<u64>) -> Result<Arc<Token>, RefreshError> {
-        self.refresh_with(Trigger::Manual, seen, true).await
+    pub async fn refresh_forced(
+        self: &Arc<Self>,
+        cred: &Arc<Credential>,
+        seen: Option<u64>,
+    ) -> Result<Arc<Token>, RefreshError> {
+        self.refresh_with(cred, Trigger::Manual, seen, true).await
     }
 
     async fn refresh_with(
         self: &Arc<Self>,
+        cred: &Arc<Credential>,
         trigger: Trigger,
         seen: Option<u64>,
         force: bool,
@@ -93,9 +103,9 @@ impl Provider {
         if self.config.oauth.is_none() || self.oauth_client.is_none() {
             // No token endpoint: the file is all there is. Re-read it (off the async threads) in
             // case it changed.
-            let provider = self.clone();
-            let _ = tokio::task::spawn_blocking(move || provider.reload()).await;
-            return match self.credential.current() {
+            let (provider, reloading) = (self.clone(), cred.clone());
+            let _ = tokio::task::spawn_blocking(move || provider.reload(&reloading)).await;
+            return match cred.current() {
                 Some(t) if seen.is_none_or(|g| t.generation > g) => Ok(t),
                 _ => Err(RefreshError::new(
                     RefreshErrorKind::BadResponse,
@@ -103,14 +113,18 @@ impl Provider {
                 )),
             };
         }
-        let _flight = self.credential.refresh_lock.lock().await;
-        if let Some(token) = self.credential.current()
+        if cred.account().is_some() && cred.current().is_none() && !self.creates_token_files() {
+            // Only a person can give an account its first token: nothing to send, nothing to lock.
+            return Err(RefreshError::new(RefreshErrorKind::InvalidGrant, "the account has no token file yet"));
+        }
+        let _flight = cred.refresh_lock.lock().await;
+        if let Some(token) = cred.current()
             && !self.needs_refresh(&token, trigger, seen)
         {
             return Ok(token);
         }
         {
-            let status = self.status();
+            let status = cred.status();
             // A revoked refresh token stops automatic refreshes; a person asking is the exception.
             if let Some(reason) = &status.reauth_reason
                 && trigger != Trigger::Manual
@@ -135,11 +149,11 @@ impl Provider {
             // Someone is waiting: no longer than the upstream timeout that bounds every wait.
             _ => self.wait_limit,
         };
-        self.credential.refreshing.store(true, Ordering::Relaxed);
+        cred.refreshing.store(true, Ordering::Relaxed);
         let started = Instant::now();
-        let result = self.refresh_under_file_lock(trigger, started + deadline).await;
-        self.credential.refreshing.store(false, Ordering::Relaxed);
-        self.record(trigger, started.elapsed(), &result);
+        let result = self.refresh_under_file_lock(cred, trigger, started + deadline).await;
+        cred.refreshing.store(false, Ordering::Relaxed);
+        self.record(cred, trigger, started.elapsed(), &result);
         result
     }
 
@@ -158,10 +172,11 @@ impl Provider {
 
     async fn refresh_under_file_lock(
         self: &Arc<Self>,
+        cred: &Arc<Credential>,
         trigger: Trigger,
         deadline: Instant,
     ) -> Result<Arc<Token>, RefreshError> {
-        let path = self.config.token_file.clone();
+        let path = cred.file.clone();
         let locked = tokio::task::spawn_blocking(move || store::lock(&path))
             .await
             .map_err(|e| RefreshError::new(RefreshErrorKind::StoreUnavailable, e.to_string()))?;
@@ -172,7 +187,8 @@ impl Provider {
             Err(e) => {
                 tracing::warn!(
                     provider = self.name(),
-                    lock = %store::lock_path(&self.config.token_file).display(),
+                    account = cred.account_log(),
+                    lock = %store::lock_path(Path::new(&cred.shown_file)).display(),
                     error = %e,
                     "cannot take the token file lock; refreshing without cross-process protection"
                 );
@@ -181,14 +197,14 @@ impl Provider {
         };
 
         // Under the lock, the file again: another process may have refreshed while we waited.
-        if let Some(token) = self.adopt_newer_file(trigger).await? {
+        if let Some(token) = self.adopt_newer_file(cred, trigger).await? {
             drop(lock);
             return Ok(token);
         }
 
         let oauth = self.config.oauth.as_ref().expect("checked by refresh");
         let client = self.oauth_client.as_ref().expect("checked by refresh");
-        let base = self.status().fields.clone();
+        let base = cred.status().fields.clone();
         let refresh_token = base.get("refresh_token").and_then(|v| v.as_str()).map(str::to_string);
         let mut attempt = 0;
         let issued = loop {
@@ -200,11 +216,12 @@ impl Provider {
                         _ => backoff(attempt),
                     };
                     if Instant::now() + delay > deadline {
-                        self.status().retry_not_before = Some(Instant::now() + delay);
+                        cred.status().retry_not_before = Some(Instant::now() + delay);
                         return Err(e);
                     }
                     tracing::warn!(
                         provider = self.name(),
+                        account = cred.account_log(),
                         error = %e,
                         retry_in_ms = delay.as_millis() as u64,
                         "token refresh failed; retrying"
@@ -214,7 +231,7 @@ impl Provider {
                 }
                 Err(e) => {
                     if e.kind.is_transient() {
-                        self.status().retry_not_before = Some(Instant::now() + backoff(attempt + 1));
+                        cred.status().retry_not_before = Some(Instant::now() + backoff(attempt + 1));
                     }
                     return Err(e);
                 }
@@ -223,15 +240,15 @@ impl Provider {
 
         let now = OffsetDateTime::now_utc();
         let fields = store::refreshed_fields(&base, &issued, now);
-        self.status().replaced_fingerprint = self.credential.current().map(|t| t.fingerprint.clone());
+        cred.status().replaced_fingerprint = cred.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
         let token = self.prepare(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
         // On disk first, then in use: a request served with the new token finds it in the file
         // too (a failed write is reported, and the token is used all the same).
-        self.persist(&fields).await;
+        self.persist(cred, &fields).await;
         drop(lock);
-        Ok(self.credential.install(token))
+        Ok(cred.install(token))
     }
 
     /// Adopts the token file's token if another process wrote it since we last read or wrote
@@ -239,13 +256,14 @@ impl Provider {
     /// result waits to be written (see [`Provider::write_fields`]).
     async fn adopt_newer_file(
         self: &Arc<Self>,
+        cred: &Arc<Credential>,
         trigger: Trigger,
     ) -> Result<Option<Arc<Token>>, RefreshError> {
-        let path = self.config.token_file.clone();
+        let path = cred.file.clone();
         let read = tokio::task::spawn_blocking(move || file::read(&path))
             .await
             .map_err(|e| RefreshError::new(RefreshErrorKind::StoreUnavailable, e.to_string()))?;
-        let path = &self.config.token_file;
+        let path = &cred.file;
         let bytes = match read {
             Ok(bytes) => bytes,
             Err(file::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -253,21 +271,21 @@ impl Provider {
             Err(e) => {
                 return Err(RefreshError::new(
                     RefreshErrorKind::StoreUnavailable,
-                    format!("cannot read {}: {e}", path.display()),
+                    format!("cannot read {}: {e}", cred.shown_file),
                 ));
             }
         };
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if self.status().content_hash == Some(hash) {
+        if cred.status().content_hash == Some(hash) {
             return Ok(None);
         }
         let Ok(doc) = file::parse(FileFormat::of(path), &bytes) else { return Ok(None) };
-        let (doc, merged) = super::reconcile_pending(&mut self.status(), doc);
+        let (doc, merged) = super::reconcile_pending(&mut cred.status(), doc);
         let token = self
-            .adopt_file_document(&doc, hash)
+            .adopt_file_document(cred, &doc, hash)
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
         if let Some(fields) = merged {
-            self.persist(&fields).await;
+            self.persist(cred, &fields).await;
         }
         // A newer file is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
@@ -275,6 +293,7 @@ impl Provider {
         }
         tracing::info!(
             provider = self.name(),
+            account = cred.account_log(),
             fingerprint = %token.fingerprint,
             "adopted a token another process wrote; no refresh needed"
         );
@@ -283,25 +302,25 @@ impl Provider {
 
     /// Writes the refreshed token file on the blocking pool, not on a thread that serves
     /// requests. Called under the token file's lock.
-    async fn persist(self: &Arc<Self>, fields: &serde_json::Map<String, serde_json::Value>) {
-        let provider = self.clone();
+    async fn persist(self: &Arc<Self>, cred: &Arc<Credential>, fields: &serde_json::Map<String, serde_json::Value>) {
+        let (provider, writing) = (self.clone(), cred.clone());
         let fields = fields.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.write_fields(&fields)).await;
+        let _ = tokio::task::spawn_blocking(move || provider.write_fields(&writing, &fields)).await;
     }
 
     /// Writes `fields` to the token file (the caller holds its lock). A failure is logged,
     /// counted and shown, and traffic goes on with the new token in memory (FIELD-NOTES #3).
     /// A file that does not parse is never written over (SPEC §4): a person may be mid-edit;
     /// the fields wait in memory until it parses again.
-    pub(super) fn write_fields(&self, fields: &serde_json::Map<String, serde_json::Value>) {
-        let path = &self.config.token_file;
+    pub(super) fn write_fields(&self, cred: &Credential, fields: &serde_json::Map<String, serde_json::Value>) {
+        let path = &cred.file;
         let format = FileFormat::of(path);
         let unparsable = match file::read(path) {
             Ok(existing) => file::parse(format, &existing).is_err(),
             Err(file::ReadError::TooLarge) => true,
             Err(file::ReadError::Io(_)) => false,
         };
-        let mut status = self.status();
+        let mut status = cred.status();
         status.fields = fields.clone();
         if unparsable {
             let based_on = match &status.pending_write {
@@ -312,18 +331,18 @@ impl Provider {
             let message = format!(
                 "token file {} cannot be parsed, so the refreshed token was not written over it; it is kept \
                  in memory and written once the file parses again",
-                path.display()
+                cred.shown_file
             );
             status.write_error = Some(message.clone());
             drop(status);
             metrics::token_write(self.name(), "deferred");
-            tracing::warn!(provider = self.name(), error = %message, "token file left alone");
+            tracing::warn!(provider = self.name(), account = cred.account_log(), error = %message, "token file left alone");
             return;
         }
         drop(status);
         let result =
             store::encode(format, fields).and_then(|bytes| store::write(path, &bytes).map(|()| bytes));
-        let mut status = self.status();
+        let mut status = cred.status();
         match result {
             Ok(bytes) => {
                 // Our own write must not come back as a "change" through the watcher.
@@ -335,12 +354,13 @@ impl Provider {
                 metrics::token_write(self.name(), "ok");
             }
             Err(e) => {
-                let message = format!("token file {} could not be written: {e}", path.display());
+                let message = format!("token file {} could not be written: {e}", cred.shown_file);
                 status.write_error = Some(message.clone());
                 drop(status);
                 metrics::token_write(self.name(), "error");
                 tracing::error!(
                     provider = self.name(),
+                    account = cred.account_log(),
                     error = %message,
                     "refreshed token kept in memory only; it will be lost on restart"
                 );
@@ -348,13 +368,13 @@ impl Provider {
         }
     }
 
-    fn record(&self, trigger: Trigger, elapsed: Duration, result: &Result<Arc<Token>, RefreshError>) {
+    fn record(&self, cred: &Credential, trigger: Trigger, elapsed: Duration, result: &Result<Arc<Token>, RefreshError>) {
         let label = match result {
             Ok(_) => "ok",
             Err(e) => e.kind.label(),
         };
         metrics::refresh(self.name(), trigger.label(), label, elapsed);
-        let mut status = self.status();
+        let mut status = cred.status();
         status.last_refresh_at = Some(OffsetDateTime::now_utc());
         status.last_refresh_result = Some(label.to_string());
         status.refresh_count += 1;
@@ -366,8 +386,10 @@ impl Provider {
                 status.last_failure = None;
                 status.last_error = status.write_error.clone();
                 drop(status);
+                self.set_provider_error(None);
                 tracing::info!(
                     provider = self.name(),
+                    account = cred.account_log(),
                     trigger = trigger.label(),
                     fingerprint = %token.fingerprint,
                     expires_at = %super::fmt_time(token.expires_at).unwrap_or_else(|| "unknown".into()),
@@ -384,8 +406,13 @@ impl Provider {
                     _ => {}
                 }
                 drop(status);
+                if e.kind == RefreshErrorKind::InvalidClient {
+                    // Wrong client credentials are every account's problem.
+                    self.set_provider_error(Some(e.to_string()));
+                }
                 tracing::warn!(
                     provider = self.name(),
+                    account = cred.account_log(),
                     trigger = trigger.label(),
                     result = e.kind.label(),
                     error = %e,
@@ -396,23 +423,40 @@ impl Provider {
     }
 
     /// Adopts a document read from the file, remembering what the file held.
-    fn adopt_file_document(&self, doc: &TokenDocument, hash: [u8; 32]) -> Result<Arc<Token>, String> {
-        let token = self.adopt(doc)?;
-        let mut status = self.status();
+    fn adopt_file_document(&self, cred: &Credential, doc: &TokenDocument, hash: [u8; 32]) -> Result<Arc<Token>, String> {
+        let token = self.adopt(cred, doc)?;
+        let mut status = cred.status();
         status.content_hash = Some(hash);
         status.fields = doc.fields.clone();
         Ok(token)
     }
 
+    /// Keeps an account in use fresh (SPEC §8): a request that finds its account's token within
+    /// the refresh margin starts one background refresh and goes on with the current token.
+    /// Accounts that serve no requests have no timer and are never refreshed this way.
+    pub fn refresh_ahead(self: &Arc<Self>, cred: &Arc<Credential>) {
+        if !self.can_refresh() || !cred.claim_proactive(PROACTIVE_PAUSE) {
+            return;
+        }
+        let (provider, cred) = (self.clone(), cred.clone());
+        tokio::spawn(async move {
+            if provider.refresh(&cred, Trigger::Proactive, None).await.is_err() {
+                let backoff = cred.status().retry_not_before;
+                let pause = backoff.map_or(PROACTIVE_PAUSE, |until| until.saturating_duration_since(Instant::now()));
+                cred.defer_proactive(pause.max(Duration::from_millis(500)));
+            }
+        });
+    }
+
     /// The background task of a provider with a token endpoint: refreshes before expiry (with
     /// jitter, so that many proxies do not refresh at once), and at start when the token is
     /// missing or already expired.
-    pub async fn keep_fresh(self: Arc<Self>) {
+    pub async fn keep_fresh(self: Arc<Self>, cred: Arc<Credential>) {
         let mut first = true;
         loop {
             let now = OffsetDateTime::now_utc();
             let startup_or_expired = if first { Trigger::Startup } else { Trigger::Expired };
-            let (trigger, wait) = match self.credential.current() {
+            let (trigger, wait) = match cred.current() {
                 None => (Some(startup_or_expired), Duration::ZERO),
                 Some(t) => match self.freshness(&t, now) {
                     Freshness::Expired => (Some(startup_or_expired), Duration::ZERO),
@@ -427,19 +471,19 @@ impl Provider {
             };
             first = false;
             let stuck = {
-                let status = self.status();
+                let status = cred.status();
                 status.reauth_reason.is_some() || status.config_error.is_some()
             };
             if let Some(trigger) = trigger
                 && !stuck
             {
-                if self.refresh(trigger, None).await.is_err() {
-                    let pause = self.status().retry_not_before.map_or(Duration::from_secs(5), |until| {
+                if self.refresh(&cred, trigger, None).await.is_err() {
+                    let pause = cred.status().retry_not_before.map_or(Duration::from_secs(5), |until| {
                         until.saturating_duration_since(Instant::now()).max(Duration::from_millis(500))
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = self.credential.changed.notified() => {}
+                        _ = cred.changed.notified() => {}
                     }
                 }
                 continue;
@@ -447,7 +491,7 @@ impl Provider {
             let wait = if stuck { Duration::from_secs(3600) } else { wait };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.credential.changed.notified() => {}
+                _ = cred.changed.notified() => {}
             }
         }
     }

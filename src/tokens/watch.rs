@@ -3,9 +3,10 @@
 //! The watch is on each token file's *folder*, not the file: a watch on the file itself dies when
 //! the file is replaced by a rename, and a Kubernetes secret volume swaps a `..data` symlink
 //! without touching the file's own name. Folder events are only a hint: after a short debounce
-//! every token file is re-read through its path, and a provider changes only when the content
-//! did. A slow poll backs the watch up for folders that did not exist at start, or events that a
-//! file system does not deliver.
+//! the token files they may concern are re-read through their paths (an account's own file when
+//! the event names it, every loaded file otherwise), and a credential changes only when the
+//! content did. A slow poll backs the watch up for folders that did not exist at start, or
+//! events that a file system does not deliver.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -24,19 +25,30 @@ const POLL_EVERY: Duration = Duration::from_secs(5);
 
 /// Starts watching every provider's token folder. The returned task runs until aborted.
 pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reading a file is an "access" event in its folder: acting on those would make every
         // re-read trigger the next one.
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            let _ = tx.send(());
+        match event {
+            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => {}
+            // An event that names no path (or asks for a rescan) concerns everything.
+            Ok(e) if !e.need_rescan() && !e.paths.is_empty() => {
+                let _ = tx.send(e.paths);
+            }
+            _ => {
+                let _ = tx.send(Vec::new());
+            }
         }
     });
     // The token file's folder, and for a symlinked file also its target's folder, where edits
     // and tokenproxy's own writes land.
     let folders: BTreeSet<PathBuf> = providers
         .iter()
-        .flat_map(|p| [p.config.token_file.clone(), super::store::resolve(&p.config.token_file)])
+        .flat_map(|p| {
+            // A multi-account provider's template names no file: its folder is the one to watch.
+            let file = &p.config.token_file;
+            if p.is_multi_account() { vec![file.clone()] } else { vec![file.clone(), super::store::resolve(file)] }
+        })
         .filter_map(|file| file.parent().map(|d| d.to_path_buf()))
         .collect();
     let watcher = match watcher {
@@ -66,21 +78,30 @@ pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
         poll.tick().await;
         let mut events_open = true;
         loop {
-            tokio::select! {
+            // `None`: everything (the poll, or an event that names no path).
+            let changed: Option<Vec<PathBuf>> = tokio::select! {
                 event = rx.recv(), if events_open => {
-                    if event.is_none() {
+                    let Some(paths) = event else {
                         // The watcher is gone; polling carries on alone.
                         events_open = false;
                         continue;
-                    }
+                    };
                     tokio::time::sleep(DEBOUNCE).await;
-                    while rx.try_recv().is_ok() {}
+                    let mut all = Some(paths);
+                    while let Ok(more) = rx.try_recv() {
+                        all = all.filter(|_| !more.is_empty()).map(|mut all| { all.extend(more); all });
+                    }
+                    all.filter(|paths| !paths.is_empty())
                 }
-                _ = poll.tick() => {}
-            }
+                _ = poll.tick() => None,
+            };
             let providers = providers.clone();
             // File reads are blocking; keep them off the request-serving threads.
-            let _ = tokio::task::spawn_blocking(move || providers.reload_all()).await;
+            let _ = tokio::task::spawn_blocking(move || match changed {
+                Some(paths) => providers.reload_changed(&paths),
+                None => providers.reload_all(),
+            })
+            .await;
         }
     })
 }
