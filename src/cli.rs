@@ -195,8 +195,8 @@ pub fn human_seconds(secs: i64) -> String {
     if secs >= 0 { format!("in {text}") } else { format!("{text} ago") }
 }
 
-/// `tokenproxy status`: the admin `/tokens` view as a table. Returns whether every provider is
-/// ready (the exit code).
+/// `tokenproxy status`: the admin `/tokens` view as a table, one row per provider or account.
+/// Returns whether the proxy is ready as `/readyz` says (the exit code).
 pub async fn status(admin: &str) -> anyhow::Result<bool> {
     let url = format!("{}/tokens", admin.trim_end_matches('/'));
     let client = reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(10)).build()?;
@@ -207,19 +207,17 @@ pub async fn status(admin: &str) -> anyhow::Result<bool> {
     anyhow::ensure!(response.status().is_success(), "{url} answered {}", response.status());
     let views: Vec<serde_json::Value> = response.json().await?;
     println!(
-        "{:<16} {:<13} {:<22} {:<26} {:<16} FINGERPRINT",
-        "PROVIDER", "STATE", "EXPIRES", "LAST REFRESH", "RESULT"
+        "{:<16} {:<24} {:<13} {:<22} {:<26} {:<16} FINGERPRINT",
+        "PROVIDER", "ACCOUNT", "STATE", "EXPIRES", "LAST REFRESH", "RESULT"
     );
-    let mut all_ready = true;
     for v in &views {
         let text = |k: &str| v[k].as_str().unwrap_or("-").to_string();
         let state = text("state");
-        let ready = matches!(state.as_str(), "valid" | "expiring" | "refreshing");
-        all_ready &= ready;
         let expires = v["expires_in_s"].as_i64().map_or_else(|| "unknown".to_string(), human_seconds);
         println!(
-            "{:<16} {:<13} {:<22} {:<26} {:<16} {}",
+            "{:<16} {:<24} {:<13} {:<22} {:<26} {:<16} {}",
             text("provider"),
+            text("account"),
             state,
             expires,
             text("last_refresh_at"),
@@ -231,7 +229,10 @@ pub async fn status(admin: &str) -> anyhow::Result<bool> {
         }
     }
     if views.is_empty() {
-        println!("no providers configured");
+        println!("no providers or accounts loaded");
     }
-    Ok(all_ready)
+    // Ready is what /readyz says: one account's state never counts against it (SPEC §8).
+    let readyz = format!("{}/readyz", admin.trim_end_matches('/'));
+    let ready = client.get(&readyz).send().await.map_err(|e| anyhow::anyhow!("cannot reach {readyz}: {e}"))?;
+    Ok(ready.status().is_success())
 }

@@ -60,6 +60,26 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: http::HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
+/// The request header that names the account of a multi-account provider (SPEC §8). It is
+/// tokenproxy's own and never forwarded.
+pub const ACCOUNT: HeaderName = HeaderName::from_static("tokenproxy-account");
+
+/// The user name of `Proxy-Authorization: Basic base64(user:password)`, which clients send for
+/// `HTTP_PROXY=http://user@host:port`: it names an account (SPEC §8). Anything else (another
+/// scheme, bad base64, an empty user) names none. The password is ignored and never kept.
+pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let user = decoded.split_once(':').map_or(decoded.as_str(), |(user, _)| user);
+    (!user.is_empty()).then(|| user.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,24 +107,21 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert!(h.contains_key(header::TE));
     }
-}
 
-/// The request header that names the account of a multi-account provider (SPEC §8). It is
-/// tokenproxy's own and never forwarded.
-pub const ACCOUNT: HeaderName = HeaderName::from_static("tokenproxy-account");
-
-/// The user name of `Proxy-Authorization: Basic base64(user:password)`, which clients send for
-/// `HTTP_PROXY=http://user@host:port`: it names an account (SPEC §8). Anything else (another
-/// scheme, bad base64, an empty user) names none. The password is ignored and never kept.
-pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
-    use base64::Engine;
-    let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, credentials) = value.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
+    #[test]
+    fn the_proxy_user_is_the_basic_credentials_user_name_and_nothing_else() {
+        let user = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::PROXY_AUTHORIZATION, value.parse().unwrap());
+            proxy_user(&h)
+        };
+        // curl -x http://alice@… sends "alice:"; Python requests the same; user:password too.
+        assert_eq!(user("Basic YWxpY2U6").as_deref(), Some("alice"));
+        assert_eq!(user("basic YWxpY2U6c2VjcmV0").as_deref(), Some("alice"));
+        assert_eq!(user("Basic dXNlckBleGFtcGxlLmNvbTp4").as_deref(), Some("user@example.com"));
+        assert_eq!(user("Basic OnBhc3N3b3Jk"), None, "an empty user name names no account");
+        assert_eq!(user("Bearer YWxpY2U6"), None);
+        assert_eq!(user("Basic !!!"), None);
+        assert_eq!(proxy_user(&HeaderMap::new()), None);
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials.trim()).ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let user = decoded.split_once(':').map_or(decoded.as_str(), |(user, _)| user);
-    (!user.is_empty()).then(|| user.to_string())
 }

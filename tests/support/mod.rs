@@ -65,6 +65,7 @@ impl Seen {
 /// - `/status/NNN`: that status;
 /// - `/redirect`: 302 to `http://127.0.0.1:1/elsewhere`;
 /// - `/slow`: 200 after one second;
+/// - `/whoami`: 200 with the request's `Authorization` value (or `none`) as the body;
 /// - `/stream`: sends `first\n`, waits until [`MockApi::release`] (at most 10 s), then `second\n`;
 /// - `/ws` with a WebSocket handshake: `101`, then a WebSocket that first sends
 ///   `authorization: <the handshake's Authorization header>` and then echoes every message;
@@ -246,6 +247,11 @@ token_file = "api.json"
             return respond(status, format!("status {code}\n"));
         }
         match path.as_str() {
+            // Which token arrived, for tests that must tell accounts' tokens apart per response.
+            "/whoami" => {
+                let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("none");
+                respond(StatusCode::OK, auth.to_string())
+            }
             "/redirect" => {
                 let mut r = respond(StatusCode::FOUND, "moved\n".into());
                 r.headers_mut().insert("location", "http://127.0.0.1:1/elsewhere".parse().unwrap());
