@@ -612,3 +612,80 @@ async fn a_template_outside_the_file_name_or_a_default_without_accounts_is_a_con
         assert!(text.contains(expected), "{provider}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_account_by_its_fingerprint() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    write_accounts(dir.path(), "api", &[ALICE]);
+    let tp = TokenProxy::start_with_env(
+        dir.path(),
+        &plain_config(&mock, "", ""),
+        &[("TOKENPROXY_PROXY__ACCESS_LOG", "true")],
+    );
+    assert_eq!(whoami(&tp.client(), &mock.url("/whoami"), Some(ALICE)).await.0, 200);
+    let fingerprint = tokenproxy::secrets::fingerprint(ALICE);
+    let line = eventually(Duration::from_secs(5), "the access log line", || async {
+        tp.logs().into_iter().find(|l| l.contains("tokenproxy::access"))
+    })
+    .await;
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["account"], fingerprint.as_str(), "{line}");
+    assert_logs_name_no_account(&tp, &[&token_of("api", ALICE)]);
+}
+
+/// A fenced block of the README: the first one of `language` after `marker`.
+fn readme_block(marker: &str, language: &str) -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let after = &readme[readme.find(marker).unwrap_or_else(|| panic!("README lost {marker:?}"))..];
+    let start = after.find(&format!("```{language}\n")).unwrap() + language.len() + 4;
+    after[start..][..after[start..].find("```").unwrap()].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_multi_user_backends_in_python_and_node_work_as_written() {
+    let s = Both::start().await;
+    let api = format!("https://localhost:{}", s.secure.addr.port());
+    let adapt = |code: String| {
+        code.replace("https://api.spotify.com", &api)
+            .replace("http://127.0.0.1:8080", &s.tp.proxy_url())
+            .replace("data/ca/ca.pem", &s.ca())
+    };
+    let tokens_seen = |s: &Both| -> Vec<String> {
+        s.secure.seen().iter().filter_map(|r| r.authorization().map(str::to_string)).collect()
+    };
+
+    if python_requests_available() {
+        let script = adapt(readme_block("A multi-user backend in Python", "python"))
+            + &format!("\nfor user in ['{ALICE}', '{BOB}']:\n    print(top_tracks(user).status_code)\n");
+        let (ok, out, err) = python(&script, &[]).await;
+        assert!(ok, "{err}");
+        assert_eq!(out.lines().collect::<Vec<_>>(), ["200", "200"]);
+        assert_eq!(tokens_seen(&s), [bearer("secure", ALICE), bearer("secure", BOB)]);
+    }
+
+    let node_modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-clients/node_modules");
+    let node_ok = client_available(
+        "node with undici (npm install --prefix target/node-clients undici@6)",
+        std::process::Command::new("node").args(["-e", "require('undici').ProxyAgent"]).env("NODE_PATH", &node_modules),
+    );
+    if node_ok {
+        let before = tokens_seen(&s).len();
+        let script = adapt(readme_block("And in Node.js", "js"))
+            + &format!(
+                "\n(async () => {{ for (const u of ['{BOB}', '{ALICE}']) console.log((await topTracks(u)).path); }})()\
+                 .catch(e => {{ console.error(e); process.exit(1); }});\n"
+            );
+        let out = tokio::process::Command::new("node")
+            .args(["-e", &script])
+            .env("NODE_PATH", &node_modules)
+            .env("NODE_EXTRA_CA_CERTS", s.ca())
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.lines().collect::<Vec<_>>(), ["/v1/me/top/tracks", "/v1/me/top/tracks"]);
+        assert_eq!(tokens_seen(&s)[before..], [bearer("secure", BOB), bearer("secure", ALICE)]);
+    }
+}

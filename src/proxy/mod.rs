@@ -323,11 +323,16 @@ impl Proxy {
         // What a retry needs: the head, and the body kept as it streams out (up to the limit).
         let head = clone_head(&parts);
         let (body, replay) = replay::tee(body, self.settings.max_replay_body, &self.replay_budget);
-        let response = self.send(Request::from_parts(parts, body.boxed()), &ex.target).await?;
-        if !injected.provider.config.refresh_on_status.contains(&response.status()) {
-            return Ok(response);
+        let account = self.settings.access_log.then(|| injected.credential.clone());
+        let mut response = self.send(Request::from_parts(parts, body.boxed()), &ex.target).await?;
+        if injected.provider.config.refresh_on_status.contains(&response.status()) {
+            response = Box::pin(self.retry_with_fresh_token(&ex, injected, head, replay, response)).await?;
         }
-        Box::pin(self.retry_with_fresh_token(&ex, injected, head, replay, response)).await
+        if let Some(credential) = account {
+            // For the access log line, which names the account by its fingerprint.
+            response.extensions_mut().insert(AccountUsed(credential));
+        }
+        Ok(response)
     }
 
     /// Whose token the request carries (SPEC §8): a single-account provider's one credential;
@@ -532,6 +537,10 @@ struct AccessLine {
 #[derive(Clone, Copy)]
 struct Retried;
 
+/// The credential whose token a response's request carried (only while the access log is on).
+#[derive(Clone)]
+struct AccountUsed(Arc<Credential>);
+
 impl Access {
     pub(crate) fn start<B>(enabled: bool, req: &Request<B>) -> Access {
         let line = enabled.then(|| AccessLine {
@@ -574,6 +583,7 @@ fn finish(
             path = %line.path,
             status = response.status().as_u16(),
             provider = label,
+            account = response.extensions().get::<AccountUsed>().and_then(|a| a.0.account_log()),
             retried = response.extensions().get::<Retried>().is_some(),
             duration_us = elapsed.as_micros() as u64,
             "request"
