@@ -12,9 +12,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::body::ProxyBody;
+use crate::errors::ProxyError;
 use crate::metrics;
 use crate::tokens::refresh::Trigger;
-use crate::errors::ProxyError;
 use crate::tokens::{AccountError, Providers, Unavailable};
 
 pub struct Admin {
@@ -109,7 +109,9 @@ impl Admin {
         };
         let result = tokio::time::timeout(wait, refresh).await;
         match result {
-            Ok(Ok(_)) => json_response(StatusCode::OK, &json!(provider.view(&credential, OffsetDateTime::now_utc()))),
+            Ok(Ok(_)) => {
+                json_response(StatusCode::OK, &json!(provider.view(&credential, OffsetDateTime::now_utc())))
+            }
             Ok(Err(e)) => provider.unavailable(&credential, Unavailable::Refresh(&e)).into_response(),
             Err(_) => provider.unavailable(&credential, Unavailable::Timeout(wait)).into_response(),
         }
@@ -173,12 +175,14 @@ fn not_ready(providers: &Providers) -> Vec<serde_json::Value> {
             Some(credential) => {
                 let v = provider.view(credential, now);
                 if !v.state.is_ready() {
-                    not_ready.push(json!({"provider": v.provider, "state": v.state, "last_error": v.last_error}));
+                    not_ready
+                        .push(json!({"provider": v.provider, "state": v.state, "last_error": v.last_error}));
                 }
             }
             None => {
                 if let Some(problem) = provider.provider_problem() {
-                    not_ready.push(json!({"provider": provider.name(), "state": "error", "last_error": problem}));
+                    not_ready
+                        .push(json!({"provider": provider.name(), "state": "error", "last_error": problem}));
                 }
             }
         }

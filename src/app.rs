@@ -65,12 +65,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map(Arc::new)
         .map_err(|e| anyhow::anyhow!("loading the token files: {e}"))?;
     // One background refresher per provider with a token endpoint.
-    let mut background: Vec<_> =
-        providers
-            .iter()
-            .filter(|p| p.can_refresh())
-            .filter_map(|p| p.single().map(|c| tokio::spawn(p.clone().keep_fresh(c.clone()))))
-            .collect();
+    let mut background: Vec<_> = providers
+        .iter()
+        .filter(|p| p.can_refresh())
+        .filter_map(|p| p.single().map(|c| tokio::spawn(p.clone().keep_fresh(c.clone()))))
+        .collect();
     let drain = Drain::new();
     let egress = Arc::new(Egress::new(config.egress_deny.clone()));
     let mut own_listeners = vec![proxy_listener.local_addr()?, admin_listener.local_addr()?];

@@ -139,7 +139,12 @@ fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<S
         && !names.contains(default)
     {
         let credential = provider.read_account(default);
-        check_view(provider, &provider.view(&credential, now), &credential.file().display().to_string(), problems);
+        check_view(
+            provider,
+            &provider.view(&credential, now),
+            &credential.file().display().to_string(),
+            problems,
+        );
     }
 }
 
@@ -171,11 +176,14 @@ fn check_view(provider: &Provider, view: &TokenView, file: &str, problems: &mut 
     match view.state {
         TokenState::Missing if !creates_its_file => problems.push(format!(
             "{what}: token file {file} does not exist{}",
-            if pc.oauth.is_some() { " (a refresh_token grant needs a first refresh token in it)" } else { "" }
+            if pc.oauth.is_some() {
+                " (a refresh_token grant needs a first refresh token in it)"
+            } else {
+                ""
+            }
         )),
-        TokenState::Error => {
-            problems.push(format!("{what}: {}", view.last_error.clone().unwrap_or_else(|| "token unusable".into())))
-        }
+        TokenState::Error => problems
+            .push(format!("{what}: {}", view.last_error.clone().unwrap_or_else(|| "token unusable".into()))),
         _ => {}
     }
 }
@@ -233,6 +241,7 @@ pub async fn status(admin: &str) -> anyhow::Result<bool> {
     }
     // Ready is what /readyz says: one account's state never counts against it (SPEC §8).
     let readyz = format!("{}/readyz", admin.trim_end_matches('/'));
-    let ready = client.get(&readyz).send().await.map_err(|e| anyhow::anyhow!("cannot reach {readyz}: {e}"))?;
+    let ready =
+        client.get(&readyz).send().await.map_err(|e| anyhow::anyhow!("cannot reach {readyz}: {e}"))?;
     Ok(ready.status().is_success())
 }

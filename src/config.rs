@@ -678,7 +678,12 @@ fn validate_provider(
 
 /// `{account}` may stand once in the token file's name, never in a folder (so an account name
 /// can only ever pick a file in one folder); `default_account` needs it and must be a valid name.
-fn validate_accounts(what: &str, token_file: &Path, default_account: String, p: &mut Vec<String>) -> Option<String> {
+fn validate_accounts(
+    what: &str,
+    token_file: &Path,
+    default_account: String,
+    p: &mut Vec<String>,
+) -> Option<String> {
     let text = token_file.to_string_lossy();
     let in_name = token_file.file_name().map(|n| n.to_string_lossy().matches(ACCOUNT_PLACEHOLDER).count());
     let total = text.matches(ACCOUNT_PLACEHOLDER).count();

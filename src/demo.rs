@@ -258,7 +258,11 @@ refresh_before = "1m"
     let expired = provider.mint("access");
     write_token_file(&token_file, &expired, &refresh, now - time::Duration::minutes(5))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while demo.single().expect("the demo provider has one account").current().is_some_and(|t| t.fingerprint == fingerprint(&access))
+    while demo
+        .single()
+        .expect("the demo provider has one account")
+        .current()
+        .is_some_and(|t| t.fingerprint == fingerprint(&access))
         && std::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -277,7 +281,12 @@ refresh_before = "1m"
     );
 
     // 3. The provider revokes the token: 401, refresh, retry, transparently.
-    let revoked = demo.single().expect("the demo provider has one account").current().map(|t| t.fingerprint.clone()).unwrap_or_default();
+    let revoked = demo
+        .single()
+        .expect("the demo provider has one account")
+        .current()
+        .map(|t| t.fingerprint.clone())
+        .unwrap_or_default();
     provider.state().valid_access.clear();
     let r = client.get(&api_url).send().await?;
     let calls = provider.state().api_calls.clone();
@@ -307,7 +316,8 @@ refresh_before = "1m"
         provider_ca_pem.display()
     );
 
-    let view = demo.view(demo.single().expect("the demo provider has one account"), OffsetDateTime::now_utc());
+    let view =
+        demo.view(demo.single().expect("the demo provider has one account"), OffsetDateTime::now_utc());
     let token_calls = provider.state().token_calls;
     println!(
         "Now: state {}, {}, {}, token endpoint called {} ({:.1}s so far).",

@@ -142,7 +142,8 @@ impl ProxyError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
         if self.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-            headers.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tokenproxy\""));
+            headers
+                .insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tokenproxy\""));
         }
         response
     }

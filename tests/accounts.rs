@@ -23,7 +23,8 @@ fn write_accounts(dir: &Path, provider: &str, accounts: &[&str]) {
     let folder = dir.join("tokens").join(provider);
     std::fs::create_dir_all(&folder).unwrap();
     for account in accounts {
-        std::fs::write(folder.join(format!("{account}.json")), token_json(&token_of(provider, account))).unwrap();
+        std::fs::write(folder.join(format!("{account}.json")), token_json(&token_of(provider, account)))
+            .unwrap();
     }
 }
 
@@ -105,7 +106,11 @@ async fn two_accounts_get_their_own_tokens_under_500_interleaved_requests() {
     for (i, status, body) in results {
         let account = if i % 2 == 0 { ALICE } else { BOB };
         assert_eq!(status, 200, "request {i}: {body}");
-        assert_eq!(body, format!("Bearer {}", token_of("api", account)), "request {i} carried another account's token");
+        assert_eq!(
+            body,
+            format!("Bearer {}", token_of("api", account)),
+            "request {i} carried another account's token"
+        );
     }
     // Neither way of naming the account travels on.
     assert!(mock.seen().iter().all(|s| !s.headers.contains_key("tokenproxy-account")));
@@ -220,7 +225,15 @@ async fn curl_names_the_account_as_proxy_user_or_header_over_plain_http_and_inte
         ),
         // The header comes first in the selection order.
         (
-            &["-x", &s.proxy_as(ALICE), "--cacert", &ca, "-H", &format!("Tokenproxy-Account: {BOB}"), &secure_url],
+            &[
+                "-x",
+                &s.proxy_as(ALICE),
+                "--cacert",
+                &ca,
+                "-H",
+                &format!("Tokenproxy-Account: {BOB}"),
+                &secure_url,
+            ],
             bearer("secure", BOB),
         ),
     ];
@@ -297,7 +310,10 @@ async fn a_request_that_names_no_account_gets_407_on_the_forward_port_and_400_in
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["x-tokenproxy-error"], "account_required");
     assert_eq!(whoami(&plain_client, &route, Some(BOB)).await, (200, bearer("plain", BOB)));
-    assert!(s.plain.seen().iter().all(|r| r.authorization().is_some()), "no request went out without a token");
+    assert!(
+        s.plain.seen().iter().all(|r| r.authorization().is_some()),
+        "no request went out without a token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,8 +339,10 @@ async fn bad_account_names_are_refused_and_nothing_outside_the_folder_is_opened(
     std::fs::write(dir.path().join("tokens/secret.json"), token_json("tok-outside-the-folder")).unwrap();
     let tp = TokenProxy::start(dir.path(), &plain_config(&mock, "", ""));
     let listing = |d: &Path| {
-        let mut names: Vec<String> =
-            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         names
     };
@@ -370,7 +388,8 @@ async fn an_account_without_a_token_file_gets_502_naming_authorize_and_works_onc
     let mock = MockApi::start().await;
     let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
     write_accounts(dir.path(), "api", &[ALICE]);
-    let tp = TokenProxy::start(dir.path(), &plain_config(&mock, "", &endpoint.oauth_toml("api", "refresh_token")));
+    let tp =
+        TokenProxy::start(dir.path(), &plain_config(&mock, "", &endpoint.oauth_toml("api", "refresh_token")));
     let r = tp.client().get(mock.url("/whoami")).header("Tokenproxy-Account", "carol").send().await.unwrap();
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = r.json().await.unwrap();
@@ -387,13 +406,19 @@ async fn an_account_without_a_token_file_gets_502_naming_authorize_and_works_onc
 
     // A person writes carol's token (as `tokenproxy authorize` will): used without a restart.
     write_accounts(dir.path(), "api", &["carol"]);
-    assert_eq!(whoami(&tp.client(), &mock.url("/whoami"), Some("carol")).await, (200, bearer("api", "carol")));
+    assert_eq!(
+        whoami(&tp.client(), &mock.url("/whoami"), Some("carol")).await,
+        (200, bearer("api", "carol"))
+    );
     assert_logs_name_no_account(&tp, &[&token_of("api", "carol")]);
 }
 
 /// A multi-account provider with a token endpoint: each account's file holds its own refresh
 /// token `rt-<account>`, which the endpoint accepts.
-async fn with_refresh(expires_in_s: i64, provider_extra: &str) -> (tempfile::TempDir, MockApi, MockTokenEndpoint, TokenProxy) {
+async fn with_refresh(
+    expires_in_s: i64,
+    provider_extra: &str,
+) -> (tempfile::TempDir, MockApi, MockTokenEndpoint, TokenProxy) {
     let dir = tempdir();
     let mock = MockApi::start().await;
     let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
@@ -435,7 +460,10 @@ async fn a_401_for_one_account_refreshes_only_that_account() {
     let fresh = body.strip_prefix("Bearer ").unwrap().to_string();
     assert_ne!(fresh, token_of("api", ALICE));
     assert_eq!(endpoint.calls(), 1);
-    assert_eq!(endpoint.last_form()["refresh_token"], format!("rt-{}", tokenproxy::secrets::fingerprint(ALICE)));
+    assert_eq!(
+        endpoint.last_form()["refresh_token"],
+        format!("rt-{}", tokenproxy::secrets::fingerprint(ALICE))
+    );
     // On disk: alice's file holds the new token, bob's is untouched.
     assert_eq!(file_token(dir.path(), ALICE), fresh);
     assert_eq!(file_token(dir.path(), BOB), token_of("api", BOB));
@@ -444,7 +472,10 @@ async fn a_401_for_one_account_refreshes_only_that_account() {
     let (_, body) = tp.admin_get("/tokens?provider=api").await;
     let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     let view = |account: &str| views.iter().find(|v| v["account"] == account).unwrap().clone();
-    assert_eq!((view(ALICE)["refresh_count"].as_u64(), view(ALICE)["retry_count"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (view(ALICE)["refresh_count"].as_u64(), view(ALICE)["retry_count"].as_u64()),
+        (Some(1), Some(1))
+    );
     assert_eq!((view(BOB)["refresh_count"].as_u64(), view(BOB)["retry_count"].as_u64()), (Some(0), Some(0)));
     assert_logs_name_no_account(&tp, &[&fresh, &token_of("api", ALICE), &token_of("api", BOB)]);
 }
@@ -469,7 +500,10 @@ async fn a_revoked_account_leaves_readyz_at_200_but_a_wrong_client_makes_the_pro
     let views: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(views.iter().find(|v| v["account"] == ALICE).unwrap()["state"], "needs_reauth");
     assert_eq!(tp.admin_get("/readyz").await.0, 200, "one user's revocation took the pod out of service");
-    assert_eq!(tp.metric("tokenproxy_accounts", &[("provider", "api"), ("state", "needs_reauth")]).await, 1.0);
+    assert_eq!(
+        tp.metric("tokenproxy_accounts", &[("provider", "api"), ("state", "needs_reauth")]).await,
+        1.0
+    );
 
     // Without an account, a manual refresh of a multi-account provider is a 400.
     let r = post("").await;
@@ -512,8 +546,11 @@ async fn idle_accounts_are_not_refreshed_on_a_timer_and_an_account_in_use_is_kep
     assert_eq!(endpoint.calls(), 1, "one refresh, for the account in use");
     assert_eq!(file_token(dir.path(), BOB), token_of("api", BOB));
     assert_eq!(
-        tp.metric("tokenproxy_refreshes_total", &[("provider", "api"), ("trigger", "proactive"), ("result", "ok")])
-            .await,
+        tp.metric(
+            "tokenproxy_refreshes_total",
+            &[("provider", "api"), ("trigger", "proactive"), ("result", "ok")]
+        )
+        .await,
         1.0
     );
 }
@@ -527,7 +564,8 @@ async fn an_account_file_changed_on_disk_is_used_without_a_restart() {
     let url = mock.url("/whoami");
     assert_eq!(whoami(&tp.client(), &url, Some(ALICE)).await, (200, bearer("api", ALICE)));
     // Rewritten in place, as a person or another tool might.
-    std::fs::write(dir.path().join(format!("tokens/api/{ALICE}.json")), token_json("tok-alice-rotated")).unwrap();
+    std::fs::write(dir.path().join(format!("tokens/api/{ALICE}.json")), token_json("tok-alice-rotated"))
+        .unwrap();
     eventually(Duration::from_secs(10), "the rewritten file in use", || async {
         (whoami(&tp.client(), &url, Some(ALICE)).await.1 == "Bearer tok-alice-rotated").then_some(())
     })
@@ -540,7 +578,13 @@ async fn a_single_account_provider_ignores_account_names_and_shows_a_null_accoun
     let dir = tempdir();
     let mock = MockApi::start().await;
     let tp = proxy_with_token(dir.path(), &mock, "tok-single", "");
-    let r = tp.client().get(mock.url("/whoami")).header("Tokenproxy-Account", "../anything").send().await.unwrap();
+    let r = tp
+        .client()
+        .get(mock.url("/whoami"))
+        .header("Tokenproxy-Account", "../anything")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "Bearer tok-single");
     assert!(!mock.last().headers.contains_key("tokenproxy-account"));
@@ -596,8 +640,14 @@ async fn a_template_outside_the_file_name_or_a_default_without_accounts_is_a_con
     let cases = [
         ("token_file = \"tokens/{account}/api.json\"", "{account} may appear once, in the file name only"),
         ("token_file = \"{account}-{account}.json\"", "{account} may appear once"),
-        ("token_file = \"api.json\"\ndefault_account = \"alice\"", "only a multi-account provider has accounts"),
-        ("token_file = \"t/{account}.json\"\ndefault_account = \"../x\"", "default_account: an account name cannot start with '.'"),
+        (
+            "token_file = \"api.json\"\ndefault_account = \"alice\"",
+            "only a multi-account provider has accounts",
+        ),
+        (
+            "token_file = \"t/{account}.json\"\ndefault_account = \"../x\"",
+            "default_account: an account name cannot start with '.'",
+        ),
     ];
     for (provider, expected) in cases {
         let config = format!("[providers.api]\nhosts = [\"api.invalid\"]\n{provider}\n");
@@ -607,7 +657,8 @@ async fn a_template_outside_the_file_name_or_a_default_without_accounts_is_a_con
             .arg(dir.path().join("bad.toml"))
             .output()
             .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{provider}: {text}");
         assert!(text.contains(expected), "{provider}: {text}");
     }
@@ -667,7 +718,9 @@ async fn the_readmes_multi_user_backends_in_python_and_node_work_as_written() {
     let node_modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-clients/node_modules");
     let node_ok = client_available(
         "node with undici (npm install --prefix target/node-clients undici@6)",
-        std::process::Command::new("node").args(["-e", "require('undici').ProxyAgent"]).env("NODE_PATH", &node_modules),
+        std::process::Command::new("node")
+            .args(["-e", "require('undici').ProxyAgent"])
+            .env("NODE_PATH", &node_modules),
     );
     if node_ok {
         let before = tokens_seen(&s).len();

@@ -98,7 +98,12 @@ struct InterceptedHost {
 impl InterceptedHost {
     /// Terminates the client's TLS with a leaf for the host and serves the requests inside,
     /// over HTTP/1.1 or HTTP/2 as ALPN decided.
-    async fn intercept(mut self, upgrade: OnUpgrade, tls: Arc<rustls::ServerConfig>, _place: Option<ConnectionPermit>) {
+    async fn intercept(
+        mut self,
+        upgrade: OnUpgrade,
+        tls: Arc<rustls::ServerConfig>,
+        _place: Option<ConnectionPermit>,
+    ) {
         let Some(drain) = self.proxy.drain.watch() else { return };
         let upgraded = match upgrade.await {
             Ok(upgraded) => upgraded,

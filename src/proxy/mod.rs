@@ -210,8 +210,12 @@ impl Proxy {
                     Ok(pq) => {
                         parts.uri = Uri::from(pq);
                         let req = Request::from_parts(parts, body);
-                        let ex =
-                            Exchange { target, provider: provider.as_ref(), proxy_user: None, entry: Entry::Route };
+                        let ex = Exchange {
+                            target,
+                            provider: provider.as_ref(),
+                            proxy_user: None,
+                            entry: Entry::Route,
+                        };
                         self.forward(req, ex).await
                     }
                     // The path is not repeated: its query may hold a secret.
@@ -365,7 +369,11 @@ impl Proxy {
     /// token endpoint, the one the refresh in flight brings (waiting at most `upstream_timeout`).
     /// An account's requests also keep it fresh: one that finds its token due starts a
     /// background refresh.
-    async fn token_for(&self, provider: &Arc<Provider>, cred: &Arc<Credential>) -> Result<Arc<Token>, ProxyError> {
+    async fn token_for(
+        &self,
+        provider: &Arc<Provider>,
+        cred: &Arc<Credential>,
+    ) -> Result<Arc<Token>, ProxyError> {
         let current = cred.current();
         if !provider.can_refresh() {
             return current.ok_or_else(|| provider.unavailable(cred, Unavailable::NoToken));
@@ -389,7 +397,11 @@ impl Proxy {
     }
 
     /// The expired (or missing) token's replacement, from the refresh in flight.
-    async fn wait_for_refresh(&self, provider: &Arc<Provider>, cred: &Arc<Credential>) -> Result<Arc<Token>, ProxyError> {
+    async fn wait_for_refresh(
+        &self,
+        provider: &Arc<Provider>,
+        cred: &Arc<Credential>,
+    ) -> Result<Arc<Token>, ProxyError> {
         let wait = self.settings.upstream_timeout;
         match tokio::time::timeout(wait, provider.refresh(cred, Trigger::Expired, None)).await {
             Ok(Ok(token)) => Ok(token),

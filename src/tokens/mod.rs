@@ -208,7 +208,10 @@ impl Provider {
     /// request named; for a multi-account provider the named account, else `default_account`.
     /// A loaded account is found without I/O or a lock; an account not loaded yet is read from
     /// its file first (off the async threads).
-    pub async fn credential_for(self: &Arc<Self>, named: Option<&str>) -> Result<Arc<Credential>, AccountError> {
+    pub async fn credential_for(
+        self: &Arc<Self>,
+        named: Option<&str>,
+    ) -> Result<Arc<Credential>, AccountError> {
         let map = match &self.accounts {
             Accounts::One(credential) => return Ok(credential.clone()),
             Accounts::Many(map) => map,
@@ -226,8 +229,10 @@ impl Provider {
     /// accumulate (it is read again on its next use).
     async fn load_account(self: &Arc<Self>, name: &str) -> Arc<Credential> {
         let Accounts::Many(map) = &self.accounts else { unreachable!("checked by credential_for") };
-        let credential =
-            map.pin().get_or_insert_with(name.into(), || Arc::new(Credential::new(&self.config, Some(name)))).clone();
+        let credential = map
+            .pin()
+            .get_or_insert_with(name.into(), || Arc::new(Credential::new(&self.config, Some(name))))
+            .clone();
         credential
             .loaded
             .get_or_init(|| async {
@@ -268,7 +273,10 @@ impl Provider {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => {
-                return Err(std::io::Error::new(e.kind(), format!("token folder {} cannot be read: {e}", folder.display())));
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("token folder {} cannot be read: {e}", folder.display()),
+                ));
             }
         };
         let mut names: Vec<String> =

@@ -115,7 +115,10 @@ impl Provider {
         }
         if cred.account().is_some() && cred.current().is_none() && !self.creates_token_files() {
             // Only a person can give an account its first token: nothing to send, nothing to lock.
-            return Err(RefreshError::new(RefreshErrorKind::InvalidGrant, "the account has no token file yet"));
+            return Err(RefreshError::new(
+                RefreshErrorKind::InvalidGrant,
+                "the account has no token file yet",
+            ));
         }
         let _flight = cred.refresh_lock.lock().await;
         if let Some(token) = cred.current()
@@ -302,7 +305,11 @@ impl Provider {
 
     /// Writes the refreshed token file on the blocking pool, not on a thread that serves
     /// requests. Called under the token file's lock.
-    async fn persist(self: &Arc<Self>, cred: &Arc<Credential>, fields: &serde_json::Map<String, serde_json::Value>) {
+    async fn persist(
+        self: &Arc<Self>,
+        cred: &Arc<Credential>,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) {
         let (provider, writing) = (self.clone(), cred.clone());
         let fields = fields.clone();
         let _ = tokio::task::spawn_blocking(move || provider.write_fields(&writing, &fields)).await;
@@ -312,7 +319,11 @@ impl Provider {
     /// counted and shown, and traffic goes on with the new token in memory (FIELD-NOTES #3).
     /// A file that does not parse is never written over (SPEC §4): a person may be mid-edit;
     /// the fields wait in memory until it parses again.
-    pub(super) fn write_fields(&self, cred: &Credential, fields: &serde_json::Map<String, serde_json::Value>) {
+    pub(super) fn write_fields(
+        &self,
+        cred: &Credential,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) {
         let path = &cred.file;
         let format = FileFormat::of(path);
         let unparsable = match file::read(path) {
@@ -368,7 +379,13 @@ impl Provider {
         }
     }
 
-    fn record(&self, cred: &Credential, trigger: Trigger, elapsed: Duration, result: &Result<Arc<Token>, RefreshError>) {
+    fn record(
+        &self,
+        cred: &Credential,
+        trigger: Trigger,
+        elapsed: Duration,
+        result: &Result<Arc<Token>, RefreshError>,
+    ) {
         let label = match result {
             Ok(_) => "ok",
             Err(e) => e.kind.label(),
@@ -423,7 +440,12 @@ impl Provider {
     }
 
     /// Adopts a document read from the file, remembering what the file held.
-    fn adopt_file_document(&self, cred: &Credential, doc: &TokenDocument, hash: [u8; 32]) -> Result<Arc<Token>, String> {
+    fn adopt_file_document(
+        &self,
+        cred: &Credential,
+        doc: &TokenDocument,
+        hash: [u8; 32],
+    ) -> Result<Arc<Token>, String> {
         let token = self.adopt(cred, doc)?;
         let mut status = cred.status();
         status.content_hash = Some(hash);
@@ -442,7 +464,8 @@ impl Provider {
         tokio::spawn(async move {
             if provider.refresh(&cred, Trigger::Proactive, None).await.is_err() {
                 let backoff = cred.status().retry_not_before;
-                let pause = backoff.map_or(PROACTIVE_PAUSE, |until| until.saturating_duration_since(Instant::now()));
+                let pause =
+                    backoff.map_or(PROACTIVE_PAUSE, |until| until.saturating_duration_since(Instant::now()));
                 cred.defer_proactive(pause.max(Duration::from_millis(500)));
             }
         });

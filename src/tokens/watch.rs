@@ -47,7 +47,11 @@ pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
         .flat_map(|p| {
             // A multi-account provider's template names no file: its folder is the one to watch.
             let file = &p.config.token_file;
-            if p.is_multi_account() { vec![file.clone()] } else { vec![file.clone(), super::store::resolve(file)] }
+            if p.is_multi_account() {
+                vec![file.clone()]
+            } else {
+                vec![file.clone(), super::store::resolve(file)]
+            }
         })
         .filter_map(|file| file.parent().map(|d| d.to_path_buf()))
         .collect();
