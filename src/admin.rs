@@ -12,7 +12,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::body::ProxyBody;
-use crate::errors::ProxyError;
+use crate::errors::{AccountAsk, ProxyError};
 use crate::metrics;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Providers, Unavailable};
@@ -89,8 +89,9 @@ impl Admin {
         let credential = match provider.credential_for(account).await {
             Ok(credential) => credential,
             Err(AccountError::Required) => {
-                let e = ProxyError::AccountRequired { provider: name.to_string(), proxy_auth: false };
-                return with_action(e, "name the account: POST /tokens/{provider}/refresh?account=NAME");
+                let e =
+                    ProxyError::AccountRequired { provider: name.to_string(), asked_on: AccountAsk::Admin };
+                return e.into_response();
             }
             Err(AccountError::Bad(reason)) => {
                 return ProxyError::BadAccount { provider: name.to_string(), reason }.into_response();
@@ -195,17 +196,6 @@ fn unknown_provider(name: &str) -> Response<ProxyBody> {
         StatusCode::NOT_FOUND,
         &json!({"error": "unknown_provider", "reason": format!("no provider named {name:?}")}),
     )
-}
-
-/// An error's answer with its `action` replaced (for the admin API, where proxy credentials or
-/// headers are not how an account is named).
-fn with_action(e: ProxyError, action: &str) -> Response<ProxyBody> {
-    let status = e.status();
-    let code = e.code();
-    let body = json!({"error": code, "reason": e.to_string(), "action": action});
-    let mut response = json_response(status, &body);
-    response.headers_mut().insert(crate::errors::ERROR_HEADER, HeaderValue::from_static(code));
-    response
 }
 
 /// The percent-decoded value of `name` in a query string (`+` stays `+`: account names may hold

@@ -14,6 +14,34 @@ use crate::body::ProxyBody;
 
 pub const ERROR_HEADER: &str = "x-tokenproxy-error";
 
+/// Where a request that named no account came in (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountAsk {
+    /// The forward port: proxy credentials can still name the account (`407`).
+    ForwardPort,
+    /// Inside a tunnel or on a route: only the header can (`400`).
+    Request,
+    /// The admin API's manual refresh: the query names it (`400`).
+    Admin,
+}
+
+impl AccountAsk {
+    fn action(self) -> &'static str {
+        match self {
+            AccountAsk::ForwardPort => {
+                "name the account in a Tokenproxy-Account header, or as the proxy user name \
+                 (HTTP_PROXY=http://ACCOUNT@HOST:PORT, curl -x http://ACCOUNT@HOST:PORT), \
+                 or set the provider's default_account"
+            }
+            AccountAsk::Request => {
+                "name the account in a Tokenproxy-Account header (inside a tunnel, the user name of \
+                 the proxy credentials on its CONNECT also does), or set the provider's default_account"
+            }
+            AccountAsk::Admin => "name the account: POST /tokens/{provider}/refresh?account=NAME",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// A request in origin form (`GET /path`) reached the forward-proxy port.
@@ -37,9 +65,9 @@ pub enum ProxyError {
     #[error("no usable token for provider {provider:?}: {reason}")]
     TokenUnavailable { provider: String, account: Option<String>, reason: String, action: String },
     /// A request to a multi-account provider named no account, and it has no default (SPEC §8).
-    /// `proxy_auth`: on the forward port, where proxy credentials can name one (`407`).
+    /// Where it came from decides the answer and how it can name one.
     #[error("provider {provider:?} has one token per account and the request named none")]
-    AccountRequired { provider: String, proxy_auth: bool },
+    AccountRequired { provider: String, asked_on: AccountAsk },
     /// The account name a request gave cannot be one (the name itself is never repeated).
     #[error("bad account name for provider {provider:?}: {reason}")]
     BadAccount { provider: String, reason: crate::accounts::BadAccount },
@@ -64,8 +92,10 @@ impl ProxyError {
             ProxyError::NotAProxyRequest | ProxyError::BadTarget(_) | ProxyError::BadAccount { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::AccountRequired { proxy_auth: true, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
-            ProxyError::AccountRequired { proxy_auth: false, .. } => StatusCode::BAD_REQUEST,
+            ProxyError::AccountRequired { asked_on: AccountAsk::ForwardPort, .. } => {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            }
+            ProxyError::AccountRequired { .. } => StatusCode::BAD_REQUEST,
             ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::TokenUnavailable { .. }
             | ProxyError::UpstreamUnreachable { .. }
@@ -101,18 +131,11 @@ impl ProxyError {
                     "action": action,
                 }),
             },
-            ProxyError::AccountRequired { provider, proxy_auth } => json!({
+            ProxyError::AccountRequired { provider, asked_on } => json!({
                 "error": self.code(),
                 "provider": provider,
                 "reason": self.to_string(),
-                "action": if *proxy_auth {
-                    "name the account in a Tokenproxy-Account header, or as the proxy user name \
-                     (HTTP_PROXY=http://ACCOUNT@HOST:PORT, curl -x http://ACCOUNT@HOST:PORT), \
-                     or set the provider's default_account"
-                } else {
-                    "name the account in a Tokenproxy-Account header (inside a tunnel, the user name of \
-                     the proxy credentials on its CONNECT also does), or set the provider's default_account"
-                },
+                "action": asked_on.action(),
             }),
             ProxyError::BadAccount { provider, reason } => json!({
                 "error": self.code(),

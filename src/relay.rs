@@ -194,8 +194,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 /// A byte stream with the bytes already read from it put back in front, so that what a connection
 /// speaks can be decided from its first byte without losing that byte.
 pub struct Rewound<T> {
-    prefix: Vec<u8>,
-    at: usize,
+    /// The byte read ahead, until it has been read again.
+    first: Option<u8>,
     inner: T,
 }
 
@@ -207,7 +207,7 @@ pub async fn first_byte<T: AsyncRead + Unpin>(mut io: T) -> io::Result<Option<(u
     if io.read(&mut byte).await? == 0 {
         return Ok(None);
     }
-    Ok(Some((byte[0], Rewound { prefix: byte.to_vec(), at: 0, inner: io })))
+    Ok(Some((byte[0], Rewound { first: Some(byte[0]), inner: io })))
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
@@ -216,11 +216,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = buf.remaining().min(self.prefix.len() - self.at);
-            let at = self.at;
-            buf.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
+        if buf.remaining() > 0
+            && let Some(first) = self.first.take()
+        {
+            buf.put_slice(&[first]);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

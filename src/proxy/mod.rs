@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use crate::body::{BoxError, ProxyBody};
 use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
 use crate::egress::{DialError, Egress};
-use crate::errors::ProxyError;
+use crate::errors::{AccountAsk, ProxyError};
 use crate::hosts::normalize_host;
 use crate::server::{ConnectionPermit, DrainHandle};
 use crate::tls::leaf::LeafCache;
@@ -359,7 +359,11 @@ impl Proxy {
         provider.credential_for(named).await.map_err(|e| match e {
             AccountError::Required => ProxyError::AccountRequired {
                 provider: provider.name().to_string(),
-                proxy_auth: ex.entry == Entry::Forward,
+                asked_on: if ex.entry == Entry::Forward {
+                    AccountAsk::ForwardPort
+                } else {
+                    AccountAsk::Request
+                },
             },
             AccountError::Bad(reason) => bad(reason),
         })

@@ -212,13 +212,12 @@ impl Provider {
         self: &Arc<Self>,
         named: Option<&str>,
     ) -> Result<Arc<Credential>, AccountError> {
-        let map = match &self.accounts {
-            Accounts::One(credential) => return Ok(credential.clone()),
-            Accounts::Many(map) => map,
-        };
+        if let Some(single) = self.single() {
+            return Ok(single.clone());
+        }
         let name = named.or(self.config.default_account.as_deref()).ok_or(AccountError::Required)?;
-        if let Some(credential) = map.pin().get(name).filter(|c| c.is_loaded()) {
-            return Ok(credential.clone());
+        if let Some(credential) = self.loaded_account(name) {
+            return Ok(credential);
         }
         crate::accounts::check(name).map_err(AccountError::Bad)?;
         Ok(Box::pin(self.load_account(name)).await)
