@@ -18,6 +18,7 @@ use tokenproxy::config::FileFormat;
 use tokenproxy::tls::ca::CertificateAuthority;
 use tokenproxy::tls::leaf::LeafCache;
 use tokenproxy::tokens::file::parse;
+use tokenproxy::tokens::store::FileStore;
 use tokenproxy::tokens::{Provider, Providers};
 
 /// Twenty providers, as a busy sidecar might have: exact hosts, ports and wildcards.
@@ -38,7 +39,9 @@ fn providers(dir: &std::path::Path) -> Providers {
     }
     std::fs::write(dir.join("tp.toml"), toml).unwrap();
     let config = Config::load(&dir.join("tp.toml")).unwrap();
-    Providers::load(&config.providers, None, Duration::from_secs(30))
+    let store = Arc::new(FileStore::new(&config.providers));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(Providers::load(&config.providers, None, Duration::from_secs(30), store))
 }
 
 fn hot_path(c: &mut Criterion) {
@@ -153,7 +156,8 @@ async fn load_accounts(dir: &std::path::Path, n: usize) -> Arc<Provider> {
     let toml = "[providers.many]\nhosts = [\"api.example.com\"]\ntoken_file = \"tokens/{account}.json\"\n";
     std::fs::write(dir.join("tp.toml"), toml).unwrap();
     let config = Config::load(&dir.join("tp.toml")).unwrap();
-    let providers = Providers::load(&config.providers, None, Duration::from_secs(30));
+    let store = Arc::new(FileStore::new(&config.providers));
+    let providers = Providers::load(&config.providers, None, Duration::from_secs(30), store).await;
     let provider = providers.get("many").unwrap().clone();
     for i in 0..n {
         provider.credential_for(Some(&account_name(i))).await.unwrap();

@@ -121,9 +121,7 @@ impl Admin {
     /// `200` when every single-account provider has a usable token and no multi-account
     /// provider is broken as a whole; one account's state never makes the pod unready (SPEC §8).
     async fn readyz(&self) -> Response<ProxyBody> {
-        let providers = self.providers.clone();
-        // A multi-account provider's check reads its token folder: off the async threads.
-        let not_ready = tokio::task::spawn_blocking(move || not_ready(&providers)).await.unwrap_or_default();
+        let not_ready = not_ready(&self.providers).await;
         if not_ready.is_empty() {
             text(StatusCode::OK, "ready\n", "text/plain")
         } else {
@@ -168,7 +166,7 @@ fn same_origin<B>(req: &Request<B>) -> Result<(), String> {
 
 /// What keeps the pod out of service: a single-account provider without a usable token, or a
 /// multi-account provider that is broken for every account.
-fn not_ready(providers: &Providers) -> Vec<serde_json::Value> {
+async fn not_ready(providers: &Providers) -> Vec<serde_json::Value> {
     let now = OffsetDateTime::now_utc();
     let mut not_ready = Vec::new();
     for provider in providers.iter() {
@@ -181,7 +179,7 @@ fn not_ready(providers: &Providers) -> Vec<serde_json::Value> {
                 }
             }
             None => {
-                if let Some(problem) = provider.provider_problem() {
+                if let Some(problem) = provider.provider_problem().await {
                     not_ready
                         .push(json!({"provider": provider.name(), "state": "error", "last_error": problem}));
                 }

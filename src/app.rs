@@ -17,6 +17,7 @@ use crate::proxy::upstream::{self, Protocols};
 use crate::server::{self, ConnectionLimits, Drain};
 use crate::tls::ca::CertificateAuthority;
 use crate::tls::leaf::LeafCache;
+use crate::tokens::store::{FileStore, TokenStore};
 use crate::tokens::{Providers, watch};
 use crate::{metrics, tls};
 
@@ -58,12 +59,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
-    // The first read of every token file, off the async threads like every other file access.
-    let (configs, wait) = (config.providers.clone(), config.proxy.upstream_timeout);
-    let providers = tokio::task::spawn_blocking(move || Providers::load(&configs, Some(oauth_client), wait))
-        .await
-        .map(Arc::new)
-        .map_err(|e| anyhow::anyhow!("loading the token files: {e}"))?;
+    let store: Arc<dyn TokenStore> = Arc::new(FileStore::new(&config.providers));
+    let providers = Arc::new(
+        Providers::load(&config.providers, Some(oauth_client), config.proxy.upstream_timeout, store).await,
+    );
     // One background refresher per provider with a token endpoint.
     let mut background: Vec<_> = providers
         .iter()

@@ -1,12 +1,14 @@
 //! The command line (SPEC §2) and the small commands.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use time::OffsetDateTime;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Grant};
 use crate::logging::LogFormat;
+use crate::tokens::store::{FileStore, TokenStore};
 use crate::tokens::{Provider, TokenState, TokenView};
 
 #[derive(Debug, Parser)]
@@ -54,23 +56,24 @@ impl Cli {
 
 /// `tokenproxy check`: prints one line per provider, then every problem; returns whether the
 /// config and all token files are usable.
-pub fn check(config: &Config) -> bool {
+pub async fn check(config: &Config) -> bool {
     let mut problems = Vec::new();
     if let Err(e) = crate::tls::client_config(&config.extra_roots) {
         problems.push(format!("{e:#}"));
     }
     let now = OffsetDateTime::now_utc();
+    let store: Arc<dyn TokenStore> = Arc::new(FileStore::new(&config.providers));
     for pc in &config.providers {
-        let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO);
+        let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO, store.clone());
         if provider.is_multi_account() {
-            check_accounts(&provider, now, &mut problems);
+            check_accounts(&provider, now, &mut problems).await;
             continue;
         }
         let credential = provider.single().expect("a single-account provider");
-        provider.reload(credential);
+        provider.reload(credential).await;
         let view = provider.view(credential, now);
         print_view(&view.provider, &view);
-        check_view(&provider, &view, &credential.file().display().to_string(), &mut problems);
+        check_view(&provider, &view, &provider.location(credential), &mut problems);
     }
     if config.providers.is_empty() {
         println!("no providers configured: every request is forwarded untouched");
@@ -92,9 +95,9 @@ const CHECK_LISTS_ACCOUNTS: usize = 50;
 
 /// A multi-account provider in `check`: a line with the number of accounts by state, then one
 /// line per account (names are shown: `check` is a local command, not a log).
-fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<String>) {
+async fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<String>) {
     let pc = &provider.config;
-    let names = match provider.account_names_on_disk() {
+    let names = match provider.account_names_stored().await {
         Ok(names) => names,
         Err(e) => {
             println!("{:<16} {:<12} accounts cannot be listed", pc.name, "error");
@@ -104,8 +107,8 @@ fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<S
     };
     let mut views = Vec::new();
     for name in &names {
-        let credential = provider.read_account(name);
-        views.push((provider.view(&credential, now), credential.file().display().to_string()));
+        let credential = provider.read_account(name).await;
+        views.push((provider.view(&credential, now), provider.location(&credential)));
     }
     let mut by_state: Vec<String> = TokenState::ALL
         .iter()
@@ -138,13 +141,8 @@ fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<S
     if let Some(default) = &pc.default_account
         && !names.contains(default)
     {
-        let credential = provider.read_account(default);
-        check_view(
-            provider,
-            &provider.view(&credential, now),
-            &credential.file().display().to_string(),
-            problems,
-        );
+        let credential = provider.read_account(default).await;
+        check_view(provider, &provider.view(&credential, now), &provider.location(&credential), problems);
     }
 }
 
@@ -164,7 +162,7 @@ fn print_view(label: &str, view: &TokenView) {
 }
 
 /// The problems one token file has for `check`.
-fn check_view(provider: &Provider, view: &TokenView, file: &str, problems: &mut Vec<String>) {
+fn check_view(provider: &Provider, view: &TokenView, location: &str, problems: &mut Vec<String>) {
     let pc = &provider.config;
     let what = match &view.account {
         Some(account) => format!("providers.{} account {account}", pc.name),
@@ -175,7 +173,7 @@ fn check_view(provider: &Provider, view: &TokenView, file: &str, problems: &mut 
     let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant == Grant::ClientCredentials);
     match view.state {
         TokenState::Missing if !creates_its_file => problems.push(format!(
-            "{what}: token file {file} does not exist{}",
+            "{what}: {location} does not exist{}",
             if pc.oauth.is_some() {
                 " (a refresh_token grant needs a first refresh token in it)"
             } else {

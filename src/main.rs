@@ -52,7 +52,7 @@ fn main() -> ExitCode {
                 true
             }))
         }
-        Command::Check => exit(Ok(cli::check(&config))),
+        Command::Check => exit(block_on(async { Ok(cli::check(&config).await) })),
         Command::Run => exit(block_on(app::run(config)).map(|()| true)),
         Command::Demo | Command::Status { .. } => unreachable!("handled before the config is loaded"),
     }

@@ -72,19 +72,20 @@ impl RefreshError {
         RefreshError { kind, message: message.into() }
     }
 
-    /// What a person should do about it: the `action` of the 502 body.
-    pub fn action(&self, token_file: &std::path::Path) -> String {
+    /// What a person should do about it: the `action` of the 502 body. `location` is where the
+    /// token is kept, as the store names it.
+    pub fn action(&self, location: &str) -> String {
         match self.kind {
             RefreshErrorKind::InvalidGrant => format!(
                 "re-authorize: put a new refresh_token (or token) into {}; tokenproxy picks it up without a restart",
-                token_file.display()
+                location
             ),
             RefreshErrorKind::InvalidClient => {
                 "check the provider's [oauth] client_id, client secret, scope and grant in the config".into()
             }
             RefreshErrorKind::StoreUnavailable => format!(
                 "check that tokenproxy can read {} and its folder (permissions, disk); nothing was sent to the token endpoint",
-                token_file.display()
+                location
             ),
             _ => {
                 "nothing: tokenproxy retries with backoff; check the token endpoint's health if this persists"

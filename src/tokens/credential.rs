@@ -2,7 +2,6 @@
 //! provider (SPEC §8). The request path reads only [`Credential::current`]: one atomic load, no
 //! lock, no I/O. Everything else here is for the refresher and the admin view.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -10,7 +9,7 @@ use arc_swap::ArcSwapOption;
 use time::OffsetDateTime;
 
 use super::Token;
-use crate::config::ProviderConfig;
+use super::store::Version;
 use crate::oauth::RefreshError;
 
 pub struct Credential {
@@ -20,12 +19,7 @@ pub struct Credential {
     account: Option<Box<str>>,
     /// How logs name the account: its fingerprint.
     account_log: Option<Box<str>>,
-    /// The token file.
-    pub(super) file: PathBuf,
-    /// The token file as messages show it: an account's name replaced by its fingerprint, since
-    /// messages reach logs.
-    pub(super) shown_file: String,
-    /// Set once the token file has been read for the first time (accounts load on first use).
+    /// Set once the store has been read for the first time (accounts load on first use).
     pub(super) loaded: tokio::sync::OnceCell<()>,
     /// Everything the admin API shows besides the token. Never touched on the request path.
     status: Mutex<Status>,
@@ -41,22 +35,13 @@ pub struct Credential {
 
 impl Credential {
     /// The credential of a single-account provider, or of its account `name` (already checked).
-    pub(super) fn new(config: &ProviderConfig, account: Option<&str>) -> Credential {
+    pub(super) fn new(account: Option<&str>) -> Credential {
         let account_log = account.map(crate::accounts::log_name);
-        let (file, shown_file) = match (account, &account_log) {
-            (Some(name), Some(log)) => (
-                config.account_file(name),
-                config.account_file(&format!("<account {log}>")).display().to_string(),
-            ),
-            _ => (config.token_file.clone(), config.token_file.display().to_string()),
-        };
         Credential {
             token: ArcSwapOption::empty(),
             generations: AtomicU64::new(0),
             account: account.map(Into::into),
             account_log: account_log.map(Into::into),
-            file,
-            shown_file,
             loaded: tokio::sync::OnceCell::new(),
             status: Mutex::default(),
             refresh_lock: tokio::sync::Mutex::new(()),
@@ -76,12 +61,7 @@ impl Credential {
         self.account_log.as_deref()
     }
 
-    /// The token file (with the account's name in clear: not for logs).
-    pub fn file(&self) -> &std::path::Path {
-        &self.file
-    }
-
-    /// Whether the token file has been read once.
+    /// Whether the store has been read once.
     pub fn is_loaded(&self) -> bool {
         self.loaded.initialized()
     }
@@ -154,12 +134,12 @@ pub(super) struct PendingWrite {
 #[derive(Default)]
 pub(super) struct Status {
     pub(super) file: FileStatus,
-    /// The file's metadata when last read: a poll of many accounts skips files whose metadata
-    /// did not change.
-    pub(super) stamp: Option<FileStamp>,
-    /// SHA-256 of the bytes last read, so that a re-read of unchanged content is a no-op (this
-    /// absorbs duplicate watcher events and, later, tokenproxy's own writes).
-    pub(super) content_hash: Option<[u8; 32]>,
+    /// The store's probe when last read: a poll of many accounts reads only those whose probe
+    /// changed.
+    pub(super) probe: Option<u64>,
+    /// The version last read or written: a read of the same version is a no-op (this absorbs
+    /// duplicate change events and tokenproxy's own writes), and a write names it.
+    pub(super) version: Option<Version>,
     pub(super) last_error: Option<String>,
     /// Set by `invalid_grant`: no automatic refresh until the file changes or a manual refresh.
     pub(super) reauth_reason: Option<String>,
@@ -184,29 +164,4 @@ pub(super) struct Status {
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// What tells cheaply that a file may have changed: size, times and identity (an atomic
-/// replace is a new inode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct FileStamp {
-    len: u64,
-    modified_ns: i128,
-    changed_ns: i128,
-    inode: u64,
-    device: u64,
-}
-
-impl FileStamp {
-    pub(super) fn of(path: &std::path::Path) -> Option<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileStamp {
-            len: m.len(),
-            modified_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-            changed_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-            inode: m.ino(),
-            device: m.dev(),
-        })
-    }
 }

@@ -1,39 +1,15 @@
-//! The token file (SPEC §4): JSON, YAML or raw, and how its expiry is resolved.
+//! The token document (SPEC §4): JSON, YAML or raw, how its expiry is resolved, and what a
+//! refresh makes of it. Bytes in, bytes out: where they are kept is the store's business.
 //!
 //! Parsing never puts file content into an error message: a malformed file may hold a token.
-
-use std::path::Path;
 
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::FileFormat;
+use crate::oauth::IssuedToken;
 use crate::secrets::jwt_exp;
-
-/// A token file larger than this is refused as unparsable: no token document is near it, and
-/// holding and hashing such a file on every poll would cost memory and time for nothing.
-pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
-
-/// Why a token file could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("the file is larger than {} KiB; refused", MAX_FILE_BYTES / 1024)]
-    TooLarge,
-}
-
-/// Reads a token file, refusing one over [`MAX_FILE_BYTES`] (whatever its metadata claims).
-pub fn read(path: &Path) -> Result<Vec<u8>, ReadError> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(ReadError::TooLarge);
-    }
-    Ok(bytes)
-}
 
 /// Where a token's expiry came from, in the order they are tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,10 +177,75 @@ fn expires_in(fields: &Map<String, Value>) -> Result<Option<time::Duration>, Par
     }
 }
 
+/// The fields of the file after a refresh: everything it had, with the new `access_token`,
+/// `expires_at`, `updated_at`, and a rotated `refresh_token` when the endpoint sent one.
+pub fn refreshed_fields(
+    previous: &Map<String, Value>,
+    issued: &IssuedToken,
+    now: OffsetDateTime,
+) -> Map<String, Value> {
+    let time = |t: OffsetDateTime| Value::String(t.format(&Rfc3339).unwrap_or_default());
+    let mut fields = previous.clone();
+    fields.insert("access_token".into(), Value::String(issued.access_token.clone()));
+    fields.insert("expires_at".into(), time(issued.expires_at));
+    fields.insert("updated_at".into(), time(now));
+    if let Some(refresh_token) = &issued.refresh_token {
+        fields.insert("refresh_token".into(), Value::String(refresh_token.clone()));
+    }
+    if let Some(token_type) = &issued.token_type {
+        fields.insert("token_type".into(), Value::String(token_type.clone()));
+    }
+    if let Some(scope) = &issued.scope {
+        fields.insert("scope".into(), Value::String(scope.clone()));
+    }
+    // `expires_in` relative to an old timestamp would now contradict `expires_at`.
+    for key in REFRESH_REMOVES {
+        fields.remove(key);
+    }
+    fields
+}
+
+/// The fields a refresh owns, and those it removes.
+const REFRESH_OWNED: [&str; 6] =
+    ["access_token", "refresh_token", "expires_at", "updated_at", "token_type", "scope"];
+const REFRESH_REMOVES: [&str; 2] = ["expires_in", "issued_at"];
+
+/// `file`'s fields with a refresh's own fields (from `refreshed`) laid on top: a person's edit
+/// to other fields is kept, the refresh's tokens and times win.
+pub fn overlay_refresh(file: &Map<String, Value>, refreshed: &Map<String, Value>) -> Map<String, Value> {
+    let mut fields = file.clone();
+    for key in REFRESH_OWNED {
+        if let Some(value) = refreshed.get(key) {
+            fields.insert(key.into(), value.clone());
+        }
+    }
+    for key in REFRESH_REMOVES {
+        fields.remove(key);
+    }
+    fields
+}
+
+/// Serialises `fields` in the file's format.
+pub fn encode(format: FileFormat, fields: &Map<String, Value>) -> std::io::Result<Vec<u8>> {
+    let value = Value::Object(fields.clone());
+    match format {
+        FileFormat::Json => {
+            let mut bytes = serde_json::to_vec_pretty(&value).map_err(std::io::Error::other)?;
+            bytes.push(b'\n');
+            Ok(bytes)
+        }
+        FileFormat::Yaml => {
+            serde_norway::to_string(&value).map(String::into_bytes).map_err(std::io::Error::other)
+        }
+        FileFormat::Raw => Err(std::io::Error::other("a raw token file is only read, never written")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use base64::Engine;
+    use std::path::Path;
 
     fn json(s: &str) -> Result<TokenDocument, ParseError> {
         parse(FileFormat::Json, s.as_bytes())
@@ -275,5 +316,40 @@ mod tests {
         assert_eq!(parse(FileFormat::Raw, b" \n").unwrap_err(), ParseError::Empty);
         let err = parse(FileFormat::Yaml, b"access_token: [secret-value").unwrap_err();
         assert!(!err.to_string().contains("secret-value"));
+    }
+
+    #[test]
+    fn a_refresh_keeps_every_other_field_and_keeps_an_unrotated_refresh_token() {
+        let previous: Map<String, Value> = serde_json::from_str(
+            r#"{"access_token":"old","refresh_token":"r1","custom":{"a":1},"expires_in":60,"updated_at":"x"}"#,
+        )
+        .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let issued = IssuedToken {
+            access_token: "new".into(),
+            refresh_token: None,
+            expires_at: now + time::Duration::hours(1),
+            token_type: None,
+            scope: None,
+        };
+        let fields = refreshed_fields(&previous, &issued, now);
+        assert_eq!(fields["access_token"], "new");
+        assert_eq!(fields["refresh_token"], "r1");
+        assert_eq!(fields["custom"], serde_json::json!({"a": 1}));
+        assert!(!fields.contains_key("expires_in"));
+        let doc = document_from_fields(fields).unwrap();
+        assert_eq!(doc.expiry_source, ExpirySource::ExpiresAt);
+    }
+
+    #[test]
+    fn a_yaml_token_file_round_trips_with_every_field() {
+        let fields: Map<String, Value> = serde_json::from_str(
+            r#"{"access_token":"a: b # not a comment","refresh_token":"r","expires_at":"2099-01-01T00:00:00Z","userid":12345,"nested":{"k":[1,"two"]}}"#,
+        )
+        .unwrap();
+        let bytes = encode(FileFormat::Yaml, &fields).unwrap();
+        let doc = parse(FileFormat::Yaml, &bytes).unwrap();
+        assert_eq!(doc.fields, fields);
+        assert_eq!(doc.access_token, "a: b # not a comment");
     }
 }

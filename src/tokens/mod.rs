@@ -3,9 +3,10 @@
 //! provider) holding its current token in an `ArcSwap` that the request path reads without a lock
 //! and without file I/O.
 //!
-//! The token file is the source of truth. The cache changes only when the file's content changes
-//! (see [`watch`]) or, later, when a refresh completes; it never holds anything the file did not
-//! say, except a token kept in use after the file became unreadable.
+//! The [`store`] is the source of truth. The cache changes only when a stored document changes
+//! (see [`watch`]) or when a refresh completes; it never holds anything the store did not say,
+//! except a token kept in use after its document became unreadable, or a refreshed token whose
+//! write failed.
 
 mod credential;
 pub mod file;
@@ -13,26 +14,25 @@ pub mod refresh;
 pub mod store;
 pub mod watch;
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::config::{FileFormat, ProviderConfig};
+use crate::config::ProviderConfig;
 use crate::errors::ProxyError;
 use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
+use credential::Status;
 pub use credential::{Credential, FileStatus};
-use credential::{FileStamp, Status};
 use file::{ExpirySource, TokenDocument};
+use store::{Change, Key, Loaded, StoreError, TokenStore};
 
 /// A token ready for the request path: the header value is built once, when the token arrives.
 pub struct Token {
@@ -145,6 +145,8 @@ pub struct Provider {
     pub wait_limit: Duration,
     /// This provider's request counters, registered once.
     pub request_metrics: metrics::RequestMetrics,
+    /// Where the tokens are kept.
+    store: Arc<dyn TokenStore>,
 }
 
 /// A provider's credentials.
@@ -174,12 +176,17 @@ pub enum Reload {
 }
 
 impl Provider {
-    pub fn new(config: ProviderConfig, oauth_client: Option<OAuthClient>, wait_limit: Duration) -> Provider {
+    pub fn new(
+        config: ProviderConfig,
+        oauth_client: Option<OAuthClient>,
+        wait_limit: Duration,
+        store: Arc<dyn TokenStore>,
+    ) -> Provider {
         let oauth_client = oauth_client.filter(|_| config.oauth.is_some());
         let accounts = if config.is_multi_account() {
             Accounts::Many(papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()))
         } else {
-            Accounts::One(Arc::new(Credential::new(&config, None)))
+            Accounts::One(Arc::new(Credential::new(None)))
         };
         Provider {
             request_metrics: metrics::RequestMetrics::new(&config.name),
@@ -188,6 +195,7 @@ impl Provider {
             provider_error: Mutex::new(None),
             oauth_client,
             wait_limit,
+            store,
         }
     }
 
@@ -208,10 +216,7 @@ impl Provider {
     /// request named; for a multi-account provider the named account, else `default_account`.
     /// A loaded account is found without I/O or a lock; an account not loaded yet is read from
     /// its file first (off the async threads).
-    pub async fn credential_for(
-        self: &Arc<Self>,
-        named: Option<&str>,
-    ) -> Result<Arc<Credential>, AccountError> {
+    pub async fn credential_for(&self, named: Option<&str>) -> Result<Arc<Credential>, AccountError> {
         if let Some(single) = self.single() {
             return Ok(single.clone());
         }
@@ -224,19 +229,16 @@ impl Provider {
     }
 
     /// Loads account `name` (checked) once, however many requests ask at the same time. An
-    /// account whose file does not exist is not kept: names that requests make up must not
+    /// account the store has nothing for is not kept: names that requests make up must not
     /// accumulate (it is read again on its next use).
-    async fn load_account(self: &Arc<Self>, name: &str) -> Arc<Credential> {
+    async fn load_account(&self, name: &str) -> Arc<Credential> {
         let Accounts::Many(map) = &self.accounts else { unreachable!("checked by credential_for") };
-        let credential = map
-            .pin()
-            .get_or_insert_with(name.into(), || Arc::new(Credential::new(&self.config, Some(name))))
-            .clone();
+        let credential =
+            map.pin().get_or_insert_with(name.into(), || Arc::new(Credential::new(Some(name)))).clone();
         credential
             .loaded
             .get_or_init(|| async {
-                let (provider, loading) = (self.clone(), credential.clone());
-                let _ = tokio::task::spawn_blocking(move || provider.reload(&loading)).await;
+                self.reload(&credential).await;
             })
             .await;
         if credential.current().is_none() && !self.creates_token_files() {
@@ -245,18 +247,18 @@ impl Provider {
         credential
     }
 
-    /// Loads the accounts that start loaded: a multi-account provider's `default_account`.
-    /// Called off the async threads, at start.
-    fn load_at_start(self: &Arc<Self>) {
+    /// Loads the accounts that start loaded: a single-account provider's one, a multi-account
+    /// provider's `default_account`.
+    async fn load_at_start(&self) {
         match &self.accounts {
             Accounts::One(credential) => {
-                self.reload(credential);
+                self.reload(credential).await;
                 let _ = credential.loaded.set(());
             }
             Accounts::Many(map) => {
                 if let Some(name) = &self.config.default_account {
-                    let credential = Arc::new(Credential::new(&self.config, Some(name)));
-                    self.reload(&credential);
+                    let credential = Arc::new(Credential::new(Some(name)));
+                    self.reload(&credential).await;
                     let _ = credential.loaded.set(());
                     map.pin().insert(name.as_str().into(), credential);
                 }
@@ -264,31 +266,17 @@ impl Provider {
         }
     }
 
-    /// The accounts that have a token file in the provider's token folder, sorted (for `check`;
-    /// the proxy itself loads accounts on first use). A folder that does not exist yet has none.
-    pub fn account_names_on_disk(&self) -> std::io::Result<Vec<String>> {
-        let Some(folder) = self.config.token_file.parent() else { return Ok(Vec::new()) };
-        let entries = match std::fs::read_dir(folder) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("token folder {} cannot be read: {e}", folder.display()),
-                ));
-            }
-        };
-        let mut names: Vec<String> =
-            entries.filter_map(|e| e.ok()).filter_map(|e| self.config.account_of_file(&e.path())).collect();
-        names.sort();
-        Ok(names)
+    /// The accounts that have a stored token, sorted (for `check`; the proxy itself loads
+    /// accounts on first use).
+    pub async fn account_names_stored(&self) -> Result<Vec<String>, StoreError> {
+        self.store.accounts(self.name()).await
     }
 
     /// Reads account `name` (checked) into a credential of its own, outside the cache (for
-    /// `check`). Blocking.
-    pub fn read_account(&self, name: &str) -> Arc<Credential> {
-        let credential = Arc::new(Credential::new(&self.config, Some(name)));
-        self.reload(&credential);
+    /// `check`).
+    pub async fn read_account(&self, name: &str) -> Arc<Credential> {
+        let credential = Arc::new(Credential::new(Some(name)));
+        self.reload(&credential).await;
         credential
     }
 
@@ -319,19 +307,14 @@ impl Provider {
             && self.config.oauth.as_ref().is_some_and(|o| o.grant == crate::config::Grant::ClientCredentials)
     }
 
-    /// A problem of the provider itself, not of one account: `invalid_client`, or a token folder
-    /// that cannot be read. Only this makes a multi-account provider unready.
-    pub fn provider_problem(&self) -> Option<String> {
+    /// A problem of the provider itself, not of one account: `invalid_client`, or a store that
+    /// fails for every account (an unreadable token folder). Only this makes a multi-account
+    /// provider unready.
+    pub async fn provider_problem(&self) -> Option<String> {
         if let Some(error) = self.provider_error.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Some(error);
         }
-        let folder = self.config.token_file.parent()?;
-        match std::fs::read_dir(folder) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Some(format!("token folder {} cannot be read: {e}", folder.display()))
-            }
-            _ => None,
-        }
+        self.store.problem(self.name()).await
     }
 
     pub(super) fn set_provider_error(&self, error: Option<String>) {
@@ -359,91 +342,119 @@ impl Provider {
         &self.config.name
     }
 
-    /// Re-reads a credential's token file and adopts its token if the content changed.
+    /// What the store keys a credential by.
+    pub(super) fn key<'a>(&'a self, cred: &'a Credential) -> Key<'a> {
+        Key { provider: self.name(), account: cred.account() }
+    }
+
+    /// Where a credential's token is kept, for the person who must act on it (with the account's
+    /// name in clear: not for logs).
+    pub fn location(&self, cred: &Credential) -> String {
+        self.store.location(self.key(cred))
+    }
+
+    /// Where a credential's token is kept, as messages that reach logs say it: the account named
+    /// by its fingerprint.
+    pub(super) fn shown_location(&self, cred: &Credential) -> String {
+        let label = cred.account_log().map(|log| format!("<account {log}>"));
+        self.store.location(Key { provider: self.name(), account: label.as_deref() })
+    }
+
+    /// Reads the credential's stored token again and adopts it if it changed. A refreshed token
+    /// that waited for a file to parse again is written into it.
     ///
-    /// A file that cannot be read or parsed never replaces a good token: the last good one stays
-    /// in use and the problem shows as `last_error`. Blocking: call it off the async threads.
-    pub fn reload(&self, cred: &Credential) -> Reload {
-        let path = &cred.file;
-        let shown = &cred.shown_file;
-        let stamp = FileStamp::of(path);
-        let bytes = file::read(path);
+    /// A document that cannot be read or parsed never replaces a good token: the last good one
+    /// stays in use and the problem shows as `last_error`.
+    pub async fn reload(&self, cred: &Credential) -> Reload {
+        let read = self.read_store(cred).await;
+        if let Some(fields) = read.write_back {
+            let _lock = self.store.lock(self.key(cred)).await;
+            self.persist(cred, &fields).await;
+            tracing::info!(
+                provider = self.name(),
+                account = cred.account_log(),
+                "the token file parses again; the refreshed token is written into it"
+            );
+        }
+        read.outcome
+    }
+
+    /// [`Provider::reload`], unless the store's probe says nothing changed since the last read:
+    /// what a poll of many accounts does.
+    pub async fn reload_if_touched(&self, cred: &Credential) -> Reload {
+        let probe = self.store.probe(self.key(cred)).await;
+        let unchanged = probe.is_some() && cred.status().probe == probe;
+        if unchanged { Reload::Unchanged } else { self.reload(cred).await }
+    }
+
+    /// Reads the credential's document and adopts its token if its version is new; the caller
+    /// writes what it returns to write back (under the store's lock).
+    pub(super) async fn read_store(&self, cred: &Credential) -> StoreRead {
+        let key = self.key(cred);
+        let probe = self.store.probe(key).await;
+        let loaded = self.store.load(key).await;
+        let shown = self.shown_location(cred);
         let mut status = cred.status();
-        status.stamp = stamp;
-        let mut write_back = None;
-        let (outcome, file_status, error) = match bytes {
-            Err(file::ReadError::Io(e)) => {
-                let (file_status, reason) = if e.kind() == std::io::ErrorKind::NotFound {
-                    (FileStatus::Missing, "not found".to_string())
-                } else {
-                    (FileStatus::Unreadable, e.to_string())
-                };
-                if status.file == file_status {
-                    return Reload::Unchanged;
+        status.probe = probe;
+        let unchanged = StoreRead { outcome: Reload::Unchanged, adopted: None, write_back: None };
+        let mut read = StoreRead { outcome: Reload::Ok, adopted: None, write_back: None };
+        let (file_status, error) = match loaded {
+            Ok(Loaded::Missing) => {
+                if status.file == FileStatus::Missing {
+                    return unchanged;
                 }
-                status.content_hash = None;
-                (Reload::IoError, file_status, format!("token file {shown}: {reason}"))
+                status.version = None;
+                read.outcome = Reload::IoError;
+                (FileStatus::Missing, format!("{shown}: not found"))
             }
-            Err(e @ file::ReadError::TooLarge) => {
-                if status.file == FileStatus::Unparsable && status.content_hash.is_none() {
-                    return Reload::Unchanged;
+            Err(e) => {
+                if status.file == FileStatus::Unreadable {
+                    return unchanged;
                 }
-                status.content_hash = None;
-                (Reload::ParseError, FileStatus::Unparsable, format!("token file {shown}: {e}"))
+                status.version = None;
+                read.outcome = Reload::IoError;
+                (FileStatus::Unreadable, format!("{shown}: {e}"))
             }
-            Ok(bytes) => {
-                let hash: [u8; 32] = Sha256::digest(&bytes).into();
-                if status.content_hash == Some(hash) {
-                    return Reload::Unchanged;
+            Ok(Loaded::Found { version, doc }) => {
+                if status.version == Some(version) {
+                    return unchanged;
                 }
-                status.content_hash = Some(hash);
-                match file::parse(FileFormat::of(path), &bytes).map_err(|e| e.to_string()).and_then(|doc| {
+                status.version = Some(version);
+                match doc.and_then(|doc| {
                     let (doc, merged) = reconcile_pending(&mut status, doc);
-                    self.adopt(cred, &doc).map(|_| (doc, merged))
+                    self.adopt(cred, &doc).map(|token| (doc, merged, token))
                 }) {
-                    Ok((doc, merged)) => {
-                        // A changed file is a new chance: whatever stopped automatic refreshes
-                        // (a revoked refresh token, a backoff) may be fixed by it.
+                    Ok((doc, merged, token)) => {
+                        // A changed document is a new chance: whatever stopped automatic
+                        // refreshes (a revoked refresh token, a backoff) may be fixed by it.
                         status.fields = doc.fields;
                         status.reauth_reason = None;
                         status.config_error = None;
                         status.retry_not_before = None;
                         status.last_failure = None;
-                        write_back = merged;
-                        (Reload::Ok, FileStatus::Ok, String::new())
+                        read.write_back = merged;
+                        read.adopted = Some(token);
+                        (FileStatus::Ok, String::new())
                     }
-                    Err(e) => (
-                        Reload::ParseError,
-                        FileStatus::Unparsable,
-                        format!("token file {shown} cannot be parsed: {e}"),
-                    ),
+                    Err(e) => {
+                        read.outcome = Reload::ParseError;
+                        (FileStatus::Unparsable, format!("{shown}: {e}"))
+                    }
                 }
             }
         };
         status.file = file_status.clone();
         drop(status);
-        let label = match outcome {
+        let label = match read.outcome {
             Reload::Ok => "ok",
             Reload::ParseError => "parse_error",
             _ => "io_error",
         };
         metrics::token_reload(self.name(), label);
         let account = cred.account_log();
-        if let Some(fields) = write_back {
-            // Called off the async threads (the watcher's blocking task, or at start).
-            let _lock = store::lock(path).ok();
-            self.write_fields(cred, &fields);
-            tracing::info!(
-                provider = self.name(),
-                account,
-                "the token file parses again; the refreshed token is written into it"
-            );
-        }
-        if outcome == Reload::Ok {
+        if let Some(token) = &read.adopted {
             let write_error = cred.status().write_error.clone();
             cred.status().last_error = write_error;
-            let token = cred.current();
-            let token = token.as_deref().expect("adopt stored a token");
             tracing::info!(
                 provider = self.name(),
                 account,
@@ -464,7 +475,7 @@ impl Provider {
                 None if file_status == FileStatus::Missing && self.config.oauth.is_some() => tracing::info!(
                     provider = self.name(),
                     account,
-                    path = %shown,
+                    location = %shown,
                     "no token file yet; the first refresh or authorization creates it"
                 ),
                 None => tracing::warn!(
@@ -476,17 +487,7 @@ impl Provider {
             }
             cred.status().last_error = Some(error);
         }
-        outcome
-    }
-
-    /// [`Provider::reload`], unless the file's metadata is what it was at the last read: what a
-    /// poll of many accounts does.
-    pub fn reload_if_touched(&self, cred: &Credential) -> Reload {
-        let unchanged = {
-            let status = cred.status();
-            status.stamp.is_some() && status.stamp == FileStamp::of(&cred.file)
-        };
-        if unchanged { Reload::Unchanged } else { self.reload(cred) }
+        read
     }
 
     /// Makes `doc`'s token the credential's current one: one atomic swap, seen by the next
@@ -576,14 +577,14 @@ impl Provider {
     /// The one `502 token_unavailable` answer, with what to do about it. Its reason never names
     /// an account in clear (it reaches logs); its action does (it is what the caller must run).
     pub fn unavailable(&self, cred: &Credential, why: Unavailable<'_>) -> ProxyError {
-        let shown = &cred.shown_file;
+        let shown = self.shown_location(cred);
         let (reason, action) = match why {
             Unavailable::Refresh(e) => {
                 let action = match cred.account() {
                     Some(account) if e.kind == crate::oauth::RefreshErrorKind::InvalidGrant => {
-                        self.authorize_action(account, &cred.file)
+                        self.authorize_action(account, cred)
                     }
-                    _ => e.action(Path::new(shown)),
+                    _ => e.action(&self.location(cred)),
                 };
                 (e.to_string(), action)
             }
@@ -592,17 +593,16 @@ impl Provider {
                 "look at /tokens in a moment; if this persists, check the token endpoint's health".into(),
             ),
             Unavailable::NoToken => match (self.view(cred, OffsetDateTime::now_utc()), cred.account()) {
-                (view, Some(account)) if view.state == TokenState::Missing => (
-                    format!("the account has no token file yet ({shown})"),
-                    self.authorize_action(account, &cred.file),
-                ),
+                (view, Some(account)) if view.state == TokenState::Missing => {
+                    (format!("the account has no token yet ({shown})"), self.authorize_action(account, cred))
+                }
                 (view, _) if view.state == TokenState::Missing => (
-                    format!("token file {shown} does not exist"),
+                    format!("{shown} does not exist"),
                     format!("write the token to {shown}; it is picked up without a restart"),
                 ),
                 (view, _) => (
                     view.last_error.unwrap_or_else(|| "no token loaded".into()),
-                    format!("fix the token file {shown}; it is picked up without a restart"),
+                    format!("fix {shown}; it is picked up without a restart"),
                 ),
             },
         };
@@ -615,12 +615,12 @@ impl Provider {
     }
 
     /// What gets an account its first token (or a new one after revocation).
-    fn authorize_action(&self, account: &str, file: &Path) -> String {
+    fn authorize_action(&self, account: &str, cred: &Credential) -> String {
         format!(
             "run `tokenproxy authorize {} --account {account}`, or use Connect on the admin listener's \
              /connect page; either writes {}, which is picked up without a restart",
             self.name(),
-            file.display()
+            self.location(cred)
         )
     }
 
@@ -662,7 +662,7 @@ fn reconcile_pending(
         status.write_error = None;
         return (doc, None);
     }
-    let fields = store::overlay_refresh(&doc.fields, &pending.fields);
+    let fields = file::overlay_refresh(&doc.fields, &pending.fields);
     match file::document_from_fields(fields.clone()) {
         Ok(merged) => (merged, Some(fields)),
         Err(_) => (doc, None),
@@ -694,24 +694,30 @@ pub struct TokenView {
 /// Every configured provider, with host lookup.
 pub struct Providers {
     list: Vec<Arc<Provider>>,
+    store: Arc<dyn TokenStore>,
 }
 
 impl Providers {
-    /// Builds the providers and reads each token file once.
-    pub fn load(
+    /// Builds the providers on `store` and reads each token that starts loaded once.
+    pub async fn load(
         configs: &[ProviderConfig],
         oauth_client: Option<OAuthClient>,
         wait_limit: Duration,
+        store: Arc<dyn TokenStore>,
     ) -> Providers {
         let list: Vec<Arc<Provider>> = configs
             .iter()
             .cloned()
-            .map(|c| Arc::new(Provider::new(c, oauth_client.clone(), wait_limit)))
+            .map(|c| Arc::new(Provider::new(c, oauth_client.clone(), wait_limit, store.clone())))
             .collect();
         for provider in &list {
-            provider.load_at_start();
+            provider.load_at_start().await;
         }
-        Providers { list }
+        Providers { list, store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Provider>> {
@@ -734,53 +740,54 @@ impl Providers {
         find(true).or_else(|| find(false))
     }
 
-    /// Re-reads every loaded token file; used by the watcher's poll. Multi-account providers'
-    /// accounts are read only when their file's metadata changed (there may be thousands).
-    pub fn reload_all(&self) {
-        for provider in &self.list {
-            for credential in provider.credentials() {
-                if provider.is_multi_account() {
-                    provider.reload_if_touched(&credential);
-                } else {
-                    provider.reload(&credential);
+    /// Reads again what a change reported by the store may have touched. A key's own change
+    /// reads it; a change that names no key checks every loaded credential cheaply first (a
+    /// multi-account provider may have thousands).
+    pub async fn apply(&self, change: &Change) {
+        match change {
+            Change::Key { provider, account } => {
+                let Some(provider) = self.get(provider) else { return };
+                let credential = match account {
+                    Some(name) => provider.loaded_account(name),
+                    None => provider.single().cloned(),
+                };
+                if let Some(credential) = credential {
+                    provider.reload(&credential).await;
                 }
             }
-        }
-    }
-
-    /// Re-reads what a change in `paths` may have touched: a single-account provider's file (its
-    /// content decides), the loaded account a path names, and every loaded account of a
-    /// provider whose folder saw a change that names no account (a Kubernetes `..data` swap).
-    pub fn reload_changed(&self, paths: &[std::path::PathBuf]) {
-        for provider in &self.list {
-            if !provider.is_multi_account() {
-                for credential in provider.credentials() {
-                    provider.reload(&credential);
-                }
-                continue;
-            }
-            let folder = provider.config.token_file.parent();
-            let mut everything = false;
-            for path in paths {
-                if let Some(name) = provider.config.account_of_file(path) {
-                    if let Some(credential) = provider.loaded_account(&name) {
-                        provider.reload(&credential);
-                    }
-                } else if path.parent() == folder && !is_bookkeeping(path) {
-                    everything = true;
+            Change::Provider(name) => {
+                if let Some(provider) = self.get(name) {
+                    provider.reload_touched().await;
                 }
             }
-            if everything {
-                for credential in provider.credentials() {
-                    provider.reload_if_touched(&credential);
+            Change::Everything => {
+                for provider in &self.list {
+                    provider.reload_touched().await;
                 }
             }
         }
     }
 }
 
-/// tokenproxy's own files beside the token files: locks and the temporaries of atomic writes.
-fn is_bookkeeping(path: &Path) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    name.ends_with(".lock") || (name.starts_with('.') && name.ends_with(".tmp"))
+impl Provider {
+    /// Reads again every loaded credential whose probe changed (a single-account provider's one
+    /// always: its content decides, and reading one document costs nothing).
+    async fn reload_touched(&self) {
+        for credential in self.credentials() {
+            if self.is_multi_account() {
+                self.reload_if_touched(&credential).await;
+            } else {
+                self.reload(&credential).await;
+            }
+        }
+    }
+}
+
+/// What [`Provider::read_store`] found.
+pub(super) struct StoreRead {
+    pub(super) outcome: Reload,
+    /// The token adopted from a new version.
+    pub(super) adopted: Option<Arc<Token>>,
+    /// A refreshed token merged into a document that parses again, to be written.
+    pub(super) write_back: Option<store::Fields>,
 }

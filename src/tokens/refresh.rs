@@ -6,17 +6,16 @@
 //! first does the work, and the others find on waking that the token they were unhappy with has
 //! already been replaced, so any number of waiters share one call to the token endpoint.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use super::file::{self, TokenDocument};
-use super::{Credential, Freshness, Provider, Token, store};
-use crate::config::FileFormat;
+use super::credential::{FileStatus, PendingWrite};
+use super::file;
+use super::store::{Fields, Loaded, SaveError};
+use super::{Credential, Freshness, Provider, Reload, Token};
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
 
@@ -51,6 +50,13 @@ const BACKGROUND_DEADLINE: Duration = Duration::from_secs(120);
 /// After an account's requests start a proactive refresh, the longest before they may start
 /// another (a success replaces the token, which ends the margin; a failure sets its backoff).
 const PROACTIVE_PAUSE: Duration = Duration::from_secs(30);
+
+/// Why a refreshed token was not written.
+enum Unwritten {
+    /// The stored document does not parse: it waits in memory.
+    Unparsable,
+    Failed(String),
+}
 
 /// A uniformly random duration in `[0, max)`, without a dependency: the std hasher is randomly
 /// keyed per process.
@@ -101,10 +107,8 @@ impl Provider {
         force: bool,
     ) -> Result<Arc<Token>, RefreshError> {
         if self.config.oauth.is_none() || self.oauth_client.is_none() {
-            // No token endpoint: the file is all there is. Re-read it (off the async threads) in
-            // case it changed.
-            let (provider, reloading) = (self.clone(), cred.clone());
-            let _ = tokio::task::spawn_blocking(move || provider.reload(&reloading)).await;
+            // No token endpoint: the store is all there is. Read it again in case it changed.
+            self.reload(cred).await;
             return match cred.current() {
                 Some(t) if seen.is_none_or(|g| t.generation > g) => Ok(t),
                 _ => Err(RefreshError::new(
@@ -154,7 +158,7 @@ impl Provider {
         };
         cred.refreshing.store(true, Ordering::Relaxed);
         let started = Instant::now();
-        let result = self.refresh_under_file_lock(cred, trigger, started + deadline).await;
+        let result = self.refresh_under_store_lock(cred, trigger, started + deadline).await;
         cred.refreshing.store(false, Ordering::Relaxed);
         self.record(cred, trigger, started.elapsed(), &result);
         result
@@ -173,34 +177,21 @@ impl Provider {
         }
     }
 
-    async fn refresh_under_file_lock(
+    /// The refresh itself, under the store's lock: another process (or replica) that refreshed
+    /// while we waited for the lock has written its token, which is adopted instead.
+    async fn refresh_under_store_lock(
         self: &Arc<Self>,
         cred: &Arc<Credential>,
         trigger: Trigger,
         deadline: Instant,
     ) -> Result<Arc<Token>, RefreshError> {
-        let path = cred.file.clone();
-        let locked = tokio::task::spawn_blocking(move || store::lock(&path))
-            .await
-            .map_err(|e| RefreshError::new(RefreshErrorKind::StoreUnavailable, e.to_string()))?;
-        // A folder where the lock file cannot be created (read-only) must not stop refreshes:
-        // traffic goes on, without protection against other processes sharing the file.
-        let lock = match locked {
-            Ok(lock) => Some(lock),
-            Err(e) => {
-                tracing::warn!(
-                    provider = self.name(),
-                    account = cred.account_log(),
-                    lock = %store::lock_path(Path::new(&cred.shown_file)).display(),
-                    error = %e,
-                    "cannot take the token file lock; refreshing without cross-process protection"
-                );
-                None
-            }
-        };
-
-        // Under the lock, the file again: another process may have refreshed while we waited.
-        if let Some(token) = self.adopt_newer_file(cred, trigger).await? {
+        let lock = self.store.lock(self.key(cred)).await.map_err(|e| {
+            RefreshError::new(
+                RefreshErrorKind::StoreUnavailable,
+                format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
+            )
+        })?;
+        if let Some(token) = self.adopt_newer(cred, trigger).await? {
             drop(lock);
             return Ok(token);
         }
@@ -242,7 +233,7 @@ impl Provider {
         };
 
         let now = OffsetDateTime::now_utc();
-        let fields = store::refreshed_fields(&base, &issued, now);
+        let fields = file::refreshed_fields(&base, &issued, now);
         cred.status().replaced_fingerprint = cred.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
@@ -254,43 +245,24 @@ impl Provider {
         Ok(cred.install(token))
     }
 
-    /// Adopts the token file's token if another process wrote it since we last read or wrote
-    /// it. A file that does not parse is left alone: the refresh goes on from memory, and its
-    /// result waits to be written (see [`Provider::write_fields`]).
-    async fn adopt_newer_file(
+    /// Adopts the stored token if another process wrote it since we last read or wrote it. A
+    /// document that does not parse is left alone: the refresh goes on from memory, and its
+    /// result waits to be written (see [`Provider::persist`]).
+    async fn adopt_newer(
         self: &Arc<Self>,
         cred: &Arc<Credential>,
         trigger: Trigger,
     ) -> Result<Option<Arc<Token>>, RefreshError> {
-        let path = cred.file.clone();
-        let read = tokio::task::spawn_blocking(move || file::read(&path))
-            .await
-            .map_err(|e| RefreshError::new(RefreshErrorKind::StoreUnavailable, e.to_string()))?;
-        let path = &cred.file;
-        let bytes = match read {
-            Ok(bytes) => bytes,
-            Err(file::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(file::ReadError::TooLarge) => return Ok(None),
-            Err(e) => {
-                return Err(RefreshError::new(
-                    RefreshErrorKind::StoreUnavailable,
-                    format!("cannot read {}: {e}", cred.shown_file),
-                ));
-            }
-        };
-        let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if cred.status().content_hash == Some(hash) {
-            return Ok(None);
+        let read = self.read_store(cred).await;
+        if let Some(fields) = &read.write_back {
+            self.persist(cred, fields).await;
         }
-        let Ok(doc) = file::parse(FileFormat::of(path), &bytes) else { return Ok(None) };
-        let (doc, merged) = super::reconcile_pending(&mut cred.status(), doc);
-        let token = self
-            .adopt_file_document(cred, &doc, hash)
-            .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
-        if let Some(fields) = merged {
-            self.persist(cred, &fields).await;
+        if read.outcome == Reload::IoError && cred.status().file == FileStatus::Unreadable {
+            let error = cred.status().last_error.clone().unwrap_or_default();
+            return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
         }
-        // A newer file is the answer unless it is itself what the trigger complains about.
+        let Some(token) = read.adopted else { return Ok(None) };
+        // A newer token is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
             return Ok(None);
         }
@@ -303,69 +275,76 @@ impl Provider {
         Ok(Some(token))
     }
 
-    /// Writes the refreshed token file on the blocking pool, not on a thread that serves
-    /// requests. Called under the token file's lock.
-    async fn persist(
-        self: &Arc<Self>,
-        cred: &Arc<Credential>,
-        fields: &serde_json::Map<String, serde_json::Value>,
-    ) {
-        let (provider, writing) = (self.clone(), cred.clone());
-        let fields = fields.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.write_fields(&writing, &fields)).await;
-    }
-
-    /// Writes `fields` to the token file (the caller holds its lock). A failure is logged,
-    /// counted and shown, and traffic goes on with the new token in memory (FIELD-NOTES #3).
-    /// A file that does not parse is never written over (SPEC §4): a person may be mid-edit;
-    /// the fields wait in memory until it parses again.
-    pub(super) fn write_fields(
-        &self,
-        cred: &Credential,
-        fields: &serde_json::Map<String, serde_json::Value>,
-    ) {
-        let path = &cred.file;
-        let format = FileFormat::of(path);
-        let unparsable = match file::read(path) {
-            Ok(existing) => file::parse(format, &existing).is_err(),
-            Err(file::ReadError::TooLarge) => true,
-            Err(file::ReadError::Io(_)) => false,
+    /// Writes `fields` through the store (the caller holds its lock), based on the version last
+    /// read. A failure is logged, counted and shown, and traffic goes on with the new token in
+    /// memory (FIELD-NOTES #3). A document that does not parse is never written over (SPEC §4):
+    /// a person may be mid-edit; the fields wait in memory until it parses again. A document a
+    /// person changed while the refresh was in flight keeps their other fields; the refresh's
+    /// tokens win.
+    pub(super) async fn persist(&self, cred: &Credential, fields: &Fields) {
+        let key = self.key(cred);
+        let (mut expected, unparsable) = {
+            let mut status = cred.status();
+            status.fields = fields.clone();
+            (status.version, status.file == FileStatus::Unparsable)
         };
+        let mut fields = fields.clone();
+        let unwritten = 'write: {
+            if unparsable {
+                break 'write Unwritten::Unparsable;
+            }
+            // A conflict is retried on top of what is stored now, a bounded number of times.
+            for _ in 0..3 {
+                match self.store.save(key, &fields, expected).await {
+                    Ok(version) => {
+                        let mut status = cred.status();
+                        status.version = Some(version);
+                        status.fields = fields;
+                        status.file = FileStatus::Ok;
+                        // The failed write it shows as the last error is over.
+                        if status.last_error.is_some() && status.last_error == status.write_error {
+                            status.last_error = None;
+                        }
+                        status.write_error = None;
+                        status.pending_write = None;
+                        drop(status);
+                        metrics::token_write(self.name(), "ok");
+                        return;
+                    }
+                    Err(SaveError::Conflict(current)) => match *current {
+                        Loaded::Missing => expected = None,
+                        Loaded::Found { version, doc: Ok(doc) } => {
+                            fields = file::overlay_refresh(&doc.fields, &fields);
+                            expected = Some(version);
+                        }
+                        Loaded::Found { doc: Err(_), .. } => break 'write Unwritten::Unparsable,
+                    },
+                    Err(SaveError::Failed(e)) => break 'write Unwritten::Failed(e.to_string()),
+                }
+            }
+            Unwritten::Failed("it kept changing while being written".into())
+        };
+        let shown = self.shown_location(cred);
         let mut status = cred.status();
         status.fields = fields.clone();
-        if unparsable {
-            let based_on = match &status.pending_write {
-                Some(pending) => pending.based_on.clone(),
-                None => status.replaced_fingerprint.clone(),
-            };
-            status.pending_write = Some(super::credential::PendingWrite { fields: fields.clone(), based_on });
-            let message = format!(
-                "token file {} cannot be parsed, so the refreshed token was not written over it; it is kept \
-                 in memory and written once the file parses again",
-                cred.shown_file
-            );
-            status.write_error = Some(message.clone());
-            drop(status);
-            metrics::token_write(self.name(), "deferred");
-            tracing::warn!(provider = self.name(), account = cred.account_log(), error = %message, "token file left alone");
-            return;
-        }
-        drop(status);
-        let result =
-            store::encode(format, fields).and_then(|bytes| store::write(path, &bytes).map(|()| bytes));
-        let mut status = cred.status();
-        match result {
-            Ok(bytes) => {
-                // Our own write must not come back as a "change" through the watcher.
-                status.content_hash = Some(Sha256::digest(&bytes).into());
-                status.file = super::credential::FileStatus::Ok;
-                status.write_error = None;
-                status.pending_write = None;
+        match unwritten {
+            Unwritten::Unparsable => {
+                let based_on = match &status.pending_write {
+                    Some(pending) => pending.based_on.clone(),
+                    None => status.replaced_fingerprint.clone(),
+                };
+                status.pending_write = Some(PendingWrite { fields, based_on });
+                let message = format!(
+                    "{shown} cannot be parsed, so the refreshed token was not written over it; it is kept \
+                     in memory and written once the file parses again"
+                );
+                status.write_error = Some(message.clone());
                 drop(status);
-                metrics::token_write(self.name(), "ok");
+                metrics::token_write(self.name(), "deferred");
+                tracing::warn!(provider = self.name(), account = cred.account_log(), error = %message, "token file left alone");
             }
-            Err(e) => {
-                let message = format!("token file {} could not be written: {e}", cred.shown_file);
+            Unwritten::Failed(reason) => {
+                let message = format!("{shown} could not be written: {reason}");
                 status.write_error = Some(message.clone());
                 drop(status);
                 metrics::token_write(self.name(), "error");
@@ -437,20 +416,6 @@ impl Provider {
                 );
             }
         }
-    }
-
-    /// Adopts a document read from the file, remembering what the file held.
-    fn adopt_file_document(
-        &self,
-        cred: &Credential,
-        doc: &TokenDocument,
-        hash: [u8; 32],
-    ) -> Result<Arc<Token>, String> {
-        let token = self.adopt(cred, doc)?;
-        let mut status = cred.status();
-        status.content_hash = Some(hash);
-        status.fields = doc.fields.clone();
-        Ok(token)
     }
 
     /// Keeps an account in use fresh (SPEC §8): a request that finds its account's token within

@@ -1,0 +1,134 @@
+//! Where tokens live between runs: the [`TokenStore`] seam.
+//!
+//! The token cache ([`super::Credential`]) is what requests read; a store is its source of truth,
+//! keyed by (provider, account). Everything the cache needs from it is here: read a document,
+//! write one only if the stored version is still the one the write was based on, hold the lock
+//! that covers a refresh (from the re-read, through the token endpoint call, to the write), and
+//! report which keys changed. [`FileStore`] (token files, SPEC §4) is the one implementation
+//! today; the trait is shaped for a remote, fallible one as well (every call is async and may
+//! fail, and the lock is a value that the store keeps alive for as long as it is held).
+
+mod file;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+
+use super::file::TokenDocument;
+pub use file::{FileStore, MAX_FILE_BYTES};
+
+/// The fields of a stored token document, in order (a write keeps the ones it does not own).
+pub type Fields = serde_json::Map<String, serde_json::Value>;
+
+/// What every store call returns: a future that may be sent between threads.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a store keys a token by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key<'a> {
+    pub provider: &'a str,
+    /// `None` for a single-account provider.
+    pub account: Option<&'a str>,
+}
+
+/// One stored content of a key: equal versions are the same document. A store hands one out with
+/// every read and write; a write names the version it was based on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version(pub u64);
+
+/// What a read found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// Nothing is stored under the key.
+    Missing,
+    /// A stored document, or why it cannot be used (never its content: it may hold a token).
+    Found { version: Version, doc: Result<TokenDocument, String> },
+}
+
+/// The store could not be read or written (a file system error, a store that is down). The
+/// message says where, never what.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// Why a write did not happen.
+#[derive(Debug)]
+pub enum SaveError {
+    /// The stored document is no longer the version the write was based on; this is what is
+    /// stored now.
+    Conflict(Box<Loaded>),
+    Failed(StoreError),
+}
+
+/// A held refresh lock: released when dropped.
+pub struct StoreLock {
+    _held: Option<Box<dyn Send + Sync>>,
+}
+
+impl StoreLock {
+    pub fn new(held: impl Send + Sync + 'static) -> StoreLock {
+        StoreLock { _held: Some(Box::new(held)) }
+    }
+
+    /// A lock that protects nothing: the store could not lock, and says so itself, but a refresh
+    /// may still go on (a read-only token folder must not stop traffic).
+    pub fn unprotected() -> StoreLock {
+        StoreLock { _held: None }
+    }
+}
+
+/// A change a store reports: which keys to read again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Change {
+    /// This key's document may have changed.
+    Key { provider: String, account: Option<String> },
+    /// Any of this provider's keys may have changed (a change that names no key, like a
+    /// Kubernetes secret volume's `..data` swap): check the loaded ones cheaply.
+    Provider(String),
+    /// Anything may have changed.
+    Everything,
+}
+
+/// The changes a store reports, for as long as this value lives.
+pub struct ChangeFeed {
+    pub changes: mpsc::UnboundedReceiver<Change>,
+    /// What keeps the feed running (a file watcher, a subscription).
+    pub _source: Option<Box<dyn Send>>,
+}
+
+/// The source of truth of the token cache, keyed by (provider, account).
+pub trait TokenStore: Send + Sync + 'static {
+    /// Reads `key`'s document.
+    fn load<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<Loaded, StoreError>>;
+
+    /// Stores `fields` as `key`'s document if what is stored is still `expected` (`None`: nothing
+    /// stored), and returns the new version. Atomic: a reader sees the old document or the new.
+    fn save<'a>(
+        &'a self,
+        key: Key<'a>,
+        fields: &'a Fields,
+        expected: Option<Version>,
+    ) -> StoreFuture<'a, Result<Version, SaveError>>;
+
+    /// Takes `key`'s refresh lock, waiting for another holder (another process, another replica)
+    /// to release it.
+    fn lock<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<StoreLock, StoreError>>;
+
+    /// A cheap marker that changes whenever `key`'s document may have changed (a file's
+    /// metadata), so that a poll of many keys reads only those that did; `None` when the store
+    /// has none, and then every poll reads.
+    fn probe<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Option<u64>>;
+
+    /// The accounts of a multi-account provider that have a stored document, sorted.
+    fn accounts<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Result<Vec<String>, StoreError>>;
+
+    /// A problem of the store for every account of `provider` (an unreadable token folder).
+    fn problem<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Option<String>>;
+
+    /// Where `key` is kept, as messages name it ("token file /var/lib/tokens/github.json").
+    fn location(&self, key: Key<'_>) -> String;
+
+    /// Starts reporting changes.
+    fn watch(&self) -> ChangeFeed;
+}
