@@ -791,3 +791,81 @@ pub(super) struct StoreRead {
     /// A refreshed token merged into a document that parses again, to be written.
     pub(super) write_back: Option<store::Fields>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use serde_json::json;
+
+    use super::store::memory::MemoryStore;
+    use super::*;
+
+    async fn providers_on(store: Arc<MemoryStore>, dir: &std::path::Path) -> Providers {
+        let toml = dir.join("tokenproxy.toml");
+        std::fs::write(
+            &toml,
+            "[providers.one]\nhosts = [\"one.test\"]\ntoken_file = \"one.json\"\n\
+             [providers.many]\nhosts = [\"many.test\"]\ntoken_file = \"users/{account}.json\"\n",
+        )
+        .unwrap();
+        let configs = crate::config::Config::load(&toml).unwrap().providers;
+        std::fs::remove_file(&toml).unwrap();
+        Providers::load(&configs, None, Duration::from_secs(30), store).await
+    }
+
+    fn key<'a>(provider: &'a str, account: Option<&'a str>) -> Key<'a> {
+        Key { provider, account }
+    }
+
+    #[tokio::test]
+    async fn the_cache_works_on_any_store_and_reads_writes_and_follows_only_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MemoryStore::default());
+        store.put(key("one", None), json!({"access_token": "o1", "expires_at": "2099-01-01T00:00:00Z"}));
+        store.put(key("many", Some("alice")), json!({"access_token": "a1", "refresh_token": "r1"}));
+        let providers = providers_on(store.clone(), dir.path()).await;
+        let (one, many) = (providers.get("one").unwrap(), providers.get("many").unwrap());
+        assert_eq!(one.single().unwrap().current().unwrap().fingerprint, fingerprint("o1"));
+
+        // An account is read on first use; one the store does not have is not kept.
+        let alice = many.credential_for(Some("alice")).await.unwrap();
+        assert_eq!(alice.current().unwrap().fingerprint, fingerprint("a1"));
+        assert!(many.credential_for(Some("bob")).await.unwrap().current().is_none());
+        assert_eq!(many.credentials().len(), 1);
+
+        // A change the store reports is adopted; the same version again is nothing.
+        store.put(
+            key("many", Some("alice")),
+            json!({"access_token": "a2", "refresh_token": "r1", "note": "n"}),
+        );
+        let change = Change::Key { provider: "many".into(), account: Some("alice".into()) };
+        providers.apply(&change).await;
+        assert_eq!(alice.current().unwrap().fingerprint, fingerprint("a2"));
+        assert_eq!(many.reload(&alice).await, Reload::Unchanged);
+
+        // A write names the version it was based on: our own write reads back as unchanged...
+        let refreshed = |token: &str| match json!({"access_token": token, "refresh_token": "r2"}) {
+            serde_json::Value::Object(fields) => fields,
+            _ => unreachable!(),
+        };
+        many.persist(&alice, &refreshed("a3")).await;
+        assert_eq!(store.get(key("many", Some("alice"))).unwrap()["access_token"], "a3");
+        assert_eq!(many.reload(&alice).await, Reload::Unchanged);
+        // ...and a write after another writer's change keeps its other fields, ours win.
+        store.put(
+            key("many", Some("alice")),
+            json!({"access_token": "a3", "refresh_token": "r2", "edited": 1}),
+        );
+        many.persist(&alice, &refreshed("a4")).await;
+        let stored = store.get(key("many", Some("alice"))).unwrap();
+        assert_eq!((stored["access_token"].as_str(), stored["edited"].as_i64()), (Some("a4"), Some(1)));
+        assert_eq!(store.saves.load(Ordering::Relaxed), 2);
+        assert!(alice.status().write_error.is_none());
+
+        // Messages name the store's location, with the account by fingerprint.
+        let shown = many.shown_location(&alice);
+        assert!(shown.starts_with("memory key many/<account ") && !shown.contains("alice"), "{shown}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was touched");
+    }
+}

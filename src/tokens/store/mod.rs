@@ -9,6 +9,8 @@
 //! fail, and the lock is a value that the store keeps alive for as long as it is held).
 
 mod file;
+#[cfg(test)]
+pub(crate) mod memory;
 
 use std::future::Future;
 use std::pin::Pin;
