@@ -76,10 +76,10 @@ rss() { awk '/^VmRSS/ {print $2}' "/proc/$tp/status"; }
 sleep 1
 idle="$(rss)"
 
-python3 - "$proxy" "$admin" "$UPSTREAM_PORT" "$ACCOUNTS" <<'EOF'
+python3 - "$proxy" "$admin" "$UPSTREAM_PORT" "$ACCOUNTS" "$tp" "$work/loaded" <<'EOF'
 import json, sys, time, urllib.request
 import requests
-proxy, admin, port, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+proxy, admin, port, n, pid, loaded = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 s = requests.Session()
 s.trust_env = False
 s.proxies = {"http": f"http://{proxy}"}
@@ -88,12 +88,18 @@ for i in range(n):
     r = s.get(f"http://127.0.0.1:{port}/", headers={"Tokenproxy-Account": f"user{i:06d}"}, timeout=10)
     assert r.status_code == 200 and r.text == f"Bearer token-{i:06d}-abcdefghijklmnopqrstuvwxyz0123456789", (i, r.status_code, r.text)
 elapsed = time.monotonic() - started
+# The accounts' cost is read before /tokens builds its (large, transient) answer.
+time.sleep(1)
+with open(f"/proc/{pid}/status") as status, open(loaded, "w") as out:
+    out.write(next(l.split()[1] for l in status if l.startswith("VmRSS")))
 views = json.load(urllib.request.urlopen(f"http://{admin}/tokens?provider=many"))
 assert len(views) == n, len(views)
 print(f"{n} accounts loaded by {n} requests in {elapsed:.1f}s; /tokens lists {len(views)}")
 EOF
-loaded="$(rss)"
+loaded="$(cat "$work/loaded")"
+after_tokens="$(rss)"
 peak="$(awk '/^VmHWM/ {print $2}' "/proc/$tp/status")"
 echo "RSS idle:            $((idle / 1024)) MiB ($idle KiB)"
 echo "RSS with $ACCOUNTS accounts: $((loaded / 1024)) MiB ($loaded KiB), peak $((peak / 1024)) MiB"
 echo "per account:         $(( (loaded - idle) * 1024 / ACCOUNTS )) bytes; +$(( (loaded - idle) / 1024 )) MiB over idle"
+echo "after GET /tokens listing all of them: $((after_tokens / 1024)) MiB"

@@ -77,7 +77,7 @@ impl Admin {
             .filter(|p| only.is_none_or(|name| p.name() == name))
             .flat_map(|p| p.credentials().into_iter().map(move |c| p.view(&c, now)))
             .collect();
-        json_response(StatusCode::OK, &json!(views))
+        json_response(StatusCode::OK, &views)
     }
 
     /// `POST /tokens/{provider}/refresh[?account=NAME][&force=true]`: 200 with the credential's
@@ -214,14 +214,20 @@ fn query_flag(query: Option<&str>, name: &str) -> bool {
 }
 
 fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {
-    let mut response =
-        Response::new(Full::new(Bytes::from(body.to_string())).map_err(|e| match e {}).boxed());
+    bytes(status, Bytes::from(body.to_string()), content_type)
+}
+
+fn bytes(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
-    let body = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
-    text(status, &body, "application/json")
+/// Serialised straight from `value`: a `/tokens` of many accounts never becomes a tree of
+/// `serde_json::Value`s first.
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<ProxyBody> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    bytes(status, Bytes::from(body), "application/json")
 }

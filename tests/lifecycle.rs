@@ -439,7 +439,9 @@ async fn field_note_3_an_unwritable_token_folder_still_serves_and_shows_the_writ
     use std::os::unix::fs::PermissionsExt;
     let mock = MockApi::start().await;
     mock.accept_only(&[]);
-    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&mock));
+    endpoint.rotate = Rotation::Strict;
+    let endpoint = endpoint.start().await;
     endpoint.allow_refresh_token("rt-0");
     let dir = tempdir();
     write_token_file(
@@ -464,7 +466,19 @@ async fn field_note_3_an_unwritable_token_folder_still_serves_and_shows_the_writ
     );
     let writes = [("provider", "api"), ("result", "error")];
     assert_eq!(tp.metric("tokenproxy_token_writes_total", &writes).await, 1.0);
+
+    // The rotated refresh token lives in memory only, and the next refresh spends it (the one in
+    // the file is spent: using it would be invalid_grant).
+    let (status, body) = post_refresh(&tp).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!endpoint.refresh_token_works("rt-1") && endpoint.refresh_token_works("rt-2"));
+    // Once the folder is writable again, the next refresh lands in the file, whole.
     std::fs::set_permissions(dir.path().join("tokens"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (status, body) = post_refresh(&tp).await;
+    assert_eq!(status, 200, "{body}");
+    let file = read_token_file(dir.path());
+    assert_eq!((file["access_token"].as_str(), file["refresh_token"].as_str()), (Some("at-3"), Some("rt-3")));
+    assert!(tp.token_view("api").await["last_error"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,9 +153,10 @@ pub(super) struct Status {
     pub(super) pending_write: Option<PendingWrite>,
     /// The fingerprint of the token the last refresh replaced.
     pub(super) replaced_fingerprint: Option<String>,
-    /// The fields of the token last read or written: the base of the next write, and where the
-    /// refresh token comes from even when a write failed.
-    pub(super) fields: serde_json::Map<String, serde_json::Value>,
+    /// The refresh token of the document last read or written, or of a refresh whose write
+    /// failed: the one the next refresh spends. (The rest of the document is read from the store
+    /// when a refresh writes, not kept for every account.)
+    pub(super) refresh_token: Option<Box<str>>,
     pub(super) last_refresh_at: Option<OffsetDateTime>,
     pub(super) last_refresh_result: Option<String>,
     pub(super) refresh_count: u64,

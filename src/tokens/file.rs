@@ -205,6 +205,11 @@ pub fn refreshed_fields(
     fields
 }
 
+/// The refresh token a document holds.
+pub fn refresh_token(fields: &Map<String, Value>) -> Option<Box<str>> {
+    fields.get("refresh_token").and_then(Value::as_str).map(Into::into)
+}
+
 /// The fields a refresh owns, and those it removes.
 const REFRESH_OWNED: [&str; 6] =
     ["access_token", "refresh_token", "expires_at", "updated_at", "token_type", "scope"];

@@ -396,8 +396,9 @@ impl Provider {
         let shown = self.shown_location(cred);
         let mut status = cred.status();
         status.probe = probe;
-        let unchanged = StoreRead { outcome: Reload::Unchanged, adopted: None, write_back: None };
-        let mut read = StoreRead { outcome: Reload::Ok, adopted: None, write_back: None };
+        let unchanged =
+            StoreRead { outcome: Reload::Unchanged, adopted: None, write_back: None, fields: None };
+        let mut read = StoreRead { outcome: Reload::Ok, adopted: None, write_back: None, fields: None };
         let (file_status, error) = match loaded {
             Ok(Loaded::Missing) => {
                 if status.file == FileStatus::Missing {
@@ -417,7 +418,7 @@ impl Provider {
             }
             Ok(Loaded::Found { version, doc }) => {
                 if status.version == Some(version) {
-                    return unchanged;
+                    return StoreRead { fields: doc.ok().map(|doc| doc.fields), ..unchanged };
                 }
                 status.version = Some(version);
                 match doc.and_then(|doc| {
@@ -427,11 +428,12 @@ impl Provider {
                     Ok((doc, merged, token)) => {
                         // A changed document is a new chance: whatever stopped automatic
                         // refreshes (a revoked refresh token, a backoff) may be fixed by it.
-                        status.fields = doc.fields;
+                        status.refresh_token = file::refresh_token(&doc.fields);
                         status.reauth_reason = None;
                         status.config_error = None;
                         status.retry_not_before = None;
                         status.last_failure = None;
+                        read.fields = Some(merged.clone().unwrap_or(doc.fields));
                         read.write_back = merged;
                         read.adopted = Some(token);
                         (FileStatus::Ok, String::new())
@@ -790,6 +792,8 @@ pub(super) struct StoreRead {
     pub(super) adopted: Option<Arc<Token>>,
     /// A refreshed token merged into a document that parses again, to be written.
     pub(super) write_back: Option<store::Fields>,
+    /// The stored document's fields, when it parses: the base of a refresh's write.
+    pub(super) fields: Option<store::Fields>,
 }
 
 #[cfg(test)]

@@ -51,6 +51,15 @@ const BACKGROUND_DEADLINE: Duration = Duration::from_secs(120);
 /// another (a success replaces the token, which ends the margin; a failure sets its backoff).
 const PROACTIVE_PAUSE: Duration = Duration::from_secs(30);
 
+/// What the store held when a refresh took its lock.
+enum Newer {
+    /// A token another process wrote: no refresh needed.
+    Adopted(Arc<Token>),
+    /// Nothing newer; the stored document's fields (empty when there is none or it does not
+    /// parse), the base of the refresh's write.
+    Base(Fields),
+}
+
 /// Why a refreshed token was not written.
 enum Unwritten {
     /// The stored document does not parse: it waits in memory.
@@ -191,15 +200,21 @@ impl Provider {
                 format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
             )
         })?;
-        if let Some(token) = self.adopt_newer(cred, trigger).await? {
-            drop(lock);
-            return Ok(token);
-        }
+        let mut base = match self.adopt_newer(cred, trigger).await? {
+            Newer::Adopted(token) => {
+                drop(lock);
+                return Ok(token);
+            }
+            Newer::Base(fields) => fields,
+        };
 
         let oauth = self.config.oauth.as_ref().expect("checked by refresh");
         let client = self.oauth_client.as_ref().expect("checked by refresh");
-        let base = cred.status().fields.clone();
-        let refresh_token = base.get("refresh_token").and_then(|v| v.as_str()).map(str::to_string);
+        // The refresh token in memory, which may be newer than the stored one (a write failed).
+        let refresh_token = cred.status().refresh_token.as_deref().map(str::to_string);
+        if let Some(refresh_token) = &refresh_token {
+            base.insert("refresh_token".into(), refresh_token.as_str().into());
+        }
         let mut attempt = 0;
         let issued = loop {
             match client.request_token(oauth, refresh_token.as_deref()).await {
@@ -252,7 +267,7 @@ impl Provider {
         self: &Arc<Self>,
         cred: &Arc<Credential>,
         trigger: Trigger,
-    ) -> Result<Option<Arc<Token>>, RefreshError> {
+    ) -> Result<Newer, RefreshError> {
         let read = self.read_store(cred).await;
         if let Some(fields) = &read.write_back {
             self.persist(cred, fields).await;
@@ -261,10 +276,11 @@ impl Provider {
             let error = cred.status().last_error.clone().unwrap_or_default();
             return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
         }
-        let Some(token) = read.adopted else { return Ok(None) };
+        let base = || Newer::Base(read.fields.clone().unwrap_or_default());
+        let Some(token) = read.adopted.clone() else { return Ok(base()) };
         // A newer token is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
-            return Ok(None);
+            return Ok(base());
         }
         tracing::info!(
             provider = self.name(),
@@ -272,7 +288,7 @@ impl Provider {
             fingerprint = %token.fingerprint,
             "adopted a token another process wrote; no refresh needed"
         );
-        Ok(Some(token))
+        Ok(Newer::Adopted(token))
     }
 
     /// Writes `fields` through the store (the caller holds its lock), based on the version last
@@ -285,7 +301,7 @@ impl Provider {
         let key = self.key(cred);
         let (mut expected, unparsable) = {
             let mut status = cred.status();
-            status.fields = fields.clone();
+            status.refresh_token = file::refresh_token(fields);
             (status.version, status.file == FileStatus::Unparsable)
         };
         let mut fields = fields.clone();
@@ -299,7 +315,6 @@ impl Provider {
                     Ok(version) => {
                         let mut status = cred.status();
                         status.version = Some(version);
-                        status.fields = fields;
                         status.file = FileStatus::Ok;
                         // The failed write it shows as the last error is over.
                         if status.last_error.is_some() && status.last_error == status.write_error {
@@ -326,7 +341,6 @@ impl Provider {
         };
         let shown = self.shown_location(cred);
         let mut status = cred.status();
-        status.fields = fields.clone();
         match unwritten {
             Unwritten::Unparsable => {
                 let based_on = match &status.pending_write {
