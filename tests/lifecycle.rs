@@ -764,3 +764,47 @@ async fn an_unreadable_token_file_is_a_store_failure_not_an_endpoint_failure() {
     let store_failures = [("provider", "api"), ("result", "store_unavailable")];
     assert!(tp.metric("tokenproxy_refreshes_total", &store_failures).await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persons_edit_during_a_refresh_in_flight_is_kept_and_the_refresh_lands_on_top_of_it() {
+    let (_mock, endpoint, dir, tp) = setup(
+        |e| {
+            e.rotate = Rotation::Strict;
+            e.delay = Duration::from_millis(1500);
+        },
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400)}),
+        "",
+        "",
+    )
+    .await;
+    let refresh = tokio::spawn({
+        let admin = tp.admin;
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("http://{admin}/tokens/api/refresh"))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    });
+    eventually(Duration::from_secs(5), "the refresh in flight", || async {
+        (tp.token_view("api").await["state"] == "refreshing").then_some(())
+    })
+    .await;
+    // A person adds a field while the token endpoint is answering; the proxy reads the edit.
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400), "note": "kept"}),
+    );
+    assert_eq!(refresh.await.unwrap(), 200);
+    let file = read_token_file(dir.path());
+    assert_eq!(file["note"], "kept", "the refresh wrote over the person's edit: {file}");
+    assert_eq!((file["access_token"].as_str(), file["refresh_token"].as_str()), (Some("at-1"), Some("rt-1")));
+    assert_eq!(endpoint.calls(), 1);
+    // And the proxy, having written it, does not count its own write as a change.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let view = tp.token_view("api").await;
+    assert_eq!(view["fingerprint"], tokenproxy::secrets::fingerprint("at-1"), "{view}");
+}

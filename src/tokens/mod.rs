@@ -369,7 +369,7 @@ impl Provider {
         let read = self.read_store(cred).await;
         if let Some(fields) = read.write_back {
             let _lock = self.store.lock(self.key(cred)).await;
-            self.persist(cred, &fields).await;
+            self.persist(cred, &fields, read.basis).await;
             tracing::info!(
                 provider = self.name(),
                 account = cred.account_log(),
@@ -396,13 +396,18 @@ impl Provider {
         let shown = self.shown_location(cred);
         let mut status = cred.status();
         status.probe = probe;
-        let unchanged =
-            StoreRead { outcome: Reload::Unchanged, adopted: None, write_back: None, fields: None };
-        let mut read = StoreRead { outcome: Reload::Ok, adopted: None, write_back: None, fields: None };
+        let unchanged = || StoreRead {
+            outcome: Reload::Unchanged,
+            adopted: None,
+            write_back: None,
+            fields: None,
+            basis: Basis::Stored(None),
+        };
+        let mut read = StoreRead { outcome: Reload::Ok, ..unchanged() };
         let (file_status, error) = match loaded {
             Ok(Loaded::Missing) => {
                 if status.file == FileStatus::Missing {
-                    return unchanged;
+                    return unchanged();
                 }
                 status.version = None;
                 read.outcome = Reload::IoError;
@@ -410,7 +415,7 @@ impl Provider {
             }
             Err(e) => {
                 if status.file == FileStatus::Unreadable {
-                    return unchanged;
+                    return unchanged();
                 }
                 status.version = None;
                 read.outcome = Reload::IoError;
@@ -418,9 +423,17 @@ impl Provider {
             }
             Ok(Loaded::Found { version, doc }) => {
                 if status.version == Some(version) {
-                    return StoreRead { fields: doc.ok().map(|doc| doc.fields), ..unchanged };
+                    return match doc {
+                        Ok(doc) if status.file != FileStatus::Unparsable => StoreRead {
+                            fields: Some(doc.fields),
+                            basis: Basis::Stored(Some(version)),
+                            ..unchanged()
+                        },
+                        _ => StoreRead { basis: Basis::Unparsable(version), ..unchanged() },
+                    };
                 }
                 status.version = Some(version);
+                read.basis = Basis::Stored(Some(version));
                 match doc.and_then(|doc| {
                     let (doc, merged) = reconcile_pending(&mut status, doc);
                     self.adopt(cred, &doc).map(|token| (doc, merged, token))
@@ -440,6 +453,7 @@ impl Provider {
                     }
                     Err(e) => {
                         read.outcome = Reload::ParseError;
+                        read.basis = Basis::Unparsable(version);
                         (FileStatus::Unparsable, format!("{shown}: {e}"))
                     }
                 }
@@ -794,6 +808,17 @@ pub(super) struct StoreRead {
     pub(super) write_back: Option<store::Fields>,
     /// The stored document's fields, when it parses: the base of a refresh's write.
     pub(super) fields: Option<store::Fields>,
+    /// What a write based on this read is based on.
+    pub(super) basis: Basis,
+}
+
+/// The stored content a write is based on: the store writes only over that content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Basis {
+    /// A document that parsed, at this version, or none.
+    Stored(Option<store::Version>),
+    /// A document that does not parse (a person may be mid-edit): never written over.
+    Unparsable(store::Version),
 }
 
 #[cfg(test)]
@@ -853,7 +878,8 @@ mod tests {
             serde_json::Value::Object(fields) => fields,
             _ => unreachable!(),
         };
-        many.persist(&alice, &refreshed("a3")).await;
+        let basis = Basis::Stored(alice.status().version);
+        many.persist(&alice, &refreshed("a3"), basis).await;
         assert_eq!(store.get(key("many", Some("alice"))).unwrap()["access_token"], "a3");
         assert_eq!(many.reload(&alice).await, Reload::Unchanged);
         // ...and a write after another writer's change keeps its other fields, ours win.
@@ -861,7 +887,8 @@ mod tests {
             key("many", Some("alice")),
             json!({"access_token": "a3", "refresh_token": "r2", "edited": 1}),
         );
-        many.persist(&alice, &refreshed("a4")).await;
+        let basis = Basis::Stored(alice.status().version);
+        many.persist(&alice, &refreshed("a4"), basis).await;
         let stored = store.get(key("many", Some("alice"))).unwrap();
         assert_eq!((stored["access_token"].as_str(), stored["edited"].as_i64()), (Some("a4"), Some(1)));
         assert_eq!(store.saves.load(Ordering::Relaxed), 2);

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use super::credential::{FileStatus, PendingWrite};
 use super::file;
 use super::store::{Fields, Loaded, SaveError};
-use super::{Credential, Freshness, Provider, Reload, Token};
+use super::{Basis, Credential, Freshness, Provider, Reload, Token};
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
 
@@ -56,8 +56,22 @@ enum Newer {
     /// A token another process wrote: no refresh needed.
     Adopted(Arc<Token>),
     /// Nothing newer; the stored document's fields (empty when there is none or it does not
-    /// parse), the base of the refresh's write.
-    Base(Fields),
+    /// parse), the base of the refresh's write, and the content they were read from.
+    Base(Fields, Basis),
+}
+
+/// The basis of a write that found `current` stored instead of what it was based on: a
+/// document that parses gets the refresh's fields laid on top (a person's edit is kept, the
+/// refresh's tokens win).
+fn on_top_of(current: Loaded, fields: &mut Fields) -> Basis {
+    match current {
+        Loaded::Missing => Basis::Stored(None),
+        Loaded::Found { version, doc: Ok(doc) } => {
+            *fields = file::overlay_refresh(&doc.fields, fields);
+            Basis::Stored(Some(version))
+        }
+        Loaded::Found { version, doc: Err(_) } => Basis::Unparsable(version),
+    }
 }
 
 /// Why a refreshed token was not written.
@@ -200,12 +214,12 @@ impl Provider {
                 format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
             )
         })?;
-        let mut base = match self.adopt_newer(cred, trigger).await? {
+        let (mut base, basis) = match self.adopt_newer(cred, trigger).await? {
             Newer::Adopted(token) => {
                 drop(lock);
                 return Ok(token);
             }
-            Newer::Base(fields) => fields,
+            Newer::Base(fields, basis) => (fields, basis),
         };
 
         let oauth = self.config.oauth.as_ref().expect("checked by refresh");
@@ -255,7 +269,7 @@ impl Provider {
         let token = self.prepare(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
         // On disk first, then in use: a request served with the new token finds it in the file
         // too (a failed write is reported, and the token is used all the same).
-        self.persist(cred, &fields).await;
+        self.persist(cred, &fields, basis).await;
         drop(lock);
         Ok(cred.install(token))
     }
@@ -270,13 +284,13 @@ impl Provider {
     ) -> Result<Newer, RefreshError> {
         let read = self.read_store(cred).await;
         if let Some(fields) = &read.write_back {
-            self.persist(cred, fields).await;
+            self.persist(cred, fields, read.basis).await;
         }
         if read.outcome == Reload::IoError && cred.status().file == FileStatus::Unreadable {
             let error = cred.status().last_error.clone().unwrap_or_default();
             return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
         }
-        let base = || Newer::Base(read.fields.clone().unwrap_or_default());
+        let base = || Newer::Base(read.fields.clone().unwrap_or_default(), read.basis);
         let Some(token) = read.adopted.clone() else { return Ok(base()) };
         // A newer token is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
@@ -291,26 +305,34 @@ impl Provider {
         Ok(Newer::Adopted(token))
     }
 
-    /// Writes `fields` through the store (the caller holds its lock), based on the version last
-    /// read. A failure is logged, counted and shown, and traffic goes on with the new token in
+    /// Writes `fields` through the store (the caller holds its lock), only over the content it was
+    /// based on (read under the same lock; a watcher may have read newer content meanwhile, so
+    /// not the credential's last version). A failure is logged, counted and shown, and traffic goes on with the new token in
     /// memory (FIELD-NOTES #3). A document that does not parse is never written over (SPEC §4):
     /// a person may be mid-edit; the fields wait in memory until it parses again. A document a
     /// person changed while the refresh was in flight keeps their other fields; the refresh's
     /// tokens win.
-    pub(super) async fn persist(&self, cred: &Credential, fields: &Fields) {
+    pub(super) async fn persist(&self, cred: &Credential, fields: &Fields, mut basis: Basis) {
         let key = self.key(cred);
-        let (mut expected, unparsable) = {
-            let mut status = cred.status();
-            status.refresh_token = file::refresh_token(fields);
-            (status.version, status.file == FileStatus::Unparsable)
-        };
+        cred.status().refresh_token = file::refresh_token(fields);
         let mut fields = fields.clone();
         let unwritten = 'write: {
-            if unparsable {
-                break 'write Unwritten::Unparsable;
-            }
             // A conflict is retried on top of what is stored now, a bounded number of times.
             for _ in 0..3 {
+                let expected = match basis {
+                    Basis::Stored(version) => version,
+                    // Unless it has changed since, it is left alone.
+                    Basis::Unparsable(version) => match self.store.load(key).await {
+                        Ok(Loaded::Found { version: now, doc: Err(_) }) if now == version => {
+                            break 'write Unwritten::Unparsable;
+                        }
+                        Ok(current) => {
+                            basis = on_top_of(current, &mut fields);
+                            continue;
+                        }
+                        Err(e) => break 'write Unwritten::Failed(e.to_string()),
+                    },
+                };
                 match self.store.save(key, &fields, expected).await {
                     Ok(version) => {
                         let mut status = cred.status();
@@ -326,14 +348,7 @@ impl Provider {
                         metrics::token_write(self.name(), "ok");
                         return;
                     }
-                    Err(SaveError::Conflict(current)) => match *current {
-                        Loaded::Missing => expected = None,
-                        Loaded::Found { version, doc: Ok(doc) } => {
-                            fields = file::overlay_refresh(&doc.fields, &fields);
-                            expected = Some(version);
-                        }
-                        Loaded::Found { doc: Err(_), .. } => break 'write Unwritten::Unparsable,
-                    },
+                    Err(SaveError::Conflict(current)) => basis = on_top_of(*current, &mut fields),
                     Err(SaveError::Failed(e)) => break 'write Unwritten::Failed(e.to_string()),
                 }
             }
