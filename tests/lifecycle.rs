@@ -75,8 +75,13 @@ fn rfc3339_in(seconds: i64) -> String {
 }
 
 async fn post_refresh(tp: &TokenProxy) -> (u16, serde_json::Value) {
+    post_refresh_to(tp.admin).await
+}
+
+/// `POST /tokens/api/refresh` on the admin listener at `admin` (for a task of its own).
+async fn post_refresh_to(admin: std::net::SocketAddr) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
-        .post(format!("http://{}/tokens/api/refresh", tp.admin))
+        .post(format!("http://{admin}/tokens/api/refresh"))
         .timeout(Duration::from_secs(20))
         .send()
         .await
@@ -777,18 +782,7 @@ async fn a_persons_edit_during_a_refresh_in_flight_is_kept_and_the_refresh_lands
         "",
     )
     .await;
-    let refresh = tokio::spawn({
-        let admin = tp.admin;
-        async move {
-            let r = reqwest::Client::new()
-                .post(format!("http://{admin}/tokens/api/refresh"))
-                .timeout(Duration::from_secs(20))
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
-    });
+    let refresh = tokio::spawn(post_refresh_to(tp.admin));
     eventually(Duration::from_secs(5), "the refresh in flight", || async {
         (tp.token_view("api").await["state"] == "refreshing").then_some(())
     })
@@ -798,7 +792,7 @@ async fn a_persons_edit_during_a_refresh_in_flight_is_kept_and_the_refresh_lands
         dir.path(),
         serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400), "note": "kept"}),
     );
-    assert_eq!(refresh.await.unwrap(), 200);
+    assert_eq!(refresh.await.unwrap().0, 200);
     let file = read_token_file(dir.path());
     assert_eq!(file["note"], "kept", "the refresh wrote over the person's edit: {file}");
     assert_eq!((file["access_token"].as_str(), file["refresh_token"].as_str()), (Some("at-1"), Some("rt-1")));
