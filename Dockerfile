@@ -19,6 +19,7 @@ FROM docker.io/library/rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY templates ./templates
 COPY benches ./benches
 COPY examples ./examples
 RUN cargo build --locked --release --bin tokenproxy

@@ -1,4 +1,5 @@
-//! The admin listener (SPEC §6): `/healthz`, `/readyz`, `/metrics`, `/tokens`.
+//! The admin listener (SPEC §6): `/healthz`, `/readyz`, `/metrics`, `/tokens`, and the
+//! onboarding pages (`/connect`, `/oauth/callback`, see [`crate::onboarding`]).
 //!
 //! Answers are built from `TokenView`s, which hold fingerprints only.
 
@@ -14,17 +15,19 @@ use time::OffsetDateTime;
 use crate::body::ProxyBody;
 use crate::errors::{AccountAsk, ProxyError};
 use crate::metrics;
+use crate::onboarding::Onboarding;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Providers, Unavailable};
 
 pub struct Admin {
     providers: Arc<Providers>,
     metrics: PrometheusHandle,
+    onboarding: Arc<Onboarding>,
 }
 
 impl Admin {
-    pub fn new(providers: Arc<Providers>, metrics: PrometheusHandle) -> Admin {
-        Admin { providers, metrics }
+    pub fn new(providers: Arc<Providers>, metrics: PrometheusHandle, onboarding: Arc<Onboarding>) -> Admin {
+        Admin { providers, metrics, onboarding }
     }
 
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
@@ -33,6 +36,9 @@ impl Admin {
             && let Err(reason) = same_origin(&req)
         {
             return json_response(StatusCode::FORBIDDEN, &json!({"error": "cross_origin", "reason": reason}));
+        }
+        if let Some(response) = self.onboarding.handle(&req).await {
+            return response;
         }
         let query = req.uri().query();
         if let Some(name) = path.strip_prefix("/tokens/").and_then(|rest| rest.strip_suffix("/refresh")) {
@@ -57,7 +63,7 @@ impl Admin {
             ),
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                &json!({"error": "not_found", "reason": "admin paths: /healthz /readyz /metrics /tokens"}),
+                &json!({"error": "not_found", "reason": "admin paths: /healthz /readyz /metrics /tokens /connect"}),
             ),
         }
     }

@@ -11,6 +11,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::egress::Egress;
 use crate::oauth::OAuthClient;
+use crate::onboarding::Onboarding;
 use crate::proxy::Proxy;
 use crate::proxy::replay::ReplayBudget;
 use crate::proxy::upstream::{self, Protocols};
@@ -23,6 +24,8 @@ use crate::{metrics, tls};
 
 /// How often the metrics exporter's upkeep runs between scrapes.
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often expired pending authorizations are swept (each new flow also sweeps).
+const SWEEP_PENDING_EVERY: Duration = Duration::from_secs(600);
 
 /// A started proxy: every listener bound and serving.
 pub struct Running {
@@ -61,8 +64,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
     let store: Arc<dyn TokenStore> = Arc::new(FileStore::new(&config.providers));
     let providers = Arc::new(
-        Providers::load(&config.providers, Some(oauth_client), config.proxy.upstream_timeout, store).await,
+        Providers::load(&config.providers, Some(oauth_client.clone()), config.proxy.upstream_timeout, store)
+            .await,
     );
+    let onboarding = Arc::new(Onboarding::new(providers.clone(), oauth_client, &config.onboarding));
     // One background refresher per provider with a token endpoint.
     let mut background: Vec<_> = providers
         .iter()
@@ -87,7 +92,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         leaves,
         drain: drain.handle(),
     });
-    let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone()));
+    let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone(), onboarding.clone()));
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
@@ -95,6 +100,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     background.push(watch::spawn(providers.clone()));
+    background.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_PENDING_EVERY);
+        loop {
+            every.tick().await;
+            let flows = onboarding.flows.clone();
+            let _ = tokio::task::spawn_blocking(move || flows.sweep()).await;
+        }
+    }));
     background.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(METRICS_UPKEEP_EVERY);
         loop {

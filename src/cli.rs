@@ -40,6 +40,18 @@ pub enum Command {
     Ca,
     /// A self-contained walk-through on loopback: a mock provider, the proxy, and calls through it
     Demo,
+    /// Get a provider's first token from a person: a browser link (authorization code with PKCE)
+    /// or, with --device, a code to enter on any device (RFC 8628)
+    Authorize {
+        /// The provider, as named in the config
+        provider: String,
+        /// The account to connect (multi-account providers)
+        #[arg(long, value_name = "NAME")]
+        account: Option<String>,
+        /// Use the device flow: print a code to enter on another device
+        #[arg(long)]
+        device: bool,
+    },
     /// Show the running proxy's providers as a table; exit 0 only when all are ready
     Status {
         /// The admin listener [default: http:// + admin.listen from the config, else http://127.0.0.1:9090]

@@ -54,6 +54,21 @@ struct RawConfig {
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    onboarding: RawOnboarding,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOnboarding {
+    state_dir: PathBuf,
+    state_ttl: String,
+}
+
+impl Default for RawOnboarding {
+    fn default() -> Self {
+        RawOnboarding { state_dir: "data/oauth-state".into(), state_ttl: "1h".into() }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +195,20 @@ struct RawOAuth {
     response_pointer: String,
     #[serde(default = "default_refresh_before")]
     refresh_before: String,
+    #[serde(default)]
+    authorize_url: String,
+    #[serde(default)]
+    device_authorization_url: String,
+    #[serde(default)]
+    authorize_params: BTreeMap<String, String>,
+    #[serde(default = "default_true")]
+    pkce: bool,
+    #[serde(default)]
+    redirect_uri: String,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_refresh_before() -> String {
@@ -297,6 +326,17 @@ pub struct OAuthConfig {
     pub extra_params: BTreeMap<String, String>,
     pub response_pointer: String,
     pub refresh_before: Duration,
+    /// The browser flow's authorization endpoint (SPEC §9); `None`: no browser flow.
+    pub authorize_url: Option<Uri>,
+    /// The device flow's endpoint (RFC 8628); `None`: no `--device`.
+    pub device_authorization_url: Option<Uri>,
+    /// Extra query parameters of the authorization request.
+    pub authorize_params: BTreeMap<String, String>,
+    /// Whether the browser flow sends an S256 code challenge.
+    pub pkce: bool,
+    /// Where the provider sends the person back; defaults to the admin listener's
+    /// `/oauth/callback`.
+    pub redirect_uri: String,
 }
 
 #[derive(Debug, Clone)]
@@ -404,6 +444,15 @@ pub struct Config {
     pub egress_deny: Vec<ipnet::IpNet>,
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
+    pub onboarding: OnboardingSettings,
+}
+
+/// Where pending authorizations wait for their callback (SPEC §9).
+#[derive(Debug, Clone)]
+pub struct OnboardingSettings {
+    pub state_dir: PathBuf,
+    /// How long a person may take between starting a flow and its callback.
+    pub state_ttl: Duration,
 }
 
 impl Config {
@@ -541,10 +590,23 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
 
     let mut providers = Vec::new();
     for (name, rp) in raw.providers {
-        if let Some(provider) = validate_provider(&name, rp, base, p) {
+        if let Some(mut provider) = validate_provider(&name, rp, base, p) {
+            if let Some(oauth) = provider.oauth.as_mut().filter(|o| o.redirect_uri.is_empty()) {
+                oauth.redirect_uri = default_redirect_uri(admin_listen);
+                if oauth.authorize_url.is_some() && admin_listen.port() == 0 {
+                    p.push(format!(
+                        "providers.{name}.oauth.redirect_uri defaults to the admin listener's /oauth/callback, \
+                         but admin.listen has no fixed port: give it one, or set redirect_uri"
+                    ));
+                }
+            }
             providers.push(provider);
         }
     }
+    let onboarding = OnboardingSettings {
+        state_dir: resolve(base, &raw.onboarding.state_dir),
+        state_ttl: parse_duration("onboarding.state_ttl", &raw.onboarding.state_ttl, p),
+    };
 
     let mut routes = Vec::new();
     for (i, rr) in raw.routes.into_iter().enumerate() {
@@ -602,6 +664,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             egress_deny,
             providers,
             routes,
+            onboarding,
         })
     } else {
         Err(ConfigError { problems })
@@ -709,13 +772,10 @@ fn validate_accounts(
 
 fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> Option<OAuthConfig> {
     let what = format!("{what}.oauth");
-    let token_url: Option<Uri> = match o.token_url.parse::<Uri>() {
-        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => Some(u),
-        _ => {
-            p.push(format!("{what}.token_url: {:?} is not an http(s) URL", o.token_url));
-            None
-        }
-    };
+    let token_url = http_url(&o.token_url);
+    if token_url.is_none() {
+        p.push(format!("{what}.token_url: {:?} is not an http(s) URL", o.token_url));
+    }
     let sources = [o.client_secret_file.is_some(), o.client_secret_env.is_some(), o.client_secret.is_some()];
     let client_secret = match (o.client_secret_file, o.client_secret_env, o.client_secret) {
         _ if sources.iter().filter(|s| **s).count() > 1 => {
@@ -738,6 +798,27 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
         p.push(format!("{what}.response_pointer: {:?} must start with '/'", o.response_pointer));
     }
     let refresh_before = parse_duration(&format!("{what}.refresh_before"), &o.refresh_before, p);
+    let mut endpoint = |key: &str, value: &str| -> Option<Uri> {
+        if value.is_empty() {
+            return None;
+        }
+        let uri = http_url(value);
+        if uri.is_none() {
+            p.push(format!("{what}.{key}: {value:?} is not an http(s) URL"));
+        }
+        uri
+    };
+    let authorize_url = endpoint("authorize_url", &o.authorize_url);
+    let device_authorization_url = endpoint("device_authorization_url", &o.device_authorization_url);
+    endpoint("redirect_uri", &o.redirect_uri);
+    if authorize_url.is_some() && o.grant == Grant::ClientCredentials {
+        p.push(format!("{what}.authorize_url: a client_credentials grant has no person to authorize"));
+    }
+    for reserved in AUTHORIZE_PARAMS_OWNED {
+        if o.authorize_params.contains_key(reserved) {
+            p.push(format!("{what}.authorize_params: {reserved:?} is set by tokenproxy itself"));
+        }
+    }
     Some(OAuthConfig {
         token_url: token_url?,
         grant: o.grant,
@@ -748,5 +829,49 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
         extra_params: o.extra_params,
         response_pointer: o.response_pointer,
         refresh_before,
+        authorize_url,
+        device_authorization_url,
+        authorize_params: o.authorize_params,
+        pkce: o.pkce,
+        redirect_uri: o.redirect_uri,
     })
+}
+
+/// `http://<admin.listen>/oauth/callback`; an admin listener on every interface (a pod's) is
+/// reached as 127.0.0.1, which is where `kubectl port-forward` puts it on a person's machine.
+fn default_redirect_uri(admin: SocketAddr) -> String {
+    let host = match admin.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+        ip if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    format!("http://{host}:{}/oauth/callback", admin.port())
+}
+
+/// The authorization request's parameters that tokenproxy sets itself (SPEC §9).
+const AUTHORIZE_PARAMS_OWNED: [&str; 6] =
+    ["response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method"];
+
+/// `value` as an absolute http(s) URL with a host.
+fn http_url(value: &str) -> Option<Uri> {
+    value
+        .parse::<Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_redirect_uri_is_the_admin_listener_as_a_browser_reaches_it() {
+        let uri = |listen: &str| default_redirect_uri(listen.parse().unwrap());
+        assert_eq!(uri("127.0.0.1:9090"), "http://127.0.0.1:9090/oauth/callback");
+        // A pod's admin listener, through kubectl port-forward.
+        assert_eq!(uri("0.0.0.0:9090"), "http://127.0.0.1:9090/oauth/callback");
+        assert_eq!(uri("[::]:9090"), "http://[::1]:9090/oauth/callback");
+        assert_eq!(uri("[::1]:9091"), "http://[::1]:9091/oauth/callback");
+    }
 }

@@ -16,6 +16,7 @@ pub mod hosts;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;
+pub mod onboarding;
 pub mod proxy;
 pub mod relay;
 pub mod secrets;

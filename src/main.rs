@@ -12,7 +12,9 @@ fn main() -> ExitCode {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     let default_level = match command {
         Command::Run => "info",
-        Command::Check | Command::Ca | Command::Demo | Command::Status { .. } => "warn",
+        Command::Check | Command::Ca | Command::Demo | Command::Status { .. } | Command::Authorize { .. } => {
+            "warn"
+        }
     };
     logging::init(cli.log_format, default_level);
     if let Command::Demo = command {
@@ -53,6 +55,9 @@ fn main() -> ExitCode {
             }))
         }
         Command::Check => exit(block_on(async { Ok(cli::check(&config).await) })),
+        Command::Authorize { provider, account, device } => exit(block_on(
+            tokenproxy::onboarding::command::authorize(&config, provider, account.as_deref(), *device),
+        )),
         Command::Run => exit(block_on(app::run(config)).map(|()| true)),
         Command::Demo | Command::Status { .. } => unreachable!("handled before the config is loaded"),
     }

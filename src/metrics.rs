@@ -115,3 +115,12 @@ pub const ACCOUNTS: &str = "tokenproxy_accounts";
 pub fn accounts(provider: &str, state: &'static str, count: usize) {
     metrics::gauge!(ACCOUNTS, "provider" => provider.to_string(), "state" => state).set(count as f64);
 }
+
+pub const AUTHORIZATIONS_TOTAL: &str = "tokenproxy_authorizations_total";
+
+/// How onboarding flows ended (SPEC §7, §9): `ok`, `access_denied`, `state_unknown`,
+/// `state_expired`, `exchange_failed`, `write_failed`.
+pub fn authorization(provider: &str, result: &'static str) {
+    metrics::counter!(AUTHORIZATIONS_TOTAL, "provider" => provider.to_string(), "result" => result)
+        .increment(1);
+}

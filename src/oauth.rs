@@ -41,6 +41,9 @@ pub enum RefreshErrorKind {
 pub struct RefreshError {
     pub kind: RefreshErrorKind,
     pub message: String,
+    /// The OAuth `error` code the endpoint answered, when it gave one (the device flow acts on
+    /// `authorization_pending`, `slow_down`, `access_denied` and `expired_token`).
+    pub code: Option<String>,
 }
 
 impl RefreshErrorKind {
@@ -69,7 +72,7 @@ impl RefreshErrorKind {
 
 impl RefreshError {
     pub fn new(kind: RefreshErrorKind, message: impl Into<String>) -> RefreshError {
-        RefreshError { kind, message: message.into() }
+        RefreshError { kind, message: message.into(), code: None }
     }
 
     /// What a person should do about it: the `action` of the 502 body. `location` is where the
@@ -103,6 +106,8 @@ pub struct IssuedToken {
     pub expires_at: OffsetDateTime,
     pub token_type: Option<String>,
     pub scope: Option<String>,
+    /// Every field of the token object the endpoint answered (a first token file keeps them).
+    pub fields: Map<String, Value>,
 }
 
 impl std::fmt::Debug for IssuedToken {
@@ -135,31 +140,109 @@ impl OAuthClient {
         Ok(OAuthClient { http })
     }
 
-    /// One request to the token endpoint. `refresh_token` is needed for the `refresh_token` grant.
+    /// One request to the token endpoint with the configured grant. `refresh_token` is needed
+    /// for the `refresh_token` grant.
     pub async fn request_token(
         &self,
         config: &OAuthConfig,
         refresh_token: Option<&str>,
     ) -> Result<IssuedToken, RefreshError> {
+        let grant = match config.grant {
+            Grant::RefreshToken => TokenGrant::RefreshToken(refresh_token.ok_or_else(|| {
+                RefreshError::new(RefreshErrorKind::InvalidGrant, "the token file holds no refresh_token")
+            })?),
+            Grant::ClientCredentials => TokenGrant::ClientCredentials,
+        };
+        self.token_request(config, grant).await
+    }
+
+    /// One request to the token endpoint for `grant`, with the configured client authentication
+    /// and `extra_params`.
+    pub async fn token_request(
+        &self,
+        config: &OAuthConfig,
+        grant: TokenGrant<'_>,
+    ) -> Result<IssuedToken, RefreshError> {
         let mut form: Vec<(&str, String)> = Vec::new();
-        match config.grant {
-            Grant::RefreshToken => {
-                let refresh_token = refresh_token.ok_or_else(|| {
-                    RefreshError::new(RefreshErrorKind::InvalidGrant, "the token file holds no refresh_token")
-                })?;
+        match grant {
+            TokenGrant::RefreshToken(refresh_token) => {
                 form.push(("grant_type", "refresh_token".into()));
                 form.push(("refresh_token", refresh_token.into()));
             }
-            Grant::ClientCredentials => form.push(("grant_type", "client_credentials".into())),
+            TokenGrant::ClientCredentials => form.push(("grant_type", "client_credentials".into())),
+            TokenGrant::AuthorizationCode { code, redirect_uri, code_verifier } => {
+                form.push(("grant_type", "authorization_code".into()));
+                form.push(("code", code.into()));
+                form.push(("redirect_uri", redirect_uri.into()));
+                if let Some(verifier) = code_verifier {
+                    form.push(("code_verifier", verifier.into()));
+                }
+            }
+            TokenGrant::DeviceCode(device_code) => {
+                form.push(("grant_type", DEVICE_CODE_GRANT.into()));
+                form.push(("device_code", device_code.into()));
+            }
         }
+        if !config.scope.is_empty()
+            && matches!(grant, TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials)
+        {
+            form.push(("scope", config.scope.clone()));
+        }
+        let (status, retry_after, json) = self.post_form(config, &config.token_url, form).await?;
+        classify(config, status, retry_after, json)
+    }
+
+    /// RFC 8628 §3.1: asks `device_authorization_url` for a device code and a user code.
+    pub async fn device_authorization(
+        &self,
+        config: &OAuthConfig,
+    ) -> Result<DeviceAuthorization, RefreshError> {
+        let url = config.device_authorization_url.as_ref().ok_or_else(|| {
+            RefreshError::new(RefreshErrorKind::InvalidClient, "no device_authorization_url is configured")
+        })?;
+        let mut form: Vec<(&str, String)> = Vec::new();
         if !config.scope.is_empty() {
             form.push(("scope", config.scope.clone()));
         }
+        let (status, _, json) = self.post_form(config, url, form).await?;
+        let json = json.unwrap_or(Value::Null);
+        let text =
+            |k: &str| json.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+        let seconds = |k: &str| json.get(k).and_then(Value::as_u64);
+        // Google says `verification_url`.
+        let verification_uri = text("verification_uri").or_else(|| text("verification_url"));
+        match (status, text("device_code"), text("user_code"), verification_uri) {
+            (200..=299, Some(device_code), Some(user_code), Some(verification_uri)) => {
+                Ok(DeviceAuthorization {
+                    device_code,
+                    user_code,
+                    verification_uri,
+                    verification_uri_complete: text("verification_uri_complete"),
+                    expires_in: Duration::from_secs(seconds("expires_in").unwrap_or(1800)),
+                    interval: Duration::from_secs(seconds("interval").unwrap_or(5).max(1)),
+                })
+            }
+            _ if status >= 500 => Err(RefreshError::new(
+                RefreshErrorKind::ServerError,
+                format!("HTTP {status} from the device authorization endpoint"),
+            )),
+            _ => Err(oauth_error(status, &json)),
+        }
+    }
+
+    /// POSTs `form` with the configured client authentication and `extra_params`; the status,
+    /// `Retry-After` and the body as JSON (`None` when it is not JSON).
+    async fn post_form(
+        &self,
+        config: &OAuthConfig,
+        url: &http::Uri,
+        mut form: Vec<(&str, String)>,
+    ) -> Result<(u16, Option<Duration>, Option<Value>), RefreshError> {
         for (k, v) in &config.extra_params {
             form.push((k.as_str(), v.clone()));
         }
         let secret = read_secret(&config.client_secret)?;
-        let mut request = self.http.post(config.token_url.to_string()).header("accept", "application/json");
+        let mut request = self.http.post(url.to_string()).header("accept", "application/json");
         match config.client_auth {
             ClientAuth::Basic => request = request.basic_auth(&config.client_id, secret.as_deref()),
             ClientAuth::Post => {
@@ -183,9 +266,36 @@ impl OAuthClient {
                 format!("reading the token response: {}", error_chain(&e)),
             )
         })?;
-        let json: Option<Value> = serde_json::from_slice(&body).ok();
-        classify(config, status.as_u16(), retry_after, json)
+        Ok((status.as_u16(), retry_after, serde_json::from_slice(&body).ok()))
     }
+}
+
+/// The grant of a token request.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenGrant<'a> {
+    RefreshToken(&'a str),
+    ClientCredentials,
+    /// RFC 6749 §4.1.3, with the PKCE verifier when the flow sent a challenge.
+    AuthorizationCode {
+        code: &'a str,
+        redirect_uri: &'a str,
+        code_verifier: Option<&'a str>,
+    },
+    /// RFC 8628 §3.4.
+    DeviceCode(&'a str),
+}
+
+/// RFC 8628's grant type.
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// A device authorization (RFC 8628 §3.2).
+pub struct DeviceAuthorization {
+    pub device_code: String,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub expires_in: Duration,
+    pub interval: Duration,
 }
 
 /// Turns a token endpoint's answer into a token or a classified error.
@@ -245,6 +355,7 @@ fn issued(object: &Map<String, Value>, access_token: &str) -> IssuedToken {
         expires_at,
         token_type: text("token_type"),
         scope: text("scope"),
+        fields: object.clone(),
     }
 }
 
@@ -276,7 +387,7 @@ fn oauth_error(status: u16, json: &Value) -> RefreshError {
     if code.is_empty() && (200..300).contains(&status) {
         message += ": no access_token in the response";
     }
-    RefreshError::new(kind, message)
+    RefreshError { code: (!code.is_empty()).then(|| code.to_string()), ..RefreshError::new(kind, message) }
 }
 
 /// `Retry-After` as seconds or an HTTP date.
@@ -340,6 +451,11 @@ mod tests {
             extra_params: Default::default(),
             response_pointer: pointer.into(),
             refresh_before: Duration::from_secs(300),
+            authorize_url: None,
+            device_authorization_url: None,
+            authorize_params: Default::default(),
+            pkce: true,
+            redirect_uri: String::new(),
         }
     }
 

@@ -336,6 +336,7 @@ mod tests {
             expires_at: now + time::Duration::hours(1),
             token_type: None,
             scope: None,
+            fields: Map::new(),
         };
         let fields = refreshed_fields(&previous, &issued, now);
         assert_eq!(fields["access_token"], "new");

@@ -247,6 +247,35 @@ impl Provider {
         credential
     }
 
+    /// After a person connected `account` (SPEC §9): reads its newly stored token into the cache
+    /// now, without waiting for the watcher, and returns the token in use afterwards. A changed
+    /// document also clears `needs_reauth` and any backoff.
+    pub async fn adopt_connected(&self, account: Option<&str>) -> Option<Arc<Token>> {
+        let credential = match self.single() {
+            Some(single) => single.clone(),
+            None => {
+                let name = account?;
+                match self.loaded_account(name) {
+                    Some(loaded) => loaded,
+                    // Not loaded yet: loading it reads the new document.
+                    None => return self.credential_for(Some(name)).await.ok()?.current(),
+                }
+            }
+        };
+        self.reload(&credential).await;
+        credential.current()
+    }
+
+    /// The token endpoint settings, for onboarding.
+    pub fn oauth(&self) -> Option<&crate::config::OAuthConfig> {
+        self.config.oauth.as_ref()
+    }
+
+    /// The store this provider's tokens live in.
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
+    }
+
     /// Loads the accounts that start loaded: a single-account provider's one, a multi-account
     /// provider's `default_account`.
     async fn load_at_start(&self) {
@@ -343,7 +372,7 @@ impl Provider {
     }
 
     /// What the store keys a credential by.
-    pub(super) fn key<'a>(&'a self, cred: &'a Credential) -> Key<'a> {
+    pub fn key<'a>(&'a self, cred: &'a Credential) -> Key<'a> {
         Key { provider: self.name(), account: cred.account() }
     }
 

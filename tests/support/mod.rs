@@ -727,6 +727,35 @@ struct TokenState {
     /// Scripted answers, used before normal behaviour: (status, JSON body).
     script: std::collections::VecDeque<(u16, String)>,
     forms: Vec<std::collections::HashMap<String, String>>,
+    /// Authorization codes not yet exchanged.
+    codes: std::collections::HashMap<String, IssuedCode>,
+    /// The query of every authorization request.
+    authorize_requests: Vec<std::collections::HashMap<String, String>>,
+    /// How the person answers the consent screen.
+    consent: Consent,
+    /// The device flow's answers to each poll, in order; then "approve".
+    device_answers: std::collections::VecDeque<&'static str>,
+    /// When each device poll arrived.
+    device_polls: Vec<Instant>,
+}
+
+/// A code the mock's authorization endpoint issued, with what its exchange must present.
+#[derive(Clone)]
+struct IssuedCode {
+    redirect_uri: String,
+    challenge: Option<String>,
+}
+
+/// What the mock's consent screen does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consent {
+    /// Redirects straight back with a code.
+    #[default]
+    Allow,
+    /// Redirects back with `error=access_denied`.
+    Deny,
+    /// Shows a page with "Allow" and "Deny" buttons (a real browser clicks one).
+    Page,
 }
 
 /// A token endpoint on 127.0.0.1 that issues `at-N` / `rt-N` tokens and registers each access
@@ -845,7 +874,99 @@ impl MockTokenEndpoint {
         )
     }
 
+    /// The authorization endpoint's URL.
+    pub fn authorize_url(&self) -> String {
+        format!("http://{}/oauth/authorize", self.addr)
+    }
+
+    /// The device authorization endpoint's URL.
+    pub fn device_url(&self) -> String {
+        format!("http://{}/oauth/device", self.addr)
+    }
+
+    pub fn set_consent(&self, consent: Consent) {
+        self.state.lock().unwrap().consent = consent;
+    }
+
+    /// The next device polls' answers: "pending", "slow_down", "deny", "expired" (then "approve").
+    pub fn device_answers(&self, answers: &[&'static str]) {
+        self.state.lock().unwrap().device_answers.extend(answers.iter().copied());
+    }
+
+    pub fn device_polls(&self) -> Vec<Instant> {
+        self.state.lock().unwrap().device_polls.clone()
+    }
+
+    /// The query parameters of every authorization request so far.
+    pub fn authorize_requests(&self) -> Vec<std::collections::HashMap<String, String>> {
+        self.state.lock().unwrap().authorize_requests.clone()
+    }
+
+    /// The forms of every token request so far.
+    pub fn forms(&self) -> Vec<std::collections::HashMap<String, String>> {
+        self.state.lock().unwrap().forms.clone()
+    }
+
+    /// `GET /oauth/authorize`: checks the client and the redirect URI, then answers as the
+    /// consent setting says; `GET /oauth/authorize/decide?…&allow=1` is the consent page's button.
+    fn authorize(&self, path: &str, query: &str) -> Response<Body> {
+        let q = parse_form(query);
+        let mut state = self.state.lock().unwrap();
+        if path == "/oauth/authorize" {
+            state.authorize_requests.push(q.clone());
+        }
+        if q.get("client_id") != Some(&self.client_id)
+            || q.get("response_type").map(String::as_str) != Some("code")
+        {
+            return respond(StatusCode::BAD_REQUEST, "unknown client or response_type".into());
+        }
+        let Some(redirect) = q.get("redirect_uri").cloned() else {
+            return respond(StatusCode::BAD_REQUEST, "no redirect_uri".into());
+        };
+        let consent = match (path, q.get("allow").map(String::as_str)) {
+            ("/oauth/authorize/decide", Some("1")) => Consent::Allow,
+            ("/oauth/authorize/decide", _) => Consent::Deny,
+            _ => state.consent,
+        };
+        let back = |extra: String| {
+            let mut r = respond(StatusCode::FOUND, String::new());
+            let state_param =
+                q.get("state").map(|s| format!("&state={}", encode_component(s))).unwrap_or_default();
+            r.headers_mut().insert("location", format!("{redirect}?{extra}{state_param}").parse().unwrap());
+            r
+        };
+        match consent {
+            Consent::Deny => back("error=access_denied&error_description=The+user+denied+access".into()),
+            Consent::Allow => {
+                state.issued += 1;
+                let code = format!("code-{}", state.issued);
+                let challenge = match q.get("code_challenge_method").map(String::as_str) {
+                    Some("S256") => q.get("code_challenge").cloned(),
+                    _ => None,
+                };
+                state.codes.insert(code.clone(), IssuedCode { redirect_uri: redirect.clone(), challenge });
+                back(format!("code={code}"))
+            }
+            Consent::Page => {
+                let mut r = respond(
+                    StatusCode::OK,
+                    format!(
+                        "<!doctype html><title>Mock consent</title><h1>Allow tokenproxy-test to act for you?</h1>\
+                         <a id=\"allow\" href=\"/oauth/authorize/decide?{query}&allow=1\">Allow</a> \
+                         <a id=\"deny\" href=\"/oauth/authorize/decide?{query}&allow=0\">Deny</a>"
+                    ),
+                );
+                r.headers_mut().insert("content-type", "text/html".parse().unwrap());
+                r
+            }
+        }
+    }
+
     async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if path.starts_with("/oauth/authorize") {
+            return self.authorize(&path, req.uri().query().unwrap_or(""));
+        }
         let (parts, body) = req.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let form = parse_form(&String::from_utf8_lossy(&body));
@@ -907,7 +1028,66 @@ impl MockTokenEndpoint {
             }
         }
         let mut new_refresh = None;
+        if path == "/oauth/device" {
+            state.issued += 1;
+            let body = serde_json::json!({
+                "device_code": format!("dc-{}", state.issued),
+                "user_code": "WDJB-MJHT",
+                "verification_uri": format!("http://{}/device", self.addr),
+                "verification_uri_complete": format!("http://{}/device?user_code=WDJB-MJHT", self.addr),
+                "expires_in": 30,
+                "interval": 1,
+            });
+            return json(200, body.to_string());
+        }
         match form.get("grant_type").map(String::as_str) {
+            Some("authorization_code") => {
+                let code = form.get("code").cloned().unwrap_or_default();
+                let Some(issued) = state.codes.remove(&code) else {
+                    return json(
+                        400,
+                        r#"{"error":"invalid_grant","error_description":"unknown or used code"}"#.into(),
+                    );
+                };
+                if form.get("redirect_uri") != Some(&issued.redirect_uri) {
+                    return json(
+                        400,
+                        r#"{"error":"invalid_grant","error_description":"redirect_uri mismatch"}"#.into(),
+                    );
+                }
+                let verified = match (&issued.challenge, form.get("code_verifier")) {
+                    (Some(challenge), Some(verifier)) => {
+                        use base64::Engine;
+                        use sha2::Digest;
+                        let digest = sha2::Sha256::digest(verifier.as_bytes());
+                        &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest) == challenge
+                    }
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !verified {
+                    return json(
+                        400,
+                        r#"{"error":"invalid_grant","error_description":"PKCE verification failed"}"#.into(),
+                    );
+                }
+                let next = format!("rt-{}", state.issued + 1);
+                state.valid_refresh.insert(next.clone());
+                new_refresh = Some(next);
+            }
+            Some("urn:ietf:params:oauth:grant-type:device_code") => {
+                state.device_polls.push(Instant::now());
+                match state.device_answers.pop_front().unwrap_or("approve") {
+                    "pending" => return json(400, r#"{"error":"authorization_pending"}"#.into()),
+                    "slow_down" => return json(400, r#"{"error":"slow_down"}"#.into()),
+                    "deny" => return json(400, r#"{"error":"access_denied"}"#.into()),
+                    "expired" => return json(400, r#"{"error":"expired_token"}"#.into()),
+                    _ => {}
+                }
+                let next = format!("rt-{}", state.issued + 1);
+                state.valid_refresh.insert(next.clone());
+                new_refresh = Some(next);
+            }
             Some("refresh_token") => {
                 let presented = form.get("refresh_token").cloned().unwrap_or_default();
                 if !state.valid_refresh.contains(&presented) {
@@ -964,6 +1144,17 @@ impl MockTokenEndpoint {
         };
         json(200, body.to_string())
     }
+}
+
+/// Percent-encodes a query component.
+pub fn encode_component(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn rt_number(token: &str) -> i64 {
