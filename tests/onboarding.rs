@@ -413,6 +413,90 @@ async fn the_connect_page_lists_accounts_and_escapes_what_it_shows() {
     }
 }
 
+/// The page in a real browser at phone width: type an account name, click Connect, click Allow
+/// on the mock's consent page, read the result, go back and see the account connected with a
+/// live countdown. Screenshots are saved under `target/screenshots/` for review.
+#[tokio::test]
+async fn the_connect_page_works_in_a_real_headless_browser() {
+    let usable = client_available(
+        "chromium with chromedriver and selenium",
+        std::process::Command::new("python3").args([
+            "-c",
+            "import selenium, shutil, sys; sys.exit(not (shutil.which('chromium') and shutil.which('chromedriver')))",
+        ]),
+    );
+    if !usable {
+        return;
+    }
+    let setup = Setup::new(AuthStyle::Basic).await;
+    setup.endpoint.set_consent(Consent::Page);
+    let dir = tempdir();
+    let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/connect_browser.py");
+    let mut command = tokio::process::Command::new("python3");
+    command
+        .arg(&script)
+        .arg(format!("http://{}", proxy.admin))
+        .args(["people", "zoe@example.com"])
+        .arg(&shots);
+    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        command.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output()).await.unwrap().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}\n{}", String::from_utf8_lossy(&out.stderr));
+    let said = |key: &str| {
+        printed.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_default().to_string()
+    };
+    assert_eq!(said("result"), "ok", "{printed}");
+    assert!(said("sentence").starts_with("Connected"), "{printed}");
+    assert_eq!(said("state"), "valid", "{printed}");
+    assert_eq!(said("button"), "Reconnect", "{printed}");
+    let countdown = said("countdown");
+    let (first, later) = countdown.split_once(" | ").unwrap();
+    assert!(first.starts_with("expires in") && first != later, "the countdown moves: {countdown}");
+    assert_eq!(said("overflows"), "False", "the page fits a phone's width");
+    for shot in ["connect-result.png", "connect-page.png"] {
+        assert!(std::fs::metadata(shots.join(shot)).unwrap().len() > 1000, "{shot}");
+    }
+    // The account is connected for real: a request for it carries its token.
+    let response = proxy
+        .client()
+        .get(setup.api.url("/v1/me"))
+        .header("tokenproxy-account", "zoe@example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// Python `requests` as the cookie-keeping client a script would use: a Session follows the
+/// redirects through /connect, the consent and the callback with its cookie jar.
+#[tokio::test]
+async fn python_requests_session_follows_the_whole_flow() {
+    if !python_requests_available() {
+        return;
+    }
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
+    let script = format!(
+        r#"
+s = requests.Session()
+s.trust_env = False
+r = s.get("http://{admin}/connect/people?account=yan", timeout=20)
+print(r.status_code, r.headers.get("x-tokenproxy-authorization"), len(r.history))
+"#,
+        admin = proxy.admin
+    );
+    let (ok, out, err) = python(&script, &[]).await;
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(out.trim(), "200 ok 2", "/connect and the consent redirected, the callback answered");
+    assert!(read_json(&dir.path().join("tokens/yan.json"))["access_token"].is_string());
+}
+
 /// `tokenproxy authorize` with the proxy not running: it serves the callback itself, prints the
 /// link and the countdown, and exits 0 once the file is written and read back.
 #[tokio::test]
