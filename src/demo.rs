@@ -4,8 +4,9 @@
 //! not revoked, and its OAuth token endpoint (rotating refresh tokens). tokenproxy runs in front
 //! of it with a token file in a temporary folder, and the demo sends calls through it: a fresh
 //! token, an expired one, one the provider revoked, and an HTTPS call that tokenproxy intercepts
-//! (the provider also serves TLS, from a throw-away CA that tokenproxy is told to trust). Then it
-//! keeps serving for `curl -x`.
+//! (the provider also serves TLS, from a throw-away CA that tokenproxy is told to trust), and
+//! connects the provider through `/connect` and the provider's consent page (SPEC §9). Then it
+//! keeps serving for `curl -x` and a person's browser.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -42,6 +43,9 @@ struct ProviderState {
     token_calls: u32,
     /// (status, fingerprint of the token) of every API call.
     api_calls: Vec<(u16, String)>,
+    /// Authorization codes issued by the consent page: the PKCE challenge and redirect URI their
+    /// exchange must match.
+    codes: HashMap<String, (Option<String>, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -86,6 +90,9 @@ impl DemoProvider {
     }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.uri().path().starts_with("/oauth/authorize") {
+            return self.consent(req.uri().path(), req.uri().query().unwrap_or(""));
+        }
         if req.uri().path() == "/oauth/token" {
             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             return self.token_endpoint(&String::from_utf8_lossy(&body));
@@ -111,12 +118,62 @@ impl DemoProvider {
         }
     }
 
+    /// The provider's consent page (`/oauth/authorize`), whose Allow and Deny links go to
+    /// `/oauth/authorize/decide`, which sends the browser back with a code or `access_denied`.
+    fn consent(&self, path: &str, query: &str) -> Response<Full<Bytes>> {
+        let q = form_fields(query);
+        let Some(redirect) =
+            q.get("redirect_uri").filter(|_| q.get("client_id").map(String::as_str) == Some(CLIENT_ID))
+        else {
+            return reply(400, json!({"error": "invalid_request"}));
+        };
+        if path == "/oauth/authorize" {
+            let html = format!(
+                "<!doctype html><meta name=viewport content=\"width=device-width\"><title>Demo provider</title>\
+                 <body style=\"font-family:system-ui;max-width:30rem;margin:3rem auto;padding:0 1rem\">\
+                 <h1>Demo provider</h1><p>Allow <b>tokenproxy demo</b> to call the demo API for you?</p>\
+                 <p><a id=allow href=\"/oauth/authorize/decide?allow=1&{query}\">Allow</a> &nbsp; \
+                 <a id=deny href=\"/oauth/authorize/decide?allow=0&{query}\">Deny</a></p>"
+            );
+            let mut response = Response::new(Full::new(Bytes::from(html)));
+            response.headers_mut().insert("content-type", http::HeaderValue::from_static("text/html"));
+            return response;
+        }
+        let state = crate::onboarding::encode(q.get("state").map(String::as_str).unwrap_or(""));
+        let back = if q.get("allow").map(String::as_str) == Some("1") {
+            let code = self.mint("code");
+            let challenge = q.get("code_challenge").cloned();
+            self.state().codes.insert(code.clone(), (challenge, redirect.clone()));
+            format!("{redirect}?code={code}&state={state}")
+        } else {
+            format!("{redirect}?error=access_denied&state={state}")
+        };
+        let mut response = reply(302, json!({}));
+        if let Ok(location) = http::HeaderValue::from_str(&back) {
+            response.headers_mut().insert("location", location);
+        }
+        response
+    }
+
     fn token_endpoint(&self, body: &str) -> Response<Full<Bytes>> {
-        let form: HashMap<&str, &str> = body.split('&').filter_map(|kv| kv.split_once('=')).collect();
+        let form = form_fields(body);
+        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
         let mut state = self.state();
         state.token_calls += 1;
-        let presented = form.get("refresh_token").copied().unwrap_or("");
-        if form.get("grant_type") != Some(&"refresh_token") || !state.valid_refresh.remove(presented) {
+        let granted = match field("grant_type") {
+            "refresh_token" => state.valid_refresh.remove(field("refresh_token")),
+            "authorization_code" => match state.codes.remove(field("code")) {
+                Some((challenge, redirect)) => {
+                    let verified = challenge.is_none_or(|c| {
+                        crate::onboarding::pending::code_challenge(field("code_verifier")) == c
+                    });
+                    verified && redirect == field("redirect_uri")
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if !granted {
             return reply(400, json!({"error": "invalid_grant"}));
         }
         state.issued += 1;
@@ -130,6 +187,11 @@ impl DemoProvider {
     }
 }
 
+/// `a=1&b=x%20y` as fields.
+fn form_fields(text: &str) -> HashMap<String, String> {
+    crate::onboarding::http::parse_query(Some(text)).into_iter().collect()
+}
+
 fn reply(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -137,11 +199,11 @@ fn reply(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {
     response
 }
 
-/// `preferred` when it is free, else any free port: the demo should not fail because 8080 is
-/// taken.
+/// `preferred` when it is free, else a free port: the demo should not fail because 8080 is taken
+/// (and the admin listener needs a port of its own: the callback URL names it).
 fn free_or_any(preferred: &str) -> String {
-    match std::net::TcpListener::bind(preferred) {
-        Ok(_) => preferred.to_string(),
+    match std::net::TcpListener::bind(preferred).or_else(|_| std::net::TcpListener::bind("127.0.0.1:0")) {
+        Ok(listener) => listener.local_addr().map_or_else(|_| "127.0.0.1:0".into(), |a| a.to_string()),
         Err(_) => "127.0.0.1:0".to_string(),
     }
 }
@@ -220,6 +282,7 @@ token_url = "http://{provider_addr}/oauth/token"
 client_id = "{CLIENT_ID}"
 client_secret = "{CLIENT_SECRET}"
 refresh_before = "1m"
+authorize_url = "http://{provider_addr}/oauth/authorize"   # the demo provider's consent page
 "#,
             proxy = free_or_any("127.0.0.1:8080"),
             admin = free_or_any("127.0.0.1:9090"),
@@ -316,6 +379,16 @@ refresh_before = "1m"
         provider_ca_pem.display()
     );
 
+    // 5. A person connects the provider through /connect: here the demo plays the browser.
+    let connect_url = format!("http://{}/connect/demo", running.admin_addr);
+    let (status, result) = click_through_consent(&connect_url).await?;
+    println!("5. A person connects the provider in a browser, starting at {connect_url}");
+    println!("   /connect sent the browser to the provider's consent page, the demo clicked Allow,");
+    println!(
+        "   and the callback answered {status} ({result}): the token in use is now {}, written to the file\n",
+        demo.single().and_then(|c| c.current()).map(|t| t.fingerprint.clone()).unwrap_or_default()
+    );
+
     let view =
         demo.view(demo.single().expect("the demo provider has one account"), OffsetDateTime::now_utc());
     let token_calls = provider.state().token_calls;
@@ -333,10 +406,41 @@ refresh_before = "1m"
     println!("Try it yourself:");
     println!("  curl -x http://{} {api_url}", running.proxy_addr);
     println!("  curl --cacert {} -x http://{} {https_url}", ca_pem.display(), running.proxy_addr);
+    println!(
+        "  open http://{}/connect in a browser and connect again (the consent page has Allow and Deny)",
+        running.admin_addr
+    );
     println!("Ctrl-C to stop.");
     running.serve_until_signal().await?;
     drop(dir);
     Ok(())
+}
+
+/// What a person's browser does with the /connect link: follows it to the consent page, clicks
+/// Allow, and goes back to the callback with its cookie. Returns the callback's status and result.
+async fn click_through_consent(connect_url: &str) -> anyhow::Result<(StatusCode, String)> {
+    let browser = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()?;
+    let location = |r: &reqwest::Response| -> anyhow::Result<String> {
+        let value = r.headers().get("location").context("a redirect")?;
+        Ok(value.to_str()?.to_string())
+    };
+    let start = browser.get(connect_url).send().await?;
+    let cookie = start.headers().get("set-cookie").context("the flow's cookie")?.to_str()?;
+    let cookie = cookie.split(';').next().unwrap_or_default().to_string();
+    let allow = location(&start)?.replacen("/oauth/authorize?", "/oauth/authorize/decide?allow=1&", 1);
+    let callback = location(&browser.get(&allow).send().await?)?;
+    let done = browser.get(&callback).header("cookie", cookie).send().await?;
+    let result = done
+        .headers()
+        .get(crate::onboarding::http::RESULT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+        .to_string();
+    Ok((done.status(), result))
 }
 
 /// "1 retry", "2 retries".

@@ -43,6 +43,11 @@ fn the_demo_shows_injection_refresh_and_retry_then_stops_cleanly_on_ctrl_c() {
     );
     assert_eq!(text.matches("-> 200 OK").count(), 3, "{text}");
     assert!(
+        text.contains("5. A person connects the provider")
+            && text.contains("the callback answered 200 OK (ok)"),
+        "{text}"
+    );
+    assert!(
         !text.contains("demo-access-") && !text.contains("demo-refresh-"),
         "no token value in the output"
     );
