@@ -184,14 +184,22 @@ fn check_view(provider: &Provider, view: &TokenView, location: &str, problems: &
     // cannot serve a single request without one.
     let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant == Grant::ClientCredentials);
     match view.state {
-        TokenState::Missing if !creates_its_file => problems.push(format!(
-            "{what}: {location} does not exist{}",
-            if pc.oauth.is_some() {
-                " (a refresh_token grant needs a first refresh token in it)"
-            } else {
-                ""
-            }
-        )),
+        TokenState::Missing if !creates_its_file => {
+            let connect = pc
+                .oauth
+                .as_ref()
+                .filter(|o| o.authorize_url.is_some() || o.device_authorization_url.is_some());
+            let account = view.account.as_deref().map(|a| format!(" --account {a}")).unwrap_or_default();
+            problems.push(format!(
+                "{what}: {location} does not exist{}",
+                match (connect, &pc.oauth) {
+                    (Some(_), _) =>
+                        format!(" (get the first token with `tokenproxy authorize {}{account}`)", pc.name),
+                    (None, Some(_)) => " (a refresh_token grant needs a first refresh token in it)".into(),
+                    (None, None) => String::new(),
+                }
+            ))
+        }
         TokenState::Error => problems
             .push(format!("{what}: {}", view.last_error.clone().unwrap_or_else(|| "token unusable".into()))),
         _ => {}

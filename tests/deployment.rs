@@ -72,8 +72,10 @@ fn check_after_seeding(config: &std::path::Path, seed: &str) {
         let missing = problem
             .split("token file ")
             .nth(1)
-            .and_then(|rest| rest.split(" does not exist (a refresh_token grant needs").next())
-            .filter(|_| problem.contains("needs a first refresh token"))
+            .and_then(|rest| rest.split(" does not exist (").next())
+            .filter(|_| {
+                problem.contains("needs a first refresh token") || problem.contains("tokenproxy authorize")
+            })
             .unwrap_or_else(|| panic!("{}: an unexpected problem: {problem}", config.display()));
         std::fs::create_dir_all(std::path::Path::new(missing).parent().unwrap()).unwrap();
         std::fs::write(missing, seed).unwrap();
@@ -249,6 +251,7 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
         ("providers.NAME", "[providers.x]\nzz_probe = 1\n"),
         ("providers.NAME.oauth", "[providers.x.oauth]\nzz_probe = 1\n"),
         ("routes", "[[routes]]\nzz_probe = 1\n"),
+        ("onboarding", "[onboarding]\nzz_probe = 1\n"),
     ];
     for (section, probe) in probes {
         let mut accepted = accepted_keys(probe);
@@ -339,6 +342,28 @@ fn the_readme_defaults_are_the_codes_defaults() {
         ),
         ("providers.NAME.oauth.response_pointer", format!("{:?}", o.response_pointer)),
         ("providers.NAME.oauth.refresh_before", duration(o.refresh_before)),
+        (
+            "providers.NAME.oauth.authorize_url",
+            format!("{:?}", o.authorize_url.as_ref().map_or(String::new(), |u| u.to_string())),
+        ),
+        (
+            "providers.NAME.oauth.device_authorization_url",
+            format!("{:?}", o.device_authorization_url.as_ref().map_or(String::new(), |u| u.to_string())),
+        ),
+        (
+            "providers.NAME.oauth.authorize_params",
+            if o.authorize_params.is_empty() { "{}".into() } else { "?".into() },
+        ),
+        ("providers.NAME.oauth.pkce", o.pkce.to_string()),
+        (
+            "providers.NAME.oauth.redirect_uri",
+            o.redirect_uri.replace(&c.admin_listen.to_string(), "<admin.listen>"),
+        ),
+        (
+            "onboarding.state_dir",
+            c.onboarding.state_dir.strip_prefix(dir.path()).unwrap().display().to_string(),
+        ),
+        ("onboarding.state_ttl", duration(c.onboarding.state_ttl)),
     ];
     let readme = std::fs::read_to_string(repo("README.md")).unwrap();
     let table = readme.split("## Configuration").nth(1).unwrap().split("\n## ").next().unwrap();

@@ -159,7 +159,11 @@ async fn the_browser_flow_connects_an_account_with_pkce_and_the_proxy_uses_its_t
         .await
         .unwrap();
     assert_eq!(before.status(), StatusCode::BAD_GATEWAY);
-    assert!(before.text().await.unwrap().contains("/connect"));
+    let body = before.text().await.unwrap();
+    assert!(
+        body.contains("tokenproxy authorize people --account alice") && body.contains("/connect"),
+        "{body}"
+    );
 
     let mut browser = Browser::new();
     let start = browser.get(&format!("{admin}/connect/people?account=alice")).await;
@@ -319,6 +323,8 @@ async fn every_failure_has_its_own_answer_and_nothing_says_connected() {
     // A state never issued.
     let (_, result, _) = browser.finish(&format!("{admin}/oauth/callback?code=x&state=made-up")).await;
     assert_eq!(result, "state_unknown");
+    let unknown = proxy.metric("tokenproxy_authorizations_total", &[("result", "state_unknown")]).await;
+    assert_eq!(unknown, 2.0);
     // The right browser still finishes the first flow, were it not for the 1 s state_ttl.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (status, result, page) = browser.finish(&callback).await;

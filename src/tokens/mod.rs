@@ -625,10 +625,8 @@ impl Provider {
         let shown = self.shown_location(cred);
         let (reason, action) = match why {
             Unavailable::Refresh(e) => {
-                let action = match cred.account() {
-                    Some(account) if e.kind == crate::oauth::RefreshErrorKind::InvalidGrant => {
-                        self.authorize_action(account, cred)
-                    }
+                let action = match e.kind {
+                    crate::oauth::RefreshErrorKind::InvalidGrant => self.authorize_action(cred),
                     _ => e.action(&self.location(cred)),
                 };
                 (e.to_string(), action)
@@ -638,13 +636,12 @@ impl Provider {
                 "look at /tokens in a moment; if this persists, check the token endpoint's health".into(),
             ),
             Unavailable::NoToken => match (self.view(cred, OffsetDateTime::now_utc()), cred.account()) {
-                (view, Some(account)) if view.state == TokenState::Missing => {
-                    (format!("the account has no token yet ({shown})"), self.authorize_action(account, cred))
+                (view, Some(_)) if view.state == TokenState::Missing => {
+                    (format!("the account has no token yet ({shown})"), self.authorize_action(cred))
                 }
-                (view, _) if view.state == TokenState::Missing => (
-                    format!("{shown} does not exist"),
-                    format!("write the token to {shown}; it is picked up without a restart"),
-                ),
+                (view, None) if view.state == TokenState::Missing => {
+                    (format!("{shown} does not exist"), self.authorize_action(cred))
+                }
                 (view, _) => (
                     view.last_error.unwrap_or_else(|| "no token loaded".into()),
                     format!("fix {shown}; it is picked up without a restart"),
@@ -659,13 +656,33 @@ impl Provider {
         }
     }
 
-    /// What gets an account its first token (or a new one after revocation).
-    fn authorize_action(&self, account: &str, cred: &Credential) -> String {
+    /// What gets a credential its first token, or a new one after revocation: the onboarding
+    /// flows (SPEC §9; an account's answer always names them, SPEC §8), else writing the token by
+    /// hand.
+    fn authorize_action(&self, cred: &Credential) -> String {
+        let location = self.location(cred);
+        let oauth = self.config.oauth.as_ref();
+        let browser = oauth.is_some_and(|o| o.authorize_url.is_some());
+        let device = oauth.is_some_and(|o| o.device_authorization_url.is_some());
+        let name = self.name();
+        if cred.account().is_none() && !browser && !device {
+            return format!(
+                "re-authorize: put a new refresh_token (or token) into {location}; tokenproxy picks it up \
+                 without a restart (or set authorize_url in [providers.{name}.oauth] to connect from /connect)"
+            );
+        }
+        let account = cred.account().map(|a| format!(" --account {a}")).unwrap_or_default();
+        let device_only = device && !browser;
+        let command =
+            format!("tokenproxy authorize {name}{account}{}", if device_only { " --device" } else { "" });
+        let page = if device_only { "" } else { ", or use Connect on the admin listener's /connect page" };
+        let setup = if browser || device {
+            String::new()
+        } else {
+            format!(" (once [providers.{name}.oauth] has an authorize_url)")
+        };
         format!(
-            "run `tokenproxy authorize {} --account {account}`, or use Connect on the admin listener's \
-             /connect page; either writes {}, which is picked up without a restart",
-            self.name(),
-            self.location(cred)
+            "re-authorize: run `{command}`{page}{setup}; it writes {location}, which is picked up without a restart"
         )
     }
 
