@@ -369,6 +369,24 @@ async fn every_failure_has_its_own_answer_and_nothing_says_connected() {
     assert_eq!(bad_account.status(), StatusCode::BAD_REQUEST);
 }
 
+/// A person who opens the page as `localhost` while the callback is `127.0.0.1` would lose the
+/// cookie between the two: the start moves to the callback's host first.
+#[tokio::test]
+async fn a_flow_starts_on_the_callbacks_host_so_the_cookie_reaches_it() {
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let _proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
+    let mut browser = Browser::new();
+    let moved =
+        browser.get(&format!("http://localhost:{}/connect/people?account=kim", setup.admin_port)).await;
+    assert_eq!(moved.status(), StatusCode::FOUND);
+    assert!(moved.headers().get("set-cookie").is_none(), "no cookie for the wrong host");
+    assert_eq!(location(&moved), format!("http://127.0.0.1:{}/connect/people?account=kim", setup.admin_port));
+    let callback = browser.consent(&location(&moved)).await;
+    let (_, result, _) = browser.finish(&callback).await;
+    assert_eq!(result, "ok");
+}
+
 #[tokio::test]
 async fn a_flow_started_before_a_restart_finishes_after_it() {
     let setup = Setup::new(AuthStyle::Basic).await;

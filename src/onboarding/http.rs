@@ -76,11 +76,14 @@ impl Onboarding {
         cookie: Option<String>,
     ) -> Response<ProxyBody> {
         // The callback must reach this browser's cookie: start on the redirect_uri's own host
-        // (a person who opened http://localhost:9090 while the callback is 127.0.0.1:9090).
+        // (a person who opened http://localhost:9090 while the callback is 127.0.0.1:9090). Only
+        // for a loopback callback: behind a reverse proxy the Host seen here is not the browser's.
         if let Some(oauth) = self.providers().get(provider).and_then(|p| p.oauth())
             && let Ok(redirect) = oauth.redirect_uri.parse::<http::Uri>()
             && redirect.path() == "/oauth/callback"
             && let (Some(want), Some(host)) = (redirect.authority(), req.headers().get(header::HOST))
+            && is_loopback(want.host())
+            && host.to_str().is_ok_and(|h| is_loopback(h.rsplit_once(':').map_or(h, |(name, _)| name)))
             && !host.as_bytes().eq_ignore_ascii_case(want.as_str().as_bytes())
         {
             let target = format!(
@@ -119,6 +122,12 @@ impl Onboarding {
             }
         }
     }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn flow_cookie<B>(req: &Request<B>) -> Option<String> {
