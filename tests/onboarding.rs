@@ -33,6 +33,13 @@ impl Setup {
         Setup { api, endpoint, admin_port: free_port() }
     }
 
+    /// The multi-account config, written where `tokenproxy authorize --config` reads it.
+    fn write_config(&self, dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("tokenproxy.toml");
+        std::fs::write(&path, self.config(false, "", "")).unwrap();
+        path
+    }
+
     /// A multi-account provider `people` (or single-account `solo` when `single`) with the
     /// browser and device flows on the mock.
     fn config(&self, single: bool, oauth_extra: &str, onboarding_extra: &str) -> String {
@@ -527,16 +534,11 @@ print(r.status_code, r.headers.get("x-tokenproxy-authorization"), len(r.history)
 async fn the_authorize_command_serves_the_callback_itself_when_no_proxy_runs() {
     let setup = Setup::new(AuthStyle::Basic).await;
     let dir = tempdir();
-    let config_path = dir.path().join("tokenproxy.toml");
-    std::fs::write(&config_path, setup.config(false, "", "")).unwrap();
+    let config_path = setup.write_config(dir.path());
     let mut command = authorize_command(&config_path, &["people", "--account", "frank"]);
     let mut child = command.spawn().unwrap();
     let mut lines = output_lines(child.stdout.take().unwrap());
-    let url = eventually(Duration::from_secs(20), "the command prints the link", || {
-        let found = lines.try_next().filter(|l| l.trim_start().starts_with("http://"));
-        async move { found }
-    })
-    .await;
+    let url = lines.link().await;
     let mut browser = Browser::new();
     let callback = browser.consent(url.trim()).await;
     let (status, result, _) = browser.finish(&callback).await;
@@ -559,11 +561,7 @@ async fn the_authorize_command_uses_the_running_proxy_and_names_the_failed_step(
     setup.endpoint.set_consent(Consent::Deny);
     let mut child = authorize_command(&proxy.config_path, &["people", "--account", "gina"]).spawn().unwrap();
     let mut lines = output_lines(child.stdout.take().unwrap());
-    let url = eventually(Duration::from_secs(20), "the command prints the link", || {
-        let found = lines.try_next().filter(|l| l.trim_start().starts_with("http://"));
-        async move { found }
-    })
-    .await;
+    let url = lines.link().await;
     assert!(url.contains(&format!("127.0.0.1:{}/connect/people?account=gina", setup.admin_port)), "{url}");
     let mut browser = Browser::new();
     let callback = browser.consent(url.trim()).await;
@@ -579,8 +577,7 @@ async fn the_authorize_command_uses_the_running_proxy_and_names_the_failed_step(
 async fn the_device_flow_waits_through_pending_and_slow_down_then_connects() {
     let setup = Setup::new(AuthStyle::Basic).await;
     let dir = tempdir();
-    let config_path = dir.path().join("tokenproxy.toml");
-    std::fs::write(&config_path, setup.config(false, "", "")).unwrap();
+    let config_path = setup.write_config(dir.path());
     setup.endpoint.device_answers(&["pending", "slow_down", "pending"]);
     let out = run_to_end(authorize_command(&config_path, &["people", "--account", "hal", "--device"])).await;
     let printed = String::from_utf8_lossy(&out.stdout);
@@ -602,8 +599,7 @@ async fn the_device_flow_waits_through_pending_and_slow_down_then_connects() {
 async fn the_device_flow_reports_denial_and_expiry() {
     let setup = Setup::new(AuthStyle::Basic).await;
     let dir = tempdir();
-    let config_path = dir.path().join("tokenproxy.toml");
-    std::fs::write(&config_path, setup.config(false, "", "")).unwrap();
+    let config_path = setup.write_config(dir.path());
     for (answer, step) in [("deny", "failed: access_denied"), ("expired", "failed: state_expired")] {
         setup.endpoint.device_answers(&[answer]);
         let out =
@@ -652,6 +648,15 @@ fn output_lines(stdout: std::process::ChildStdout) -> Lines {
 }
 
 impl Lines {
+    /// The link the command prints for the person to open.
+    async fn link(&mut self) -> String {
+        eventually(Duration::from_secs(20), "the command prints the link", || {
+            let found = self.try_next().filter(|l| l.trim_start().starts_with("http://"));
+            async move { found }
+        })
+        .await
+    }
+
     fn try_next(&mut self) -> Option<String> {
         let line = self.rx.try_recv().ok()?;
         self.seen.push(line.clone());
