@@ -17,9 +17,10 @@
 # Fully qualified names: podman and other engines without a default registry resolve them too.
 FROM docker.io/library/rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY templates ./templates
+COPY presets ./presets
 COPY benches ./benches
 COPY examples ./examples
 RUN cargo build --locked --release --bin tokenproxy

@@ -52,6 +52,11 @@ pub enum Command {
         #[arg(long)]
         device: bool,
     },
+    /// List the built-in provider presets, or print the config one stands for
+    Presets {
+        /// A preset's name: print the TOML it stands for
+        name: Option<String>,
+    },
     /// Show the running proxy's providers as a table; exit 0 only when all are ready
     Status {
         /// The admin listener [default: http:// + admin.listen from the config, else http://127.0.0.1:9090]
@@ -262,4 +267,53 @@ pub async fn status(admin: &str) -> anyhow::Result<bool> {
     let ready =
         client.get(&readyz).send().await.map_err(|e| anyhow::anyhow!("cannot reach {readyz}: {e}"))?;
     Ok(ready.status().is_success())
+}
+
+/// `tokenproxy presets [NAME]`: the list, or one preset as the config it stands for. Returns
+/// false for an unknown name.
+pub fn presets(name: Option<&str>) -> bool {
+    use crate::presets::Preset;
+    let Some(name) = name else {
+        println!("{:<12} {:<24} {:<8} {:<44} DESCRIPTION", "NAME", "FLOWS", "PARAMS", "HOSTS");
+        for preset in Preset::all() {
+            let params = preset.params();
+            println!(
+                "{:<12} {:<24} {:<8} {:<44} {}",
+                preset.name,
+                preset.flows().join(","),
+                if params.is_empty() { "-".to_string() } else { params.join(",") },
+                preset.hosts().join(", "),
+                preset.description()
+            );
+        }
+        println!(
+            "\nUse one with `preset = \"NAME\"` in a [providers.X] table; `tokenproxy presets NAME` shows what it sets."
+        );
+        return true;
+    };
+    match Preset::get(name) {
+        Ok(preset) => {
+            print!("{}", preset.text);
+            let params = preset.params();
+            println!("\n# To use it, write only what is yours; every key above can be overridden:");
+            println!("#   [providers.{}]", preset.name);
+            println!("#   preset = \"{}\"", preset.name);
+            if !params.is_empty() {
+                let example: Vec<String> = params.iter().map(|p| format!("{p} = \"…\"")).collect();
+                println!("#   preset_params = {{ {} }}", example.join(", "));
+            }
+            println!(
+                "#   token_file = \"tokens/{}.json\"          # or \"tokens/{}/{{account}}.json\" for one token per user",
+                preset.name, preset.name
+            );
+            println!("#   [providers.{}.oauth]", preset.name);
+            println!("#   client_id = \"…\"");
+            println!("#   client_secret_file = \"/run/secrets/{}\"", preset.name);
+            true
+        }
+        Err(e) => {
+            eprintln!("tokenproxy: {e}");
+            false
+        }
+    }
 }

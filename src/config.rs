@@ -162,6 +162,13 @@ struct RawProvider {
     refresh_on_status: Vec<u16>,
     #[serde(default)]
     default_account: String,
+    /// Applied before deserialising (see [`apply_presets`]); kept here so that they are known keys.
+    #[serde(default)]
+    #[allow(dead_code)]
+    preset: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    preset_params: BTreeMap<String, String>,
     oauth: Option<RawOAuth>,
 }
 
@@ -470,6 +477,7 @@ impl Config {
         let figment = Figment::new()
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed("TOKENPROXY_").filter(|k| k.as_str().contains("__")).split("__"));
+        let figment = apply_presets(figment).map_err(|problems| ConfigError { problems })?;
         let raw: RawConfig = figment.extract().map_err(|e| ConfigError {
             problems: e.into_iter().map(|e| describe_figment_error(path, &e)).collect(),
         })?;
@@ -506,6 +514,45 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// Puts each provider's preset (SPEC §10) under its own keys: a key the config sets wins, a key
+/// it leaves out comes from the preset.
+fn apply_presets(figment: Figment) -> Result<Figment, Vec<String>> {
+    #[derive(Deserialize)]
+    struct Named {
+        #[serde(default)]
+        providers: BTreeMap<String, PresetRef>,
+    }
+    #[derive(Deserialize)]
+    struct PresetRef {
+        preset: Option<String>,
+        #[serde(default)]
+        preset_params: BTreeMap<String, String>,
+    }
+    // A config this cannot read is reported by the full extraction that follows.
+    let Ok(named) = figment.extract::<Named>() else { return Ok(figment) };
+    let mut figment = figment;
+    let mut problems = Vec::new();
+    for (name, wanted) in named.providers {
+        let Some(preset) = wanted.preset else {
+            if !wanted.preset_params.is_empty() {
+                problems.push(format!("providers.{name}.preset_params: given without a preset"));
+            }
+            continue;
+        };
+        match crate::presets::Preset::get(&preset).and_then(|p| p.settings(&wanted.preset_params)) {
+            Ok(settings) => {
+                figment = figment
+                    .join(figment::providers::Serialized::default(&format!("providers.{name}"), settings));
+            }
+            Err(e @ crate::presets::PresetError::Unknown(_)) => {
+                problems.push(format!("providers.{name}.preset: {e}"))
+            }
+            Err(e) => problems.push(format!("providers.{name}.preset_params: {e}")),
+        }
+    }
+    if problems.is_empty() { Ok(figment) } else { Err(problems) }
 }
 
 /// "file: key proxy.bogus: unknown field …", naming where an override came from when it was
@@ -811,9 +858,6 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
     let authorize_url = endpoint("authorize_url", &o.authorize_url);
     let device_authorization_url = endpoint("device_authorization_url", &o.device_authorization_url);
     endpoint("redirect_uri", &o.redirect_uri);
-    if authorize_url.is_some() && o.grant == Grant::ClientCredentials {
-        p.push(format!("{what}.authorize_url: a client_credentials grant has no person to authorize"));
-    }
     for reserved in AUTHORIZE_PARAMS_OWNED {
         if o.authorize_params.contains_key(reserved) {
             p.push(format!("{what}.authorize_params: {reserved:?} is set by tokenproxy itself"));

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod oauth;
 pub mod onboarding;
+pub mod presets;
 pub mod proxy;
 pub mod relay;
 pub mod secrets;

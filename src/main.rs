@@ -12,11 +12,17 @@ fn main() -> ExitCode {
     let command = cli.command.as_ref().unwrap_or(&Command::Run);
     let default_level = match command {
         Command::Run => "info",
-        Command::Check | Command::Ca | Command::Demo | Command::Status { .. } | Command::Authorize { .. } => {
-            "warn"
-        }
+        Command::Check
+        | Command::Ca
+        | Command::Demo
+        | Command::Status { .. }
+        | Command::Authorize { .. }
+        | Command::Presets { .. } => "warn",
     };
     logging::init(cli.log_format, default_level);
+    if let Command::Presets { name } = command {
+        return exit(Ok(cli::presets(name.as_deref())));
+    }
     if let Command::Demo = command {
         return exit(block_on(tokenproxy::demo::run()).map(|()| true));
     }
@@ -59,7 +65,9 @@ fn main() -> ExitCode {
             tokenproxy::onboarding::command::authorize(&config, provider, account.as_deref(), *device),
         )),
         Command::Run => exit(block_on(app::run(config)).map(|()| true)),
-        Command::Demo | Command::Status { .. } => unreachable!("handled before the config is loaded"),
+        Command::Demo | Command::Status { .. } | Command::Presets { .. } => {
+            unreachable!("handled before the config is loaded")
+        }
     }
 }
 

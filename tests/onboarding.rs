@@ -73,66 +73,6 @@ authorize_params = {{ access_type = "offline", prompt = "consent" }}
     }
 }
 
-/// A browser stand-in: follows no redirects by itself and keeps the one cookie it is given.
-struct Browser {
-    http: reqwest::Client,
-    cookie: Option<String>,
-}
-
-impl Browser {
-    fn new() -> Browser {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(20))
-            // A fresh connection each time: the restart test's proxy goes away between requests.
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        Browser { http, cookie: None }
-    }
-
-    async fn get(&mut self, url: &str) -> reqwest::Response {
-        let mut request = self.http.get(url);
-        if let Some(cookie) = &self.cookie {
-            request = request.header("cookie", cookie);
-        }
-        let response = request.send().await.unwrap();
-        if let Some(set) = response.headers().get("set-cookie") {
-            let set = set.to_str().unwrap().to_string();
-            self.cookie = Some(set.split(';').next().unwrap().to_string());
-        }
-        response
-    }
-
-    /// Opens `/connect/...` and the provider's consent: the callback URL the provider sends the
-    /// browser to.
-    async fn consent(&mut self, start_url: &str) -> String {
-        let start = self.get(start_url).await;
-        assert_eq!(start.status(), StatusCode::FOUND, "{start_url}");
-        let authorize = location(&start);
-        let consent = self.get(&authorize).await;
-        assert_eq!(consent.status(), StatusCode::FOUND, "the mock's consent redirects back");
-        location(&consent)
-    }
-
-    /// Opens the callback: status, result header, page.
-    async fn finish(&mut self, callback: &str) -> (StatusCode, String, String) {
-        let response = self.get(callback).await;
-        let status = response.status();
-        let result = response
-            .headers()
-            .get("x-tokenproxy-authorization")
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
-        (status, result, response.text().await.unwrap())
-    }
-}
-
-fn location(response: &reqwest::Response) -> String {
-    response.headers().get("location").expect("a Location").to_str().unwrap().to_string()
-}
-
 fn query(url: &str) -> std::collections::HashMap<String, String> {
     let q = url.split_once('?').map(|(_, q)| q).unwrap_or("");
     q.split('&')

@@ -215,6 +215,11 @@ impl Onboarding {
                 "provider {provider:?} has no [oauth] section: its token is kept by something else"
             )));
         };
+        if oauth.grant == crate::config::Grant::ClientCredentials {
+            return Err(StartError::NotConnectable(format!(
+                "provider {provider:?} uses the client_credentials grant: it needs no person's consent"
+            )));
+        }
         let (key, missing) = if browser {
             ("authorize_url", oauth.authorize_url.is_none())
         } else {
