@@ -62,7 +62,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
-    let store: Arc<dyn TokenStore> = Arc::new(FileStore::new(&config.providers));
+    let store: Arc<dyn TokenStore> = Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()));
     let providers = Arc::new(
         Providers::load(&config.providers, Some(oauth_client.clone()), config.proxy.upstream_timeout, store)
             .await,

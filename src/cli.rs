@@ -52,6 +52,11 @@ pub enum Command {
         #[arg(long)]
         device: bool,
     },
+    /// Look at or import a stored token (how to handle tokens once they are sealed at rest)
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// List the built-in provider presets, or print the config one stands for
     Presets {
         /// A preset's name: print the TOML it stands for
@@ -62,6 +67,29 @@ pub enum Command {
         /// The admin listener [default: http:// + admin.listen from the config, else http://127.0.0.1:9090]
         #[arg(long, value_name = "URL")]
         admin: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Show a stored token: fingerprints, expiry, whether it is sealed; the token itself only
+    /// with --reveal
+    Show {
+        provider: String,
+        #[arg(long, value_name = "NAME")]
+        account: Option<String>,
+        /// Print the whole stored document, tokens included
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Store a JSON token document from a file or standard input (sealed when a key is configured)
+    Put {
+        provider: String,
+        #[arg(long, value_name = "NAME")]
+        account: Option<String>,
+        /// The JSON document [default: standard input]
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
     },
 }
 
@@ -79,17 +107,21 @@ pub async fn check(config: &Config) -> bool {
         problems.push(format!("{e:#}"));
     }
     let now = OffsetDateTime::now_utc();
-    let store: Arc<dyn TokenStore> = Arc::new(FileStore::new(&config.providers));
+    let store: Arc<dyn TokenStore> = Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()));
+    if let Some(sealer) = &config.sealer {
+        println!("token data is sealed at rest with AES-256-GCM, key {}", sealer.key_id());
+    }
     for pc in &config.providers {
         let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO, store.clone());
         if provider.is_multi_account() {
-            check_accounts(&provider, now, &mut problems).await;
+            check_accounts(&provider, now, config.sealer.is_some(), &mut problems).await;
             continue;
         }
         let credential = provider.single().expect("a single-account provider");
         provider.reload(credential).await;
         let view = provider.view(credential, now);
         print_view(&view.provider, &view);
+        print_sealing(&provider, &provider.key(credential), config.sealer.is_some()).await;
         check_view(&provider, &view, &provider.location(credential), &mut problems);
     }
     if config.providers.is_empty() {
@@ -112,7 +144,7 @@ const CHECK_LISTS_ACCOUNTS: usize = 50;
 
 /// A multi-account provider in `check`: a line with the number of accounts by state, then one
 /// line per account (names are shown: `check` is a local command, not a log).
-async fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut Vec<String>) {
+async fn check_accounts(provider: &Provider, now: OffsetDateTime, sealing: bool, problems: &mut Vec<String>) {
     let pc = &provider.config;
     let names = match provider.account_names_stored().await {
         Ok(names) => names,
@@ -148,6 +180,8 @@ async fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut
     );
     for (view, _) in views.iter().take(CHECK_LISTS_ACCOUNTS) {
         print_view(&format!("  {}", view.account.as_deref().unwrap_or("")), view);
+        let key = crate::tokens::store::Key { provider: provider.name(), account: view.account.as_deref() };
+        print_sealing(provider, &key, sealing).await;
     }
     if views.len() > CHECK_LISTS_ACCOUNTS {
         println!("  … and {} more", views.len() - CHECK_LISTS_ACCOUNTS);
@@ -160,6 +194,18 @@ async fn check_accounts(provider: &Provider, now: OffsetDateTime, problems: &mut
     {
         let credential = provider.read_account(default).await;
         check_view(provider, &provider.view(&credential, now), &provider.location(&credential), problems);
+    }
+}
+
+/// Whether a stored token is sealed (SPEC §11), on a line under its state.
+async fn print_sealing(provider: &Provider, key: &crate::tokens::store::Key<'_>, configured: bool) {
+    use crate::tokens::store::Loaded;
+    match provider.store().load(*key).await {
+        Ok(Loaded::Found { sealed: true, doc: Ok(_), .. }) => println!("{:<16} sealed (AES-256-GCM)", ""),
+        Ok(Loaded::Found { sealed: false, doc: Ok(_), .. }) if configured => {
+            println!("{:<16} plaintext: sealed on its next write", "")
+        }
+        _ => {}
     }
 }
 

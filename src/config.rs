@@ -56,6 +56,15 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     onboarding: RawOnboarding,
+    #[serde(default)]
+    store: RawStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    encryption_key_file: Option<PathBuf>,
+    encryption_key_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -452,6 +461,10 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
     pub onboarding: OnboardingSettings,
+    /// The key that seals token data at rest (SPEC §11), when one is configured.
+    pub sealer: Option<std::sync::Arc<crate::tokens::store::seal::Sealer>>,
+    /// Where that key came from (a file is checked for loose permissions).
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// Where pending authorizations wait for their callback (SPEC §9).
@@ -492,6 +505,9 @@ impl Config {
     pub fn loose_permission_warnings(&self) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
         let mut files = vec![("the CA key".to_string(), self.ca_dir.join("ca-key.pem"))];
+        if let Some(key) = &self.encryption_key_file {
+            files.push(("the encryption key".to_string(), key.clone()));
+        }
         for p in &self.providers {
             files.push((format!("providers.{} token file", p.name), p.token_file.clone()));
             if let Some(OAuthConfig { client_secret: SecretSource::File(f), .. }) = &p.oauth {
@@ -650,6 +666,17 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             providers.push(provider);
         }
     }
+    let encryption_key_file = raw.store.encryption_key_file.as_ref().map(|f| resolve(base, f));
+    let sealer = match (&encryption_key_file, &raw.store.encryption_key_env) {
+        (Some(_), Some(_)) => {
+            p.push("store: give only one of encryption_key_file and encryption_key_env".into());
+            None
+        }
+        (Some(file), None) => crate::tokens::store::seal::Sealer::from_file(file).map_err(|e| p.push(e)).ok(),
+        (None, Some(var)) => crate::tokens::store::seal::Sealer::from_env(var).map_err(|e| p.push(e)).ok(),
+        (None, None) => None,
+    }
+    .map(std::sync::Arc::new);
     let onboarding = OnboardingSettings {
         state_dir: resolve(base, &raw.onboarding.state_dir),
         state_ttl: parse_duration("onboarding.state_ttl", &raw.onboarding.state_ttl, p),
@@ -712,6 +739,8 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             providers,
             routes,
             onboarding,
+            sealer,
+            encryption_key_file,
         })
     } else {
         Err(ConfigError { problems })

@@ -23,4 +23,5 @@ pub mod relay;
 pub mod secrets;
 pub mod server;
 pub mod tls;
+pub mod token_command;
 pub mod tokens;

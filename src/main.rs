@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokenproxy::cli::{self, Cli, Command};
+use tokenproxy::cli::{self, Cli, Command, TokenAction};
 use tokenproxy::config::Config;
 use tokenproxy::{app, logging};
 
@@ -17,7 +17,8 @@ fn main() -> ExitCode {
         | Command::Demo
         | Command::Status { .. }
         | Command::Authorize { .. }
-        | Command::Presets { .. } => "warn",
+        | Command::Presets { .. }
+        | Command::Token { .. } => "warn",
     };
     logging::init(cli.log_format, default_level);
     if let Command::Presets { name } = command {
@@ -61,6 +62,12 @@ fn main() -> ExitCode {
             }))
         }
         Command::Check => exit(block_on(async { Ok(cli::check(&config).await) })),
+        Command::Token { action: TokenAction::Show { provider, account, reveal } } => {
+            exit(block_on(tokenproxy::token_command::show(&config, provider, account.as_deref(), *reveal)))
+        }
+        Command::Token { action: TokenAction::Put { provider, account, file } } => exit(block_on(
+            tokenproxy::token_command::put(&config, provider, account.as_deref(), file.as_deref()),
+        )),
         Command::Authorize { provider, account, device } => exit(block_on(
             tokenproxy::onboarding::command::authorize(&config, provider, account.as_deref(), *device),
         )),

@@ -252,6 +252,7 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
         ("providers.NAME.oauth", "[providers.x.oauth]\nzz_probe = 1\n"),
         ("routes", "[[routes]]\nzz_probe = 1\n"),
         ("onboarding", "[onboarding]\nzz_probe = 1\n"),
+        ("store", "[store]\nzz_probe = 1\n"),
     ];
     for (section, probe) in probes {
         let mut accepted = accepted_keys(probe);

@@ -32,7 +32,7 @@ pub async fn authorize(
 ) -> anyhow::Result<bool> {
     let tls = crate::tls::client_config(&config.extra_roots)?;
     let oauth = OAuthClient::new(tls, config.proxy.upstream_timeout)?;
-    let store: Arc<dyn TokenStore> = Arc::new(FileStore::new(&config.providers));
+    let store: Arc<dyn TokenStore> = Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()));
     let providers = Arc::new(Providers::load(&config.providers, None, Duration::ZERO, store).await);
     let onboarding = Arc::new(Onboarding::new(providers.clone(), oauth, &config.onboarding));
     let (target, account) =

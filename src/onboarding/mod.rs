@@ -399,7 +399,7 @@ impl Onboarding {
                 }
             };
             match store.load(key).await {
-                Ok(Loaded::Found { version: read, doc: Ok(doc) })
+                Ok(Loaded::Found { version: read, doc: Ok(doc), .. })
                     if read == version && fingerprint(&doc.access_token) == written => {}
                 Ok(_) => {
                     return Err(Failure::WriteFailed(format!(

@@ -450,7 +450,7 @@ impl Provider {
                 read.outcome = Reload::IoError;
                 (FileStatus::Unreadable, format!("{shown}: {e}"))
             }
-            Ok(Loaded::Found { version, doc }) => {
+            Ok(Loaded::Found { version, doc, .. }) => {
                 if status.version == Some(version) {
                     return match doc {
                         Ok(doc) if status.file != FileStatus::Unparsable => StoreRead {

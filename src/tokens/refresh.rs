@@ -66,11 +66,11 @@ enum Newer {
 fn on_top_of(current: Loaded, fields: &mut Fields) -> Basis {
     match current {
         Loaded::Missing => Basis::Stored(None),
-        Loaded::Found { version, doc: Ok(doc) } => {
+        Loaded::Found { version, doc: Ok(doc), .. } => {
             *fields = file::overlay_refresh(&doc.fields, fields);
             Basis::Stored(Some(version))
         }
-        Loaded::Found { version, doc: Err(_) } => Basis::Unparsable(version),
+        Loaded::Found { version, doc: Err(_), .. } => Basis::Unparsable(version),
     }
 }
 
@@ -290,6 +290,13 @@ impl Provider {
             let error = cred.status().last_error.clone().unwrap_or_default();
             return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
         }
+        // A stored document that cannot be used (unparsable, sealed with another key) and no
+        // refresh token in memory: there is nothing to refresh with, and the problem is the
+        // document, not the grant.
+        if matches!(read.basis, Basis::Unparsable(_)) && cred.status().refresh_token.is_none() {
+            let error = cred.status().last_error.clone().unwrap_or_default();
+            return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
+        }
         let base = || Newer::Base(read.fields.clone().unwrap_or_default(), read.basis);
         let Some(token) = read.adopted.clone() else { return Ok(base()) };
         // A newer token is the answer unless it is itself what the trigger complains about.
@@ -323,7 +330,7 @@ impl Provider {
                     Basis::Stored(version) => version,
                     // Unless it has changed since, it is left alone.
                     Basis::Unparsable(version) => match self.store.load(key).await {
-                        Ok(Loaded::Found { version: now, doc: Err(_) }) if now == version => {
+                        Ok(Loaded::Found { version: now, doc: Err(_), .. }) if now == version => {
                             break 'write Unwritten::Unparsable;
                         }
                         Ok(current) => {

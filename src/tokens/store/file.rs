@@ -17,6 +17,7 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::seal::{self, Opened, Sealer};
 use super::{
     Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreFuture, StoreLock, TokenStore,
     Version,
@@ -24,19 +25,45 @@ use super::{
 use crate::config::{FileFormat, ProviderConfig};
 use crate::fsutil::{Existing, remove_stale_temporaries, write_atomically};
 use crate::tokens::file as document;
+use std::sync::Arc;
 
 /// A token file larger than this is refused as unparsable: no token document is near it, and
 /// holding and hashing such a file on every poll would cost memory and time for nothing.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
-/// Token files, laid out as each provider's `token_file` says.
+/// Token files, laid out as each provider's `token_file` says; sealed when a key is configured.
 pub struct FileStore {
     providers: Vec<ProviderConfig>,
+    sealer: Option<Arc<Sealer>>,
+}
+
+/// Whom a document belongs to, owned, for work on the blocking pool: what a sealed document is
+/// bound to.
+struct Owner {
+    provider: String,
+    account: Option<String>,
+}
+
+impl Owner {
+    fn of(key: Key<'_>) -> Owner {
+        Owner { provider: key.provider.to_string(), account: key.account.map(str::to_string) }
+    }
+
+    fn key(&self) -> Key<'_> {
+        Key { provider: &self.provider, account: self.account.as_deref() }
+    }
 }
 
 impl FileStore {
+    /// Token files in plaintext.
     pub fn new(providers: &[ProviderConfig]) -> FileStore {
-        FileStore { providers: providers.to_vec() }
+        FileStore { providers: providers.to_vec(), sealer: None }
+    }
+
+    /// Token files sealed with `sealer` when written (plaintext ones are still read, and sealed
+    /// on their next write).
+    pub fn sealed(providers: &[ProviderConfig], sealer: Option<Arc<Sealer>>) -> FileStore {
+        FileStore { providers: providers.to_vec(), sealer }
     }
 
     fn config(&self, provider: &str) -> Result<&ProviderConfig, StoreError> {
@@ -64,9 +91,12 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 impl TokenStore for FileStore {
     fn load<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<Loaded, StoreError>> {
         let path = self.path(key);
+        let (owner, sealer) = (Owner::of(key), self.sealer.clone());
         Box::pin(async move {
             let path = path?;
-            blocking(move || load_file(&path)).await?.map_err(|e| StoreError(e.to_string()))
+            blocking(move || load_file(&path, &owner, sealer.as_deref()).map(|stored| stored.loaded))
+                .await?
+                .map_err(|e| StoreError(e.to_string()))
         })
     }
 
@@ -78,9 +108,12 @@ impl TokenStore for FileStore {
     ) -> StoreFuture<'a, Result<Version, SaveError>> {
         let path = self.path(key);
         let fields = fields.clone();
+        let (owner, sealer) = (Owner::of(key), self.sealer.clone());
         Box::pin(async move {
             let path = path.map_err(SaveError::Failed)?;
-            blocking(move || save_file(&path, &fields, expected)).await.map_err(SaveError::Failed)?
+            blocking(move || save_file(&path, &fields, expected, &owner, sealer.as_deref()))
+                .await
+                .map_err(SaveError::Failed)?
         })
     }
 
@@ -208,36 +241,68 @@ fn version_of(bytes: &[u8]) -> Version {
     Version(u64::from_le_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes")))
 }
 
-fn load_file(path: &Path) -> std::io::Result<Loaded> {
-    match read(path) {
-        Ok(bytes) => Ok(Loaded::Found {
-            version: version_of(&bytes),
-            doc: document::parse(FileFormat::of(path), &bytes).map_err(|e| format!("cannot be parsed: {e}")),
-        }),
-        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(Loaded::Missing),
-        Err(ReadError::Io(e)) => Err(e),
-        Err(e @ ReadError::TooLarge(_)) => {
-            let ReadError::TooLarge(bytes) = &e else { unreachable!() };
-            Ok(Loaded::Found { version: version_of(bytes), doc: Err(e.to_string()) })
-        }
-    }
+/// A stored file as read: what the cache sees, and whether it is sealed with a key this process
+/// does not hold (such a file is never written over).
+struct Stored {
+    loaded: Loaded,
+    foreign_key: Option<seal::OpenError>,
 }
 
-/// Writes `fields` if the file still holds `expected`. Called under the file's lock, so the
-/// leftovers of a writer killed mid-write can be cleared first.
-fn save_file(path: &Path, fields: &Fields, expected: Option<Version>) -> Result<Version, SaveError> {
+fn load_file(path: &Path, owner: &Owner, sealer: Option<&Sealer>) -> std::io::Result<Stored> {
+    let format = FileFormat::of(path);
+    let parse = |bytes: &[u8]| document::parse(format, bytes).map_err(|e| format!("cannot be parsed: {e}"));
+    let bytes = match read(path) {
+        Ok(bytes) => bytes,
+        Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Stored { loaded: Loaded::Missing, foreign_key: None });
+        }
+        Err(ReadError::Io(e)) => return Err(e),
+        Err(e @ ReadError::TooLarge(_)) => {
+            let ReadError::TooLarge(bytes) = &e else { unreachable!() };
+            let loaded = Loaded::Found { version: version_of(bytes), doc: Err(e.to_string()), sealed: false };
+            return Ok(Stored { loaded, foreign_key: None });
+        }
+    };
+    let version = version_of(&bytes);
+    let (doc, sealed, foreign_key) = match seal::open(sealer, owner.key(), &bytes) {
+        Ok(Opened::Plain(plain)) => (parse(&plain), false, None),
+        Ok(Opened::Sealed(plain)) => (parse(&plain), true, None),
+        Err(e @ (seal::OpenError::NoKey(_) | seal::OpenError::WrongKey { .. })) => {
+            (Err(e.to_string()), true, Some(e))
+        }
+        Err(e) => (Err(e.to_string()), true, None),
+    };
+    Ok(Stored { loaded: Loaded::Found { version, doc, sealed }, foreign_key })
+}
+
+/// Writes `fields` if the file still holds `expected`, sealed when there is a sealer. Called
+/// under the file's lock, so the leftovers of a writer killed mid-write can be cleared first.
+/// A file sealed with a key this process does not hold is never written over.
+fn save_file(
+    path: &Path,
+    fields: &Fields,
+    expected: Option<Version>,
+    owner: &Owner,
+    sealer: Option<&Sealer>,
+) -> Result<Version, SaveError> {
     let failed = |e: std::io::Error| SaveError::Failed(StoreError(e.to_string()));
     let path = resolve(path);
-    let current =
-        load_file(&path).map_err(|e| SaveError::Failed(StoreError(format!("cannot be read: {e}"))))?;
-    let stored = match &current {
+    let current = load_file(&path, owner, sealer)
+        .map_err(|e| SaveError::Failed(StoreError(format!("cannot be read: {e}"))))?;
+    if let Some(foreign) = current.foreign_key {
+        return Err(SaveError::Failed(StoreError(format!("{foreign}; it is left as it is"))));
+    }
+    let stored = match &current.loaded {
         Loaded::Missing => None,
         Loaded::Found { version, .. } => Some(*version),
     };
     if stored != expected {
-        return Err(SaveError::Conflict(Box::new(current)));
+        return Err(SaveError::Conflict(Box::new(current.loaded)));
     }
-    let bytes = document::encode(FileFormat::of(&path), fields).map_err(failed)?;
+    let mut bytes = document::encode(FileFormat::of(&path), fields).map_err(failed)?;
+    if let Some(sealer) = sealer {
+        bytes = sealer.seal(owner.key(), &bytes);
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(failed)?;
     }
@@ -352,8 +417,14 @@ fn is_bookkeeping(path: &Path) -> bool {
 mod tests {
     use super::*;
 
+    const OWNER: Key<'static> = Key { provider: "p", account: None };
+
     fn save(path: &Path, json: &str, expected: Option<Version>) -> Result<Version, SaveError> {
-        save_file(path, &serde_json::from_str(json).unwrap(), expected)
+        save_file(path, &serde_json::from_str(json).unwrap(), expected, &Owner::of(OWNER), None)
+    }
+
+    fn load_file(path: &Path) -> std::io::Result<Loaded> {
+        super::load_file(path, &Owner::of(OWNER), None).map(|stored| stored.loaded)
     }
 
     #[test]
@@ -366,13 +437,54 @@ mod tests {
         let Err(SaveError::Conflict(current)) = save(&path, r#"{"access_token":"b"}"#, Some(first)) else {
             panic!("a write based on the version before the edit must conflict");
         };
-        let Loaded::Found { doc: Ok(doc), version } = *current else { panic!("the conflict shows the edit") };
+        let Loaded::Found { doc: Ok(doc), version, .. } = *current else {
+            panic!("the conflict shows the edit")
+        };
         assert_eq!(doc.access_token, "edited");
         assert_ne!(version, first);
         save(&path, r#"{"access_token":"b"}"#, Some(version)).unwrap();
-        let Loaded::Found { version, doc } = load_file(&path).unwrap() else { panic!("missing") };
+        let Loaded::Found { version, doc, .. } = load_file(&path).unwrap() else { panic!("missing") };
         assert_eq!(doc.unwrap().access_token, "b");
         save(&path, r#"{"access_token":"c"}"#, Some(version)).unwrap();
+    }
+
+    #[test]
+    fn a_plaintext_file_is_read_and_sealed_on_its_next_write_and_a_foreign_key_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, r#"{"access_token":"plain-secret"}"#).unwrap();
+        let owner = Owner::of(OWNER);
+        let sealer = Sealer::new(&[9u8; 32]);
+        let Stored { loaded: Loaded::Found { version, doc, sealed }, .. } =
+            super::load_file(&path, &owner, Some(&sealer)).unwrap()
+        else {
+            panic!("missing")
+        };
+        assert_eq!((doc.unwrap().access_token.as_str(), sealed), ("plain-secret", false));
+        let fields = serde_json::from_str(r#"{"access_token":"new-secret"}"#).unwrap();
+        let written = save_file(&path, &fields, Some(version), &owner, Some(&sealer)).unwrap();
+        let bytes = std::fs::read_to_string(&path).unwrap();
+        assert!(bytes.contains("tokenproxy_sealed") && !bytes.contains("new-secret"), "{bytes}");
+        let Stored { loaded: Loaded::Found { version, doc, sealed }, .. } =
+            super::load_file(&path, &owner, Some(&sealer)).unwrap()
+        else {
+            panic!("missing")
+        };
+        assert_eq!((version, doc.unwrap().access_token.as_str(), sealed), (written, "new-secret", true));
+
+        // Another key, or none: a clear error, and the file is left as it is.
+        let other = Sealer::new(&[1u8; 32]);
+        for wrong in [Some(&other), None] {
+            let Stored { loaded: Loaded::Found { doc, .. }, foreign_key } =
+                super::load_file(&path, &owner, wrong).unwrap()
+            else {
+                panic!("missing")
+            };
+            assert!(doc.unwrap_err().contains(sealer.key_id()) && foreign_key.is_some());
+            let refused = save_file(&path, &fields, Some(written), &owner, wrong);
+            assert!(matches!(refused, Err(SaveError::Failed(e)) if e.0.contains("left as it is")));
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), bytes, "untouched");
+        }
     }
 
     #[test]

@@ -45,6 +45,7 @@ impl MemoryStore {
             Some((version, fields)) => Loaded::Found {
                 version: *version,
                 doc: document_from_fields(fields.clone()).map_err(|e| e.to_string()),
+                sealed: false,
             },
         }
     }

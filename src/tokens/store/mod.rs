@@ -11,6 +11,7 @@
 mod file;
 #[cfg(test)]
 pub(crate) mod memory;
+pub mod seal;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,8 +45,9 @@ pub struct Version(pub u64);
 pub enum Loaded {
     /// Nothing is stored under the key.
     Missing,
-    /// A stored document, or why it cannot be used (never its content: it may hold a token).
-    Found { version: Version, doc: Result<TokenDocument, String> },
+    /// A stored document, or why it cannot be used (never its content: it may hold a token);
+    /// `sealed` when it is stored encrypted (SPEC §11).
+    Found { version: Version, doc: Result<TokenDocument, String>, sealed: bool },
 }
 
 /// The store could not be read or written (a file system error, a store that is down). The

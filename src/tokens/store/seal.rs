@@ -1,0 +1,256 @@
+//! Encryption at rest (SPEC §11): token documents sealed with AES-256-GCM before they are stored.
+//!
+//! A sealed document is a small JSON envelope that says what it is and with which key:
+//! `{"tokenproxy_sealed": 1, "alg": "A256GCM", "key_id": "…", "nonce": "…", "ciphertext": "…"}`.
+//! Every seal uses a fresh random 96-bit nonce, and the (provider, account) the document belongs
+//! to is the associated data, so a sealed document copied to another key does not open. The key
+//! id is a fingerprint of the key (never the key), so a document sealed with another key is named
+//! as such instead of "corrupt".
+
+use std::path::Path;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::Key;
+
+const ENVELOPE_VERSION: u32 = 1;
+const ALGORITHM: &str = "A256GCM";
+
+/// The key that seals and opens token documents.
+pub struct Sealer {
+    key: LessSafeKey,
+    key_id: String,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
+}
+
+/// Why a stored document could not be opened. The message names keys by id only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "is sealed (key {0}) but no encryption key is configured: set [store] encryption_key_file or encryption_key_env"
+    )]
+    NoKey(String),
+    #[error(
+        "is sealed with key {found}, but the configured key is {configured}: configure the key it was sealed with"
+    )]
+    WrongKey { found: String, configured: String },
+    #[error(
+        "is sealed with key {0} but does not open with it: it was altered, or belongs to another provider or account"
+    )]
+    Tampered(String),
+    #[error("is a sealed envelope that cannot be read ({0})")]
+    Malformed(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    tokenproxy_sealed: u32,
+    alg: String,
+    key_id: String,
+    nonce: String,
+    ciphertext: String,
+}
+
+/// What stored bytes hold.
+pub enum Opened {
+    /// A plaintext document, as written before encryption was configured (or without it).
+    Plain(Vec<u8>),
+    /// A sealed document, opened.
+    Sealed(Vec<u8>),
+}
+
+impl Sealer {
+    /// A sealer from 32 key bytes.
+    pub fn new(key: &[u8; 32]) -> Sealer {
+        let unbound = UnboundKey::new(&AES_256_GCM, key).expect("AES-256-GCM takes a 32-byte key");
+        Sealer { key: LessSafeKey::new(unbound), key_id: hex::encode(&Sha256::digest(key)[..4]) }
+    }
+
+    /// The key from `[store] encryption_key_file` or `encryption_key_env`: 32 random bytes, raw
+    /// or base64. The error never quotes the key.
+    pub fn from_source(what: &str, bytes: &[u8]) -> Result<Sealer, String> {
+        let trimmed = std::str::from_utf8(bytes).map(str::trim).ok();
+        let decoded = trimmed.and_then(|text| {
+            let engines = [
+                &base64::engine::general_purpose::STANDARD,
+                &base64::engine::general_purpose::URL_SAFE,
+                &base64::engine::general_purpose::STANDARD_NO_PAD,
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ];
+            engines.iter().find_map(|engine| engine.decode(text).ok().filter(|k| k.len() == 32))
+        });
+        let key: [u8; 32] = match (bytes.len(), decoded) {
+            (_, Some(decoded)) => decoded.try_into().expect("filtered to 32 bytes"),
+            (32, None) => bytes.try_into().expect("checked to be 32 bytes"),
+            (n, None) => {
+                return Err(format!(
+                    "{what}: holds {n} bytes, not a key: expected 32 random bytes, raw or base64 \
+                     (e.g. `head -c 32 /dev/urandom | base64`)"
+                ));
+            }
+        };
+        Ok(Sealer::new(&key))
+    }
+
+    /// Reads the key file (which should be private: its mode is checked by the caller's warnings).
+    pub fn from_file(path: &Path) -> Result<Sealer, String> {
+        let what = format!("store.encryption_key_file {}", path.display());
+        let bytes = std::fs::read(path).map_err(|e| format!("{what}: {e}"))?;
+        Sealer::from_source(&what, &bytes)
+    }
+
+    pub fn from_env(var: &str) -> Result<Sealer, String> {
+        let what = format!("store.encryption_key_env {var}");
+        let value = std::env::var(var).map_err(|_| format!("{what}: the environment variable is not set"))?;
+        Sealer::from_source(&what, value.as_bytes())
+    }
+
+    /// The key's id: the first 8 hex digits of its SHA-256.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Seals `plaintext` for `key` into an envelope.
+    pub fn seal(&self, key: Key<'_>, plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce).expect("the operating system's random source");
+        let mut data = plaintext.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(associated_data(key)),
+                &mut data,
+            )
+            .expect("AES-GCM seals any length a token document has");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let envelope = Envelope {
+            tokenproxy_sealed: ENVELOPE_VERSION,
+            alg: ALGORITHM.into(),
+            key_id: self.key_id.clone(),
+            nonce: b64.encode(nonce),
+            ciphertext: b64.encode(&data),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&envelope).expect("an envelope serialises");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    fn open_envelope(&self, key: Key<'_>, envelope: Envelope) -> Result<Vec<u8>, OpenError> {
+        if envelope.key_id != self.key_id {
+            return Err(OpenError::WrongKey { found: envelope.key_id, configured: self.key_id.clone() });
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let malformed = |what: &str| OpenError::Malformed(what.to_string());
+        let nonce: [u8; NONCE_LEN] = b64
+            .decode(&envelope.nonce)
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(|| malformed("its nonce is not 12 bytes of base64"))?;
+        let mut data =
+            b64.decode(&envelope.ciphertext).map_err(|_| malformed("its ciphertext is not base64"))?;
+        let opened = self
+            .key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(associated_data(key)), &mut data)
+            .map_err(|_| OpenError::Tampered(envelope.key_id.clone()))?;
+        Ok(opened.to_vec())
+    }
+}
+
+/// Opens stored bytes: an envelope with `sealer`'s key, anything else as plaintext.
+pub fn open(sealer: Option<&Sealer>, key: Key<'_>, bytes: &[u8]) -> Result<Opened, OpenError> {
+    let Some(envelope) = envelope_of(bytes)? else { return Ok(Opened::Plain(bytes.to_vec())) };
+    match sealer {
+        Some(sealer) => sealer.open_envelope(key, envelope).map(Opened::Sealed),
+        None => Err(OpenError::NoKey(envelope.key_id)),
+    }
+}
+
+/// The envelope `bytes` hold, if they are one.
+fn envelope_of(bytes: &[u8]) -> Result<Option<Envelope>, OpenError> {
+    // Cheap test first: a token document that is not an envelope never names this field.
+    let marker = b"\"tokenproxy_sealed\"";
+    if !bytes.windows(marker.len()).any(|w| w == marker) {
+        return Ok(None);
+    }
+    let envelope: Envelope = serde_json::from_slice(bytes)
+        .map_err(|e| OpenError::Malformed(format!("line {} column {}", e.line(), e.column())))?;
+    if envelope.tokenproxy_sealed != ENVELOPE_VERSION || envelope.alg != ALGORITHM {
+        return Err(OpenError::Malformed(format!(
+            "version {} with {:?}; this tokenproxy reads version {ENVELOPE_VERSION} with {ALGORITHM}",
+            envelope.tokenproxy_sealed, envelope.alg
+        )));
+    }
+    Ok(Some(envelope))
+}
+
+/// The associated data: which (provider, account) a document belongs to.
+fn associated_data(key: Key<'_>) -> Vec<u8> {
+    let mut aad = b"tokenproxy/v1\0".to_vec();
+    aad.extend_from_slice(key.provider.as_bytes());
+    aad.push(0);
+    if let Some(account) = key.account {
+        aad.push(1);
+        aad.extend_from_slice(account.as_bytes());
+    }
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: Key<'static> = Key { provider: "p", account: Some("alice") };
+
+    #[test]
+    fn a_sealed_document_opens_only_with_its_key_and_its_owner() {
+        let sealer = Sealer::new(&[7u8; 32]);
+        let secret = br#"{"access_token":"very-secret-token"}"#;
+        let sealed = sealer.seal(ALICE, secret);
+        let text = String::from_utf8(sealed.clone()).unwrap();
+        assert!(!text.contains("very-secret") && text.contains(sealer.key_id()));
+        assert!(matches!(open(Some(&sealer), ALICE, &sealed), Ok(Opened::Sealed(p)) if p == secret));
+        // A fresh nonce each time: sealing twice gives two different envelopes.
+        assert_ne!(sealer.seal(ALICE, secret), sealed);
+        // Bound to its owner: the same bytes under another account or provider do not open.
+        let bob = Key { provider: "p", account: Some("bob") };
+        assert_eq!(
+            open(Some(&sealer), bob, &sealed).err(),
+            Some(OpenError::Tampered(sealer.key_id().into()))
+        );
+        let single = Key { provider: "p", account: None };
+        assert!(matches!(open(Some(&sealer), single, &sealed), Err(OpenError::Tampered(_))));
+        // Another key is named, not reported as damage; no key at all says what to set.
+        let other = Sealer::new(&[8u8; 32]);
+        assert!(matches!(open(Some(&other), ALICE, &sealed), Err(OpenError::WrongKey { .. })));
+        assert!(matches!(open(None, ALICE, &sealed), Err(OpenError::NoKey(_))));
+        // A flipped ciphertext byte does not open.
+        let mut envelope: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+        let ciphertext = envelope["ciphertext"].as_str().unwrap().to_string();
+        let mut raw = base64::engine::general_purpose::STANDARD.decode(ciphertext).unwrap();
+        raw[0] ^= 1;
+        envelope["ciphertext"] = base64::engine::general_purpose::STANDARD.encode(raw).into();
+        let altered = serde_json::to_vec(&envelope).unwrap();
+        assert!(matches!(open(Some(&sealer), ALICE, &altered), Err(OpenError::Tampered(_))));
+        // Plaintext is read as it is.
+        assert!(matches!(open(Some(&sealer), ALICE, secret), Ok(Opened::Plain(_))));
+    }
+
+    #[test]
+    fn keys_are_32_bytes_raw_or_base64_and_errors_never_quote_them() {
+        let raw = [3u8; 32];
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+        let from_raw = Sealer::from_source("k", &raw).unwrap();
+        let from_b64 = Sealer::from_source("k", format!("{b64}\n").as_bytes()).unwrap();
+        assert_eq!(from_raw.key_id(), from_b64.key_id());
+        let err = Sealer::from_source("store.encryption_key_file /k", b"too-short-secret").unwrap_err();
+        assert!(err.contains("holds 16 bytes") && !err.contains("too-short-secret"), "{err}");
+    }
+}
