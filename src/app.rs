@@ -18,7 +18,6 @@ use crate::proxy::upstream::{self, Protocols};
 use crate::server::{self, ConnectionLimits, Drain};
 use crate::tls::ca::CertificateAuthority;
 use crate::tls::leaf::LeafCache;
-use crate::tokens::store::{FileStore, TokenStore};
 use crate::tokens::{Providers, watch};
 use crate::{metrics, tls};
 
@@ -62,7 +61,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
-    let store: Arc<dyn TokenStore> = Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()));
+    let store = crate::tokens::store::for_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let providers = Arc::new(
         Providers::load(&config.providers, Some(oauth_client.clone()), config.proxy.upstream_timeout, store)
             .await,

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Grant};
 use crate::logging::LogFormat;
-use crate::tokens::store::{FileStore, TokenStore};
+use crate::tokens::store::TokenStore;
 use crate::tokens::{Provider, TokenState, TokenView};
 
 #[derive(Debug, Parser)]
@@ -107,7 +107,13 @@ pub async fn check(config: &Config) -> bool {
         problems.push(format!("{e:#}"));
     }
     let now = OffsetDateTime::now_utc();
-    let store: Arc<dyn TokenStore> = Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()));
+    let store: Arc<dyn TokenStore> = match crate::tokens::store::for_config(config) {
+        Ok(store) => store,
+        Err(e) => {
+            println!("problem: {e}");
+            return false;
+        }
+    };
     if let Some(sealer) = &config.sealer {
         println!("token data is sealed at rest with AES-256-GCM, key {}", sealer.key_id());
     }

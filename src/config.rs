@@ -60,11 +60,32 @@ struct RawConfig {
     store: RawStore,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
+    kind: String,
+    url: String,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    key_prefix: String,
+    lock_ttl: String,
     encryption_key_file: Option<PathBuf>,
     encryption_key_env: Option<String>,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            kind: "file".into(),
+            url: String::new(),
+            password_file: None,
+            password_env: None,
+            key_prefix: "tokenproxy".into(),
+            lock_ttl: "30s".into(),
+            encryption_key_file: None,
+            encryption_key_env: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -461,10 +482,30 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
     pub onboarding: OnboardingSettings,
+    /// Where tokens are kept (SPEC §11).
+    pub store: StoreSettings,
     /// The key that seals token data at rest (SPEC §11), when one is configured.
     pub sealer: Option<std::sync::Arc<crate::tokens::store::seal::Sealer>>,
     /// Where that key came from (a file is checked for loose permissions).
     pub encryption_key_file: Option<PathBuf>,
+}
+
+/// Where tokens are kept: token files, or a Redis shared by a fleet (SPEC §11).
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    File,
+    Redis(RedisSettings),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`, with the password (if any) filled in; never shown.
+    pub url: Secret,
+    /// The URL as messages show it: no password.
+    pub shown_url: String,
+    pub key_prefix: String,
+    /// How long a refresh lock lives without being kept alive (a holder that died releases it).
+    pub lock_ttl: Duration,
 }
 
 /// Where pending authorizations wait for their callback (SPEC §9).
@@ -666,6 +707,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             providers.push(provider);
         }
     }
+    let store = validate_store(&raw.store, base, p);
     let encryption_key_file = raw.store.encryption_key_file.as_ref().map(|f| resolve(base, f));
     let sealer = match (&encryption_key_file, &raw.store.encryption_key_env) {
         (Some(_), Some(_)) => {
@@ -739,6 +781,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             providers,
             routes,
             onboarding,
+            store,
             sealer,
             encryption_key_file,
         })
@@ -920,6 +963,69 @@ fn default_redirect_uri(admin: SocketAddr) -> String {
         ip => ip.to_string(),
     };
     format!("http://{host}:{}/oauth/callback", admin.port())
+}
+
+fn validate_store(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> StoreSettings {
+    match raw.kind.as_str() {
+        "file" => {
+            if !raw.url.is_empty() || raw.password_file.is_some() || raw.password_env.is_some() {
+                p.push("store: url and password_* are for kind = \"redis\"".into());
+            }
+            StoreSettings::File
+        }
+        "redis" => {
+            let lock_ttl = parse_duration("store.lock_ttl", &raw.lock_ttl, p);
+            let Ok(mut url) = url::Url::parse(&raw.url) else {
+                p.push(format!("store.url: {:?} is not a URL like \"redis://127.0.0.1:6379/0\"", raw.url));
+                return StoreSettings::File;
+            };
+            if url.scheme() != "redis" {
+                p.push(format!(
+                    "store.url: scheme {:?}: this build speaks redis:// (rediss:// is not supported yet)",
+                    url.scheme()
+                ));
+            }
+            let password = match (&raw.password_file, &raw.password_env) {
+                (Some(_), Some(_)) => {
+                    p.push("store: give only one of password_file and password_env".into());
+                    None
+                }
+                (Some(file), None) => {
+                    let file = resolve(base, file);
+                    match std::fs::read_to_string(&file) {
+                        Ok(text) => Some(text.trim().to_string()),
+                        Err(e) => {
+                            p.push(format!("store.password_file {}: {e}", file.display()));
+                            None
+                        }
+                    }
+                }
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(value) => Some(value),
+                    Err(_) => {
+                        p.push(format!("store.password_env {var}: the environment variable is not set"));
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
+            let mut shown = url.clone();
+            let _ = shown.set_password(None);
+            if let Some(password) = password {
+                let _ = url.set_password(Some(&password));
+            }
+            StoreSettings::Redis(RedisSettings {
+                url: Secret(url.to_string()),
+                shown_url: shown.to_string(),
+                key_prefix: raw.key_prefix.clone(),
+                lock_ttl,
+            })
+        }
+        other => {
+            p.push(format!("store.kind: {other:?} is not \"file\" or \"redis\""));
+            StoreSettings::File
+        }
+    }
 }
 
 /// The authorization request's parameters that tokenproxy sets itself (SPEC §9).

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::secrets::fingerprint;
 use crate::tokens::file::{TokenDocument, document_from_fields};
 use crate::tokens::fmt_time;
-use crate::tokens::store::{FileStore, Key, Loaded, SaveError, TokenStore};
+use crate::tokens::store::{Key, Loaded, SaveError, TokenStore};
 
 /// The store and key a command acts on, checked: a multi-account provider needs an account.
 fn target<'a>(config: &'a Config, provider: &'a str, account: Option<&'a str>) -> anyhow::Result<Key<'a>> {
@@ -35,8 +35,8 @@ fn target<'a>(config: &'a Config, provider: &'a str, account: Option<&'a str>) -
     }
 }
 
-fn store(config: &Config) -> Arc<dyn TokenStore> {
-    Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()))
+fn store(config: &Config) -> anyhow::Result<Arc<dyn TokenStore>> {
+    crate::tokens::store::for_config(config).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `token show`: returns whether a usable token is stored.
@@ -47,7 +47,7 @@ pub async fn show(
     reveal: bool,
 ) -> anyhow::Result<bool> {
     let key = target(config, provider, account)?;
-    let store = store(config);
+    let store = store(config)?;
     let location = store.location(key);
     let (doc, sealed) = match store.load(key).await? {
         Loaded::Missing => {
@@ -129,7 +129,7 @@ pub async fn put(
         Err(e) => anyhow::bail!("{source}: not valid JSON (line {} column {})", e.line(), e.column()),
     };
     let doc = document_from_fields(fields.clone()).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
-    let store = store(config);
+    let store = store(config)?;
     let location = store.location(key);
     let _lock = store.lock(key).await?;
     let mut attempts = 0;

@@ -19,7 +19,6 @@ use crate::config::Config;
 use crate::oauth::OAuthClient;
 use crate::server::{self, ConnectionLimits, Drain};
 use crate::tokens::Providers;
-use crate::tokens::store::{FileStore, TokenStore};
 
 /// How often the running proxy is asked whether the flow has finished.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -32,7 +31,7 @@ pub async fn authorize(
 ) -> anyhow::Result<bool> {
     let tls = crate::tls::client_config(&config.extra_roots)?;
     let oauth = OAuthClient::new(tls, config.proxy.upstream_timeout)?;
-    let store: Arc<dyn TokenStore> = Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()));
+    let store = crate::tokens::store::for_config(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let providers = Arc::new(Providers::load(&config.providers, None, Duration::ZERO, store).await);
     let onboarding = Arc::new(Onboarding::new(providers.clone(), oauth, &config.onboarding));
     let (target, account) =

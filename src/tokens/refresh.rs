@@ -19,6 +19,9 @@ use super::{Basis, Credential, Freshness, Provider, Reload, Token};
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
 
+/// How long refreshes wait after the store could not be locked.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
 /// Why a refresh was asked for: the `trigger` label of `tokenproxy_refreshes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -209,6 +212,8 @@ impl Provider {
         deadline: Instant,
     ) -> Result<Arc<Token>, RefreshError> {
         let lock = self.store.lock(self.key(cred)).await.map_err(|e| {
+            // Nothing was spent; try again soon rather than on every request meanwhile.
+            cred.status().retry_not_before = Some(Instant::now() + STORE_RETRY);
             RefreshError::new(
                 RefreshErrorKind::StoreUnavailable,
                 format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
@@ -282,6 +287,7 @@ impl Provider {
         cred: &Arc<Credential>,
         trigger: Trigger,
     ) -> Result<Newer, RefreshError> {
+        let before = cred.current().map(|t| t.fingerprint.clone());
         let read = self.read_store(cred).await;
         if let Some(fields) = &read.write_back {
             self.persist(cred, fields, read.basis).await;
@@ -299,6 +305,10 @@ impl Provider {
         }
         let base = || Newer::Base(read.fields.clone().unwrap_or_default(), read.basis);
         let Some(token) = read.adopted.clone() else { return Ok(base()) };
+        // The same token read again (a store that was unreachable came back) is not newer.
+        if before.as_deref() == Some(token.fingerprint.as_str()) {
+            return Ok(base());
+        }
         // A newer token is the answer unless it is itself what the trigger complains about.
         if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
             return Ok(base());

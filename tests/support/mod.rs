@@ -1253,3 +1253,108 @@ impl Browser {
 pub fn location(response: &reqwest::Response) -> String {
     response.headers().get("location").expect("a Location").to_str().unwrap().to_string()
 }
+
+// ---------------------------------------------------------------------------------------------
+// A real Redis on loopback, for the shared store
+// ---------------------------------------------------------------------------------------------
+
+/// `redis-server` on a free loopback port, appending to a file in `dir` so that a restart keeps
+/// its data; stopped when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+pub fn redis_available() -> bool {
+    client_available(
+        "redis-server and redis-cli",
+        Command::new("sh").args(["-c", "redis-server --version && redis-cli --version"]),
+    )
+}
+
+impl RedisServer {
+    pub fn start(dir: &Path) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = RedisServer { child: None, port, dir: dir.to_path_buf() };
+        server.restart();
+        server
+    }
+
+    /// Starts it (again) on the same port with the same data.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut answer = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    /// Stops it (SIGKILL: as abruptly as a crash or a partition).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Every value Redis holds, as `redis-cli --scan` plus a read of each key would show it.
+    pub fn dump(&self) -> String {
+        let keys = Command::new("redis-cli").args(["-p", &self.port.to_string(), "--scan"]).output().unwrap();
+        let mut out = String::new();
+        for key in String::from_utf8_lossy(&keys.stdout).lines() {
+            let value = Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "--no-raw", "HGETALL", key])
+                .output()
+                .unwrap();
+            out += &format!("{key}: {}\n", String::from_utf8_lossy(&value.stdout));
+            let plain =
+                Command::new("redis-cli").args(["-p", &self.port.to_string(), "GET", key]).output().unwrap();
+            out += &String::from_utf8_lossy(&plain.stdout);
+        }
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -11,6 +11,7 @@
 mod file;
 #[cfg(test)]
 pub(crate) mod memory;
+mod redis;
 pub mod seal;
 
 use std::future::Future;
@@ -20,6 +21,20 @@ use tokio::sync::mpsc;
 
 use super::file::TokenDocument;
 pub use file::{FileStore, MAX_FILE_BYTES};
+pub use redis::RedisStore;
+
+/// The store a config names: token files, or a Redis shared by a fleet (SPEC §11).
+pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
+    use crate::config::StoreSettings;
+    Ok(match &config.store {
+        StoreSettings::File => {
+            std::sync::Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()))
+        }
+        StoreSettings::Redis(settings) => {
+            std::sync::Arc::new(RedisStore::new(settings.clone(), &config.providers, config.sealer.clone())?)
+        }
+    })
+}
 
 /// The fields of a stored token document, in order (a write keeps the ones it does not own).
 pub type Fields = serde_json::Map<String, serde_json::Value>;

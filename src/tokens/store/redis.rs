@@ -1,0 +1,441 @@
+//! [`RedisStore`]: one token set shared by a fleet of replicas through Redis (SPEC §11).
+//!
+//! Per (provider, account) a hash holds the document (`doc`, sealed when a key is configured)
+//! and a `version` counter. A write is a compare-and-set on the version in a Lua script, which
+//! also publishes the change so that every replica re-reads within a moment (the watcher's slow
+//! poll is the safety net for a missed message). The refresh lock is `SET lock owner NX PX
+//! lock_ttl`, kept alive while the holder works and released only by its owner (a script), so a
+//! fleet spends a rotated refresh token exactly once, and a holder that dies releases it after
+//! `lock_ttl`. A key Redis does not have yet is seeded from the provider's token file.
+//!
+//! Redis being down is an error of every call, never a panic: the cache keeps serving its tokens,
+//! and no refresh starts without the lock (its result could not be recorded).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+
+use super::file::FileStore;
+use super::seal::{self, Opened, Sealer};
+use super::{
+    Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreFuture, StoreLock, TokenStore,
+    Version,
+};
+use crate::config::{ProviderConfig, RedisSettings};
+use crate::tokens::file as document;
+
+/// How long one Redis call may take before the store counts as unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a waiting replica tries the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(25);
+
+/// Compare-and-set: writes `doc` if the version is still the expected one (`""`: nothing
+/// stored), bumps the version, publishes the change. Returns `{1, new}` or `{0, current}`.
+const SAVE_SCRIPT: &str = r"
+local current = redis.call('HGET', KEYS[1], 'version')
+if (ARGV[1] == '' and current) or (ARGV[1] ~= '' and current ~= ARGV[1]) then
+  return {0, current or ''}
+end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'doc', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {1, tostring(version)}
+";
+
+/// Extends the lock only for its owner.
+const KEEP_ALIVE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Releases the lock only for its owner.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+pub struct RedisStore {
+    client: redis::Client,
+    connection: ConnectionManager,
+    settings: RedisSettings,
+    sealer: Option<Arc<Sealer>>,
+    /// Token files, read to seed keys Redis does not have yet.
+    seeds: FileStore,
+    save: redis::Script,
+    keep_alive: Arc<redis::Script>,
+    release: Arc<redis::Script>,
+}
+
+impl RedisStore {
+    /// Connects lazily: a Redis that is down at start is an error of the first call, not of the
+    /// start.
+    pub fn new(
+        settings: RedisSettings,
+        providers: &[ProviderConfig],
+        sealer: Option<Arc<Sealer>>,
+    ) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(settings.url.expose())
+            .map_err(|e| StoreError(format!("store.url {}: {e}", settings.shown_url)))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(1);
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| StoreError(format!("store.url {}: {e}", settings.shown_url)))?;
+        Ok(RedisStore {
+            client,
+            connection,
+            seeds: FileStore::sealed(providers, sealer.clone()),
+            sealer,
+            settings,
+            save: redis::Script::new(SAVE_SCRIPT),
+            keep_alive: Arc::new(redis::Script::new(KEEP_ALIVE_SCRIPT)),
+            release: Arc::new(redis::Script::new(RELEASE_SCRIPT)),
+        })
+    }
+
+    fn document_key(&self, key: Key<'_>) -> String {
+        match key.account {
+            Some(account) => format!("{}:token:{}:{account}", self.settings.key_prefix, key.provider),
+            None => format!("{}:token:{}", self.settings.key_prefix, key.provider),
+        }
+    }
+
+    fn lock_key(&self, key: Key<'_>) -> String {
+        format!("{}:lock", self.document_key(key))
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:changes", self.settings.key_prefix)
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError(format!("token store {} unavailable: {e}", self.settings.shown_url))
+    }
+
+    /// The stored document and version, as Redis has them.
+    async fn read(&self, key: Key<'_>) -> Result<Option<(Version, Vec<u8>)>, StoreError> {
+        let mut connection = self.connection.clone();
+        let (doc, version): (Option<Vec<u8>>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.document_key(key))
+            .arg("doc")
+            .arg("version")
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(match (doc, version) {
+            (Some(doc), Some(version)) => Some((Version(version), doc)),
+            _ => None,
+        })
+    }
+
+    /// Bytes as a document: opened with the key (and bound to its owner), then parsed.
+    fn decode(&self, key: Key<'_>, version: Version, bytes: &[u8]) -> (Loaded, bool) {
+        let parse = |plain: &[u8]| {
+            document::parse(crate::config::FileFormat::Json, plain)
+                .map_err(|e| format!("cannot be parsed: {e}"))
+        };
+        let (doc, sealed, foreign) = match seal::open(self.sealer.as_deref(), key, bytes) {
+            Ok(Opened::Plain(plain)) => (parse(&plain), false, false),
+            Ok(Opened::Sealed(plain)) => (parse(&plain), true, false),
+            Err(e @ (seal::OpenError::NoKey(_) | seal::OpenError::WrongKey { .. })) => {
+                (Err(e.to_string()), true, true)
+            }
+            Err(e) => (Err(e.to_string()), true, false),
+        };
+        (Loaded::Found { version, doc, sealed }, foreign)
+    }
+
+    fn encode(&self, key: Key<'_>, fields: &Fields) -> Result<Vec<u8>, StoreError> {
+        let bytes = document::encode(crate::config::FileFormat::Json, fields)
+            .map_err(|e| StoreError(e.to_string()))?;
+        Ok(match &self.sealer {
+            Some(sealer) => sealer.seal(key, &bytes),
+            None => bytes,
+        })
+    }
+
+    /// The compare-and-set.
+    async fn compare_and_set(
+        &self,
+        key: Key<'_>,
+        bytes: &[u8],
+        expected: Option<Version>,
+    ) -> Result<Result<Version, Option<Version>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let expected = expected.map(|v| v.0.to_string()).unwrap_or_default();
+        let message = format!("{}\n{}", key.provider, key.account.unwrap_or(""));
+        let (written, version): (i64, String) = self
+            .save
+            .key(self.document_key(key))
+            .arg(expected)
+            .arg(bytes)
+            .arg(self.channel())
+            .arg(message)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| self.error(e))?;
+        let version = version.parse().ok().map(Version);
+        Ok(if written == 1 { version.ok_or(None) } else { Err(version) })
+    }
+
+    /// Seeds a key Redis does not have from the provider's token file, if there is one.
+    async fn seed(&self, key: Key<'_>) -> Result<Loaded, StoreError> {
+        let Ok(Loaded::Found { doc: Ok(doc), .. }) = self.seeds.load(key).await else {
+            return Ok(Loaded::Missing);
+        };
+        let mut fields = doc.fields.clone();
+        if fields.is_empty() {
+            // A raw token file: the token is the whole document.
+            fields.insert("access_token".into(), doc.access_token.clone().into());
+        }
+        let bytes = self.encode(key, &fields)?;
+        match self.compare_and_set(key, &bytes, None).await? {
+            Ok(version) => {
+                tracing::info!(
+                    provider = key.provider,
+                    account = key.account.map(crate::accounts::log_name),
+                    "the token store had nothing for this key: seeded from its token file"
+                );
+                Ok(self.decode(key, version, &bytes).0)
+            }
+            // Another replica seeded it first: what it wrote is the truth.
+            Err(_) => match self.read(key).await? {
+                Some((version, bytes)) => Ok(self.decode(key, version, &bytes).0),
+                None => Ok(Loaded::Missing),
+            },
+        }
+    }
+}
+
+/// Keeps a lock alive while it is held; releases it (only if still ours) when dropped.
+struct HeldLock {
+    keep_alive: tokio::task::JoinHandle<()>,
+    release: Option<(ConnectionManager, Arc<redis::Script>, String, String)>,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+        if let Some((mut connection, script, key, owner)) = self.release.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let released: redis::RedisResult<i64> = script.key(key).arg(owner).invoke_async(&mut connection).await;
+                if let Err(e) = released {
+                    tracing::warn!(error = %e, "could not release the refresh lock; it expires by itself after lock_ttl");
+                }
+            });
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl TokenStore for RedisStore {
+    fn load<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<Loaded, StoreError>> {
+        Box::pin(async move {
+            match self.read(key).await? {
+                Some((version, bytes)) => Ok(self.decode(key, version, &bytes).0),
+                None => self.seed(key).await,
+            }
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        key: Key<'a>,
+        fields: &'a Fields,
+        expected: Option<Version>,
+    ) -> StoreFuture<'a, Result<Version, SaveError>> {
+        Box::pin(async move {
+            let current = self.read(key).await.map_err(SaveError::Failed)?;
+            if let Some((version, bytes)) = &current {
+                let (loaded, foreign) = self.decode(key, *version, bytes);
+                if foreign {
+                    let Loaded::Found { doc: Err(e), .. } = loaded else {
+                        unreachable!("foreign is an error")
+                    };
+                    return Err(SaveError::Failed(StoreError(format!("{e}; it is left as it is"))));
+                }
+                if Some(*version) != expected {
+                    return Err(SaveError::Conflict(Box::new(loaded)));
+                }
+            } else if expected.is_some() {
+                return Err(SaveError::Conflict(Box::new(Loaded::Missing)));
+            }
+            let bytes = self.encode(key, fields).map_err(SaveError::Failed)?;
+            match self.compare_and_set(key, &bytes, expected).await.map_err(SaveError::Failed)? {
+                Ok(version) => Ok(version),
+                Err(_) => {
+                    let now = self.read(key).await.map_err(SaveError::Failed)?;
+                    let loaded = match now {
+                        Some((version, bytes)) => self.decode(key, version, &bytes).0,
+                        None => Loaded::Missing,
+                    };
+                    Err(SaveError::Conflict(Box::new(loaded)))
+                }
+            }
+        })
+    }
+
+    fn lock<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<StoreLock, StoreError>> {
+        Box::pin(async move {
+            let lock_key = self.lock_key(key);
+            let owner = crate::onboarding::pending::random_token();
+            let ttl = self.settings.lock_ttl;
+            let ttl_ms = ttl.as_millis() as u64;
+            // A holder keeps its lock alive; one that died frees it within lock_ttl. Waiting longer
+            // than that (and a margin) means the store is not answering as it should.
+            let give_up = tokio::time::Instant::now() + ttl + Duration::from_secs(5);
+            let mut connection = self.connection.clone();
+            loop {
+                let taken: Option<String> = redis::cmd("SET")
+                    .arg(&lock_key)
+                    .arg(&owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                if taken.is_some() {
+                    break;
+                }
+                if tokio::time::Instant::now() >= give_up {
+                    return Err(StoreError(format!(
+                        "the refresh lock {lock_key} stayed taken for longer than lock_ttl ({}s)",
+                        ttl.as_secs()
+                    )));
+                }
+                tokio::time::sleep(LOCK_POLL).await;
+            }
+            let keep_alive = {
+                let (mut connection, script, lock_key, owner) =
+                    (connection.clone(), self.keep_alive.clone(), lock_key.clone(), owner.clone());
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+                    every.tick().await;
+                    loop {
+                        every.tick().await;
+                        let kept: redis::RedisResult<i64> =
+                            script.key(&lock_key).arg(&owner).arg(ttl_ms).invoke_async(&mut connection).await;
+                        if let Err(e) = kept {
+                            tracing::warn!(error = %e, "could not keep the refresh lock alive");
+                        }
+                    }
+                })
+            };
+            Ok(StoreLock::new(HeldLock {
+                keep_alive,
+                release: Some((connection, self.release.clone(), lock_key, owner)),
+            }))
+        })
+    }
+
+    fn probe<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            connection.hget::<_, _, Option<u64>>(self.document_key(key), "version").await.ok().flatten()
+        })
+    }
+
+    fn accounts<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let prefix = format!("{}:token:{provider}:", self.settings.key_prefix);
+            let mut connection = self.connection.clone();
+            let mut names: Vec<String> = Vec::new();
+            {
+                let mut keys: redis::AsyncIter<'_, String> =
+                    connection.scan_match(format!("{prefix}*")).await.map_err(|e| self.error(e))?;
+                while let Some(key) = keys.next_item().await {
+                    let key = key.map_err(|e| self.error(e))?;
+                    if let Some(name) =
+                        key.strip_prefix(&prefix).filter(|n| !n.ends_with(":lock") && !n.contains(':'))
+                    {
+                        names.push(name.to_string());
+                    }
+                }
+            }
+            // Token files not seeded yet are accounts too.
+            names.extend(self.seeds.accounts(provider).await.unwrap_or_default());
+            names.sort();
+            names.dedup();
+            Ok(names)
+        })
+    }
+
+    fn problem<'a>(&'a self, _provider: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
+            pong.err().map(|e| self.error(e).0)
+        })
+    }
+
+    fn location(&self, key: Key<'_>) -> String {
+        format!("redis key {} at {}", self.document_key(key), self.settings.shown_url)
+    }
+
+    fn watch(&self) -> ChangeFeed {
+        let (tx, changes) = mpsc::unbounded_channel();
+        let client = self.client.clone();
+        let channel = self.channel();
+        let shown = self.settings.shown_url.clone();
+        let task = tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                        Ok(()) => {
+                            delay = Duration::from_millis(200);
+                            // Whatever changed while we were not listening.
+                            let _ = tx.send(Change::Everything);
+                            let mut messages = pubsub.on_message();
+                            while let Some(message) = messages.next().await {
+                                let text: String = message.get_payload().unwrap_or_default();
+                                let (provider, account) =
+                                    text.split_once('\n').unwrap_or((text.as_str(), ""));
+                                let change = Change::Key {
+                                    provider: provider.to_string(),
+                                    account: (!account.is_empty()).then(|| account.to_string()),
+                                };
+                                if tx.send(change).is_err() {
+                                    return;
+                                }
+                            }
+                            tracing::warn!(store = %shown, "lost the token store's change feed; reconnecting");
+                        }
+                        Err(e) => {
+                            tracing::warn!(store = %shown, error = %e, "cannot subscribe to token changes")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!(store = %shown, error = %e, "token store unreachable for changes")
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        });
+        ChangeFeed { changes, _source: Some(Box::new(AbortOnDrop(task))) }
+    }
+}

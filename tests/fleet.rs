@@ -1,0 +1,318 @@
+//! A fleet sharing one rotating credential through a real Redis (SPEC §11): replicas under load
+//! spend each refresh token exactly once and converge on every new token; Redis going away
+//! stops refreshes (no refresh token spent) while tokens keep serving, and everything recovers
+//! when it returns; a lock holder killed mid-refresh is taken over after `lock_ttl`; tokens in
+//! Redis are sealed.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::*;
+
+fn config(
+    api: &MockApi,
+    endpoint: &MockTokenEndpoint,
+    redis: &RedisServer,
+    prefix: &str,
+    extra_store: &str,
+) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\n{extra_store}\n\
+         [providers.api]\nhosts = [\"{}\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n{}",
+        redis.url(),
+        api.authority(),
+        endpoint.oauth_toml("api", "refresh_token")
+    )
+}
+
+/// `n` replicas on one Redis; the first has the token file that seeds the store.
+fn replicas(root: &Path, n: usize, config: &str, seed: &str) -> Vec<TokenProxy> {
+    (0..n)
+        .map(|i| {
+            let dir = root.join(format!("replica-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            if i == 0 {
+                std::fs::write(dir.join("api.json"), seed).unwrap();
+            }
+            TokenProxy::start(&dir, config)
+        })
+        .collect()
+}
+
+async fn fingerprint(proxy: &TokenProxy) -> Option<String> {
+    proxy.token_view("api").await["fingerprint"].as_str().map(str::to_string)
+}
+
+/// Requests spread over the replicas for `duration`: every one must succeed. Returns how many.
+async fn load(api: &MockApi, fleet: &[TokenProxy], duration: Duration) -> usize {
+    let clients: Vec<reqwest::Client> = fleet.iter().map(|p| p.client()).collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    // Bounded in time and in count.
+    while started.elapsed() < duration && sent < 100_000 {
+        let client = &clients[sent % clients.len()];
+        let response = client.get(api.url("/v1/data")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {sent} at {:?}", started.elapsed());
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sent
+}
+
+async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u64) {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&api));
+    endpoint.rotate = Rotation::Strict;
+    endpoint.expires_in = Some(2);
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    api.accept("at-seed");
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z"}"#;
+    let text = config(&api, &endpoint, &redis, "fleet", "lock_ttl = \"5s\"");
+    let fleet = replicas(dir.path(), replica_count, &text, seed);
+
+    // Meanwhile, how long each new token takes to reach every replica.
+    let admins: Vec<_> = fleet.iter().map(|p| p.admin).collect();
+    let lags = tokio::spawn(adoption_lags(admins, Duration::from_secs(seconds)));
+    let sent = load(&api, &fleet, Duration::from_secs(seconds)).await;
+    let lags = lags.await.unwrap();
+    assert!(lags.len() as u64 >= seconds / 2, "too few refreshes observed: {lags:?}");
+    let mut sorted = lags.clone();
+    sorted.sort();
+    let worst = sorted.last().copied().unwrap_or_default();
+    eprintln!(
+        "{replica_count} replicas, {seconds}s: {sent} requests, {} token endpoint calls, {} invalid_grant; \
+         a new token reached every replica in {:?} (median) / {worst:?} (worst) over {} tokens",
+        endpoint.calls(),
+        endpoint.invalid_grants(),
+        sorted[sorted.len() / 2],
+        sorted.len()
+    );
+    assert!(worst <= Duration::from_secs(1), "a replica took {worst:?} to adopt a new token: {lags:?}");
+    assert!(sent > 100, "{sent}");
+    assert_eq!(endpoint.invalid_grants(), 0, "a refresh token was spent twice");
+    // Two-second tokens are refreshed when half their life is left (with jitter): about one
+    // refresh a second for the whole fleet, not one per replica; and none spent a refresh token
+    // twice (the strict rotation above would have answered invalid_grant).
+    let refreshes = endpoint.calls();
+    assert!(
+        refreshes as u64 <= seconds * 3 / 2 + 5,
+        "{refreshes} token endpoint calls in {seconds}s by {replica_count} replicas: not one per token lifetime"
+    );
+    // Every replica is on the same token, at most a second after the last refresh.
+    eventually(Duration::from_secs(1), "every replica on the newest token", || async {
+        let mut prints = Vec::new();
+        for proxy in &fleet {
+            prints.push(fingerprint(proxy).await);
+        }
+        (prints.iter().all(|p| p.is_some() && *p == prints[0])).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_rotating_credential_under_load() {
+    a_fleet_shares_one_rotating_credential(3, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_replicas_share_one_rotating_credential_under_load() {
+    a_fleet_shares_one_rotating_credential(8, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_keeps_tokens_serving_spends_nothing_and_recovers_when_it_returns() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let mut redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&api));
+    endpoint.rotate = Rotation::Strict;
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    api.accept("at-seed");
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2099-01-01T00:00:00Z"}"#;
+    let text = config(&api, &endpoint, &redis, "down", "");
+    let fleet = replicas(dir.path(), 2, &text, seed);
+    for proxy in &fleet {
+        let r = proxy.client().get(api.url("/v1/data")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    redis.stop();
+    // Serving goes on with the current token.
+    load(&api, &fleet, Duration::from_secs(2)).await;
+    // No refresh token is spent while its result could not be recorded.
+    let calls = endpoint.calls();
+    let forced = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh?force=true", fleet[0].admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forced.status(), StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = forced.json().await.unwrap();
+    assert!(body["reason"].as_str().unwrap().contains("unavailable"), "{body}");
+    assert_eq!(endpoint.calls(), calls, "the token endpoint was called while Redis was down");
+    let view = fleet[0].token_view("api").await;
+    assert_eq!(view["last_refresh_result"], "store_unavailable", "{view}");
+
+    redis.restart();
+    // Recovery without a restart: the next forced refresh goes through and every replica adopts it.
+    eventually(Duration::from_secs(15), "a refresh after Redis returns", || async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/tokens/api/refresh?force=true", fleet[0].admin))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint.invalid_grants(), 0);
+    eventually(Duration::from_secs(5), "the other replica adopts the new token", || async {
+        let (a, b) = (fingerprint(&fleet[0]).await, fingerprint(&fleet[1]).await);
+        (a.is_some() && a == b && a.as_deref() != Some(fingerprint_of("at-seed").as_str())).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_killed_mid_refresh_is_taken_over_after_lock_ttl() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&api));
+    // A provider with a reuse interval: a refresh token whose answer was lost still works once.
+    endpoint.rotate = Rotation::Grace;
+    endpoint.delay = Duration::from_secs(3);
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    api.accept("at-seed");
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2099-01-01T00:00:00Z"}"#;
+    let text = config(&api, &endpoint, &redis, "kill", "lock_ttl = \"2s\"");
+    let mut fleet = replicas(dir.path(), 2, &text, seed);
+
+    // Replica 0 takes the lock and calls the slow token endpoint; it dies in the middle.
+    let admin0 = fleet[0].admin;
+    let holder = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .post(format!("http://{admin0}/tokens/api/refresh?force=true"))
+            .send()
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fleet[0].signal("KILL");
+    holder.abort();
+    let started = Instant::now();
+    let taken_over = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh?force=true", fleet[1].admin))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken_over.status(), StatusCode::OK, "{}", taken_over.text().await.unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(500), "replica 1 waited for the dead holder's lock");
+    assert_eq!(endpoint.invalid_grants(), 0);
+    let r = fleet[1].client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let _ = fleet.remove(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_in_redis_are_sealed_and_a_restart_reads_them() {
+    if !redis_available() {
+        return;
+    }
+    use base64::Engine;
+    let dir = tempdir();
+    let redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    std::fs::write(dir.path().join("key"), base64::engine::general_purpose::STANDARD.encode([5u8; 32]))
+        .unwrap();
+    let key = dir.path().join("key").display().to_string();
+    let text = config(&api, &endpoint, &redis, "sealed", &format!("encryption_key_file = \"{key}\""));
+    let seed =
+        r#"{"access_token":"at-seed-secret","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z"}"#;
+    let mut fleet = replicas(dir.path(), 1, &text, seed);
+    let r = fleet[0].client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let in_use = api.last().authorization().unwrap().trim_start_matches("Bearer ").to_string();
+    let dump = redis.dump();
+    assert!(dump.contains("sealed:token:api"), "{dump}");
+    for secret in [in_use.as_str(), "rt-seed", "rt-1", "at-seed-secret"] {
+        assert!(!dump.contains(secret), "{secret:?} in clear in Redis:\n{dump}");
+    }
+    fleet[0].signal("TERM");
+    assert_eq!(fleet[0].wait_exit(Duration::from_secs(10)), Some(0));
+    drop(fleet);
+    // A new replica (no token file of its own) reads the sealed token from Redis.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let proxy = TokenProxy::start(&fresh, &text);
+    let calls = endpoint.calls();
+    let r = proxy.client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(api.last().authorization(), Some(format!("Bearer {in_use}").as_str()));
+    assert_eq!(endpoint.calls(), calls);
+}
+
+/// Samples every replica's token every 50 ms for `duration`; for each token (`at-N`, by the
+/// mock's numbering), the time from its first appearance on a replica until every replica holds
+/// it or a newer one.
+async fn adoption_lags(admins: Vec<std::net::SocketAddr>, duration: Duration) -> Vec<Duration> {
+    let numbers: std::collections::HashMap<String, u64> =
+        (0..10_000).map(|n| (fingerprint_of(&format!("at-{n}")), n)).collect();
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+    let started = Instant::now();
+    let mut first_seen: std::collections::BTreeMap<u64, Instant> = Default::default();
+    let mut lags = Vec::new();
+    let mut done_up_to = 0;
+    while started.elapsed() < duration {
+        let mut held = Vec::new();
+        for admin in &admins {
+            let view: serde_json::Value = match client.get(format!("http://{admin}/tokens")).send().await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => continue,
+            };
+            let print = view[0]["fingerprint"].as_str().unwrap_or_default().to_string();
+            held.push(numbers.get(&print).copied().unwrap_or(0));
+        }
+        let now = Instant::now();
+        for n in &held {
+            first_seen.entry(*n).or_insert(now);
+        }
+        let slowest = held.iter().min().copied().unwrap_or(0);
+        if slowest <= done_up_to {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        for (n, seen) in first_seen.range(done_up_to + 1..=slowest) {
+            if *n > 0 {
+                lags.push(now - *seen);
+            }
+        }
+        done_up_to = done_up_to.max(slowest);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lags
+}
+
+fn fingerprint_of(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(token.as_bytes())[..4])
+}
