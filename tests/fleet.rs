@@ -100,12 +100,13 @@ async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u
     assert!(worst <= Duration::from_secs(1), "a replica took {worst:?} to adopt a new token: {lags:?}");
     assert!(sent > 100, "{sent}");
     assert_eq!(endpoint.invalid_grants(), 0, "a refresh token was spent twice");
-    // Two-second tokens are refreshed when half their life is left (with jitter): about one
-    // refresh a second for the whole fleet, not one per replica; and none spent a refresh token
-    // twice (the strict rotation above would have answered invalid_grant).
+    // Two-second tokens are refreshed when half their life is left: one refresh a second for the
+    // whole fleet, not one per replica (a replica whose refresh waited for the lock takes the
+    // token the holder wrote); and none spent a refresh token twice (the strict rotation above
+    // would have answered invalid_grant).
     let refreshes = endpoint.calls();
     assert!(
-        refreshes as u64 <= seconds * 3 / 2 + 5,
+        refreshes as u64 <= seconds + 5,
         "{refreshes} token endpoint calls in {seconds}s by {replica_count} replicas: not one per token lifetime"
     );
     // Every replica is on the same token, at most a second after the last refresh.

@@ -539,7 +539,16 @@ impl Provider {
     /// request. Returns the token stored, which a caller uses rather than loading the current
     /// one again (a concurrent re-read may have replaced it meanwhile).
     pub fn adopt(&self, cred: &Credential, doc: &TokenDocument) -> Result<Arc<Token>, String> {
-        Ok(cred.install(self.prepare(doc)?))
+        let token = self.prepare(doc)?;
+        // The token in use read again (a store that was unreachable came back, a rewrite with
+        // other fields): not a new token, so requests that saw it fail still count it as seen.
+        if let Some(current) = cred.current()
+            && current.fingerprint == token.fingerprint
+            && current.expires_at == token.expires_at
+        {
+            return Ok(current);
+        }
+        Ok(cred.install(token))
     }
 
     /// The token `doc` stands for, ready for the request path but not yet in use: a refresh

@@ -184,7 +184,7 @@ impl Provider {
         };
         cred.refreshing.store(true, Ordering::Relaxed);
         let started = Instant::now();
-        let result = self.refresh_under_store_lock(cred, trigger, started + deadline).await;
+        let result = self.refresh_under_store_lock(cred, trigger, seen, started + deadline).await;
         cred.refreshing.store(false, Ordering::Relaxed);
         self.record(cred, trigger, started.elapsed(), &result);
         result
@@ -209,6 +209,7 @@ impl Provider {
         self: &Arc<Self>,
         cred: &Arc<Credential>,
         trigger: Trigger,
+        seen: Option<u64>,
         deadline: Instant,
     ) -> Result<Arc<Token>, RefreshError> {
         let lock = self.store.lock(self.key(cred)).await.map_err(|e| {
@@ -226,6 +227,14 @@ impl Provider {
             }
             Newer::Base(fields, basis) => (fields, basis),
         };
+        // While this waited for the lock, the watcher may have adopted the token another process
+        // (another replica) wrote: if that one will do, nothing is spent.
+        if let Some(token) = cred.current()
+            && !self.needs_refresh(&token, trigger, seen)
+        {
+            drop(lock);
+            return Ok(token);
+        }
 
         let oauth = self.config.oauth.as_ref().expect("checked by refresh");
         let client = self.oauth_client.as_ref().expect("checked by refresh");
