@@ -377,3 +377,48 @@ fn the_readme_defaults_are_the_codes_defaults() {
         assert!(default.eq_ignore_ascii_case(&value), "{key}: README says {default:?}, the code {value:?}");
     }
 }
+
+#[test]
+fn the_fleet_example_runs_many_replicas_on_one_redis_with_sealed_tokens() {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for file in ["redis.yaml", "tokenproxy-fleet.yaml"] {
+        let text = std::fs::read_to_string(repo(&format!("examples/kubernetes/fleet/{file}"))).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            docs.push(serde_norway::Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}")));
+        }
+    }
+    let app = docs.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "my-app").unwrap();
+    assert!(app["spec"]["replicas"].as_u64().unwrap() > 1);
+    let pod = &app["spec"]["template"]["spec"];
+    let sidecar =
+        pod["containers"].as_sequence().unwrap().iter().find(|c| c["name"] == "tokenproxy").unwrap();
+    let password =
+        sidecar["env"].as_sequence().unwrap().iter().find(|e| e["name"] == "REDIS_PASSWORD").unwrap();
+    assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "tokens-redis");
+    let key_volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "key").unwrap();
+    assert_eq!(key_volume["secret"]["secretName"], "tokenproxy-fleet-key");
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(service["metadata"]["name"], "tokens-redis");
+
+    // The config is one tokenproxy accepts: the Redis store, with its key.
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let text = configmap["data"]["tokenproxy.toml"].as_str().unwrap();
+    assert!(text.contains("kind = \"redis\"") && text.contains("url = \"redis://tokens-redis:6379/0\""));
+    let dir = tempdir();
+    std::fs::write(dir.path().join("key"), [7u8; 32]).unwrap();
+    std::fs::write(dir.path().join("password"), "p").unwrap();
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    let text = text
+        .replace("/etc/tokenproxy/key/key", &dir.path().join("key").display().to_string())
+        .replace("password_env = \"REDIS_PASSWORD\"", "password_file = \"password\"")
+        .replace("/etc/tokenproxy/oauth/client-secret", &dir.path().join("secret").display().to_string())
+        .replace("/var/lib/tokenproxy/", &format!("{}/", dir.path().display()));
+    let path = dir.path().join("tokenproxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = tokenproxy::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(config.store, tokenproxy::config::StoreSettings::Redis(_)));
+    assert!(config.sealer.is_some());
+    let shown = format!("{:?}", config.store);
+    assert!(!shown.contains("redis://:p@"), "the password never shows: {shown}");
+}

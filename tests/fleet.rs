@@ -317,3 +317,32 @@ fn fingerprint_of(token: &str) -> String {
     use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(token.as_bytes())[..4])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_with_a_password_is_reached_with_password_file_and_refused_without() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let redis = RedisServer::start_with(dir.path(), &["--requirepass", "s3cret-redis-pw"]);
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    api.accept("at-seed");
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2099-01-01T00:00:00Z"}"#;
+    std::fs::write(dir.path().join("redis-password"), "s3cret-redis-pw\n").unwrap();
+    let password = dir.path().join("redis-password").display().to_string();
+    let with = config(&api, &endpoint, &redis, "auth", &format!("password_file = \"{password}\""));
+    let fleet = replicas(&dir.path().join("with"), 1, &with, seed);
+    let r = fleet[0].client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for line in fleet[0].logs() {
+        assert!(!line.contains("s3cret-redis-pw"), "{line}");
+    }
+    // Without the password: the store is unavailable, said clearly, and the password is not
+    // what anyone sees either way.
+    let without = config(&api, &endpoint, &redis, "auth", "");
+    let lonely = replicas(&dir.path().join("without"), 1, &without, seed);
+    let view = lonely[0].token_view("api").await;
+    let error = view["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("unavailable") && error.contains("redis://127.0.0.1"), "{view}");
+}

@@ -1264,6 +1264,7 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 pub fn redis_available() -> bool {
@@ -1275,8 +1276,14 @@ pub fn redis_available() -> bool {
 
 impl RedisServer {
     pub fn start(dir: &Path) -> RedisServer {
+        Self::start_with(dir, &[])
+    }
+
+    /// With extra `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = RedisServer { child: None, port, dir: dir.to_path_buf() };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut server = RedisServer { child: None, port, dir: dir.to_path_buf(), extra };
         server.restart();
         server
     }
@@ -1298,6 +1305,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1317,10 +1325,11 @@ impl RedisServer {
         use std::io::{Read, Write};
         let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        // A server that wants a password answers -NOAUTH: it is up all the same.
         let mut answer = [0u8; 7];
         stream.write_all(b"PING\r\n").is_ok()
             && stream.read_exact(&mut answer).is_ok()
-            && &answer == b"+PONG\r\n"
+            && (&answer == b"+PONG\r\n" || answer.starts_with(b"-NOAUTH"))
     }
 
     /// Stops it (SIGKILL: as abruptly as a crash or a partition).
