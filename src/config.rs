@@ -979,11 +979,8 @@ fn validate_store(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> StoreSett
                 p.push(format!("store.url: {:?} is not a URL like \"redis://127.0.0.1:6379/0\"", raw.url));
                 return StoreSettings::File;
             };
-            if url.scheme() != "redis" {
-                p.push(format!(
-                    "store.url: scheme {:?}: this build speaks redis:// (rediss:// is not supported yet)",
-                    url.scheme()
-                ));
+            if !matches!(url.scheme(), "redis" | "rediss") {
+                p.push(format!("store.url: scheme {:?}: use redis:// or rediss:// (TLS)", url.scheme()));
             }
             let password = match (&raw.password_file, &raw.password_env) {
                 (Some(_), Some(_)) => {

@@ -346,3 +346,61 @@ async fn a_redis_with_a_password_is_reached_with_password_file_and_refused_witho
     let error = view["last_error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("unavailable") && error.contains("redis://127.0.0.1"), "{view}");
 }
+
+/// `rediss://`: TLS to Redis, verified with the same roots as every other connection (the
+/// system's plus `[tls] extra_roots`); without the Redis CA among them it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_is_verified_with_the_same_roots_as_everything_else() {
+    if !redis_available() {
+        return;
+    }
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = tempdir();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf =
+        CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(dir.path().join("redis-ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("redis.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("redis-key.pem"), leaf_key.serialize_pem()).unwrap();
+    let tls_port =
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let redis = RedisServer::start_with(
+        dir.path(),
+        &[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &file("redis.pem"),
+            "--tls-key-file",
+            &file("redis-key.pem"),
+            "--tls-ca-cert-file",
+            &file("redis-ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    api.accept("at-seed");
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2099-01-01T00:00:00Z"}"#;
+    let tls_config = |roots: &str| {
+        config(&api, &endpoint, &redis, "tls", "")
+            .replace(&redis.url(), &format!("rediss://localhost:{tls_port}/0"))
+            .replace("[store]", &format!("[tls]\nextra_roots = [{roots}]\n[store]"))
+    };
+    let trusted =
+        replicas(&dir.path().join("trusted"), 1, &tls_config(&format!("\"{}\"", file("redis-ca.pem"))), seed);
+    let r = trusted[0].client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(redis.dump().contains("tls:token:api"), "seeded into Redis over TLS");
+
+    let untrusted = replicas(&dir.path().join("untrusted"), 1, &tls_config(""), seed);
+    let view = untrusted[0].token_view("api").await;
+    assert!(view["last_error"].as_str().unwrap_or_default().contains("unavailable"), "{view}");
+}

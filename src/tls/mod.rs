@@ -43,3 +43,32 @@ pub fn client_config(extra_roots: &[PathBuf]) -> anyhow::Result<Arc<rustls::Clie
     let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     Ok(Arc::new(config))
 }
+
+/// The same roots as [`client_config`], as one PEM bundle, for a client that takes its roots as
+/// PEM (the Redis client for `rediss://`): the system's roots plus `[tls] extra_roots`.
+pub fn roots_pem(extra_roots: &[PathBuf]) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine;
+    let mut pem = Vec::new();
+    let mut push = |der: &[u8]| {
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    };
+    for cert in rustls_native_certs::load_native_certs().certs {
+        push(&cert);
+    }
+    for path in extra_roots {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("tls.extra_roots: cannot read {}", path.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("tls.extra_roots: {} is not PEM", path.display()))?;
+        for cert in certs {
+            push(&cert);
+        }
+    }
+    Ok(pem)
+}

@@ -31,7 +31,18 @@ pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn T
             std::sync::Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()))
         }
         StoreSettings::Redis(settings) => {
-            std::sync::Arc::new(RedisStore::new(settings.clone(), &config.providers, config.sealer.clone())?)
+            let roots = match settings.shown_url.starts_with("rediss://") {
+                true => Some(
+                    crate::tls::roots_pem(&config.extra_roots).map_err(|e| StoreError(format!("{e:#}")))?,
+                ),
+                false => None,
+            };
+            std::sync::Arc::new(RedisStore::new(
+                settings.clone(),
+                &config.providers,
+                config.sealer.clone(),
+                roots,
+            )?)
         }
     })
 }

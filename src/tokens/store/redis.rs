@@ -77,13 +77,23 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects lazily: a Redis that is down at start is an error of the first call, not of the
     /// start.
+    /// `tls_roots`: for `rediss://`, the PEM roots to verify the server with (the same roots as
+    /// every other TLS connection tokenproxy opens).
     pub fn new(
         settings: RedisSettings,
         providers: &[ProviderConfig],
         sealer: Option<Arc<Sealer>>,
+        tls_roots: Option<Vec<u8>>,
     ) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(settings.url.expose())
-            .map_err(|e| StoreError(format!("store.url {}: {e}", settings.shown_url)))?;
+        crate::tls::install_crypto_provider();
+        let client = match tls_roots {
+            Some(roots) => redis::Client::build_with_tls(
+                settings.url.expose(),
+                redis::TlsCertificates { client_tls: None, root_cert: Some(roots) },
+            ),
+            None => redis::Client::open(settings.url.expose()),
+        }
+        .map_err(|e| StoreError(format!("store.url {}: {e}", settings.shown_url)))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CALL_TIMEOUT))
             .set_response_timeout(Some(CALL_TIMEOUT))
