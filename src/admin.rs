@@ -129,7 +129,12 @@ impl Admin {
     async fn readyz(&self) -> Response<ProxyBody> {
         let not_ready = not_ready(&self.providers).await;
         if not_ready.is_empty() {
-            text(StatusCode::OK, "ready\n", "text/plain")
+            // Tokens in hand keep serving while the store is away (SPEC §11): still ready, but
+            // said, since no refresh can happen until it is back.
+            match self.providers.store().problem("").await {
+                Some(problem) => text(StatusCode::OK, &format!("ready; {problem}\n"), "text/plain"),
+                None => text(StatusCode::OK, "ready\n", "text/plain"),
+            }
         } else {
             json_response(StatusCode::SERVICE_UNAVAILABLE, &json!(not_ready))
         }

@@ -167,6 +167,9 @@ async fn redis_down_keeps_tokens_serving_spends_nothing_and_recovers_when_it_ret
     assert_eq!(endpoint.calls(), calls, "the token endpoint was called while Redis was down");
     let view = fleet[0].token_view("api").await;
     assert_eq!(view["last_refresh_result"], "store_unavailable", "{view}");
+    let (status, ready) = fleet[1].admin_get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "tokens in hand keep the replica in service");
+    assert!(ready.contains("ready; token store") && ready.contains("unavailable"), "{ready}");
 
     redis.restart();
     // Recovery without a restart: the next forced refresh goes through and every replica adopts it.
