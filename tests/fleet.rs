@@ -407,3 +407,49 @@ async fn rediss_is_verified_with_the_same_roots_as_everything_else() {
     let view = untrusted[0].token_view("api").await;
     assert!(view["last_error"].as_str().unwrap_or_default().contains("unavailable"), "{view}");
 }
+
+/// Onboarding writes to the shared store: an account connected through one replica's /connect is
+/// in Redis (sealed) and every replica serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
+    if !redis_available() {
+        return;
+    }
+    use base64::Engine;
+    let dir = tempdir();
+    let redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    std::fs::write(dir.path().join("key"), base64::engine::general_purpose::STANDARD.encode([6u8; 32]))
+        .unwrap();
+    let key = dir.path().join("key").display().to_string();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text = config(&api, &endpoint, &redis, "connect", &format!("encryption_key_file = \"{key}\""))
+        .replace("token_file = \"api.json\"", "token_file = \"tokens/{account}.json\"")
+        + &format!("authorize_url = \"{}\"\n", endpoint.authorize_url());
+    // Only the first replica's callback URL matters: the person connects there.
+    for name in ["first", "second"] {
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+    }
+    let first = TokenProxy::start(
+        &dir.path().join("first"),
+        &text.replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\""),
+        ),
+    );
+    let second =
+        TokenProxy::start(&dir.path().join("second"), &text.replace("authorize_url", "# authorize_url"));
+    let mut browser = Browser::new();
+    let callback = browser.consent(&format!("http://{}/connect/api?account=ada", first.admin)).await;
+    let (status, result, page) = browser.finish(&callback).await;
+    assert_eq!((status, result.as_str()), (StatusCode::OK, "ok"), "{page}");
+    let dump = redis.dump();
+    assert!(dump.contains("connect:token:api:ada"), "{dump}");
+    assert!(!dump.contains("at-") && !dump.contains("rt-"), "sealed in Redis: {dump}");
+    assert!(!dir.path().join("first/tokens/ada.json").exists(), "written to the store, not a file");
+    let response =
+        second.client().get(api.url("/v1/data")).header("tokenproxy-account", "ada").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(api.last().authorization().unwrap().starts_with("Bearer at-"));
+}
