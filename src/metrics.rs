@@ -124,3 +124,11 @@ pub fn authorization(provider: &str, result: &'static str) {
     metrics::counter!(AUTHORIZATIONS_TOTAL, "provider" => provider.to_string(), "result" => result)
         .increment(1);
 }
+
+pub const STORE_OPERATIONS_TOTAL: &str = "tokenproxy_store_operations_total";
+
+/// Operations on the shared token store (SPEC §7, §11): `op` is `read`, `write` or `lock`;
+/// `result` is `ok`, `conflict` or `error`.
+pub fn store_operation(op: &'static str, result: &'static str) {
+    metrics::counter!(STORE_OPERATIONS_TOTAL, "op" => op, "result" => result).increment(1);
+}

@@ -85,6 +85,17 @@ async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u
     let lags = tokio::spawn(adoption_lags(admins, Duration::from_secs(seconds)));
     let sent = load(&api, &fleet, Duration::from_secs(seconds)).await;
     let lags = lags.await.unwrap();
+    // SPEC §7: the store's operations are counted.
+    let mut writes = 0.0;
+    for proxy in &fleet {
+        writes +=
+            proxy.metric("tokenproxy_store_operations_total", &[("op", "write"), ("result", "ok")]).await;
+        assert!(
+            proxy.metric("tokenproxy_store_operations_total", &[("op", "read"), ("result", "ok")]).await
+                > 0.0
+        );
+    }
+    assert_eq!(writes as usize, endpoint.calls() + 1, "one write per refresh, and the seed");
     assert!(lags.len() as u64 >= seconds / 2, "too few refreshes observed: {lags:?}");
     let mut sorted = lags.clone();
     sorted.sort();
@@ -165,6 +176,9 @@ async fn redis_down_keeps_tokens_serving_spends_nothing_and_recovers_when_it_ret
     let body: serde_json::Value = forced.json().await.unwrap();
     assert!(body["reason"].as_str().unwrap().contains("unavailable"), "{body}");
     assert_eq!(endpoint.calls(), calls, "the token endpoint was called while Redis was down");
+    let lock_errors =
+        fleet[0].metric("tokenproxy_store_operations_total", &[("op", "lock"), ("result", "error")]).await;
+    assert!(lock_errors >= 1.0, "{lock_errors}");
     let view = fleet[0].token_view("api").await;
     assert_eq!(view["last_refresh_result"], "store_unavailable", "{view}");
     let (status, ready) = fleet[1].admin_get("/readyz").await;

@@ -26,6 +26,7 @@ use super::{
     Version,
 };
 use crate::config::{ProviderConfig, RedisSettings};
+use crate::metrics;
 use crate::tokens::file as document;
 
 /// How long one Redis call may take before the store counts as unavailable.
@@ -134,13 +135,14 @@ impl RedisStore {
     /// The stored document and version, as Redis has them.
     async fn read(&self, key: Key<'_>) -> Result<Option<(Version, Vec<u8>)>, StoreError> {
         let mut connection = self.connection.clone();
-        let (doc, version): (Option<Vec<u8>>, Option<u64>) = redis::cmd("HMGET")
+        let answer: redis::RedisResult<(Option<Vec<u8>>, Option<u64>)> = redis::cmd("HMGET")
             .arg(self.document_key(key))
             .arg("doc")
             .arg("version")
             .query_async(&mut connection)
-            .await
-            .map_err(|e| self.error(e))?;
+            .await;
+        metrics::store_operation("read", if answer.is_ok() { "ok" } else { "error" });
+        let (doc, version) = answer.map_err(|e| self.error(e))?;
         Ok(match (doc, version) {
             (Some(doc), Some(version)) => Some((Version(version), doc)),
             _ => None,
@@ -183,7 +185,7 @@ impl RedisStore {
         let mut connection = self.connection.clone();
         let expected = expected.map(|v| v.0.to_string()).unwrap_or_default();
         let message = format!("{}\n{}", key.provider, key.account.unwrap_or(""));
-        let (written, version): (i64, String) = self
+        let answer: redis::RedisResult<(i64, String)> = self
             .save
             .key(self.document_key(key))
             .arg(expected)
@@ -191,8 +193,14 @@ impl RedisStore {
             .arg(self.channel())
             .arg(message)
             .invoke_async(&mut connection)
-            .await
-            .map_err(|e| self.error(e))?;
+            .await;
+        let result = match &answer {
+            Ok((1, _)) => "ok",
+            Ok(_) => "conflict",
+            Err(_) => "error",
+        };
+        metrics::store_operation("write", result);
+        let (written, version) = answer.map_err(|e| self.error(e))?;
         let version = version.parse().ok().map(Version);
         Ok(if written == 1 { version.ok_or(None) } else { Err(version) })
     }
@@ -284,9 +292,11 @@ impl TokenStore for RedisStore {
                     return Err(SaveError::Failed(StoreError(format!("{e}; it is left as it is"))));
                 }
                 if Some(*version) != expected {
+                    metrics::store_operation("write", "conflict");
                     return Err(SaveError::Conflict(Box::new(loaded)));
                 }
             } else if expected.is_some() {
+                metrics::store_operation("write", "conflict");
                 return Err(SaveError::Conflict(Box::new(Loaded::Missing)));
             }
             let bytes = self.encode(key, fields).map_err(SaveError::Failed)?;
@@ -315,19 +325,24 @@ impl TokenStore for RedisStore {
             let give_up = tokio::time::Instant::now() + ttl + Duration::from_secs(5);
             let mut connection = self.connection.clone();
             loop {
-                let taken: Option<String> = redis::cmd("SET")
+                let taken: redis::RedisResult<Option<String>> = redis::cmd("SET")
                     .arg(&lock_key)
                     .arg(&owner)
                     .arg("NX")
                     .arg("PX")
                     .arg(ttl_ms)
                     .query_async(&mut connection)
-                    .await
-                    .map_err(|e| self.error(e))?;
+                    .await;
+                let taken = taken.map_err(|e| {
+                    metrics::store_operation("lock", "error");
+                    self.error(e)
+                })?;
                 if taken.is_some() {
+                    metrics::store_operation("lock", "ok");
                     break;
                 }
                 if tokio::time::Instant::now() >= give_up {
+                    metrics::store_operation("lock", "error");
                     return Err(StoreError(format!(
                         "the refresh lock {lock_key} stayed taken for longer than lock_ttl ({}s)",
                         ttl.as_secs()
