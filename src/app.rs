@@ -52,6 +52,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // Bind before serving anything, so that a port in use stops the start.
     let proxy_listener = server::bind("proxy.listen", config.proxy.listen).await?;
     let admin_listener = server::bind("admin.listen", config.admin_listen).await?;
+    let transparent_listener = match config.transparent_listen {
+        Some(addr) => Some(server::bind("transparent.listen", addr).await?),
+        None => None,
+    };
     let mut route_listeners = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
         route_listeners.push(server::bind(&format!("routes[{i}].listen"), route.listen).await?);
@@ -79,7 +83,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for listener in &route_listeners {
         own_listeners.push(listener.local_addr()?);
     }
-    egress.set_own_listeners(own_listeners);
+    if let Some(listener) = &transparent_listener {
+        own_listeners.push(listener.local_addr()?);
+    }
+    egress.set_own_listeners(own_listeners.clone());
     let proxy = Arc::new(Proxy {
         providers: providers.clone(),
         client: upstream::client(tls.clone(), &config.proxy, egress.clone(), Protocols::Http1AndHttp2),
@@ -144,6 +151,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             async move { proxy.handle_route(&route, req).await }
         };
         tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), handler));
+    }
+
+    if let Some(listener) = transparent_listener {
+        tracing::info!(listener = "transparent", addr = %listener.local_addr()?, "listening");
+        tokio::spawn(crate::transparent::serve(proxy.clone(), listener, own_listeners, drain.watch()));
     }
 
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");

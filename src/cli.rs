@@ -62,6 +62,12 @@ pub enum Command {
         /// A preset's name: print the TOML it stands for
         name: Option<String>,
     },
+    /// Print the iptables commands that redirect a pod's outbound TCP to [transparent] listen
+    Iptables {
+        /// tokenproxy's own user id, whose connections are not redirected
+        #[arg(long, value_name = "UID", default_value_t = 10001)]
+        uid: u32,
+    },
     /// Show the running proxy's providers as a table; exit 0 only when all are ready
     Status {
         /// The admin listener [default: http:// + admin.listen from the config, else http://127.0.0.1:9090]

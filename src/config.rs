@@ -58,6 +58,14 @@ struct RawConfig {
     onboarding: RawOnboarding,
     #[serde(default)]
     store: RawStore,
+    #[serde(default)]
+    transparent: RawTransparent,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTransparent {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -484,6 +492,8 @@ pub struct Config {
     pub onboarding: OnboardingSettings,
     /// Where tokens are kept (SPEC §11).
     pub store: StoreSettings,
+    /// `[transparent] listen` (SPEC §12): where iptables-redirected connections arrive.
+    pub transparent_listen: Option<SocketAddr>,
     /// The key that seals token data at rest (SPEC §11), when one is configured.
     pub sealer: Option<std::sync::Arc<crate::tokens::store::seal::Sealer>>,
     /// Where that key came from (a file is checked for loose permissions).
@@ -708,6 +718,8 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         }
     }
     let store = validate_store(&raw.store, base, p);
+    let transparent_listen = (!raw.transparent.listen.is_empty())
+        .then(|| parse_listen("transparent.listen", &raw.transparent.listen, p));
     let encryption_key_file = raw.store.encryption_key_file.as_ref().map(|f| resolve(base, f));
     let sealer = match (&encryption_key_file, &raw.store.encryption_key_env) {
         (Some(_), Some(_)) => {
@@ -782,6 +794,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             routes,
             onboarding,
             store,
+            transparent_listen,
             sealer,
             encryption_key_file,
         })

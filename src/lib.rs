@@ -25,3 +25,4 @@ pub mod server;
 pub mod tls;
 pub mod token_command;
 pub mod tokens;
+pub mod transparent;

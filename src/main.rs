@@ -18,7 +18,8 @@ fn main() -> ExitCode {
         | Command::Status { .. }
         | Command::Authorize { .. }
         | Command::Presets { .. }
-        | Command::Token { .. } => "warn",
+        | Command::Token { .. }
+        | Command::Iptables { .. } => "warn",
     };
     logging::init(cli.log_format, default_level);
     if let Command::Presets { name } = command {
@@ -62,6 +63,22 @@ fn main() -> ExitCode {
             }))
         }
         Command::Check => exit(block_on(async { Ok(cli::check(&config).await) })),
+        Command::Iptables { uid } => match config.transparent_listen {
+            Some(listen) => {
+                print!(
+                    "{}",
+                    tokenproxy::transparent::iptables_rules(listen.port(), config.admin_listen.port(), *uid)
+                );
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "tokenproxy: [transparent] listen is not set in {}: there is nothing to redirect to",
+                    config.source.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Token { action: TokenAction::Show { provider, account, reveal } } => {
             exit(block_on(tokenproxy::token_command::show(&config, provider, account.as_deref(), *reveal)))
         }

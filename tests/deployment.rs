@@ -253,6 +253,7 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
         ("routes", "[[routes]]\nzz_probe = 1\n"),
         ("onboarding", "[onboarding]\nzz_probe = 1\n"),
         ("store", "[store]\nzz_probe = 1\n"),
+        ("transparent", "[transparent]\nzz_probe = 1\n"),
     ];
     for (section, probe) in probes {
         let mut accepted = accepted_keys(probe);
@@ -421,4 +422,55 @@ fn the_fleet_example_runs_many_replicas_on_one_redis_with_sealed_tokens() {
     assert!(config.sealer.is_some());
     let shown = format!("{:?}", config.store);
     assert!(!shown.contains("redis://:p@"), "the password never shows: {shown}");
+}
+
+#[test]
+fn the_transparent_example_applies_the_printed_rules_and_runs_the_app_without_proxy_settings() {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(repo("examples/kubernetes/transparent/deployment.yaml")).unwrap();
+    let docs: Vec<serde_norway::Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
+        .collect();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let init = pod["initContainers"].as_sequence().unwrap();
+    let redirect = init.iter().find(|c| c["name"] == "redirect").unwrap();
+    assert!(redirect["args"][0].as_str().unwrap().contains("tokenproxy iptables --uid 10001"));
+    assert!(
+        redirect["securityContext"]["capabilities"]["add"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|c| c == "NET_ADMIN")
+    );
+    let containers = pod["containers"].as_sequence().unwrap();
+    let sidecar = containers.iter().find(|c| c["name"] == "tokenproxy").unwrap();
+    assert_eq!(sidecar["securityContext"]["runAsUser"], 10001, "the user the rules spare");
+    let app = containers.iter().find(|c| c["name"] == "app").unwrap();
+    assert_ne!(app["securityContext"]["runAsUser"], 10001);
+    let env = app["env"].as_sequence().unwrap();
+    assert!(
+        env.iter().all(|e| !e["name"].as_str().unwrap().to_ascii_uppercase().contains("PROXY")),
+        "no proxy settings"
+    );
+
+    // The config loads, and `tokenproxy iptables` prints rules for its transparent port.
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let dir = tempdir();
+    std::fs::write(dir.path().join("secret"), "s").unwrap();
+    let config = configmap["data"]["tokenproxy.toml"]
+        .as_str()
+        .unwrap()
+        .replace("/etc/tokenproxy/oauth/client-secret", &dir.path().join("secret").display().to_string())
+        .replace("/var/lib/tokenproxy/", &format!("{}/", dir.path().display()));
+    let path = dir.path().join("tokenproxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let (code, out) = run(&["iptables", "--uid", "10001", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("REDIRECT --to-ports 15001")
+            && out.contains("--uid-owner 10001")
+            && out.contains("--dport 9090"),
+        "{out}"
+    );
 }

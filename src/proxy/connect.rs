@@ -88,7 +88,7 @@ impl Proxy {
 /// What every request inside one interception shares: it goes to the CONNECT's host with its
 /// provider's token (of the account the CONNECT's proxy credentials named, if any), whatever its
 /// own Host header says.
-struct InterceptedHost {
+pub(crate) struct InterceptedHost {
     proxy: Arc<Proxy>,
     target: Target,
     provider: Arc<Provider>,
@@ -96,10 +96,15 @@ struct InterceptedHost {
 }
 
 impl InterceptedHost {
+    /// What a transparent connection (SPEC §12) is served as: the same interception as CONNECT.
+    pub(crate) fn new(proxy: Arc<Proxy>, target: Target, provider: Arc<Provider>) -> InterceptedHost {
+        InterceptedHost { proxy, target, provider, proxy_user: None }
+    }
+
     /// Terminates the client's TLS with a leaf for the host and serves the requests inside,
     /// over HTTP/1.1 or HTTP/2 as ALPN decided.
     async fn intercept(
-        mut self,
+        self,
         upgrade: OnUpgrade,
         tls: Arc<rustls::ServerConfig>,
         _place: Option<ConnectionPermit>,
@@ -109,12 +114,21 @@ impl InterceptedHost {
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
         };
+        self.serve(TokioIo::new(upgraded), tls, drain).await;
+    }
+
+    /// Serves one client connection to this host: a TLS handshake is answered with `tls` (a
+    /// leaf for the host), anything else is plain HTTP to the host under the plaintext rules.
+    pub(crate) async fn serve<T>(mut self, io: T, tls: Arc<rustls::ServerConfig>, drain: server::DrainWatch)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         // The first byte says what the client speaks: a TLS handshake record starts with 0x16.
         // Anything else is plain HTTP inside the tunnel (a `ws://` client behind a proxy that
         // always sends CONNECT), served as plain HTTP to the host under the plaintext rules.
         let settings = &self.proxy.settings;
         let deadline = tokio::time::Instant::now() + settings.header_read_timeout;
-        let first = tokio::time::timeout_at(deadline, relay::first_byte(TokioIo::new(upgraded))).await;
+        let first = tokio::time::timeout_at(deadline, relay::first_byte(io)).await;
         let (byte, io) = match first {
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None)) => return,

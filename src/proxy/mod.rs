@@ -6,6 +6,7 @@
 //! header hygiene, timeouts and metrics are written once.
 
 mod connect;
+pub(crate) use connect::InterceptedHost;
 mod headers;
 pub mod replay;
 pub mod upstream;

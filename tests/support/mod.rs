@@ -92,7 +92,12 @@ impl MockApi {
     }
 
     async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> MockApi {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), tls).await
+    }
+
+    /// On a given address (a test's own network namespace has addresses besides loopback).
+    pub async fn start_on(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> MockApi {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let mock = MockApi {
             addr: listener.local_addr().unwrap(),
             seen: Arc::default(),

@@ -1,0 +1,250 @@
+//! Transparent interception (SPEC §12): connections that iptables redirected to
+//! `[transparent] listen`, from programs that honour no proxy setting.
+//!
+//! The original destination comes from `SO_ORIGINAL_DST`. The first bytes are peeked, not read,
+//! so that a connection tokenproxy does not intercept is relayed with every byte as the client
+//! sent it:
+//! - a TLS ClientHello whose SNI matches a provider is intercepted exactly as a CONNECT is (the
+//!   same leaf, injection, retry, accounts and metrics), and the upstream is dialled by the SNI
+//!   name with verified TLS, never at the redirected address;
+//! - a plain-HTTP request whose Host matches a provider is forwarded with injection under the
+//!   plaintext rules;
+//! - anything else goes to its original destination untouched (or is closed when
+//!   `[egress] allow_unmatched = false`).
+//!
+//! A connection whose original destination is one of tokenproxy's own listeners is closed: that
+//! is a redirect loop, not a client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::proxy::{InterceptedHost, Proxy, Target};
+use crate::relay;
+use crate::server::DrainWatch;
+
+/// The most bytes peeked to find an SNI or a Host header.
+const PEEK_LIMIT: usize = 16 * 1024;
+
+/// What the first bytes of a redirected connection say.
+#[derive(Debug, PartialEq, Eq)]
+enum Opening {
+    /// A TLS ClientHello, with its server name if it sent one.
+    Tls(Option<String>),
+    /// A plain-HTTP request head, with its Host.
+    Http(Option<String>),
+    /// Neither, or not complete within the limits: relayed as it is.
+    Other,
+}
+
+/// Accepts redirected connections until shutdown.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, own: Vec<SocketAddr>, mut drain: DrainWatch) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.signaled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "transparent listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        let own = own.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = handle(proxy, stream, &own, drain).await {
+                tracing::debug!(peer = %peer, reason, "transparent connection closed");
+            }
+        });
+    }
+}
+
+async fn handle(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    own: &[SocketAddr],
+    drain: DrainWatch,
+) -> Result<(), String> {
+    let original = original_destination(&stream).map_err(|e| format!("no original destination: {e}"))?;
+    if own.iter().any(|listener| same_endpoint(*listener, original)) {
+        return Err(format!("{original} is tokenproxy's own listener: a redirect loop"));
+    }
+    let deadline = tokio::time::Instant::now() + proxy.settings.header_read_timeout;
+    let opening = peek_opening(&stream, deadline).await?;
+    let port = original.port();
+    let (scheme, name) = match &opening {
+        Opening::Tls(Some(sni)) => (Scheme::HTTPS, Some(sni.clone())),
+        Opening::Http(Some(host)) => (Scheme::HTTP, Some(host_without_port(host).to_string())),
+        _ => (Scheme::HTTP, None),
+    };
+    let provider = name.as_deref().and_then(|name| proxy.providers.for_host(name, port).cloned());
+    if let (Some(provider), Some(name)) = (provider, name) {
+        let authority: Authority = format!("{}:{port}", bracketed(&name))
+            .parse()
+            .map_err(|_| format!("{name:?} is not a host name"))?;
+        let target = Target::new(scheme, &authority).map_err(|e| e.to_string())?;
+        let tls = proxy.leaves.server_config(target.host()).await.map_err(|e| format!("{e:#}"))?;
+        tracing::debug!(host = %authority, original = %original, "transparent connection: intercepted");
+        InterceptedHost::new(proxy, target, provider).serve(stream, tls, drain).await;
+        return Ok(());
+    }
+    if !proxy.allow_unmatched {
+        return Err(format!("{original} matches no provider and egress.allow_unmatched is false"));
+    }
+    // Untouched, to where it was going (the deny list still applies to the address).
+    let upstream = proxy
+        .egress
+        .connect(&original.ip().to_string(), port, proxy.settings.upstream_timeout)
+        .await
+        .map_err(|e| format!("relay to {original}: {e}"))?;
+    tracing::debug!(original = %original, "transparent connection: relayed untouched");
+    relay::join(stream, upstream, proxy.settings.idle_timeout, drain).await;
+    Ok(())
+}
+
+/// `SO_ORIGINAL_DST` (or its IPv6 form): where the client was going before the redirect.
+fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let address = match stream.local_addr()? {
+        SocketAddr::V4(_) => socket.original_dst_v4()?,
+        SocketAddr::V6(_) => socket.original_dst_v6()?,
+    };
+    address
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("the original destination is not an IP socket address"))
+}
+
+/// A listener on `0.0.0.0` is reached at any local address of its port.
+fn same_endpoint(listener: SocketAddr, destination: SocketAddr) -> bool {
+    listener.port() == destination.port()
+        && (listener.ip() == destination.ip()
+            || listener.ip().is_unspecified()
+            || destination.ip().is_loopback())
+}
+
+/// Peeks until the first bytes say what they are (or the limits are reached).
+async fn peek_opening(stream: &TcpStream, deadline: tokio::time::Instant) -> Result<Opening, String> {
+    let mut buf = vec![0u8; PEEK_LIMIT];
+    let mut seen = 0;
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .map_err(|_| "the client sent nothing recognisable in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        if peeked == 0 {
+            return Err("closed before sending anything".into());
+        }
+        if let Some(opening) = recognise(&buf[..peeked]) {
+            return Ok(opening);
+        }
+        if peeked == buf.len() {
+            return Ok(Opening::Other);
+        }
+        if peeked == seen {
+            // Nothing new yet: wait a moment for the rest of the hello or the head.
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Opening::Other);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen = peeked;
+    }
+}
+
+/// `Some` once the bytes are enough to tell; `None` when more are needed.
+fn recognise(bytes: &[u8]) -> Option<Opening> {
+    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    if bytes.first() == Some(&TLS_HANDSHAKE_RECORD) {
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut reader = bytes;
+        if acceptor.read_tls(&mut reader).is_err() {
+            return Some(Opening::Other);
+        }
+        return match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                Some(Opening::Tls(accepted.client_hello().server_name().map(str::to_string)))
+            }
+            Ok(None) => None,
+            Err(_) => Some(Opening::Other),
+        };
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {
+            let host = request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(|h| h.trim().to_string());
+            Some(Opening::Http(host))
+        }
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(Opening::Other),
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(host, |(name, _)| name)
+}
+
+fn bracketed(name: &str) -> String {
+    if name.contains(':') { format!("[{name}]") } else { name.to_string() }
+}
+
+/// `tokenproxy iptables`: the rules that redirect a pod's outbound TCP to the transparent
+/// listener, sparing tokenproxy's own user, loopback and the admin port.
+pub fn iptables_rules(transparent_port: u16, admin_port: u16, uid: u32) -> String {
+    format!(
+        "# Redirect this network namespace's outbound TCP to tokenproxy's [transparent] listen (port {transparent_port}).\n\
+         # Run as root with NET_ADMIN (an init container). tokenproxy itself runs as uid {uid}.\n\
+         iptables -t nat -N TOKENPROXY_OUTPUT\n\
+         # tokenproxy's own connections (upstreams, token endpoints) go out untouched: no loop.\n\
+         iptables -t nat -A TOKENPROXY_OUTPUT -m owner --uid-owner {uid} -j RETURN\n\
+         # Loopback stays loopback: the proxy and admin listeners, and the pod's own services.\n\
+         iptables -t nat -A TOKENPROXY_OUTPUT -d 127.0.0.0/8 -j RETURN\n\
+         # The admin port, wherever it is reached.\n\
+         iptables -t nat -A TOKENPROXY_OUTPUT -p tcp --dport {admin_port} -j RETURN\n\
+         # Everything else: to tokenproxy, which reads the original destination.\n\
+         iptables -t nat -A TOKENPROXY_OUTPUT -p tcp -j REDIRECT --to-ports {transparent_port}\n\
+         iptables -t nat -A OUTPUT -p tcp -j TOKENPROXY_OUTPUT\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_heads_are_read_for_their_host_and_partial_ones_wait() {
+        assert_eq!(
+            recognise(b"GET / HTTP/1.1\r\nHost: api.example.com:8080\r\n\r\n"),
+            Some(Opening::Http(Some("api.example.com:8080".into())))
+        );
+        assert_eq!(recognise(b"GET / HTTP/1.1\r\nHo"), None);
+        assert_eq!(recognise(b"\x00\x01binary"), Some(Opening::Other));
+        assert_eq!(host_without_port("api.example.com:8080"), "api.example.com");
+        assert_eq!(host_without_port("[::1]:80"), "::1");
+        assert_eq!(host_without_port("example.com"), "example.com");
+    }
+
+    #[test]
+    fn the_rules_spare_tokenproxy_loopback_and_the_admin_port() {
+        let rules = iptables_rules(15001, 9090, 10001);
+        assert!(rules.contains("--uid-owner 10001 -j RETURN"));
+        assert!(rules.contains("-d 127.0.0.0/8 -j RETURN"));
+        assert!(rules.contains("--dport 9090 -j RETURN"));
+        assert!(rules.contains("REDIRECT --to-ports 15001"));
+    }
+}

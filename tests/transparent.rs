@@ -1,0 +1,191 @@
+//! Transparent interception (SPEC §12), in a network namespace of the test's own: the test
+//! re-runs itself under `unshare --net --mount` (as root), brings up an address besides
+//! loopback, points `api.test` and `other.test` at it through a private /etc/hosts, starts the
+//! mock servers there, runs tokenproxy as `nobody`, applies exactly the rules `tokenproxy
+//! iptables` prints, and sends requests as another user with no proxy settings at all.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const INSIDE: &str = "TOKENPROXY_TEST_IN_NETNS";
+const CLIENT_UID: &str = "1000";
+
+fn sh(script: &str) {
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `argv` as the unprivileged client user, with no proxy variables; stdout, or the failure.
+fn as_client(argv: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
+    let mut command = Command::new("setpriv");
+    command
+        .args([&format!("--reuid={CLIENT_UID}"), &format!("--regid={CLIENT_UID}"), "--clear-groups", "--"])
+        .args(argv);
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        command.env_remove(var);
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+#[test]
+fn programs_with_no_proxy_settings_get_tokens_through_iptables_redirection() {
+    if std::env::var(INSIDE).is_ok() {
+        return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(inside());
+    }
+    let usable = running_as_root()
+        && client_available(
+            "root with unshare, iptables, setpriv, ip, curl and node",
+            Command::new("sh").args(["-c", "command -v unshare && command -v iptables && command -v setpriv && command -v ip && command -v curl && command -v node"]),
+        );
+    if !usable {
+        if !running_as_root() {
+            if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
+                panic!("the transparent-mode test needs root (TOKENPROXY_REQUIRE_CLIENTS=1)");
+            }
+            eprintln!("SKIP: the transparent-mode test needs root for a network namespace");
+        }
+        return;
+    }
+    let out = Command::new("unshare")
+        .args(["--net", "--mount", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "programs_with_no_proxy_settings_get_tokens_through_iptables_redirection",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(INSIDE, "1")
+        .output()
+        .unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && printed.contains("1 passed"), "{printed}");
+}
+
+async fn inside() {
+    // The namespace: loopback, and an address that is not 127/8 for the "remote" servers (on lo:
+    // a dummy interface needs a kernel module a container may not have).
+    sh("ip link set lo up && ip addr add 10.77.0.1/32 dev lo");
+    let dir = tempdir();
+    let public = tempdir();
+    sh(&format!("chmod 755 {}", public.path().display()));
+    std::fs::write(public.path().join("hosts"), "127.0.0.1 localhost\n10.77.0.1 api.test other.test\n")
+        .unwrap();
+    sh(&format!("mount --bind {} /etc/hosts", public.path().join("hosts").display()));
+
+    // The provider over HTTPS and plain HTTP, and a host that matches no provider, each with a
+    // certificate of its own CA.
+    let api_pki = test_pki(dir.path(), "api", &["api.test"]);
+    let other_pki = test_pki(public.path(), "other", &["other.test"]);
+    let api = MockApi::start_on("10.77.0.1:443".parse().unwrap(), Some(api_pki.server_config.clone())).await;
+    let api_plain = MockApi::start_on("10.77.0.1:80".parse().unwrap(), None).await;
+    let other =
+        MockApi::start_on("10.77.0.1:8443".parse().unwrap(), Some(other_pki.server_config.clone())).await;
+    for mock in [&api, &api_plain] {
+        mock.accept("at-transparent");
+    }
+    other.accept("none-needed");
+
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(dir.path().join("api.json"), token_json("at-transparent")).unwrap();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+         [tls]\nextra_roots = [{}]\n[transparent]\nlisten = \"127.0.0.1:15001\"\n\
+         [providers.api]\nhosts = [\"api.test\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n",
+        toml_path(&api_pki.ca_pem_path)
+    );
+    let proxy = TokenProxy::start_unprivileged(dir.path(), &config);
+    std::fs::copy(dir.path().join("data/ca/ca.pem"), public.path().join("tokenproxy-ca.pem")).unwrap();
+    let ca = public.path().join("tokenproxy-ca.pem").display().to_string();
+    let other_ca = other_pki.ca_pem_path.display().to_string();
+    sh(&format!("chmod 644 {ca} {other_ca}"));
+
+    // Exactly the rules `tokenproxy iptables` prints.
+    let rules = Command::new(binary())
+        .args(["iptables", "--uid", "65534", "--config"])
+        .arg(dir.path().join("tokenproxy.toml"))
+        .output()
+        .unwrap();
+    assert!(rules.status.success(), "{}", String::from_utf8_lossy(&rules.stderr));
+    let rules = String::from_utf8(rules.stdout).unwrap();
+    for rule in rules.lines().filter(|l| l.starts_with("iptables ")) {
+        sh(rule);
+    }
+
+    let client = move |argv: Vec<String>, env: Vec<(String, String)>| async move {
+        tokio::task::spawn_blocking(move || {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            as_client(&argv, &env)
+        })
+        .await
+        .unwrap()
+    };
+    let curl = |args: &[&str]| -> Vec<String> {
+        ["curl", "-sS", "--fail", "--max-time", "15"].iter().chain(args).map(|s| s.to_string()).collect()
+    };
+
+    // HTTPS to the provider, trusting only tokenproxy's CA: intercepted and injected.
+    client(curl(&["--cacert", &ca, "https://api.test/v1/secure"]), vec![]).await.unwrap();
+    assert_eq!(api.last().authorization(), Some("Bearer at-transparent"));
+    assert_eq!(api.last().path, "/v1/secure");
+    // Plain HTTP to the provider: injected under the plaintext rules.
+    client(curl(&["http://api.test/v1/plain"]), vec![]).await.unwrap();
+    assert_eq!(api_plain.last().authorization(), Some("Bearer at-transparent"));
+    // A host that matches no provider is reached untouched: the client sees its own certificate
+    // (it trusts only that host's CA) and no token is added.
+    client(curl(&["--cacert", &other_ca, "https://other.test:8443/v1/untouched"]), vec![]).await.unwrap();
+    assert_eq!(other.last().authorization(), None);
+    // Node's built-in fetch, with no proxy agent at all.
+    let script = "fetch('https://api.test/v1/node').then(r => { if (!r.ok) process.exit(1); return r.text() }).then(() => process.exit(0), e => { console.error(e); process.exit(2) })";
+    let node = client(
+        vec!["node".into(), "-e".into(), script.into()],
+        vec![("NODE_EXTRA_CA_CERTS".into(), ca.clone())],
+    )
+    .await;
+    assert!(node.is_ok(), "{node:?}");
+    assert_eq!(api.last().path, "/v1/node");
+    assert_eq!(api.last().authorization(), Some("Bearer at-transparent"));
+
+    // tokenproxy's own upstream calls were not redirected back to it (they reached the mock), and
+    // the intercepted requests are counted like any other.
+    let requests = proxy.metric("tokenproxy_requests_total", &[("provider", "api"), ("status", "2xx")]).await;
+    assert!(requests >= 3.0, "{requests}");
+    // A connection whose original destination is tokenproxy's own transparent listener is a loop:
+    // closed, and tokenproxy stays up.
+    let looped = tokio::net::TcpStream::connect(("127.0.0.1", 15001)).await;
+    if let Ok(mut looped) = looped {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), looped.read(&mut byte)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    }
+    let (status, _) = proxy.admin_get("/healthz").await;
+    assert_eq!(status, http::StatusCode::OK);
+}
