@@ -26,9 +26,11 @@ use tokio_rustls::TlsConnector;
 
 #[derive(Parser)]
 struct Args {
-    /// The forward proxy (loopback only).
+    /// The forward proxy (loopback only). Without it, connections go straight to `--target`:
+    /// for transparent mode, inside a network namespace whose iptables rules send them to the
+    /// proxy (`bench/transparent.sh`).
     #[arg(long)]
-    proxy: SocketAddr,
+    proxy: Option<SocketAddr>,
     /// The `host:port` to CONNECT to.
     #[arg(long)]
     target: String,
@@ -55,7 +57,7 @@ struct Tally {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    ensure!(args.proxy.ip().is_loopback(), "the proxy must be on a loopback address");
+    ensure!(args.proxy.is_none_or(|p| p.ip().is_loopback()), "the proxy must be on a loopback address");
     ensure!(args.duration > 0.0 && args.duration <= 600.0, "--duration must be in (0, 600] seconds");
     ensure!((1..=10_000).contains(&args.connections), "--connections must be 1..=10000");
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -130,7 +132,16 @@ async fn requests(
     deadline: Instant,
     tally: &mut Tally,
 ) -> anyhow::Result<()> {
-    let tcp = connect_tunnel(args.proxy, &args.target).await?;
+    let tcp = match args.proxy {
+        Some(proxy) => connect_tunnel(proxy, &args.target).await?,
+        None => {
+            let tcp = TcpStream::connect(args.target.as_str())
+                .await
+                .with_context(|| format!("connecting to {}", args.target))?;
+            tcp.set_nodelay(true)?;
+            tcp
+        }
+    };
     let host = args.target.rsplit_once(':').map_or(args.target.as_str(), |(host, _)| host);
     let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())?;
     let stream = tls.connect(server_name, tcp).await.context("TLS handshake with the proxy")?;
