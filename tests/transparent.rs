@@ -107,6 +107,7 @@ async fn inside() {
     let api_plain = MockApi::start_on("10.77.0.1:80".parse().unwrap(), None).await;
     let other =
         MockApi::start_on("10.77.0.1:8443".parse().unwrap(), Some(other_pki.server_config.clone())).await;
+    let other_plain = MockApi::start_on("10.77.0.1:8080".parse().unwrap(), None).await;
     for mock in [&api, &api_plain] {
         mock.accept("at-transparent");
     }
@@ -162,6 +163,18 @@ async fn inside() {
     // (it trusts only that host's CA) and no token is added.
     client(curl(&["--cacert", &other_ca, "https://other.test:8443/v1/untouched"]), vec![]).await.unwrap();
     assert_eq!(other.last().authorization(), None);
+    // Plain HTTP to a host that matches no provider: relayed byte for byte. A forward proxy
+    // would drop Proxy-Authorization (hop-by-hop); the untouched relay delivers it as sent.
+    let untouched =
+        curl(&["-H", "Proxy-Authorization: Basic dW50b3VjaGVk", "http://other.test:8080/v1/plain-untouched"]);
+    client(untouched, vec![]).await.unwrap();
+    let seen = other_plain.last();
+    assert_eq!(seen.path, "/v1/plain-untouched");
+    assert_eq!(seen.authorization(), None);
+    assert_eq!(
+        seen.headers.get("proxy-authorization").map(|v| v.to_str().unwrap()),
+        Some("Basic dW50b3VjaGVk")
+    );
     // Node's built-in fetch, with no proxy agent at all.
     let script = "fetch('https://api.test/v1/node').then(r => { if (!r.ok) process.exit(1); return r.text() }).then(() => process.exit(0), e => { console.error(e); process.exit(2) })";
     let node = client(
@@ -188,4 +201,20 @@ async fn inside() {
     }
     let (status, _) = proxy.admin_get("/healthz").await;
     assert_eq!(status, http::StatusCode::OK);
+
+    // With [egress] allow_unmatched = false, a connection to a host that matches no provider is
+    // closed instead of relayed; the provider is still intercepted.
+    let mut proxy = proxy;
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(proxy);
+    let strict = config.replace("[transparent]", "[egress]\nallow_unmatched = false\n[transparent]");
+    let proxy = TokenProxy::start_unprivileged(dir.path(), &strict);
+    let before = other.seen().len();
+    let refused = client(curl(&["--cacert", &other_ca, "https://other.test:8443/v1/refused"]), vec![]).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(other.seen().len(), before, "nothing reached the unmatched host");
+    client(curl(&["--cacert", &ca, "https://api.test/v1/still"]), vec![]).await.unwrap();
+    assert_eq!(api.last().path, "/v1/still");
+    drop(proxy);
 }
