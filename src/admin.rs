@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http::{Method, Request, Response, StatusCode, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -225,20 +223,9 @@ fn query_flag(query: Option<&str>, name: &str) -> bool {
 }
 
 fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {
-    bytes(status, Bytes::from(body.to_string()), content_type)
+    crate::body::response(status, body.to_string(), content_type)
 }
 
-fn bytes(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-/// Serialised straight from `value`: a `/tokens` of many accounts never becomes a tree of
-/// `serde_json::Value`s first.
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<ProxyBody> {
-    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    body.push(b'\n');
-    bytes(status, Bytes::from(body), "application/json")
+    crate::body::json(status, value)
 }

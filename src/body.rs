@@ -12,3 +12,23 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     use http_body_util::BodyExt;
     http_body_util::Full::new(bytes.into()).map_err(|e| match e {}).boxed()
 }
+
+/// A whole response: `status`, `bytes`, and their content type.
+pub fn response(
+    status: http::StatusCode,
+    bytes: impl Into<Bytes>,
+    content_type: &'static str,
+) -> http::Response<ProxyBody> {
+    let mut response = http::Response::new(full(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    response
+}
+
+/// A JSON response serialised straight from `value`: a `/tokens` of many accounts never becomes a
+/// tree of `serde_json::Value`s first.
+pub fn json(status: http::StatusCode, value: &impl serde::Serialize) -> http::Response<ProxyBody> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    response(status, body, "application/json")
+}

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::secrets::fingerprint;
 use crate::tokens::file::{TokenDocument, document_from_fields};
 use crate::tokens::fmt_time;
-use crate::tokens::store::{Key, Loaded, SaveError, TokenStore};
+use crate::tokens::store::{Key, Loaded, TokenStore};
 
 /// The store and key a command acts on, checked: a multi-account provider needs an account.
 fn target<'a>(config: &'a Config, provider: &'a str, account: Option<&'a str>) -> anyhow::Result<Key<'a>> {
@@ -128,29 +128,13 @@ pub async fn put(
         Ok(_) => anyhow::bail!("{source}: expected a JSON object with an \"access_token\""),
         Err(e) => anyhow::bail!("{source}: not valid JSON (line {} column {})", e.line(), e.column()),
     };
-    let doc = document_from_fields(fields.clone()).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+    // Checked before anything is stored: a document without a usable token is refused.
+    document_from_fields(fields.clone()).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
     let store = store(config)?;
     let location = store.location(key);
-    let _lock = store.lock(key).await?;
-    let mut attempts = 0;
-    loop {
-        let expected = match store.load(key).await? {
-            Loaded::Missing => None,
-            Loaded::Found { version, .. } => Some(version),
-        };
-        match store.save(key, &fields, expected).await {
-            Ok(_) => break,
-            Err(SaveError::Conflict(_)) if attempts < 3 => attempts += 1,
-            Err(SaveError::Conflict(_)) => anyhow::bail!("{location} kept changing while being written"),
-            Err(SaveError::Failed(e)) => anyhow::bail!("{location}: {e}"),
-        }
-    }
-    match store.load(key).await? {
-        Loaded::Found { doc: Ok(read), sealed, .. } if read.access_token == doc.access_token => {
-            println!("stored and read back: {location}");
-            print_summary(&read, &location, sealed, config);
-            Ok(true)
-        }
-        _ => anyhow::bail!("{location}: reading it back did not give the token just written"),
-    }
+    let replaced =
+        crate::tokens::store::replace(store.as_ref(), key, &fields).await.map_err(|e| anyhow::anyhow!(e))?;
+    println!("stored and read back: {location}");
+    print_summary(&replaced.doc, &location, replaced.sealed, config);
+    Ok(true)
 }

@@ -42,6 +42,8 @@ enum Opening {
 
 /// Accepts redirected connections until shutdown.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, own: Vec<SocketAddr>, mut drain: DrainWatch) {
+    // Shared by every connection, not copied for each.
+    let own: Arc<[SocketAddr]> = own.into();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

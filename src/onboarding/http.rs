@@ -3,7 +3,6 @@
 //! `GET /connect/{provider}/outcome?account=` and `GET /oauth/callback`.
 
 use askama::Template;
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::page::ResultPage;
@@ -56,8 +55,8 @@ impl Onboarding {
         if let Some(provider) = rest.strip_suffix("/outcome") {
             let provider = decoded(provider);
             return Some(match self.last_outcome(&provider, account.as_deref()) {
-                Some(outcome) => json(StatusCode::OK, &*outcome),
-                None => json(
+                Some(outcome) => crate::body::json(StatusCode::OK, &*outcome),
+                None => crate::body::json(
                     StatusCode::NOT_FOUND,
                     &serde_json::json!({"error": "no_outcome", "reason": "no authorization of this provider and account has finished since the start"}),
                 ),
@@ -166,21 +165,14 @@ fn redirect_to(location: &str, set_cookie: Option<String>) -> Response<ProxyBody
     response
 }
 
-fn body(status: StatusCode, bytes: Bytes, content_type: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(crate::body::full(bytes));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
 fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    body(status, Bytes::from_static(text.as_bytes()), "text/plain; charset=utf-8")
+    crate::body::response(status, text, "text/plain; charset=utf-8")
 }
 
 fn html(status: StatusCode, rendered: askama::Result<String>) -> Response<ProxyBody> {
     match rendered {
         Ok(page) => {
-            let mut response = body(status, Bytes::from(page), "text/html; charset=utf-8");
+            let mut response = crate::body::response(status, page, "text/html; charset=utf-8");
             let headers = response.headers_mut();
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             // Nothing on the page comes from elsewhere, and nothing else may frame it.
@@ -198,10 +190,4 @@ fn html(status: StatusCode, rendered: askama::Result<String>) -> Response<ProxyB
             plain(StatusCode::INTERNAL_SERVER_ERROR, "the page could not be rendered\n")
         }
     }
-}
-
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ProxyBody> {
-    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
-    bytes.push(b'\n');
-    body(status, Bytes::from(bytes), "application/json")
 }

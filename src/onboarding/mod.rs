@@ -29,7 +29,7 @@ use crate::accounts;
 use crate::config::OnboardingSettings;
 use crate::oauth::{IssuedToken, OAuthClient, RefreshError, RefreshErrorKind, TokenGrant};
 use crate::secrets::fingerprint;
-use crate::tokens::store::{Key, Loaded, SaveError};
+use crate::tokens::store::Key;
 use crate::tokens::{Provider, Providers};
 use pending::{Pending, PendingFlows, StateProblem};
 
@@ -374,41 +374,7 @@ impl Onboarding {
         fields.insert("expires_at".into(), time(issued.expires_at));
         fields.insert("updated_at".into(), time(now));
         let written = fingerprint(&issued.access_token);
-        {
-            // Under the refresh lock: a refresh of the old token cannot write over the new one.
-            let _lock =
-                store.lock(key).await.map_err(|e| Failure::WriteFailed(format!("{location}: {e}")))?;
-            let mut attempts = 0;
-            let version = loop {
-                let expected = match store.load(key).await {
-                    Ok(Loaded::Found { version, .. }) => Some(version),
-                    Ok(Loaded::Missing) => None,
-                    Err(e) => return Err(Failure::WriteFailed(format!("{location}: {e}"))),
-                };
-                match store.save(key, &fields, expected).await {
-                    Ok(version) => break version,
-                    Err(SaveError::Conflict(_)) if attempts < 3 => attempts += 1,
-                    Err(SaveError::Conflict(_)) => {
-                        return Err(Failure::WriteFailed(format!(
-                            "{location}: kept changing while being written"
-                        )));
-                    }
-                    Err(SaveError::Failed(e)) => {
-                        return Err(Failure::WriteFailed(format!("{location}: {e}")));
-                    }
-                }
-            };
-            match store.load(key).await {
-                Ok(Loaded::Found { version: read, doc: Ok(doc), .. })
-                    if read == version && fingerprint(&doc.access_token) == written => {}
-                Ok(_) => {
-                    return Err(Failure::WriteFailed(format!(
-                        "{location}: reading it back did not give the token just written"
-                    )));
-                }
-                Err(e) => return Err(Failure::WriteFailed(format!("{location}: reading it back: {e}"))),
-            }
-        }
+        crate::tokens::store::replace(store.as_ref(), key, &fields).await.map_err(Failure::WriteFailed)?;
         let adopted = provider.adopt_connected(account).await;
         if adopted.as_ref().map(|t| t.fingerprint.as_str()) != Some(written.as_str()) {
             return Err(Failure::WriteFailed(format!(

@@ -17,14 +17,13 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::seal::{self, Opened, Sealer};
+use super::seal::{self, Sealer};
 use super::{
     Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreFuture, StoreLock, TokenStore,
     Version,
 };
 use crate::config::{FileFormat, ProviderConfig};
 use crate::fsutil::{Existing, remove_stale_temporaries, write_atomically};
-use crate::tokens::file as document;
 use std::sync::Arc;
 
 /// A token file larger than this is refused as unparsable: no token document is near it, and
@@ -249,8 +248,6 @@ struct Stored {
 }
 
 fn load_file(path: &Path, owner: &Owner, sealer: Option<&Sealer>) -> std::io::Result<Stored> {
-    let format = FileFormat::of(path);
-    let parse = |bytes: &[u8]| document::parse(format, bytes).map_err(|e| format!("cannot be parsed: {e}"));
     let bytes = match read(path) {
         Ok(bytes) => bytes,
         Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -263,16 +260,9 @@ fn load_file(path: &Path, owner: &Owner, sealer: Option<&Sealer>) -> std::io::Re
             return Ok(Stored { loaded, foreign_key: None });
         }
     };
-    let version = version_of(&bytes);
-    let (doc, sealed, foreign_key) = match seal::open(sealer, owner.key(), &bytes) {
-        Ok(Opened::Plain(plain)) => (parse(&plain), false, None),
-        Ok(Opened::Sealed(plain)) => (parse(&plain), true, None),
-        Err(e @ (seal::OpenError::NoKey(_) | seal::OpenError::WrongKey { .. })) => {
-            (Err(e.to_string()), true, Some(e))
-        }
-        Err(e) => (Err(e.to_string()), true, None),
-    };
-    Ok(Stored { loaded: Loaded::Found { version, doc, sealed }, foreign_key })
+    let decoded = seal::decode(sealer, owner.key(), FileFormat::of(path), &bytes);
+    let loaded = Loaded::Found { version: version_of(&bytes), doc: decoded.doc, sealed: decoded.sealed };
+    Ok(Stored { loaded, foreign_key: decoded.foreign_key })
 }
 
 /// Writes `fields` if the file still holds `expected`, sealed when there is a sealer. Called
@@ -299,10 +289,7 @@ fn save_file(
     if stored != expected {
         return Err(SaveError::Conflict(Box::new(current.loaded)));
     }
-    let mut bytes = document::encode(FileFormat::of(&path), fields).map_err(failed)?;
-    if let Some(sealer) = sealer {
-        bytes = sealer.seal(owner.key(), &bytes);
-    }
+    let bytes = seal::encode(sealer, owner.key(), FileFormat::of(&path), fields).map_err(failed)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(failed)?;
     }

@@ -23,6 +23,46 @@ use super::file::TokenDocument;
 pub use file::{FileStore, MAX_FILE_BYTES};
 pub use redis::RedisStore;
 
+/// What [`replace`] read back.
+pub struct Replaced {
+    pub doc: TokenDocument,
+    pub sealed: bool,
+}
+
+/// Replaces `key`'s document with `fields`, whatever is stored now (a person's new token wins
+/// over the old one), under the refresh lock so that a refresh of the old token cannot write over
+/// it, then reads it back: `Ok` only when the store gives back the access token just written.
+/// The error is one line that says where.
+pub async fn replace(store: &dyn TokenStore, key: Key<'_>, fields: &Fields) -> Result<Replaced, String> {
+    let location = store.location(key);
+    let written = fields.get("access_token").and_then(serde_json::Value::as_str).unwrap_or_default();
+    let _lock = store.lock(key).await.map_err(|e| format!("{location}: {e}"))?;
+    let mut attempts = 0;
+    let version = loop {
+        let expected = match store.load(key).await.map_err(|e| format!("{location}: {e}"))? {
+            Loaded::Found { version, .. } => Some(version),
+            Loaded::Missing => None,
+        };
+        match store.save(key, fields, expected).await {
+            Ok(version) => break version,
+            Err(SaveError::Conflict(_)) if attempts < 3 => attempts += 1,
+            Err(SaveError::Conflict(_)) => {
+                return Err(format!("{location}: kept changing while being written"));
+            }
+            Err(SaveError::Failed(e)) => return Err(format!("{location}: {e}")),
+        }
+    };
+    match store.load(key).await {
+        Ok(Loaded::Found { version: read, doc: Ok(doc), sealed })
+            if read == version && doc.access_token == written =>
+        {
+            Ok(Replaced { doc, sealed })
+        }
+        Ok(_) => Err(format!("{location}: reading it back did not give the token just written")),
+        Err(e) => Err(format!("{location}: reading it back: {e}")),
+    }
+}
+
 /// The store a config names: token files, or a Redis shared by a fleet (SPEC §11).
 pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
     use crate::config::StoreSettings;

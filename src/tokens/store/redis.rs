@@ -20,14 +20,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
 use super::file::FileStore;
-use super::seal::{self, Opened, Sealer};
+use super::seal::{self, Sealer};
 use super::{
     Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreFuture, StoreLock, TokenStore,
     Version,
 };
-use crate::config::{ProviderConfig, RedisSettings};
+use crate::config::{FileFormat, ProviderConfig, RedisSettings};
 use crate::metrics;
-use crate::tokens::file as document;
 
 /// How long one Redis call may take before the store counts as unavailable.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -149,30 +148,15 @@ impl RedisStore {
         })
     }
 
-    /// Bytes as a document: opened with the key (and bound to its owner), then parsed.
-    fn decode(&self, key: Key<'_>, version: Version, bytes: &[u8]) -> (Loaded, bool) {
-        let parse = |plain: &[u8]| {
-            document::parse(crate::config::FileFormat::Json, plain)
-                .map_err(|e| format!("cannot be parsed: {e}"))
-        };
-        let (doc, sealed, foreign) = match seal::open(self.sealer.as_deref(), key, bytes) {
-            Ok(Opened::Plain(plain)) => (parse(&plain), false, false),
-            Ok(Opened::Sealed(plain)) => (parse(&plain), true, false),
-            Err(e @ (seal::OpenError::NoKey(_) | seal::OpenError::WrongKey { .. })) => {
-                (Err(e.to_string()), true, true)
-            }
-            Err(e) => (Err(e.to_string()), true, false),
-        };
-        (Loaded::Found { version, doc, sealed }, foreign)
+    /// Bytes as a document, and the error when they are sealed with a key this process lacks.
+    fn decode(&self, key: Key<'_>, version: Version, bytes: &[u8]) -> (Loaded, Option<seal::OpenError>) {
+        let decoded = seal::decode(self.sealer.as_deref(), key, FileFormat::Json, bytes);
+        (Loaded::Found { version, doc: decoded.doc, sealed: decoded.sealed }, decoded.foreign_key)
     }
 
     fn encode(&self, key: Key<'_>, fields: &Fields) -> Result<Vec<u8>, StoreError> {
-        let bytes = document::encode(crate::config::FileFormat::Json, fields)
-            .map_err(|e| StoreError(e.to_string()))?;
-        Ok(match &self.sealer {
-            Some(sealer) => sealer.seal(key, &bytes),
-            None => bytes,
-        })
+        seal::encode(self.sealer.as_deref(), key, FileFormat::Json, fields)
+            .map_err(|e| StoreError(e.to_string()))
     }
 
     /// The compare-and-set.
@@ -285,10 +269,7 @@ impl TokenStore for RedisStore {
             let current = self.read(key).await.map_err(SaveError::Failed)?;
             if let Some((version, bytes)) = &current {
                 let (loaded, foreign) = self.decode(key, *version, bytes);
-                if foreign {
-                    let Loaded::Found { doc: Err(e), .. } = loaded else {
-                        unreachable!("foreign is an error")
-                    };
+                if let Some(e) = foreign {
                     return Err(SaveError::Failed(StoreError(format!("{e}; it is left as it is"))));
                 }
                 if Some(*version) != expected {

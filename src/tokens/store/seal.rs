@@ -14,7 +14,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::Key;
+use super::{Fields, Key};
+use crate::config::FileFormat;
+use crate::tokens::file::{self as document, TokenDocument};
 
 const ENVELOPE_VERSION: u32 = 1;
 const ALGORITHM: &str = "A256GCM";
@@ -162,6 +164,42 @@ impl Sealer {
             .map_err(|_| OpenError::Tampered(envelope.key_id.clone()))?;
         Ok(opened.to_vec())
     }
+}
+
+/// A stored document as a store reports it: parsed (or why not), whether it is sealed, and, when
+/// it is sealed with a key this process does not hold, that error: such a document is never
+/// written over.
+pub struct Decoded {
+    pub doc: Result<TokenDocument, String>,
+    pub sealed: bool,
+    pub foreign_key: Option<OpenError>,
+}
+
+/// Opens (when sealed) and parses a stored document, bound to its owner `key`.
+pub fn decode(sealer: Option<&Sealer>, key: Key<'_>, format: FileFormat, bytes: &[u8]) -> Decoded {
+    let parse = |plain: &[u8]| document::parse(format, plain).map_err(|e| format!("cannot be parsed: {e}"));
+    match open(sealer, key, bytes) {
+        Ok(Opened::Plain(plain)) => Decoded { doc: parse(&plain), sealed: false, foreign_key: None },
+        Ok(Opened::Sealed(plain)) => Decoded { doc: parse(&plain), sealed: true, foreign_key: None },
+        Err(e @ (OpenError::NoKey(_) | OpenError::WrongKey { .. })) => {
+            Decoded { doc: Err(e.to_string()), sealed: true, foreign_key: Some(e) }
+        }
+        Err(e) => Decoded { doc: Err(e.to_string()), sealed: true, foreign_key: None },
+    }
+}
+
+/// Encodes `fields` in `format`, sealed for `key` when there is a sealer.
+pub fn encode(
+    sealer: Option<&Sealer>,
+    key: Key<'_>,
+    format: FileFormat,
+    fields: &Fields,
+) -> std::io::Result<Vec<u8>> {
+    let bytes = document::encode(format, fields)?;
+    Ok(match sealer {
+        Some(sealer) => sealer.seal(key, &bytes),
+        None => bytes,
+    })
 }
 
 /// Opens stored bytes: an envelope with `sealer`'s key, anything else as plaintext.
