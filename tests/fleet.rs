@@ -275,6 +275,14 @@ async fn tokens_in_redis_are_sealed_and_a_restart_reads_them() {
     for secret in [in_use.as_str(), "rt-seed", "rt-1", "at-seed-secret"] {
         assert!(!dump.contains(secret), "{secret:?} in clear in Redis:\n{dump}");
     }
+    // Once seeded, the store is the truth: an edit of the token file is not read (past the
+    // watcher's 5 s poll).
+    std::fs::write(dir.path().join("replica-0/api.json"), token_json("at-edited-file")).unwrap();
+    api.accept("at-edited-file");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = fleet[0].client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(api.last().authorization(), Some(format!("Bearer {in_use}").as_str()));
     fleet[0].signal("TERM");
     assert_eq!(fleet[0].wait_exit(Duration::from_secs(10)), Some(0));
     drop(fleet);
