@@ -3,7 +3,8 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy's own
-/// credentials, which must never travel further.
+/// credentials, which must never travel further. `Connection` comes first: [`remove_hop_by_hop`]
+/// reads it before removing it.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -18,23 +19,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers and every header the `Connection` header names. `TE: trailers` is
 /// kept: it is end-to-end in practice (gRPC needs it) and the only TE value HTTP/2 allows.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One scan first: most messages carry none of these, and a removal is a hash lookup each.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
-        return;
+    // One scan notes which are present: most messages carry none of these or only `Connection`
+    // (every nginx answer has `Connection: keep-alive`), and each removal is a hash lookup.
+    let mut present = [false; 8];
+    let mut te = false;
+    for name in headers.keys() {
+        match HOP_BY_HOP.iter().position(|hop| hop == name) {
+            Some(i) => present[i] = true,
+            None => te |= name == header::TE,
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if present[0] {
+        // The names `Connection` lists go too. Its values are taken out first (each is a shared
+        // slice of the read buffer, not a copy) so that the map can change while they are read.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<http::HeaderValue> = values.cloned().collect();
+        for value in first.iter().chain(&more) {
+            for name in value.to_str().unwrap_or_default().split(',') {
+                headers.remove(name.trim());
+            }
+        }
     }
-    let te_is_trailers =
-        headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !te_is_trailers {
+    for (hop, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(hop);
+        }
+    }
+    if te && !headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
         headers.remove(header::TE);
     }
 }
