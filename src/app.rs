@@ -13,6 +13,7 @@ use crate::egress::Egress;
 use crate::oauth::OAuthClient;
 use crate::onboarding::Onboarding;
 use crate::proxy::Proxy;
+use crate::proxy::own_upstream::PlainPool;
 use crate::proxy::replay::ReplayBudget;
 use crate::proxy::upstream::{self, Protocols};
 use crate::server::{self, ConnectionLimits, Drain};
@@ -21,8 +22,9 @@ use crate::tls::leaf::LeafCache;
 use crate::tokens::{Providers, watch};
 use crate::{metrics, tls};
 
-/// How often the metrics exporter's upkeep runs between scrapes.
-const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the metrics exporter's upkeep runs between scrapes, and idle plain-HTTP upstream
+/// connections are checked for closes and age.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often expired pending authorizations are swept (each new flow also sweeps).
 const SWEEP_PENDING_EVERY: Duration = Duration::from_secs(600);
 
@@ -91,6 +93,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         providers: providers.clone(),
         client: upstream::client(tls.clone(), &config.proxy, egress.clone(), Protocols::Http1AndHttp2),
         upgrade_client: upstream::client(tls, &config.proxy, egress.clone(), Protocols::Http1Only),
+        plain: Arc::new(PlainPool::new(
+            egress.clone(),
+            config.proxy.upstream_timeout,
+            config.proxy.max_idle_per_host,
+        )),
         egress,
         replay_budget: ReplayBudget::new(config.proxy.max_replay_total),
         settings: config.proxy.clone(),
@@ -114,11 +121,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = tokio::task::spawn_blocking(move || flows.sweep()).await;
         }
     }));
+    let sweep_pool = proxy.plain.clone();
     background.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(METRICS_UPKEEP_EVERY);
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
         loop {
             every.tick().await;
             metrics_handle.run_upkeep();
+            sweep_pool.sweep();
         }
     }));
 
@@ -128,12 +137,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(listener = "proxy", addr = %proxy_addr, "listening");
     let handler = {
         let proxy = proxy.clone();
-        move |req| {
+        move |req, upstream| {
             let proxy = proxy.clone();
-            async move { proxy.handle_forward(req).await }
+            async move { proxy.handle_forward(req, upstream).await }
         }
     };
-    tokio::spawn(server::serve("proxy", proxy_listener, limits.clone(), drain.watch(), handler));
+    let plain = Some(proxy.plain.clone());
+    tokio::spawn(server::serve(
+        "proxy",
+        proxy_listener,
+        limits.clone(),
+        drain.watch(),
+        plain.clone(),
+        handler,
+    ));
 
     for (route, listener) in config.routes.iter().zip(route_listeners) {
         tracing::info!(
@@ -145,12 +162,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
         let proxy = proxy.clone();
         let route = Arc::new(route.clone());
-        let handler = move |req| {
+        let handler = move |req, upstream| {
             let proxy = proxy.clone();
             let route = route.clone();
-            async move { proxy.handle_route(&route, req).await }
+            async move { proxy.handle_route(&route, req, upstream).await }
         };
-        tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), handler));
+        tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), plain.clone(), handler));
     }
 
     if let Some(listener) = transparent_listener {
@@ -159,11 +176,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
-    let handler = move |req| {
+    let handler = move |req, _| {
         let admin = admin.clone();
         async move { admin.handle(req).await }
     };
-    tokio::spawn(server::serve("admin", admin_listener, limits, drain.watch(), handler));
+    tokio::spawn(server::serve("admin", admin_listener, limits, drain.watch(), None, handler));
 
     Ok(Running {
         proxy_addr,

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::body::ProxyBody;
+use crate::proxy::own_upstream::{ConnectionUpstream, PlainPool};
 
 /// Signals shutdown to every listener and connection, and knows when they are all done.
 pub struct Drain {
@@ -198,15 +199,18 @@ pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
 }
 
-/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request.
+/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request. With
+/// `upstreams` (the proxy's listeners), each client connection gets its own plain-HTTP upstream
+/// connection, passed to the handler and polled in the connection's task.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     limits: ConnectionLimits,
     mut drain: DrainWatch,
+    upstreams: Option<Arc<PlainPool>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Option<ConnectionUpstream>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -259,7 +263,9 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let conn_drain = drain.clone();
         let permit = ConnectionPermit { _place: Arc::new(place) };
+        let upstream = upstreams.clone().map(ConnectionUpstream::new);
         tokio::spawn(async move {
+            let driver = upstream.clone();
             let service = service_fn(move |mut req: Request<Incoming>| {
                 // Only a CONNECT or an upgrade outlives its request; inserting the permit into
                 // every request would cost an allocation each.
@@ -268,16 +274,20 @@ pub async fn serve<H, F>(
                     req.extensions_mut().insert(permit.clone());
                 }
                 let handler = handler.clone();
+                let upstream = upstream.clone();
                 // Boxed per request: hyper otherwise keeps room for this future in every
                 // connection, idle or not, and an allocation per request is cheaper than that
                 // much memory per idle connection.
                 let response: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(handler(req).await) });
+                    Box::pin(async move { Ok::<_, Infallible>(handler(req, upstream).await) });
                 response
             });
             // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
             let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            until_drained(conn, conn_drain).await;
+            match driver {
+                Some(upstream) => upstream.drive(until_drained(conn, conn_drain)).await,
+                None => until_drained(conn, conn_drain).await,
+            }
         });
     }
 }

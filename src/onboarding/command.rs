@@ -146,7 +146,7 @@ async fn serving_the_callback(
         max_connections: 64,
     };
     let served = onboarding.clone();
-    let handler = move |req: http::Request<hyper::body::Incoming>| {
+    let handler = move |req: http::Request<hyper::body::Incoming>, _| {
         let served = served.clone();
         async move {
             match served.handle(&req).await {
@@ -160,7 +160,7 @@ async fn serving_the_callback(
             }
         }
     };
-    tokio::spawn(server::serve("authorize", listener, limits, drain.watch(), handler));
+    tokio::spawn(server::serve("authorize", listener, limits, drain.watch(), None, handler));
     println!(
         "To connect {who}, open this link in a browser (this command serves the callback until you are done):"
     );

@@ -8,6 +8,7 @@
 mod connect;
 pub(crate) use connect::InterceptedHost;
 mod headers;
+pub mod own_upstream;
 pub mod replay;
 pub mod upstream;
 
@@ -30,6 +31,7 @@ use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Credential, Provider, Providers, Token, Unavailable};
 use crate::{metrics, relay};
 use hyper_util::rt::TokioIo;
+use own_upstream::{ConnectionUpstream, PlainPool, UpstreamError};
 
 /// Where a request is going, in normal form: made once, where the request enters, and used for
 /// matching, dialling, SNI, the leaf certificate and the logs alike.
@@ -40,6 +42,10 @@ pub struct Target {
     pub port: u16,
     /// `host[:port]` with the host in normal form, as dialled and as sent in `Host`.
     pub authority: Authority,
+    /// Where the host is in `authority`, without IPv6 brackets: found once, read by every step.
+    host_at: (usize, usize),
+    /// The authority names its port (`port` is not just the scheme's default).
+    explicit_port: bool,
 }
 
 impl Target {
@@ -47,53 +53,70 @@ impl Target {
     /// otherwise hide the port from a reader that splits the string, and it is a credential that
     /// must not travel on or reach a log. The error never repeats the authority it refuses.
     pub fn new(scheme: Scheme, authority: &Authority) -> Result<Target, ProxyError> {
-        if authority.as_str().contains('@') {
+        let text = authority.as_str();
+        if text.contains('@') {
             return Err(ProxyError::BadTarget(
                 "the request target carries user credentials (user:password@host); \
                  send credentials in a header instead"
                     .into(),
             ));
         }
-        let host = normalize_host(authority.host());
+        let given = strip_brackets(authority.host());
+        let host = normalize_host(given);
         if host.is_empty() {
             return Err(ProxyError::BadTarget("the request target has no host".into()));
         }
-        let explicit_port = match (authority.port(), authority.port_u16()) {
-            (Some(_), None) => {
-                return Err(ProxyError::BadTarget("the request target's port is not a number".into()));
-            }
-            (_, port) => port,
-        };
+        let explicit_port = authority.port_u16();
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
         let port = explicit_port.unwrap_or(default_port);
-        if host == strip_brackets(authority.host()) {
+        if host == given {
             // Already in normal form, as almost every client sends it: no allocation.
-            return Ok(Target { scheme, port, authority: authority.clone() });
+            let start = given.as_ptr() as usize - text.as_ptr() as usize;
+            let host_at = (start, start + given.len());
+            return Ok(Target {
+                scheme,
+                port,
+                authority: authority.clone(),
+                host_at,
+                explicit_port: explicit_port.is_some(),
+            });
         }
         Target::from_parts(scheme, &host, port, explicit_port.is_some())
     }
 
     fn from_parts(scheme: Scheme, host: &str, port: u16, show_port: bool) -> Result<Target, ProxyError> {
         let bracketed = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let start = usize::from(bracketed.len() != host.len());
         let text = if show_port { format!("{bracketed}:{port}") } else { bracketed };
         let authority = text
             .parse::<Authority>()
             .map_err(|_| ProxyError::BadTarget("the request target's host is not a valid name".into()))?;
-        Ok(Target { scheme, port, authority })
+        Ok(Target { scheme, port, authority, host_at: (start, start + host.len()), explicit_port: show_port })
     }
 
     /// The host in normal form: lower case, no trailing dot, no IPv6 brackets
     /// (`api.example.com`, `::1`).
     pub fn host(&self) -> &str {
-        strip_brackets(self.authority.host())
+        &self.authority.as_str()[self.host_at.0..self.host_at.1]
+    }
+
+    /// What the `Host` header says: the authority, without the port when it is the scheme's
+    /// default.
+    pub fn host_header(&self) -> &str {
+        let default_port = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
+        if self.explicit_port && self.port == default_port {
+            let end = self.host_at.1 + usize::from(self.authority.as_str().as_bytes()[0] == b'[');
+            &self.authority.as_str()[..end]
+        } else {
+            self.authority.as_str()
+        }
     }
 
     /// The same host over TLS: an explicit port 80 becomes 443, another explicit port is kept.
     fn upgraded_to_https(&self) -> Target {
-        let explicit = self.authority.port_u16();
-        let (port, show) = match explicit {
-            None | Some(80) => (443, false),
-            Some(p) => (p, true),
+        let (port, show) = match (self.explicit_port, self.port) {
+            (false, _) | (true, 80) => (443, false),
+            (true, p) => (p, true),
         };
         Target::from_parts(Scheme::HTTPS, self.host(), port, show).unwrap_or_else(|_| self.clone())
     }
@@ -112,6 +135,8 @@ pub(crate) struct Exchange<'a> {
     /// request or on the CONNECT of its tunnel (SPEC §8, second in the selection order).
     pub proxy_user: Option<&'a str>,
     pub entry: Entry,
+    /// The client connection's own plain-HTTP/1.1 upstream connection, where it has one.
+    pub upstream: Option<&'a ConnectionUpstream>,
 }
 
 /// Where a request entered: on the forward port, proxy credentials can still name an account
@@ -136,6 +161,8 @@ pub struct Proxy {
     pub client: upstream::Client,
     /// HTTP/1.1 only, for `Upgrade` requests (a WebSocket cannot ride on HTTP/2 here).
     pub upgrade_client: upstream::Client,
+    /// Idle plain-HTTP/1.1 upstream connections, lent to client connections.
+    pub plain: Arc<PlainPool>,
     pub settings: ProxySettings,
     pub allow_unmatched: bool,
     /// Certificates for intercepted hosts.
@@ -150,7 +177,11 @@ pub struct Proxy {
 
 impl Proxy {
     /// A request on the forward-proxy port: absolute form, or CONNECT.
-    pub async fn handle_forward(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle_forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        upstream: Option<ConnectionUpstream>,
+    ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
             // Boxed, like every path that is not the common one: hyper keeps room for the
             // request future in every connection, idle or not, so its size is memory per
@@ -167,6 +198,7 @@ impl Proxy {
                     provider: provider.as_ref(),
                     proxy_user: proxy_user.as_deref(),
                     entry: Entry::Forward,
+                    upstream: upstream.as_ref(),
                 };
                 let result = self.forward(req, ex).await;
                 (provider, result)
@@ -198,7 +230,12 @@ impl Proxy {
     }
 
     /// A request on a `[[routes]]` listener: it goes to the route's upstream whatever its form.
-    pub async fn handle_route(&self, route: &RouteConfig, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle_route(
+        &self,
+        route: &RouteConfig,
+        req: Request<Incoming>,
+        upstream: Option<ConnectionUpstream>,
+    ) -> Response<ProxyBody> {
         let mut access = self.access(&req);
         let provider = self.providers.get(&route.provider).cloned();
         let result = match Target::new(route.upstream_scheme.clone(), &route.upstream_authority) {
@@ -216,6 +253,7 @@ impl Proxy {
                             provider: provider.as_ref(),
                             proxy_user: None,
                             entry: Entry::Route,
+                            upstream: upstream.as_ref(),
                         };
                         self.forward(req, ex).await
                     }
@@ -323,13 +361,13 @@ impl Proxy {
 
         let Some(injected) = injected else {
             let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-            return self.send(request, &ex.target).await;
+            return self.send(request, &ex).await;
         };
         // What a retry needs: the head, and the body kept as it streams out (up to the limit).
         let head = clone_head(&parts);
         let (body, replay) = replay::tee(body, self.settings.max_replay_body, &self.replay_budget);
         let account = self.settings.access_log.then(|| injected.credential.clone());
-        let mut response = self.send(Request::from_parts(parts, body.boxed()), &ex.target).await?;
+        let mut response = self.send(Request::from_parts(parts, body.boxed()), &ex).await?;
         if injected.provider.config.refresh_on_status.contains(&response.status()) {
             response = Box::pin(self.retry_with_fresh_token(&ex, injected, head, replay, response)).await?;
         }
@@ -453,7 +491,7 @@ impl Proxy {
         credential.note_retry();
         head.headers.insert(provider.config.header.clone(), fresh.header_value().clone());
         let body = Full::new(body).map_err(|e| -> BoxError { match e {} }).boxed();
-        match self.send(Request::from_parts(head, body), &ex.target).await {
+        match self.send(Request::from_parts(head, body), ex).await {
             Ok(mut response) => {
                 let still_dead = provider.config.refresh_on_status.contains(&response.status());
                 metrics::retry(name, if still_dead { "unauthorized" } else { "ok" });
@@ -471,32 +509,46 @@ impl Proxy {
     async fn send(
         &self,
         request: Request<ProxyBody>,
-        target: &Target,
+        ex: &Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let target = &ex.target;
         let timeout = self.settings.upstream_timeout;
-        // An upgrade needs HTTP/1.1 all the way: its own client never negotiates HTTP/2.
-        let client = if request.headers().contains_key(http::header::UPGRADE) {
-            &self.upgrade_client
-        } else {
-            &self.client
+        let upgrade = request.headers().contains_key(http::header::UPGRADE);
+        let sent = match ex.upstream {
+            // Plain HTTP/1.1 from a client connection: over its own upstream connection.
+            Some(own) if target.scheme == Scheme::HTTP && !upgrade => {
+                tokio::time::timeout(timeout, own.send(target, request)).await.map(|r| {
+                    r.map_err(|e| match e {
+                        UpstreamError::Dial(dial) => dial_error(target, dial),
+                        UpstreamError::Http(e) => ProxyError::UpstreamUnreachable {
+                            host: target.authority.to_string(),
+                            reason: upstream::describe_error(&e),
+                        },
+                    })
+                })
+            }
+            _ => {
+                // An upgrade needs HTTP/1.1 all the way: its own client never negotiates HTTP/2.
+                let client = if upgrade { &self.upgrade_client } else { &self.client };
+                tokio::time::timeout(timeout, client.request(request)).await.map(|r| {
+                    r.map_err(|e| match crate::egress::find_dial_error(&e) {
+                        Some(dial) => dial_error_ref(target, dial),
+                        None => ProxyError::UpstreamUnreachable {
+                            host: target.authority.to_string(),
+                            reason: upstream::describe_error(&e),
+                        },
+                    })
+                })
+            }
         };
-        let response = match tokio::time::timeout(timeout, client.request(request)).await {
+        let response = match sent {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     host: target.authority.to_string(),
                     seconds: timeout.as_secs(),
                 });
             }
-            Ok(Err(e)) => {
-                if let Some(dial) = crate::egress::find_dial_error(&e) {
-                    return Err(dial_error_ref(target, dial));
-                }
-                return Err(ProxyError::UpstreamUnreachable {
-                    host: target.authority.to_string(),
-                    reason: upstream::describe_error(&e),
-                });
-            }
-            Ok(Ok(response)) => response,
+            Ok(result) => result?,
         };
         let (mut parts, body) = response.into_parts();
         let switched = (parts.status == http::StatusCode::SWITCHING_PROTOCOLS)
@@ -607,4 +659,83 @@ fn finish(
         );
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(scheme: Scheme, authority: &str) -> Target {
+        Target::new(scheme, &authority.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_target_knows_its_host_port_and_host_header_in_every_form() {
+        // (scheme, as written, host, port, Host header, authority dialled)
+        let cases = [
+            (Scheme::HTTP, "api.example.com", "api.example.com", 80, "api.example.com", "api.example.com"),
+            (
+                Scheme::HTTP,
+                "API.Example.COM.:8080",
+                "api.example.com",
+                8080,
+                "api.example.com:8080",
+                "api.example.com:8080",
+            ),
+            (
+                Scheme::HTTP,
+                "api.example.com:80",
+                "api.example.com",
+                80,
+                "api.example.com",
+                "api.example.com:80",
+            ),
+            (
+                Scheme::HTTPS,
+                "api.example.com:443",
+                "api.example.com",
+                443,
+                "api.example.com",
+                "api.example.com:443",
+            ),
+            (
+                Scheme::HTTPS,
+                "api.example.com:80",
+                "api.example.com",
+                80,
+                "api.example.com:80",
+                "api.example.com:80",
+            ),
+            (Scheme::HTTP, "127.0.0.1:18080", "127.0.0.1", 18080, "127.0.0.1:18080", "127.0.0.1:18080"),
+            (Scheme::HTTP, "[::1]:8080", "::1", 8080, "[::1]:8080", "[::1]:8080"),
+            (Scheme::HTTP, "[::1]:80", "::1", 80, "[::1]", "[::1]:80"),
+            (Scheme::HTTPS, "[::1]", "::1", 443, "[::1]", "[::1]"),
+            (Scheme::HTTPS, "[::FFFF:7F00:1]", "::ffff:7f00:1", 443, "[::ffff:7f00:1]", "[::ffff:7f00:1]"),
+        ];
+        for (scheme, written, host, port, host_header, authority) in cases {
+            let t = target(scheme, written);
+            assert_eq!(
+                (t.host(), t.port, t.host_header(), t.authority.as_str()),
+                (host, port, host_header, authority),
+                "{written}"
+            );
+        }
+        let refused = Target::new(Scheme::HTTP, &"user:pw@api.example.com".parse().unwrap()).unwrap_err();
+        assert!(!refused.to_string().contains("pw"), "{refused}");
+    }
+
+    #[test]
+    fn upgraded_to_https_keeps_an_explicit_port_other_than_80() {
+        let up = |a| target(Scheme::HTTP, a).upgraded_to_https();
+        assert_eq!(
+            (up("api.example.com").authority.as_str(), up("api.example.com").port),
+            ("api.example.com", 443)
+        );
+        assert_eq!(up("api.example.com:80").authority.as_str(), "api.example.com");
+        let kept = up("API.example.com:8443");
+        assert_eq!(
+            (kept.host(), kept.port, kept.authority.as_str()),
+            ("api.example.com", 8443, "api.example.com:8443")
+        );
+    }
 }

@@ -49,9 +49,9 @@ pub enum Protocols {
 
 /// A one-line reason from a client error and its causes ("connection refused", "invalid peer
 /// certificate: UnknownIssuer"). Errors from the client never carry request headers.
-pub fn describe_error(e: &hyper_util::client::legacy::Error) -> String {
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
     while let Some(err) = source {
         let text = err.to_string();
         if !parts.iter().any(|p| p.contains(&text)) {

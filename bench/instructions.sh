@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Instructions per proxied plain-HTTP request, counted by callgrind: exact and repeatable where
+# CPU time on this VM is not, so each change to the data path is judged by this first.
+#
+#   bash bench/instructions.sh target/release/tokenproxy [OTHER_BINARY ...]
+#
+# For each binary: tokenproxy under callgrind on one CPU (one runtime worker, as in bench/run.sh), one keep-alive client connection (curl, absolute
+# form, the proxy injecting the token into every request) to an nginx upstream, run twice: with
+# SMALL and with LARGE requests. (instructions(LARGE) - instructions(SMALL)) / (LARGE - SMALL)
+# takes start-up, shutdown and the first connection out. Every answer must be 200 (the upstream
+# answers 401 without the token). Loopback only (ports 18950-18952); about a minute per binary.
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: bash bench/instructions.sh BINARY [BINARY ...]" >&2; exit 2; }
+for tool in valgrind nginx curl; do
+    command -v $tool >/dev/null || { echo "$tool is required" >&2; exit 1; }
+done
+SMALL=${SMALL:-200}
+LARGE=${LARGE:-2200}
+W=$(mktemp -d); NGINX=
+cleanup() { [ -n "$NGINX" ] && kill "$NGINX" 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && cp $W/callgrind.* "$KEEP"/ 2>/dev/null; rm -rf "$W"; }
+trap cleanup EXIT
+mkdir -p $W/logs
+cat > $W/nginx.conf <<NG
+worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/logs/error.log;
+events { worker_connections 1024; }
+http { access_log off;
+  server { listen 127.0.0.1:18950;
+    location / { if (\$http_authorization != "Bearer bench-token") { return 401; } return 200 "ok\n"; } } }
+NG
+nginx -c $W/nginx.conf -p $W & NGINX=$!
+echo '{"access_token":"bench-token","expires_at":"2099-01-01T00:00:00Z"}' > $W/t.json
+printf '[proxy]\nlisten = "127.0.0.1:18951"\n[admin]\nlisten = "127.0.0.1:18952"\n[tls]\nca_dir = "%s/ca"\n[providers.bench]\nhosts = ["127.0.0.1:18950"]\ntoken_file = "%s/t.json"\nallow_plaintext = true\n' $W $W > $W/c.toml
+
+wait_port() {
+    for _ in $(seq 1 300); do
+        (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && { exec 3>&- 3<&-; return 0; }
+        sleep 0.1
+    done
+    return 1
+}
+
+# instructions BINARY N: total instructions of one tokenproxy process that served N requests.
+instructions() {
+    local bin=$1 n=$2 out=$W/callgrind.$2
+    RUST_LOG=warn taskset -c 0 valgrind --tool=callgrind --callgrind-out-file=$out \
+        ${TASKS_ONLY:+--toggle-collect='tokio::runtime::task::raw::poll'} "$bin" run --config $W/c.toml \
+        2>$W/logs/valgrind.$n & local pid=$!
+    wait_port 18951 || { echo "tokenproxy did not start under valgrind" >&2; cat $W/logs/valgrind.$n >&2; exit 1; }
+    for _ in $(seq 1 "$n"); do echo 'url = "http://127.0.0.1:18950/"'; echo 'output = "/dev/null"'; done > $W/urls
+    local codes
+    codes=$(curl -s --proxy http://127.0.0.1:18951 -K $W/urls -w '%{http_code}\n' | sort | uniq -c)
+    [ "$(echo "$codes" | awk '$2 == 200 {print $1}')" = "$n" ] || { echo "not every answer was 200: $codes" >&2; exit 1; }
+    kill -TERM $pid; wait $pid
+    awk '/^summary:/ {print $2}' $out
+}
+
+for bin in "$@"; do
+    instructions "$(realpath "$bin")" 1 >/dev/null # makes the CA, which the runs then only load
+    small=$(instructions "$(realpath "$bin")" $SMALL)
+    large=$(instructions "$(realpath "$bin")" $LARGE)
+    awk -v b="$bin" -v s=$small -v l=$large -v n=$((LARGE - SMALL)) \
+        'BEGIN { printf "%-50s %8.0f instructions per request\n", b, (l - s) / n }'
+done

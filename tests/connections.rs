@@ -1,0 +1,351 @@
+//! Plain-HTTP/1.1 upstream connections: what a client connection borrows, keeps and gives back
+//! (SPEC §4 `max_idle_per_host`; the data path of `src/proxy/own_upstream.rs`), against an
+//! upstream that numbers its connections and reports when each one closes.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+const TOKEN: &str = "tok-connections-7f3a";
+
+/// What the upstream saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    Accepted(usize),
+    Request { conn: usize, path: String, authorization: Option<String> },
+    Closed(usize),
+}
+
+/// An HTTP/1.1 upstream written on raw sockets, so that a test controls exactly when it closes.
+/// Every answer's body says `conn=<n> path=<path>`. Paths:
+/// - `/close-after`: answers, then closes the connection 50 ms later without saying so first
+///   (as a server whose keep-alive timeout fires does);
+/// - `/close-header`: answers with `Connection: close` and closes;
+/// - `/stream`: sends the head and half the body, then waits for the peer to go away;
+/// - anything else: answers and waits for the next request.
+#[derive(Clone)]
+struct Upstream {
+    addr: std::net::SocketAddr,
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl Upstream {
+    async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = Upstream { addr: listener.local_addr().unwrap(), events: Arc::default() };
+        let events = upstream.events.clone();
+        tokio::spawn(async move {
+            for conn in 1.. {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                events.lock().unwrap().push(Event::Accepted(conn));
+                tokio::spawn(serve(conn, stream, events.clone()));
+            }
+        });
+        upstream
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn accepted(&self) -> usize {
+        self.events().iter().filter(|e| matches!(e, Event::Accepted(_))).count()
+    }
+
+    fn closed(&self, conn: usize) -> bool {
+        self.events().contains(&Event::Closed(conn))
+    }
+
+    /// The upstream connection each request arrived on, in order, with its Authorization.
+    fn requests(&self) -> Vec<(usize, String, Option<String>)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Request { conn, path, authorization } => Some((conn, path, authorization)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+async fn serve(conn: usize, stream: TcpStream, events: Arc<Mutex<Vec<Event>>>) {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    loop {
+        let mut line = String::new();
+        if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+            break;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("?").to_string();
+        let mut authorization = None;
+        loop {
+            let mut header = String::new();
+            if read.read_line(&mut header).await.unwrap_or(0) == 0 {
+                events.lock().unwrap().push(Event::Closed(conn));
+                return;
+            }
+            if header == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("authorization")
+            {
+                authorization = Some(value.trim().to_string());
+            }
+        }
+        events.lock().unwrap().push(Event::Request { conn, path: path.clone(), authorization });
+        let body = format!("conn={conn} path={path}");
+        match path.as_str() {
+            "/stream" => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst half";
+                let _ = write.write_all(head.as_bytes()).await;
+                let mut rest = [0u8; 1];
+                let _ = read.read(&mut rest).await; // until the proxy goes away
+                break;
+            }
+            "/close-header" => {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = write.write_all(answer.as_bytes()).await;
+                break;
+            }
+            _ => {
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                if write.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+                if path == "/close-after" {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+            }
+        }
+    }
+    events.lock().unwrap().push(Event::Closed(conn));
+}
+
+/// A keep-alive client connection to the proxy, sending absolute-form requests by hand.
+struct Client {
+    stream: TcpStream,
+}
+
+impl Client {
+    async fn connect(tp: &TokenProxy) -> Client {
+        Client { stream: TcpStream::connect(tp.proxy).await.unwrap() }
+    }
+
+    fn request(upstream: &Upstream, path: &str) -> String {
+        format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", upstream.url(path), upstream.addr)
+    }
+
+    async fn send(&mut self, upstream: &Upstream, path: &str) {
+        self.stream.write_all(Self::request(upstream, path).as_bytes()).await.unwrap();
+    }
+
+    /// The next response's status line and body (by Content-Length).
+    async fn response(&mut self) -> (String, String) {
+        let head = read_head(&mut self.stream).await;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+            })
+            .expect("a Content-Length");
+        let mut body = vec![0u8; length];
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        (head.lines().next().unwrap().to_string(), String::from_utf8(body).unwrap())
+    }
+
+    /// One request and its answer, which must be a 200 from the upstream.
+    async fn get(&mut self, upstream: &Upstream, path: &str) -> String {
+        self.send(upstream, path).await;
+        let (status, body) = self.response().await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}: {body}");
+        body
+    }
+}
+
+fn start_proxy(dir: &std::path::Path, upstream: &Upstream, max_idle_per_host: usize) -> TokenProxy {
+    let token_file = dir.join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let config = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "5s"
+max_idle_per_host = {max_idle_per_host}
+[admin]
+listen = "127.0.0.1:0"
+[providers.api]
+hosts = ["{}"]
+token_file = {}
+allow_plaintext = true
+"#,
+        upstream.addr,
+        toml_path(&token_file)
+    );
+    TokenProxy::start(dir, &config)
+}
+
+/// The upstream connection a response came over.
+fn conn_of(body: &str) -> usize {
+    body.strip_prefix("conn=").and_then(|rest| rest.split(' ').next()).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_keep_alive_client_connection_keeps_its_own_upstream_connection() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let (mut x, mut y) = (Client::connect(&tp).await, Client::connect(&tp).await);
+
+    // Taking turns, one request at a time: a pool shared per request would carry both clients'
+    // requests on one upstream connection. From its second request on, each client connection
+    // keeps one of its own.
+    let mut x_conns = Vec::new();
+    let mut y_conns = Vec::new();
+    for i in 0..6 {
+        x_conns.push(conn_of(&x.get(&upstream, &format!("/x{i}")).await));
+        y_conns.push(conn_of(&y.get(&upstream, &format!("/y{i}")).await));
+    }
+    // The first requests borrowed (and gave back) the one connection there was.
+    assert_eq!((x_conns[0], y_conns[0]), (1, 1), "x {x_conns:?} y {y_conns:?}");
+    assert!(x_conns[1..].iter().all(|&c| c == x_conns[1]), "x moved between connections: {x_conns:?}");
+    assert!(y_conns[1..].iter().all(|&c| c == y_conns[1]), "y moved between connections: {y_conns:?}");
+    assert_ne!(x_conns[1], y_conns[1], "two client connections share an upstream connection");
+    assert_eq!(upstream.accepted(), 2);
+    // Every request carried the token.
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 12);
+    assert!(
+        requests.iter().all(|(_, _, auth)| auth.as_deref() == Some(&*format!("Bearer {TOKEN}"))),
+        "{requests:?}"
+    );
+
+    // When a client connection closes, its upstream connection goes back to the pool, open,
+    // and the next client connection's first request uses it: nothing new is dialled. (The
+    // proxy closes its side as it lets go of the client connection, in the same step that gives
+    // the upstream connection back: once x reads the end, that is done.)
+    x.stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), x.stream.read_to_end(&mut rest)).await.unwrap().unwrap();
+    let mut z = Client::connect(&tp).await;
+    assert_eq!(conn_of(&z.get(&upstream, "/z").await), x_conns[1]);
+    assert!(!upstream.closed(x_conns[1]));
+    assert_eq!(upstream.accepted(), 2, "{:?}", upstream.events());
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_response_closes_the_upstream_connection() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let mut client = Client::connect(&tp).await;
+    client.get(&upstream, "/first").await;
+    client.send(&upstream, "/stream").await;
+    let head = read_head(&mut client.stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let streaming = upstream.requests().last().unwrap().0;
+    drop(client);
+    // Half a response cannot be reused: the upstream connection is closed, not pooled.
+    eventually(Duration::from_secs(5), "the upstream connection closed", || async {
+        upstream.closed(streaming).then_some(())
+    })
+    .await;
+    // And the proxy serves the next client on a new connection.
+    let mut next = Client::connect(&tp).await;
+    let conn = conn_of(&next.get(&upstream, "/after").await);
+    assert_ne!(conn, streaming);
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_between_requests_is_replaced_without_a_failed_request() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let mut client = Client::connect(&tp).await;
+    client.get(&upstream, "/one").await;
+
+    // The kept connection says Connection: close; the proxy keeps the client connection and
+    // dials again for the next request.
+    let said_close = conn_of(&client.get(&upstream, "/close-header").await);
+    let next = conn_of(&client.get(&upstream, "/two").await);
+    assert_ne!(next, said_close);
+
+    // The upstream closes the kept connection after answering, without a word (its keep-alive
+    // timeout): the next request, once the close has arrived, goes over a new connection.
+    let closing = conn_of(&client.get(&upstream, "/close-after").await);
+    eventually(Duration::from_secs(5), "the upstream closed", || async {
+        upstream.closed(closing).then_some(())
+    })
+    .await;
+    let after = conn_of(&client.get(&upstream, "/three").await);
+    assert_ne!(after, closing);
+    // Nothing failed and every request carried the token.
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 5, "{requests:?}");
+    assert!(requests.iter().all(|(_, _, auth)| auth.as_deref() == Some(&*format!("Bearer {TOKEN}"))));
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_each_with_the_token() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let mut client = Client::connect(&tp).await;
+    // Three requests in one write, before any answer.
+    let burst: String = ["/p1", "/p2", "/p3"].iter().map(|p| Client::request(&upstream, p)).collect();
+    client.stream.write_all(burst.as_bytes()).await.unwrap();
+    for path in ["/p1", "/p2", "/p3"] {
+        let (status, body) = client.response().await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.ends_with(&format!("path={path}")), "{path}: {body}");
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["/p1", "/p2", "/p3"]);
+    assert!(requests.iter().all(|(_, _, auth)| auth.as_deref() == Some(&*format!("Bearer {TOKEN}"))));
+}
+
+#[tokio::test]
+async fn beyond_max_idle_per_host_client_connections_borrow_and_idle_ones_are_capped() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 1);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&tp).await);
+    }
+    // Three clients in turns, four requests each: one of them may keep a connection, the other
+    // two borrow one per request.
+    for round in 0..4 {
+        for (i, client) in clients.iter_mut().enumerate() {
+            client.get(&upstream, &format!("/c{i}r{round}")).await;
+        }
+    }
+    assert_eq!(upstream.requests().len(), 12);
+    // At most one kept and one idle in the pool: never a connection per client.
+    assert!(upstream.accepted() <= 2, "{:?}", upstream.events());
+    // Once the clients leave, only one idle connection stays open.
+    drop(clients);
+    eventually(Duration::from_secs(5), "one upstream connection left open", || async {
+        let events = upstream.events();
+        let closed = events.iter().filter(|e| matches!(e, Event::Closed(_))).count();
+        (upstream.accepted() - closed == 1).then_some(())
+    })
+    .await;
+}
