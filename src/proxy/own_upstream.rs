@@ -22,10 +22,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -172,6 +174,35 @@ impl PlainPool {
     }
 }
 
+/// Passes over a connection's futures within one poll of its task before it yields.
+const MAX_PASSES: usize = 4;
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+
+/// The waker [`ConnectionUpstream::drive`] gives to what it polls. Half of what wakes a
+/// connection's task comes from inside it: the handler handing a request to the upstream
+/// connection, the upstream connection handing back the answer and its body. Such a wake, while
+/// the task is polling, only asks for one more pass of that same poll instead of scheduling the
+/// task again; any other wake goes to the task.
+#[derive(Default)]
+struct PassWaker {
+    state: AtomicU8,
+    task: AtomicWaker,
+}
+
+impl Wake for PassWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Err(IDLE) = self.state.compare_exchange(POLLING, WOKEN, Ordering::AcqRel, Ordering::Acquire) {
+            self.task.wake();
+        }
+    }
+}
+
 /// A client connection's plain-HTTP/1.1 upstream connection. Clones share it: the request
 /// handler sends on it, [`ConnectionUpstream::drive`] polls it.
 #[derive(Clone)]
@@ -233,14 +264,28 @@ impl ConnectionUpstream {
     /// connection in the same task. When it ends, the upstream connection goes back to the pool.
     pub async fn drive<F: Future>(&self, client: F) -> F::Output {
         let mut client = std::pin::pin!(client);
+        let wakes = Arc::new(PassWaker::default());
+        let waker = Waker::from(wakes.clone());
         std::future::poll_fn(|cx| {
-            self.lock().poll_upstream(cx);
-            if let Poll::Ready(out) = client.as_mut().poll(cx) {
-                return Poll::Ready(out);
+            wakes.task.register(cx.waker());
+            let mut inner = Context::from_waker(&waker);
+            for _ in 0..MAX_PASSES {
+                wakes.state.store(POLLING, Ordering::Release);
+                self.lock().poll_upstream(&mut inner);
+                if let Poll::Ready(out) = client.as_mut().poll(&mut inner) {
+                    wakes.state.store(IDLE, Ordering::Release);
+                    return Poll::Ready(out);
+                }
+                // A request the handler just sent, or a connection it just put in the slot, is
+                // written now rather than in another turn of the task.
+                self.lock().poll_upstream(&mut inner);
+                if wakes.state.compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    return Poll::Pending; // nothing woke meanwhile: wait for the sockets
+                }
             }
-            // A request the handler just sent, or a connection it just put in the slot, is
-            // written now rather than in another turn of the task.
-            self.lock().poll_upstream(cx);
+            // Still busy: let other tasks run first.
+            wakes.state.store(IDLE, Ordering::Release);
+            cx.waker().wake_by_ref();
             Poll::Pending
         })
         .await
