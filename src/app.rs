@@ -23,8 +23,10 @@ use crate::tokens::{Providers, watch};
 use crate::{metrics, tls};
 
 /// How often the metrics exporter's upkeep runs between scrapes, and idle plain-HTTP upstream
-/// connections are checked for closes and age.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// connections are checked for closes and age. Until an upkeep, the exporter keeps every latency
+/// sample recorded (8 bytes and more per request): at 50 000 requests a second, five seconds of
+/// them were 2 MiB of peak memory.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often expired pending authorizations are swept (each new flow also sweeps).
 const SWEEP_PENDING_EVERY: Duration = Duration::from_secs(600);
 
