@@ -4,11 +4,15 @@
 #
 #   bash bench/instructions.sh target/release/tokenproxy [OTHER_BINARY ...]
 #
-# For each binary: tokenproxy under callgrind on one CPU (one runtime worker, as in bench/run.sh), one keep-alive client connection (curl, absolute
-# form, the proxy injecting the token into every request) to an nginx upstream, run twice: with
-# SMALL and with LARGE requests. (instructions(LARGE) - instructions(SMALL)) / (LARGE - SMALL)
-# takes start-up, shutdown and the first connection out. Every answer must be 200 (the upstream
-# answers 401 without the token). Loopback only (ports 18950-18952); about a minute per binary.
+# For each binary: tokenproxy under callgrind on one CPU (one runtime worker, as in
+# bench/run.sh), one keep-alive client connection (curl, absolute form, the proxy injecting the
+# token into every request) to an nginx upstream, run twice: with SMALL and with LARGE requests.
+# (instructions(LARGE) - instructions(SMALL)) / (LARGE - SMALL) takes start-up, shutdown and the
+# first connection out. Every answer must be 200 (the upstream answers 401 without the token).
+#   TASKS_ONLY=1  counts only what runs inside tokio tasks: the worker's idle loop (epoll,
+#                 parking) depends on timing and moves the total by 10 %; this repeats to 0.1 %.
+#   KEEP=DIR      keeps the callgrind files there, for callgrind_annotate.
+# Loopback only (ports 18950-18952); under a minute per binary.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/instructions.sh BINARY [BINARY ...]" >&2; exit 2; }
 for tool in valgrind nginx curl; do
