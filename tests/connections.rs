@@ -183,23 +183,8 @@ impl Client {
 fn start_proxy(dir: &std::path::Path, upstream: &Upstream, max_idle_per_host: usize) -> TokenProxy {
     let token_file = dir.join("api.json");
     std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let config = format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-upstream_timeout = "5s"
-max_idle_per_host = {max_idle_per_host}
-[admin]
-listen = "127.0.0.1:0"
-[providers.api]
-hosts = ["{}"]
-token_file = {}
-allow_plaintext = true
-"#,
-        upstream.addr,
-        toml_path(&token_file)
-    );
-    TokenProxy::start(dir, &config)
+    let extra = format!("upstream_timeout = \"5s\"\nmax_idle_per_host = {max_idle_per_host}");
+    TokenProxy::start(dir, &plain_config(&upstream.addr.to_string(), &token_file, &extra))
 }
 
 /// The upstream connection a response came over.

@@ -142,21 +142,7 @@ impl MockApi {
     /// A config with one provider `api` for this mock over plain HTTP, both listeners on ephemeral
     /// loopback ports; `extra_proxy` is added to `[proxy]`.
     pub fn plain_config(&self, token_file: &Path, extra_proxy: &str) -> String {
-        format!(
-            r#"
-[proxy]
-listen = "127.0.0.1:0"
-{extra_proxy}
-[admin]
-listen = "127.0.0.1:0"
-[providers.api]
-hosts = ["{}"]
-token_file = {}
-allow_plaintext = true
-"#,
-            self.authority(),
-            toml_path(token_file)
-        )
+        plain_config(&self.authority(), token_file, extra_proxy)
     }
 
     /// A config with one provider `api` for this mock behind TLS, matched as `host:PORT`, with the
@@ -1371,4 +1357,24 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A config with one provider `api` for the upstream at `authority` (`127.0.0.1:PORT`) over
+/// plain HTTP, both listeners on ephemeral loopback ports; `extra_proxy` is added to `[proxy]`.
+pub fn plain_config(authority: &str, token_file: &Path, extra_proxy: &str) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+{extra_proxy}
+[admin]
+listen = "127.0.0.1:0"
+[providers.api]
+hosts = ["{}"]
+token_file = {}
+allow_plaintext = true
+"#,
+        authority,
+        toml_path(token_file)
+    )
 }
