@@ -48,6 +48,8 @@ type Io = TokioIo<TcpStream>;
 /// does nothing unless someone polls it.
 struct Conn {
     authority: Authority,
+    /// The `Host` header for every request on it, made once.
+    host: http::HeaderValue,
     sender: http1::SendRequest<ProxyBody>,
     io: Pin<Box<http1::Connection<Io, ProxyBody>>>,
 }
@@ -154,7 +156,9 @@ impl PlainPool {
             .await
             .map_err(UpstreamError::Dial)?;
         let (sender, io) = self.builder.handshake(TokioIo::new(tcp)).await.map_err(UpstreamError::Http)?;
-        Ok(Conn { authority: target.authority.clone(), sender, io: Box::pin(io) })
+        // A normal-form authority is always a valid header value.
+        let host = http::HeaderValue::from_str(target.host_header()).expect("an authority is a header value");
+        Ok(Conn { authority: target.authority.clone(), host, sender, io: Box::pin(io) })
     }
 
     /// Closes connections idle too long or closed by the upstream, and forgets hosts with none
@@ -166,11 +170,6 @@ impl PlainPool {
                 .retain_mut(|(conn, since)| since.elapsed() < IDLE_TIMEOUT && conn.poll_alive(&mut noop));
             !host.idle.is_empty() || host.kept > 0
         });
-    }
-
-    /// Idle connections in the pool (for tests and the benchmark's accounting).
-    pub fn idle_count(&self) -> usize {
-        self.lock().values().map(|host| host.idle.len()).sum()
     }
 }
 
@@ -213,10 +212,9 @@ pub struct ConnectionUpstream {
 struct Slot {
     pool: Arc<PlainPool>,
     conn: Option<Conn>,
-    /// `conn` holds a keeping place of its host ([`PlainPool::try_keep`]).
+    /// `conn` holds a keeping place of its host ([`PlainPool::try_keep`]); otherwise it is
+    /// borrowed, and goes back to the pool as soon as it is idle.
     kept: bool,
-    /// `conn` is borrowed: it goes back to the pool as soon as it is idle.
-    give_back: bool,
     /// Requests this client connection has sent upstream.
     requests: u64,
 }
@@ -231,14 +229,13 @@ impl Slot {
             self.pool.put(conn);
         }
         self.kept = false;
-        self.give_back = false;
     }
 
     fn poll_upstream(&mut self, cx: &mut Context<'_>) {
         let Some(conn) = self.conn.as_mut() else { return };
         if !conn.poll_alive(cx) {
             self.give_back(); // closed: nothing goes back, the place is freed
-        } else if self.give_back && conn.is_idle() {
+        } else if !self.kept && conn.is_idle() {
             self.give_back();
         }
     }
@@ -252,7 +249,7 @@ impl Drop for Slot {
 
 impl ConnectionUpstream {
     pub fn new(pool: Arc<PlainPool>) -> ConnectionUpstream {
-        let slot = Slot { pool, conn: None, kept: false, give_back: false, requests: 0 };
+        let slot = Slot { pool, conn: None, kept: false, requests: 0 };
         ConnectionUpstream { slot: Arc::new(Mutex::new(slot)) }
     }
 
@@ -298,8 +295,9 @@ impl ConnectionUpstream {
         target: &Target,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        to_origin_form(target, &mut request);
+        to_origin_form(&mut request);
         let (mut conn, reused) = self.connection_to(target).await?;
+        request.headers_mut().insert(http::header::HOST, conn.host.clone());
         let sent = conn.sender.try_send_request(request);
         self.hold(conn);
         match sent.await {
@@ -332,7 +330,6 @@ impl ConnectionUpstream {
             // A second request shows a keep-alive client: it keeps its connection from now on.
             let keep = slot.requests >= 2 && slot.pool.try_keep(&target.authority);
             slot.kept = keep;
-            slot.give_back = !keep;
             (slot.pool.clone(), keep)
         };
         let taken = pool.take(&target.authority);
@@ -362,17 +359,12 @@ impl ConnectionUpstream {
     }
 }
 
-/// What hyper-util's client did for us: an origin-form target (`/path?query`) and the `Host`
-/// header from the authority, its port only when it is not the scheme's default.
-fn to_origin_form(target: &Target, request: &mut Request<ProxyBody>) {
+/// What hyper-util's client did for us: an origin-form target (`/path?query`). (The `Host`
+/// header comes from the connection.)
+fn to_origin_form(request: &mut Request<ProxyBody>) {
     let path = match request.uri().path_and_query() {
         Some(pq) if pq.as_str() != "/" => pq.clone(),
         _ => PathAndQuery::from_static("/"),
     };
     *request.uri_mut() = Uri::from(path);
-    if !request.headers().contains_key(http::header::HOST)
-        && let Ok(host) = http::HeaderValue::from_str(target.host_header())
-    {
-        request.headers_mut().insert(http::header::HOST, host);
-    }
 }
