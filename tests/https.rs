@@ -454,3 +454,98 @@ async fn a_401_over_an_intercepted_connection_is_refreshed_and_retried() {
     assert_eq!(seen[1].body, "payload");
     assert_eq!(endpoint.calls(), 1);
 }
+
+/// Counts the TLS 1.3 session tickets a server sends: rustls hands each one to the store.
+#[derive(Debug)]
+struct TicketCounter {
+    cache: rustls::client::ClientSessionMemoryCache,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for TicketCounter {
+    fn set_kx_hint(&self, name: rustls_pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.cache.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.cache.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.cache.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &rustls_pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.cache.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &rustls_pki_types::ServerName<'static>) {
+        self.cache.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: rustls_pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cache.insert_tls13_ticket(name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.cache.take_tls13_ticket(name)
+    }
+}
+
+/// One `GET /tickets` over TLS to `localhost` on `stream`, trusting `ca`; returns the answer and
+/// how many session tickets arrived before it.
+async fn tickets_before_the_answer(stream: tokio::net::TcpStream, ca: &Path) -> (String, usize) {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let counter = std::sync::Arc::new(TicketCounter {
+        cache: rustls::client::ClientSessionMemoryCache::new(8),
+        tickets: Default::default(),
+    });
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.resumption = rustls::client::Resumption::store(counter.clone());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut tls = connector.connect(name, stream).await.unwrap();
+    tls.write_all(b"GET /tickets HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await.unwrap().unwrap();
+    (String::from_utf8_lossy(&answer).into_owned(), counter.tickets.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// A server's TLS 1.3 session tickets arrive just as a client writes its first request. Python's
+/// `websockets` sync client reads (a thread of its own) and writes (the caller) one OpenSSL
+/// connection at once, and a ticket landing in that moment can lose the request: the handshake
+/// then hangs. From a sidecar on loopback the tickets land exactly then, so tokenproxy sends none.
+#[tokio::test]
+async fn an_intercepted_connection_gets_no_session_tickets() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(&["localhost"], "localhost:{port}", true, "").await;
+    // The counter works: the mock, with rustls's defaults, sends its tickets before answering.
+    let direct = tokio::net::TcpStream::connect(s.mock.addr).await.unwrap();
+    let (answer, tickets) = tickets_before_the_answer(direct, &s.mock_ca_pem).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(tickets > 0, "a default rustls server sends session tickets");
+
+    let mut through = tokio::net::TcpStream::connect(s.tp.proxy).await.unwrap();
+    let target = format!("localhost:{}", s.mock.addr.port());
+    through
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut through).await.starts_with("HTTP/1.1 200"));
+    let (answer, tickets) = tickets_before_the_answer(through, &s.ca_pem).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()), "intercepted");
+    assert_eq!(tickets, 0, "tokenproxy's leaf sent TLS 1.3 session tickets");
+}

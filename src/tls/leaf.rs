@@ -54,6 +54,12 @@ impl LeafCache {
         let mut config =
             rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(leaf.chain, leaf.key)?;
         config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        // No TLS 1.3 session tickets. From a sidecar on loopback they reach the client just as
+        // it writes its first request, and a client that reads and writes one OpenSSL
+        // connection from two threads at once (Python's `websockets` sync client) can lose that
+        // request and hang. Resumption would only save a handshake on loopback, and most
+        // clients keep their connections anyway.
+        config.send_tls13_tickets = 0;
         metrics::leaf_issued();
         tracing::debug!(host, not_after = %leaf.not_after, "issued a leaf certificate");
         Ok(Leaf { config: Arc::new(config), not_after: leaf.not_after })
