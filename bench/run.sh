@@ -236,7 +236,17 @@ measure_https() { # name port pid ca
     else
         echo "note: no HTTPS request through $name succeeded: $(tail -n 1 "$WORK/loadgen.log")" >&2
     fi
-    HTTPS_RESULTS+=("$name|$(field "$out" rps)|$(field "$lat" p50_us)|$(field "$lat" p99_us)|$cpu_us|$(field "$out" non2xx)|$(field "$out" errors)")
+    # New connections: CONNECT, a full TLS handshake (no resumption) and one request each, ten
+    # at a time; the CPU is per connection.
+    local c0 c1 fresh connections conn_cpu="-"
+    c0=$(cpu_ticks "$pid")
+    fresh=$("${load[@]}" --connections 10 --requests-per-connection 1 --duration "$DURATION" 2>>"$WORK/loadgen.log")
+    c1=$(cpu_ticks "$pid")
+    connections=$(field "$fresh" connections)
+    if [ "${connections:-0}" -gt 0 ]; then
+        conn_cpu=$(cpu_per_request "$c0" "$c1" "$connections")
+    fi
+    HTTPS_RESULTS+=("$name|$(field "$out" rps)|$(field "$lat" p50_us)|$(field "$lat" p99_us)|$cpu_us|$(field "$out" non2xx)|$(field "$out" errors)|$(field "$fresh" cps)|$conn_cpu")
 }
 
 # --- the peers ----------------------------------------------------------------------------------
@@ -397,15 +407,16 @@ if [ ${#HTTPS_RESULTS[@]} -gt 0 ]; then
     tp_https_rps=$(for r in "${HTTPS_RESULTS[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [ "$n" = tokenproxy ] && echo "$rps"; done)
     echo
     echo "intercepted HTTPS GET with header injection (CONNECT, leaf certificate cached, keep-alive,"
-    echo "verified TLS to an nginx HTTPS upstream), ${DURATION}s per measurement, proxy on CPU 0, loadgen + nginx on CPU 1"
+    echo "verified TLS to an nginx HTTPS upstream), ${DURATION}s per measurement, proxy on CPU 0, loadgen + nginx on CPU 1;"
+    echo "\"new connections\": CONNECT, a full TLS handshake and one request per connection, 10 at a time"
     echo
-    printf '| %-21s | %9s | %19s | %15s | %24s | %8s | %6s |\n' \
-        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request (user + sys)" "non-2xx" "errors"
-    printf '|%s|\n' "-----------------------|-----------|---------------------|-----------------|--------------------------|----------|--------"
+    printf '| %-21s | %9s | %19s | %15s | %24s | %8s | %6s | %17s | %27s |\n' \
+        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request (user + sys)" "non-2xx" "errors" "new connections/s" "CPU/new connection (u + s)"
+    printf '|%s|\n' "-----------------------|-----------|---------------------|-----------------|--------------------------|----------|--------|-------------------|-----------------------------"
     for r in "${HTTPS_RESULTS[@]}"; do
-        IFS='|' read -r name rps p50 p99 cpu non2xx errors <<<"$r"
+        IFS='|' read -r name rps p50 p99 cpu non2xx errors cps conn_cpu <<<"$r"
         vs=$(awk -v a="${tp_https_rps:-0}" -v b="${rps:-0}" 'BEGIN {if (b > 0 && a > 0) printf "%.1fx", a / b; else print "-"}')
-        printf '| %-21s | %9s | %19s | %15s | %21s us | %8s | %6s |\n' \
-            "$name" "${rps:--}" "$vs" "${p50:--}/${p99:--} us" "$cpu" "${non2xx:--}" "${errors:--}"
+        printf '| %-21s | %9s | %19s | %15s | %21s us | %8s | %6s | %17s | %24s us |\n' \
+            "$name" "${rps:--}" "$vs" "${p50:--}/${p99:--} us" "$cpu" "${non2xx:--}" "${errors:--}" "${cps:--}" "$conn_cpu"
     done
 fi
