@@ -87,12 +87,15 @@ where
 }
 
 /// Runs `conn` to its end; on shutdown, lets it finish the request in flight and close.
-pub async fn until_drained<C, E>(conn: C, mut drain: DrainWatch)
+///
+/// The caller pins `conn` where it lives. An async fn keeps its arguments for its whole life
+/// beside whatever it moves them into, so a connection passed by value would be stored twice
+/// in every connection's task, and twice again by each wrapper around this future.
+pub async fn until_drained<C, E>(mut conn: Pin<&mut C>, drain: &mut DrainWatch)
 where
     C: GracefulConnection<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = drain.signaled() => {
@@ -284,9 +287,11 @@ pub async fn serve<H, F>(
             });
             // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
             let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let mut drain = conn_drain;
             match driver {
-                Some(upstream) => upstream.drive(until_drained(conn, conn_drain)).await,
-                None => until_drained(conn, conn_drain).await,
+                Some(upstream) => upstream.drive(until_drained(conn.as_mut(), &mut drain)).await,
+                None => until_drained(conn, &mut drain).await,
             }
         });
     }

@@ -175,7 +175,7 @@ impl InterceptedHost {
 
     /// HTTP/1.1 inside an interception (over TLS, or plain): `header_read_timeout` bounds the
     /// wait for every request head, the first one and each one after an idle keep-alive pause.
-    async fn serve_h1<S>(self: Arc<Self>, stream: S, drain: server::DrainWatch)
+    async fn serve_h1<S>(self: Arc<Self>, stream: S, mut drain: server::DrainWatch)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -191,13 +191,13 @@ impl InterceptedHost {
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes);
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        server::until_drained(conn, drain).await;
+        server::until_drained(std::pin::pin!(conn), &mut drain).await;
     }
 
     /// HTTP/2 inside an interception. HTTP/2 has no request-head deadline, so the connection is
     /// closed when it has been quiet with no request in flight: for `header_read_timeout` before
     /// its first request, for `idle_timeout` after.
-    async fn serve_h2<S>(self: Arc<Self>, stream: S, drain: server::DrainWatch)
+    async fn serve_h2<S>(self: Arc<Self>, stream: S, mut drain: server::DrainWatch)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -216,10 +216,10 @@ impl InterceptedHost {
         });
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes as u32);
-        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let conn = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
         let idle = activity.idle(settings.idle_timeout, settings.header_read_timeout);
         tokio::select! {
-            _ = server::until_drained(conn, drain) => {}
+            _ = server::until_drained(conn, &mut drain) => {}
             _ = idle => tracing::debug!("intercepted HTTP/2 connection idle; closing it"),
         }
     }
