@@ -162,8 +162,7 @@ async fn peek_opening(stream: &TcpStream, deadline: tokio::time::Instant) -> Res
 
 /// `Some` once the bytes are enough to tell; `None` when more are needed.
 fn recognise(bytes: &[u8]) -> Option<Opening> {
-    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-    if bytes.first() == Some(&TLS_HANDSHAKE_RECORD) {
+    if bytes.first() == Some(&crate::tls::HANDSHAKE_RECORD) {
         let mut acceptor = rustls::server::Acceptor::default();
         let mut reader = bytes;
         if acceptor.read_tls(&mut reader).is_err() {

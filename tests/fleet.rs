@@ -254,15 +254,12 @@ async fn tokens_in_redis_are_sealed_and_a_restart_reads_them() {
     if !redis_available() {
         return;
     }
-    use base64::Engine;
     let dir = tempdir();
     let redis = RedisServer::start(dir.path());
     let api = MockApi::start().await;
     let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
     endpoint.allow_refresh_token("rt-seed");
-    std::fs::write(dir.path().join("key"), base64::engine::general_purpose::STANDARD.encode([5u8; 32]))
-        .unwrap();
-    let key = dir.path().join("key").display().to_string();
+    let key = sealing_key(dir.path(), 5);
     let text = config(&api, &endpoint, &redis, "sealed", &format!("encryption_key_file = \"{key}\""));
     let seed =
         r#"{"access_token":"at-seed-secret","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z"}"#;
@@ -336,6 +333,14 @@ async fn adoption_lags(admins: Vec<std::net::SocketAddr>, duration: Duration) ->
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     lags
+}
+
+/// Writes a 32-byte sealing key (every byte `byte`, base64) into `dir` and returns its path.
+fn sealing_key(dir: &Path, byte: u8) -> String {
+    use base64::Engine;
+    let path = dir.join("key");
+    std::fs::write(&path, base64::engine::general_purpose::STANDARD.encode([byte; 32])).unwrap();
+    path.display().to_string()
 }
 
 fn fingerprint_of(token: &str) -> String {
@@ -437,14 +442,11 @@ async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
     if !redis_available() {
         return;
     }
-    use base64::Engine;
     let dir = tempdir();
     let redis = RedisServer::start(dir.path());
     let api = MockApi::start().await;
     let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
-    std::fs::write(dir.path().join("key"), base64::engine::general_purpose::STANDARD.encode([6u8; 32]))
-        .unwrap();
-    let key = dir.path().join("key").display().to_string();
+    let key = sealing_key(dir.path(), 6);
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let text = config(&api, &endpoint, &redis, "connect", &format!("encryption_key_file = \"{key}\""))
         .replace("token_file = \"api.json\"", "token_file = \"tokens/{account}.json\"")

@@ -138,8 +138,7 @@ impl InterceptedHost {
             Err(_) => return tracing::debug!(host = %self.target.authority, "client sent nothing in time"),
         };
         tracing::debug!(host = %self.target.authority, first_byte = byte, "intercepted connection: first byte");
-        const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-        if byte != TLS_HANDSHAKE_RECORD {
+        if byte != crate::tls::HANDSHAKE_RECORD {
             match Target::new(Scheme::HTTP, &self.target.authority) {
                 Ok(plain) => {
                     self.target = plain;

@@ -12,6 +12,9 @@ use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+/// The first byte of a TLS handshake record: what tells a client's TLS from plain HTTP.
+pub const HANDSHAKE_RECORD: u8 = 0x16;
+
 /// Installs the process's rustls crypto provider. Safe to call more than once.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
