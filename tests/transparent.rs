@@ -91,7 +91,7 @@ fn programs_with_no_proxy_settings_get_tokens_through_iptables_redirection() {
 async fn inside() {
     // The namespace: loopback, and an address that is not 127/8 for the "remote" servers (on lo:
     // a dummy interface needs a kernel module a container may not have).
-    sh("ip link set lo up && ip addr add 10.77.0.1/32 dev lo");
+    sh("ip link set lo up && ip addr add 10.77.0.1/32 dev lo && ip addr add 10.77.0.2/32 dev lo");
     let dir = tempdir();
     let public = tempdir();
     sh(&format!("chmod 755 {}", public.path().display()));
@@ -108,6 +108,10 @@ async fn inside() {
     let other =
         MockApi::start_on("10.77.0.1:8443".parse().unwrap(), Some(other_pki.server_config.clone())).await;
     let other_plain = MockApi::start_on("10.77.0.1:8080".parse().unwrap(), None).await;
+    // A decoy at another address with a certificate that passes for api.test: where a client that
+    // was pointed elsewhere (a stale or spoofed DNS answer) was going.
+    let decoy =
+        MockApi::start_on("10.77.0.2:443".parse().unwrap(), Some(api_pki.server_config.clone())).await;
     for mock in [&api, &api_plain] {
         mock.accept("at-transparent");
     }
@@ -175,6 +179,13 @@ async fn inside() {
         seen.headers.get("proxy-authorization").map(|v| v.to_str().unwrap()),
         Some("Basic dW50b3VjaGVk")
     );
+    // The upstream is dialled by the SNI name, never at the redirected address: a client sent to
+    // the decoy's address for api.test still reaches api.test, and the decoy never sees the token.
+    let elsewhere = ["--resolve", "api.test:443:10.77.0.2", "--cacert", &ca, "https://api.test/v1/by-name"];
+    client(curl(&elsewhere), vec![]).await.unwrap();
+    assert_eq!(api.last().path, "/v1/by-name");
+    assert_eq!(api.last().authorization(), Some("Bearer at-transparent"));
+    assert!(decoy.seen().is_empty(), "the redirected address got {:?}", decoy.seen().len());
     // Node's built-in fetch, with no proxy agent at all.
     let script = "fetch('https://api.test/v1/node').then(r => { if (!r.ok) process.exit(1); return r.text() }).then(() => process.exit(0), e => { console.error(e); process.exit(2) })";
     let node = client(
