@@ -770,12 +770,57 @@ async fn an_unreadable_token_file_is_a_store_failure_not_an_endpoint_failure() {
     assert!(tp.metric("tokenproxy_refreshes_total", &store_failures).await >= 1.0);
 }
 
+/// A refresh asked for while another process holds the store's lock waits for it. A person who
+/// meanwhile rewrites the file with the same access token (a new expiry, a note) has not given it
+/// a new token: the refresh still goes to the endpoint, and lands on top of the edit.
+#[tokio::test]
+async fn an_edit_with_the_same_token_while_a_refresh_waits_for_the_lock_does_not_cancel_it() {
+    let (_mock, endpoint, dir, tp) = setup(
+        |e| e.rotate = Rotation::Strict,
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400)}),
+        "",
+        "",
+    )
+    .await;
+    // Another process's refresh holds the lock.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join("tokens/api.json.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let refresh = tokio::spawn(post_refresh_to(tp.admin));
+    eventually(Duration::from_secs(5), "the refresh waiting for the lock", || async {
+        (tp.token_view("api").await["state"] == "refreshing").then_some(())
+    })
+    .await;
+    let later = rfc3339_in(2 * 86_400);
+    write_token_file(
+        dir.path(),
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": later, "note": "kept"}),
+    );
+    // The proxy has read the edit before the lock is free.
+    eventually(Duration::from_secs(5), "the edit read", || async {
+        (tp.token_view("api").await["expires_at"] == later.as_str()).then_some(())
+    })
+    .await;
+    lock.unlock().unwrap();
+    assert_eq!(refresh.await.unwrap().0, 200);
+    assert_eq!(endpoint.calls(), 1, "the refresh was asked for and must reach the endpoint");
+    let file = read_token_file(dir.path());
+    assert_eq!(file["note"], "kept", "{file}");
+    assert_eq!((file["access_token"].as_str(), file["refresh_token"].as_str()), (Some("at-1"), Some("rt-1")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persons_edit_during_a_refresh_in_flight_is_kept_and_the_refresh_lands_on_top_of_it() {
     let (_mock, endpoint, dir, tp) = setup(
         |e| {
             e.rotate = Rotation::Strict;
-            e.delay = Duration::from_millis(1500);
+            // Held until the edit is on disk: with a fixed delay, a loaded machine could see the
+            // refresh in flight only just before it landed, and the edit then wrote over it.
+            e.hold = true;
         },
         serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400)}),
         "",
@@ -792,6 +837,7 @@ async fn a_persons_edit_during_a_refresh_in_flight_is_kept_and_the_refresh_lands
         dir.path(),
         serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400), "note": "kept"}),
     );
+    endpoint.release();
     assert_eq!(refresh.await.unwrap().0, 200);
     let file = read_token_file(dir.path());
     assert_eq!(file["note"], "kept", "the refresh wrote over the person's edit: {file}");

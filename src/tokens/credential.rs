@@ -89,8 +89,14 @@ impl Credential {
 
     /// Makes `token` the current one, with the next generation: one atomic swap, seen by the
     /// next request.
-    pub(super) fn install(&self, mut token: Token) -> Arc<Token> {
-        token.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+    pub(super) fn install(&self, token: Token) -> Arc<Token> {
+        self.install_as(token, self.generations.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Makes `token` the current one as `generation`: the same token with news about it (its
+    /// expiry) keeps the generation of the one it replaces.
+    pub(super) fn install_as(&self, mut token: Token, generation: u64) -> Arc<Token> {
+        token.generation = generation;
         let token = Arc::new(token);
         self.token.store(Some(token.clone()));
         self.changed.notify_one();

@@ -541,12 +541,15 @@ impl Provider {
     pub fn adopt(&self, cred: &Credential, doc: &TokenDocument) -> Result<Arc<Token>, String> {
         let token = self.prepare(doc)?;
         // The token in use read again (a store that was unreachable came back, a rewrite with
-        // other fields): not a new token, so requests that saw it fail still count it as seen.
+        // other fields or another expiry): not a new token, so a request that saw it fail, or a
+        // refresh asked for it, still counts it as seen. Only its expiry may be news.
         if let Some(current) = cred.current()
             && current.fingerprint == token.fingerprint
-            && current.expires_at == token.expires_at
         {
-            return Ok(current);
+            if current.expires_at == token.expires_at {
+                return Ok(current);
+            }
+            return Ok(cred.install_as(token, current.generation));
         }
         Ok(cred.install(token))
     }

@@ -767,6 +767,10 @@ pub struct MockTokenEndpoint {
     /// Form fields that must be present.
     pub required: Vec<(&'static str, &'static str)>,
     pub delay: Duration,
+    /// Hold every answer until [`MockTokenEndpoint::release`] (at most 10 s): a refresh that is
+    /// certainly still in flight, whatever the machine's load.
+    pub hold: bool,
+    gate: Arc<Notify>,
     api: Option<MockApi>,
 }
 
@@ -790,6 +794,8 @@ impl MockTokenEndpoint {
             wrap: None,
             required: Vec::new(),
             delay: Duration::ZERO,
+            hold: false,
+            gate: Arc::new(Notify::new()),
             api: api.cloned(),
         }
     }
@@ -818,6 +824,12 @@ impl MockTokenEndpoint {
 
     pub fn url(&self) -> String {
         format!("http://{}/oauth/token", self.addr)
+    }
+
+    /// Lets held answers go (see `hold`).
+    pub fn release(&self) {
+        self.gate.notify_waiters();
+        self.gate.notify_one();
     }
 
     /// Makes `token` a working refresh token.
@@ -963,6 +975,9 @@ impl MockTokenEndpoint {
         let form = parse_form(&String::from_utf8_lossy(&body));
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
+        }
+        if self.hold {
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.gate.notified()).await;
         }
         let json = |status: u16, body: String| {
             let mut r = respond(StatusCode::from_u16(status).unwrap(), body);
