@@ -13,7 +13,8 @@ use crate::egress::Egress;
 use crate::oauth::OAuthClient;
 use crate::onboarding::Onboarding;
 use crate::proxy::Proxy;
-use crate::proxy::own_upstream::PlainPool;
+use crate::proxy::plain_pool::PlainPool;
+use crate::proxy::plain_relay::{Listen, PlainRelay};
 use crate::proxy::replay::ReplayBudget;
 use crate::proxy::upstream::{self, Protocols};
 use crate::server::{self, ConnectionLimits, Drain};
@@ -139,18 +140,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(listener = "proxy", addr = %proxy_addr, "listening");
     let handler = {
         let proxy = proxy.clone();
-        move |req, upstream| {
+        move |req| {
             let proxy = proxy.clone();
-            async move { proxy.handle_forward(req, upstream).await }
+            async move { proxy.handle_forward(req).await }
         }
     };
-    let plain = Some(proxy.plain.clone());
+    let relay = |listen| {
+        Some(Arc::new(PlainRelay {
+            proxy: proxy.clone(),
+            listen,
+            header_read_timeout: limits.header_read_timeout,
+            max_header_bytes: limits.max_header_bytes,
+        }))
+    };
     tokio::spawn(server::serve(
         "proxy",
         proxy_listener,
         limits.clone(),
         drain.watch(),
-        plain.clone(),
+        relay(Listen::Forward),
         handler,
     ));
 
@@ -164,12 +172,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
         let proxy = proxy.clone();
         let route = Arc::new(route.clone());
-        let handler = move |req, upstream| {
+        let relay = relay(Listen::Route(route.clone()));
+        let handler = move |req| {
             let proxy = proxy.clone();
             let route = route.clone();
-            async move { proxy.handle_route(&route, req, upstream).await }
+            async move { proxy.handle_route(&route, req).await }
         };
-        tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), plain.clone(), handler));
+        tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), relay, handler));
     }
 
     if let Some(listener) = transparent_listener {
@@ -178,7 +187,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
-    let handler = move |req, _| {
+    let handler = move |req| {
         let admin = admin.clone();
         async move { admin.handle(req).await }
     };

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::body::ProxyBody;
-use crate::proxy::own_upstream::{ConnectionUpstream, PlainPool};
+use crate::proxy::plain_relay::{PlainRelay, Served};
 
 /// Signals shutdown to every listener and connection, and knows when they are all done.
 pub struct Drain {
@@ -40,6 +40,10 @@ pub struct DrainWatch {
 impl DrainWatch {
     pub async fn signaled(&mut self) {
         let _ = self.signal.wait_for(|stop| *stop).await;
+    }
+
+    pub fn is_signaled(&self) -> bool {
+        *self.signal.borrow()
     }
 }
 
@@ -202,18 +206,18 @@ pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
 }
 
-/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request. With
-/// `upstreams` (the proxy's listeners), each client connection gets its own plain-HTTP upstream
-/// connection, passed to the handler and polled in the connection's task.
+/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request. With a
+/// `relay` (the proxy's listeners), each connection is served by it first, and by hyper and
+/// `handler` from the first request the relay hands over.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     limits: ConnectionLimits,
     mut drain: DrainWatch,
-    upstreams: Option<Arc<PlainPool>>,
+    relay: Option<Arc<PlainRelay>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, Option<ConnectionUpstream>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -266,9 +270,16 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let conn_drain = drain.clone();
         let permit = ConnectionPermit { _place: Arc::new(place) };
-        let upstream = upstreams.clone().map(ConnectionUpstream::new);
+        let relay = relay.clone();
         tokio::spawn(async move {
-            let driver = upstream.clone();
+            let mut drain = conn_drain;
+            let (stream, read) = match relay {
+                Some(relay) => match relay.serve(stream, &mut drain).await {
+                    Served::Closed => return,
+                    Served::HandOff { stream, read } => (stream, read),
+                },
+                None => (stream, Vec::new()),
+            };
             let service = service_fn(move |mut req: Request<Incoming>| {
                 // Only a CONNECT or an upgrade outlives its request; inserting the permit into
                 // every request would cost an allocation each.
@@ -277,22 +288,82 @@ pub async fn serve<H, F>(
                     req.extensions_mut().insert(permit.clone());
                 }
                 let handler = handler.clone();
-                let upstream = upstream.clone();
                 // Boxed per request: hyper otherwise keeps room for this future in every
                 // connection, idle or not, and an allocation per request is cheaper than that
                 // much memory per idle connection.
                 let response: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(handler(req, upstream).await) });
+                    Box::pin(async move { Ok::<_, Infallible>(handler(req).await) });
                 response
             });
             // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
-            let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            let mut drain = conn_drain;
-            match driver {
-                Some(upstream) => upstream.drive(until_drained(conn.as_mut(), &mut drain)).await,
-                None => until_drained(conn, &mut drain).await,
-            }
+            // Boxed: the relay's connections that never need hyper do not carry room for it.
+            let io = TokioIo::new(Rewind { read, at: 0, stream });
+            let mut conn = Box::pin(builder.serve_connection(io, service).with_upgrades());
+            until_drained(conn.as_mut(), &mut drain).await;
         });
+    }
+}
+
+/// A connection handed over with bytes already read from it: they are read again first.
+pub struct Rewind {
+    read: Vec<u8>,
+    at: usize,
+    stream: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.read.len() {
+            let n = (this.read.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.read.len() {
+                this.read = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

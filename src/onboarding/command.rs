@@ -146,7 +146,7 @@ async fn serving_the_callback(
         max_connections: 64,
     };
     let served = onboarding.clone();
-    let handler = move |req: http::Request<hyper::body::Incoming>, _| {
+    let handler = move |req: http::Request<hyper::body::Incoming>| {
         let served = served.clone();
         async move {
             match served.handle(&req).await {

@@ -232,7 +232,6 @@ impl InterceptedHost {
             provider: Some(&self.provider),
             proxy_user: self.proxy_user.as_deref(),
             entry: Entry::Tunnel,
-            upstream: None,
         };
         let result = self.proxy.forward(req, exchange).await;
         finish(Some(self.provider.as_ref()), access, result)

@@ -80,8 +80,13 @@ pub const ACCOUNT: HeaderName = HeaderName::from_static("tokenproxy-account");
 /// `HTTP_PROXY=http://user@host:port`: it names an account (SPEC §8). Anything else (another
 /// scheme, bad base64, an empty user) names none. The password is ignored and never kept.
 pub fn proxy_user(headers: &HeaderMap) -> Option<String> {
+    proxy_user_of(headers.get(header::PROXY_AUTHORIZATION)?.as_bytes())
+}
+
+/// [`proxy_user`] of one `Proxy-Authorization` value.
+pub fn proxy_user_of(value: &[u8]) -> Option<String> {
     use base64::Engine;
-    let value = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
+    let value = std::str::from_utf8(value).ok()?;
     let (scheme, credentials) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;

@@ -8,7 +8,8 @@
 mod connect;
 pub(crate) use connect::InterceptedHost;
 mod headers;
-pub mod own_upstream;
+pub mod plain_pool;
+pub mod plain_relay;
 pub mod replay;
 pub mod upstream;
 
@@ -31,7 +32,7 @@ use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Credential, Provider, Providers, Token, Unavailable};
 use crate::{metrics, relay};
 use hyper_util::rt::TokioIo;
-use own_upstream::{ConnectionUpstream, PlainPool, UpstreamError};
+use plain_pool::PlainPool;
 
 /// Where a request is going, in normal form: made once, where the request enters, and used for
 /// matching, dialling, SNI, the leaf certificate and the logs alike.
@@ -135,8 +136,6 @@ pub(crate) struct Exchange<'a> {
     /// request or on the CONNECT of its tunnel (SPEC §8, second in the selection order).
     pub proxy_user: Option<&'a str>,
     pub entry: Entry,
-    /// The client connection's own plain-HTTP/1.1 upstream connection, where it has one.
-    pub upstream: Option<&'a ConnectionUpstream>,
 }
 
 /// Where a request entered: on the forward port, proxy credentials can still name an account
@@ -161,7 +160,8 @@ pub struct Proxy {
     pub client: upstream::Client,
     /// HTTP/1.1 only, for `Upgrade` requests (a WebSocket cannot ride on HTTP/2 here).
     pub upgrade_client: upstream::Client,
-    /// Idle plain-HTTP/1.1 upstream connections, lent to client connections.
+    /// Idle plain-HTTP/1.1 upstream connections, lent to client connections
+    /// ([`plain_relay`]).
     pub plain: Arc<PlainPool>,
     pub settings: ProxySettings,
     pub allow_unmatched: bool,
@@ -177,11 +177,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// A request on the forward-proxy port: absolute form, or CONNECT.
-    pub async fn handle_forward(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        upstream: Option<ConnectionUpstream>,
-    ) -> Response<ProxyBody> {
+    pub async fn handle_forward(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
             // Boxed, like every path that is not the common one: hyper keeps room for the
             // request future in every connection, idle or not, so its size is memory per
@@ -198,7 +194,6 @@ impl Proxy {
                     provider: provider.as_ref(),
                     proxy_user: proxy_user.as_deref(),
                     entry: Entry::Forward,
-                    upstream: upstream.as_ref(),
                 };
                 let result = self.forward(req, ex).await;
                 (provider, result)
@@ -230,12 +225,7 @@ impl Proxy {
     }
 
     /// A request on a `[[routes]]` listener: it goes to the route's upstream whatever its form.
-    pub async fn handle_route(
-        &self,
-        route: &RouteConfig,
-        req: Request<Incoming>,
-        upstream: Option<ConnectionUpstream>,
-    ) -> Response<ProxyBody> {
+    pub async fn handle_route(&self, route: &RouteConfig, req: Request<Incoming>) -> Response<ProxyBody> {
         let mut access = self.access(&req);
         let provider = self.providers.get(&route.provider).cloned();
         let result = match Target::new(route.upstream_scheme.clone(), &route.upstream_authority) {
@@ -253,7 +243,6 @@ impl Proxy {
                             provider: provider.as_ref(),
                             proxy_user: None,
                             entry: Entry::Route,
-                            upstream: upstream.as_ref(),
                         };
                         self.forward(req, ex).await
                     }
@@ -417,26 +406,32 @@ impl Proxy {
         provider: &Arc<Provider>,
         cred: &Arc<Credential>,
     ) -> Result<Arc<Token>, ProxyError> {
-        let current = cred.current();
+        if let Some(token) = self.token_at_once(provider, cred) {
+            return Ok(token);
+        }
         if !provider.can_refresh() {
-            return current.ok_or_else(|| provider.unavailable(cred, Unavailable::NoToken));
+            return Err(provider.unavailable(cred, Unavailable::NoToken));
         }
-        match current {
-            Some(token) => {
-                let now = time::OffsetDateTime::now_utc();
-                if !token.is_refresh_due(now) {
-                    return Ok(token);
-                }
-                if !token.is_expired(now) {
-                    if cred.account().is_some() {
-                        provider.refresh_ahead(cred);
-                    }
-                    return Ok(token);
-                }
-                Box::pin(self.wait_for_refresh(provider, cred)).await
-            }
-            None => Box::pin(self.wait_for_refresh(provider, cred)).await,
+        Box::pin(self.wait_for_refresh(provider, cred)).await
+    }
+
+    /// The token to inject when there is one to use now: [`Proxy::token_for`] without the wait.
+    fn token_at_once(&self, provider: &Arc<Provider>, cred: &Arc<Credential>) -> Option<Arc<Token>> {
+        let token = cred.current()?;
+        if !provider.can_refresh() {
+            return Some(token);
         }
+        let now = time::OffsetDateTime::now_utc();
+        if !token.is_refresh_due(now) {
+            return Some(token);
+        }
+        if token.is_expired(now) {
+            return None;
+        }
+        if cred.account().is_some() {
+            provider.refresh_ahead(cred);
+        }
+        Some(token)
     }
 
     /// The expired (or missing) token's replacement, from the refresh in flight.
@@ -513,34 +508,18 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let target = &ex.target;
         let timeout = self.settings.upstream_timeout;
+        // An upgrade needs HTTP/1.1 all the way: its own client never negotiates HTTP/2.
         let upgrade = request.headers().contains_key(http::header::UPGRADE);
-        let sent = match ex.upstream {
-            // Plain HTTP/1.1 from a client connection: over its own upstream connection.
-            Some(own) if target.scheme == Scheme::HTTP && !upgrade => {
-                tokio::time::timeout(timeout, own.send(target, request)).await.map(|r| {
-                    r.map_err(|e| match e {
-                        UpstreamError::Dial(dial) => dial_error(target, dial),
-                        UpstreamError::Http(e) => ProxyError::UpstreamUnreachable {
-                            host: target.authority.to_string(),
-                            reason: upstream::describe_error(&e),
-                        },
-                    })
-                })
-            }
-            _ => {
-                // An upgrade needs HTTP/1.1 all the way: its own client never negotiates HTTP/2.
-                let client = if upgrade { &self.upgrade_client } else { &self.client };
-                tokio::time::timeout(timeout, client.request(request)).await.map(|r| {
-                    r.map_err(|e| match crate::egress::find_dial_error(&e) {
-                        Some(dial) => dial_error_ref(target, dial),
-                        None => ProxyError::UpstreamUnreachable {
-                            host: target.authority.to_string(),
-                            reason: upstream::describe_error(&e),
-                        },
-                    })
-                })
-            }
-        };
+        let client = if upgrade { &self.upgrade_client } else { &self.client };
+        let sent = tokio::time::timeout(timeout, client.request(request)).await.map(|r| {
+            r.map_err(|e| match crate::egress::find_dial_error(&e) {
+                Some(dial) => dial_error_ref(target, dial),
+                None => ProxyError::UpstreamUnreachable {
+                    host: target.authority.to_string(),
+                    reason: upstream::describe_error(&e),
+                },
+            })
+        });
         let response = match sent {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
@@ -620,6 +599,16 @@ impl Access {
         Access { started: Instant::now(), line }
     }
 
+    /// [`Access::start`] from a request line's method and path (without the query).
+    pub(crate) fn begin(enabled: bool, method: &str, path: &str) -> Access {
+        let line = enabled.then(|| AccessLine {
+            method: Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET),
+            host: "-".into(),
+            path: path.to_string(),
+        });
+        Access { started: Instant::now(), line }
+    }
+
     pub(crate) fn host(&mut self, target: &Target) {
         if let Some(line) = &mut self.line {
             line.host = target.authority.to_string();
@@ -633,32 +622,46 @@ fn finish(
     access: Access,
     result: Result<Response<ProxyBody>, ProxyError>,
 ) -> Response<ProxyBody> {
-    let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
     let response = result.unwrap_or_else(|e| {
+        let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
         tracing::warn!(provider = label, error = %e, code = e.code(), "request refused");
         e.into_response()
     });
+    let account = response.extensions().get::<AccountUsed>().map(|a| a.0.as_ref());
+    let retried = response.extensions().get::<Retried>().is_some();
+    record(provider, access, response.status(), account, retried);
+    response
+}
+
+/// Records a request's metrics and, when the access log is on, its line.
+fn record(
+    provider: Option<&Provider>,
+    access: Access,
+    status: http::StatusCode,
+    account: Option<&Credential>,
+    retried: bool,
+) {
+    let label = provider.map_or(metrics::NO_PROVIDER, Provider::name);
     let handles = match provider {
         Some(p) => &p.request_metrics,
         None => metrics::RequestMetrics::unmatched(),
     };
     let elapsed = access.started.elapsed();
-    handles.record(response.status(), elapsed);
+    handles.record(status, elapsed);
     if let Some(line) = access.line {
         tracing::info!(
             target: "tokenproxy::access",
             method = %line.method,
             host = %line.host,
             path = %line.path,
-            status = response.status().as_u16(),
+            status = status.as_u16(),
             provider = label,
-            account = response.extensions().get::<AccountUsed>().and_then(|a| a.0.account_log()),
-            retried = response.extensions().get::<Retried>().is_some(),
+            account = account.and_then(Credential::account_log),
+            retried,
             duration_us = elapsed.as_micros() as u64,
             "request"
         );
     }
-    response
 }
 
 #[cfg(test)]

@@ -1,0 +1,1038 @@
+//! Plain-HTTP/1.1 requests without a body, relayed by hand: the proxy's common case, at the cost
+//! of the reads and writes it takes and little more.
+//!
+//! Through hyper, every such request was parsed and re-encoded twice (once by the server, once by
+//! the client), handed between the two through a channel, and each idle client connection kept
+//! two 8 KiB buffers. Here one task reads the request head, writes it upstream with the token,
+//! and copies the response back, framing and all, without decoding the body; between requests a
+//! client connection holds no buffer.
+//!
+//! What is relayed here: a complete HTTP/1.1 request head with no body (no `Content-Length`
+//! other than 0, no `Transfer-Encoding`, no `Expect`, no `Upgrade`), in absolute form for a
+//! plain-HTTP target on the forward port (or any form on a route to a plain-HTTP upstream), whose
+//! token is current. Everything else — CONNECT, bodies, upgrades, HTTPS upstreams, HTTP/1.0, a
+//! malformed or oversized head, a token that must be waited for, a request tokenproxy refuses —
+//! is handed over with the bytes read so far to hyper ([`crate::server::serve`]), which serves the
+//! rest of the connection through [`super::Proxy::forward`]. So every refusal, and every rule for
+//! what this module does not relay, is written once, there.
+//!
+//! What it owes the contract: the provider's token in the provider's header (or the client's,
+//! with `client_header = "keep"`), hop-by-hop and `Connection`-named headers and tokenproxy's own
+//! headers removed both ways, `Host` from the target, `upstream_timeout` for connect + response
+//! head, `header_read_timeout` for every request head, one refresh and one retry after a status
+//! in `refresh_on_status` (nothing to replay but the head), the request metrics and access log,
+//! the upstream connection closed when the client leaves mid-answer, and pipelined requests
+//! answered in order.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::plain_pool::Held;
+use super::{Access, Entry, Exchange, Proxy, Target, dial_error};
+use crate::config::{ClientHeader, RouteConfig, UpstreamScheme};
+use crate::errors::ProxyError;
+use crate::metrics;
+use crate::server::DrainWatch;
+use crate::tokens::refresh::Trigger;
+use crate::tokens::{Credential, Provider, Token};
+
+/// Header lines a request or response head may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// What one read asks the socket for.
+const READ_CHUNK: usize = 8192;
+/// The largest response head read from an upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The largest response with a `refresh_on_status` status that is held back while the token is
+/// refreshed; a larger one is relayed as it is, without a retry.
+const MAX_HELD_ANSWER: usize = 64 * 1024;
+
+/// Which requests a listener takes: absolute-form ones (the forward port), or every one to a
+/// route's upstream.
+pub enum Listen {
+    Forward,
+    Route(Arc<RouteConfig>),
+}
+
+/// Serves the plain-HTTP/1.1 requests of one listener's connections.
+pub struct PlainRelay {
+    pub proxy: Arc<Proxy>,
+    pub listen: Listen,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// How a connection left the relay.
+pub enum Served {
+    Closed,
+    /// For hyper, from the first request this module does not relay: the socket, and the bytes
+    /// read from it and not yet answered.
+    HandOff {
+        stream: TcpStream,
+        read: Vec<u8>,
+    },
+}
+
+/// The client's side of the connection: its socket and what has been read and not yet used.
+struct ClientSide {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl ClientSide {
+    fn unread(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Reads what the socket has; `Ok(0)` at its end.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(READ_CHUNK);
+        self.stream.read_buf(&mut self.buf).await
+    }
+
+    fn hand_off(mut self) -> Served {
+        self.buf.drain(..self.start);
+        Served::HandOff { stream: self.stream, read: self.buf }
+    }
+}
+
+/// What waiting for a request head ended with.
+enum HeadRead {
+    /// A complete head of this many bytes is at the start of the unread bytes.
+    Complete(usize),
+    Closed,
+    HandOff,
+}
+
+/// What to do after an exchange.
+enum Next {
+    Serve,
+    Close,
+    HandOff,
+}
+
+/// Why an exchange ended early.
+enum Failure {
+    /// The client closed its connection.
+    ClientGone,
+    /// Nothing has reached the client yet: it gets this error's answer.
+    Refused(ProxyError),
+    /// The answer cannot go on: only closing can tell the client.
+    Broken,
+    /// The answer with this status was cut off after its head (by either side).
+    Cut(StatusCode),
+}
+
+impl Failure {
+    /// This failure, in the body of an answer with `status`.
+    fn in_body(self, status: StatusCode) -> Failure {
+        match self {
+            Failure::ClientGone | Failure::Broken => Failure::Cut(status),
+            other => other,
+        }
+    }
+}
+
+/// A request head this module relays, read and checked; the head for the upstream is in
+/// [`Exchange::out`] up to its token line.
+struct Request {
+    target: Target,
+    provider: Option<Arc<Provider>>,
+    /// The provider's header is to be set (not kept from the client).
+    inject: bool,
+    named_account: Option<HeaderValue>,
+    proxy_user: Option<String>,
+    head_method: bool,
+    /// May be sent again on a new connection when a reused one turns out closed.
+    idempotent: bool,
+    client_close: bool,
+    access: Access,
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy)]
+enum Body {
+    Empty,
+    Length(u64),
+    Chunked(Chunks),
+    /// Until the upstream closes (no length, not chunked): the client connection closes too.
+    UntilClose,
+}
+
+impl PlainRelay {
+    /// Serves `stream` until it closes, or until a request this module does not relay.
+    pub async fn serve(&self, stream: TcpStream, drain: &mut DrainWatch) -> Served {
+        let mut client = ClientSide { stream, buf: Vec::new(), start: 0 };
+        let mut upstream = Held::new(self.proxy.plain.clone());
+        loop {
+            let head_len = match self.read_head(&mut client, drain).await {
+                HeadRead::Complete(n) => n,
+                HeadRead::Closed => return Served::Closed,
+                HeadRead::HandOff => return client.hand_off(),
+            };
+            match self.exchange(&mut client, head_len, &mut upstream).await {
+                Next::Serve if !drain.is_signaled() => {}
+                Next::Serve | Next::Close => return Served::Closed,
+                Next::HandOff => return client.hand_off(),
+            }
+        }
+    }
+
+    /// Waits for a complete request head, within `header_read_timeout` from when the wait began
+    /// (as hyper does: an idle keep-alive connection is closed after it too). A connection with
+    /// nothing unread holds no buffer while it waits.
+    async fn read_head(&self, client: &mut ClientSide, drain: &mut DrainWatch) -> HeadRead {
+        let deadline = Instant::now() + self.header_read_timeout;
+        loop {
+            let unread = client.unread();
+            if let Some(end) = head_end(unread) {
+                return HeadRead::Complete(end);
+            }
+            if unread.len() >= self.max_header_bytes {
+                return HeadRead::HandOff; // hyper answers 431
+            }
+            let idle = unread.is_empty();
+            if idle {
+                client.buf = Vec::new();
+                client.start = 0;
+            }
+            // The buffer is made when the socket has something to read.
+            let next = async {
+                client.stream.readable().await?;
+                client.fill().await
+            };
+            // Idle, shutdown closes the connection now; a request head is read whole first.
+            let read = tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(deadline, next) => match read {
+                    Ok(read) => read,
+                    Err(_) => return HeadRead::Closed,
+                },
+                _ = drain.signaled(), if idle => return HeadRead::Closed,
+            };
+            match read {
+                Ok(0) | Err(_) => return HeadRead::Closed,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// One request and its answer.
+    async fn exchange(&self, client: &mut ClientSide, head_len: usize, upstream: &mut Held) -> Next {
+        let mut out = Vec::with_capacity(512);
+        let Some(request) = self.read_request(&client.unread()[..head_len], &mut out) else {
+            return Next::HandOff;
+        };
+        let injected = match self.token(&request).await {
+            Ok(injected) => injected,
+            Err(()) => return Next::HandOff,
+        };
+        let token_line_at = out.len();
+        if let Some((provider, _, token)) = &injected {
+            push_header(
+                &mut out,
+                provider.config.header.as_str().as_bytes(),
+                token.header_value().as_bytes(),
+            );
+        }
+        out.extend_from_slice(b"\r\n");
+        client.consume(head_len);
+
+        let outcome = self.answer(client, upstream, &request, out, token_line_at, injected.as_ref()).await;
+        let (status, retried, next) = match outcome {
+            Ok((status, retried, close)) => (status, retried, if close { Next::Close } else { Next::Serve }),
+            Err(Failure::Refused(e)) => {
+                let status = e.status();
+                let label = request.provider.as_deref().map_or(metrics::NO_PROVIDER, Provider::name);
+                tracing::warn!(provider = label, error = %e, code = e.code(), "request refused");
+                let sent = write_answer(&mut client.stream, e.into_response(), request.client_close).await;
+                (status, false, if sent && !request.client_close { Next::Serve } else { Next::Close })
+            }
+            Err(Failure::Cut(status)) => (status, false, Next::Close),
+            Err(Failure::Broken) => (StatusCode::BAD_GATEWAY, false, Next::Close),
+            // Gone before its answer: nothing to count, as when hyper drops the request.
+            Err(Failure::ClientGone) => return Next::Close,
+        };
+        let account = injected.as_ref().map(|(_, credential, _)| credential.as_ref());
+        super::record(request.provider.as_deref(), request.access, status, account, retried);
+        next
+    }
+
+    /// Reads a request head; `None` when it is not one this module relays. Writes the upstream's
+    /// head into `out`, all but the token line and the blank line that ends it.
+    fn read_request(&self, head: &[u8], out: &mut Vec<u8>) -> Option<Request> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(_) = parsed.parse(head).ok()? else { return None };
+        if parsed.version != Some(1) {
+            return None;
+        }
+        let method = parsed.method?;
+        let written = parsed.path?;
+        if method == "CONNECT" {
+            return None;
+        }
+        // The hop-by-hop headers and the message's framing, in one pass.
+        let mut connection: &[u8] = b"";
+        let mut named_account = None;
+        let mut proxy_user = None;
+        let mut client_close = false;
+        for h in parsed.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                if h.value.trim_ascii() != b"0" {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"upgrade")
+                || name.eq_ignore_ascii_case(b"expect")
+            {
+                return None;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                if !connection.is_empty() {
+                    return None; // more than one: hyper sorts that out
+                }
+                connection = h.value;
+                client_close = tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            } else if name.eq_ignore_ascii_case(super::headers::ACCOUNT.as_str().as_bytes()) {
+                named_account = Some(HeaderValue::from_bytes(h.value).ok()?);
+            } else if name.eq_ignore_ascii_case(b"proxy-authorization") {
+                proxy_user = super::headers::proxy_user_of(h.value);
+            }
+        }
+
+        let (target, path) = match &self.listen {
+            Listen::Forward => {
+                let rest = strip_prefix_ignore_case(written, "http://")?;
+                let split = rest.find(['/', '?']).unwrap_or(rest.len());
+                let authority = Authority::try_from(&rest[..split]).ok()?;
+                let target = Target::new(Scheme::HTTP, &authority).ok()?;
+                (target, Path::Absolute(&rest[split..]))
+            }
+            Listen::Route(route) => {
+                if route.upstream_scheme != Scheme::HTTP || !written.starts_with('/') {
+                    return None;
+                }
+                let target = Target::new(Scheme::HTTP, &route.upstream_authority).ok()?;
+                (target, Path::Routed(&route.upstream_base_path, written))
+            }
+        };
+        let provider = match &self.listen {
+            Listen::Forward => {
+                let provider = self.proxy.providers.for_host(target.host(), target.port).cloned();
+                if provider.is_none() && !self.proxy.allow_unmatched {
+                    return None;
+                }
+                provider
+            }
+            Listen::Route(route) => Some(self.proxy.providers.get(&route.provider)?.clone()),
+        };
+        let mut inject = false;
+        if let Some(provider) = &provider {
+            let config = &provider.config;
+            if config.upstream_scheme == UpstreamScheme::Https || !config.allow_plaintext {
+                return None; // upgraded to HTTPS, or refused: hyper's path
+            }
+            let has = || parsed.headers.iter().any(|h| h.name.eq_ignore_ascii_case(config.header.as_str()));
+            inject = !(config.client_header == ClientHeader::Keep && has());
+        }
+
+        // The upstream's head: origin form, `Host` from the target, the end-to-end headers.
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        path.write(out);
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(target.host_header().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let injected_header = provider.as_ref().filter(|_| inject).map(|p| p.config.header.as_str());
+        for h in parsed.headers.iter() {
+            let name = h.name.as_bytes();
+            let dropped = hop_by_hop_request(name, h.value)
+                || name.eq_ignore_ascii_case(b"host")
+                || name.eq_ignore_ascii_case(super::headers::ACCOUNT.as_str().as_bytes())
+                || injected_header.is_some_and(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                || tokens(connection).any(|t| t.eq_ignore_ascii_case(name));
+            if !dropped {
+                push_header(out, name, h.value);
+            }
+        }
+
+        let mut access =
+            Access::begin(self.proxy.settings.access_log, method, path_only(written, &self.listen));
+        access.host(&target);
+        Some(Request {
+            target,
+            provider,
+            inject,
+            named_account,
+            proxy_user,
+            head_method: method == "HEAD",
+            idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"),
+            client_close,
+            access,
+        })
+    }
+
+    /// The token the request carries, if its provider's is to be set: `Err` when it cannot be
+    /// had at once (an account to name, a token to wait for), which hyper's path answers.
+    async fn token(
+        &self,
+        request: &Request,
+    ) -> Result<Option<(Arc<Provider>, Arc<Credential>, Arc<Token>)>, ()> {
+        let Some(provider) = request.provider.as_ref().filter(|_| request.inject) else { return Ok(None) };
+        let exchange = Exchange {
+            target: request.target.clone(),
+            provider: Some(provider),
+            proxy_user: request.proxy_user.as_deref(),
+            entry: match self.listen {
+                Listen::Forward => Entry::Forward,
+                Listen::Route(_) => Entry::Route,
+            },
+        };
+        let credential = self
+            .proxy
+            .credential_for(provider, request.named_account.as_ref(), &exchange)
+            .await
+            .map_err(|_| ())?;
+        let token = self.proxy.token_at_once(provider, &credential).ok_or(())?;
+        Ok(Some((provider.clone(), credential, token)))
+    }
+
+    /// Sends the request and relays its answer; after a status in `refresh_on_status`, refreshes
+    /// the token once and relays the retry's answer instead. Returns the status the client got,
+    /// whether it came from a retry, and whether the client connection must close.
+    async fn answer(
+        &self,
+        client: &mut ClientSide,
+        upstream: &mut Held,
+        request: &Request,
+        mut out: Vec<u8>,
+        token_line_at: usize,
+        injected: Option<&(Arc<Provider>, Arc<Credential>, Arc<Token>)>,
+    ) -> Result<(StatusCode, bool, bool), Failure> {
+        let mut rbuf = Vec::with_capacity(READ_CHUNK);
+        let mut wbuf = Vec::with_capacity(READ_CHUNK);
+        let head = self.send(client, upstream, request, &out, &mut rbuf, &mut wbuf).await?;
+
+        let dead = injected.filter(|(p, _, _)| p.config.refresh_on_status.contains(&head.status));
+        let Some((provider, credential, failed)) = dead else {
+            let relayed = relay_body(client, upstream, &mut rbuf, head, &mut wbuf, None)
+                .await
+                .map_err(|f| f.in_body(head.status))?;
+            return Ok((head.status, false, closes(relayed) || request.client_close));
+        };
+
+        // The token is dead: hold the answer back while one refresh is tried.
+        let name = provider.name();
+        metrics::upstream_unauthorized(name);
+        tracing::info!(
+            provider = name,
+            status = head.status.as_u16(),
+            account = credential.account_log(),
+            fingerprint = %failed.fingerprint,
+            "upstream rejected the token"
+        );
+        let relayed = relay_body(client, upstream, &mut rbuf, head, &mut wbuf, Some(MAX_HELD_ANSWER))
+            .await
+            .map_err(|f| f.in_body(head.status))?;
+        let until_close = matches!(head.body, Body::UntilClose);
+        if let Relayed::Sent { close } = relayed {
+            // Too large to hold: it has been relayed as it is.
+            metrics::retry(name, "not_replayable");
+            return Ok((head.status, false, close || request.client_close));
+        }
+        let refresh = provider.refresh(credential, Trigger::Unauthorized, Some(failed.generation));
+        let fresh = match tokio::time::timeout(self.proxy.settings.upstream_timeout, refresh).await {
+            Ok(Ok(fresh)) => fresh,
+            _ => {
+                metrics::retry(name, "refresh_failed");
+                send(client, &mut wbuf).await?;
+                return Ok((head.status, false, until_close || request.client_close));
+            }
+        };
+        credential.note_retry();
+        out.truncate(token_line_at);
+        push_header(&mut out, provider.config.header.as_str().as_bytes(), fresh.header_value().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        rbuf.clear();
+        wbuf.clear();
+        let head = match self.send(client, upstream, request, &out, &mut rbuf, &mut wbuf).await {
+            Ok(head) => head,
+            Err(e) => {
+                metrics::retry(name, "error");
+                return Err(e);
+            }
+        };
+        let still_dead = provider.config.refresh_on_status.contains(&head.status);
+        metrics::retry(name, if still_dead { "unauthorized" } else { "ok" });
+        let relayed = relay_body(client, upstream, &mut rbuf, head, &mut wbuf, None)
+            .await
+            .map_err(|f| f.in_body(head.status))?;
+        Ok((head.status, true, closes(relayed) || request.client_close))
+    }
+
+    /// Sends the request head and reads the answer's head within `upstream_timeout`, relaying
+    /// interim (1xx) answers. A reused connection that the upstream closed meanwhile is replaced
+    /// once. The client-bound head is in `wbuf`, the bytes read after it in `rbuf`.
+    async fn send(
+        &self,
+        client: &mut ClientSide,
+        upstream: &mut Held,
+        request: &Request,
+        out: &[u8],
+        rbuf: &mut Vec<u8>,
+        wbuf: &mut Vec<u8>,
+    ) -> Result<Head, Failure> {
+        let timeout = self.proxy.settings.upstream_timeout;
+        let target = &request.target;
+        let exchange = async {
+            let refused = |e| Failure::Refused(dial_error(target, e));
+            let (mut stream, reused) = upstream.connection(target).await.map_err(refused)?;
+            // A reused connection the upstream closed just as the request went out: the request
+            // goes once more on a new one, if sending it twice can do no harm.
+            let mut may_resend = reused && request.idempotent;
+            let mut sent = stream.write_all(out).await.is_ok();
+            loop {
+                let read = if sent {
+                    read_answer_head(stream, rbuf, client).await
+                } else {
+                    Err(AnswerError::Closed)
+                };
+                match read {
+                    Ok(()) => {}
+                    Err(AnswerError::Closed) if may_resend && rbuf.is_empty() => {
+                        may_resend = false;
+                        stream = upstream.redial(target).await.map_err(refused)?;
+                        sent = stream.write_all(out).await.is_ok();
+                        continue;
+                    }
+                    Err(e) => return Err(e.failure(target)),
+                }
+                let head = parse_answer(rbuf, request, wbuf).map_err(|reason| unreachable(target, reason))?;
+                if !head.interim {
+                    return Ok(head);
+                }
+                // 1xx: passed on at once; the final answer follows on the same connection.
+                may_resend = false;
+                send(client, wbuf).await?;
+                rbuf.drain(..head.len);
+                stream = upstream.connection_in_use().ok_or(Failure::Broken)?;
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(head) => head,
+            Err(_) => Err(Failure::Refused(ProxyError::UpstreamTimeout {
+                host: target.authority.to_string(),
+                seconds: timeout.as_secs(),
+            })),
+        }
+    }
+}
+
+/// The path part of an upstream request line.
+enum Path<'a> {
+    /// What follows the authority of an absolute-form target (`""`, `/x`, `?q`).
+    Absolute(&'a str),
+    /// A route's base path and the request's origin-form target.
+    Routed(&'a str, &'a str),
+}
+
+impl Path<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match *self {
+            Path::Absolute(rest) => {
+                if !rest.starts_with('/') {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(rest.as_bytes());
+            }
+            Path::Routed(base, path) => {
+                out.extend_from_slice(base.as_bytes());
+                out.extend_from_slice(path.as_bytes());
+            }
+        }
+    }
+}
+
+/// The path of a request target without its query, for the access log.
+fn path_only<'a>(written: &'a str, listen: &Listen) -> &'a str {
+    let path = match listen {
+        Listen::Forward => {
+            let rest = strip_prefix_ignore_case(written, "http://").unwrap_or(written);
+            &rest[rest.find(['/', '?']).unwrap_or(rest.len())..]
+        }
+        Listen::Route(_) => written,
+    };
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    if path.is_empty() { "/" } else { path }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Request headers that describe the connection to tokenproxy, not the message (RFC 9110
+/// §7.6.1), and the proxy's own credentials. `TE: trailers` stays (gRPC needs it).
+fn hop_by_hop_request(name: &[u8], value: &[u8]) -> bool {
+    hop_by_hop(name)
+        || name.eq_ignore_ascii_case(b"proxy-authorization")
+        || (name.eq_ignore_ascii_case(b"te") && !value.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+}
+
+/// Headers no hop passes on, either way: what [`super::headers::remove_hop_by_hop`] removes but
+/// `Transfer-Encoding`, which frames a relayed body and is handled with it.
+fn hop_by_hop(name: &[u8]) -> bool {
+    const HOPS: [&[u8]; 6] =
+        [b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"trailer", b"upgrade"];
+    HOPS.iter().any(|hop| hop.eq_ignore_ascii_case(name))
+}
+
+/// The end of a message head (after its blank line) in `bytes`, if it is all there. Bare `\n`
+/// line ends count too, as httparse reads them.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &bytes[from..]) {
+        let at = from + i;
+        match bytes.get(at + 1) {
+            Some(b'\n') => return Some(at + 2),
+            Some(b'\r') if bytes.get(at + 2) == Some(&b'\n') => return Some(at + 3),
+            _ => from = at + 1,
+        }
+    }
+    None
+}
+
+/// Why no answer head was read.
+enum AnswerError {
+    /// The upstream closed (or reset) the connection.
+    Closed,
+    ClientGone,
+    TooLarge,
+}
+
+impl AnswerError {
+    fn failure(self, target: &Target) -> Failure {
+        match self {
+            AnswerError::Closed => {
+                unreachable(target, "the upstream closed the connection without an answer")
+            }
+            AnswerError::ClientGone => Failure::ClientGone,
+            AnswerError::TooLarge => unreachable(target, "the upstream's answer head is too large"),
+        }
+    }
+}
+
+fn unreachable(target: &Target, reason: &str) -> Failure {
+    Failure::Refused(ProxyError::UpstreamUnreachable {
+        host: target.authority.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// Reads from the upstream until `rbuf` holds a complete answer head.
+async fn read_answer_head(
+    stream: &mut TcpStream,
+    rbuf: &mut Vec<u8>,
+    client: &mut ClientSide,
+) -> Result<(), AnswerError> {
+    while head_end(rbuf).is_none() {
+        if rbuf.len() > MAX_RESPONSE_HEAD {
+            return Err(AnswerError::TooLarge);
+        }
+        match read_upstream(stream, rbuf, client).await {
+            Ok(0) | Err(Read::Upstream) => return Err(AnswerError::Closed),
+            Ok(_) => {}
+            Err(Read::ClientGone) => return Err(AnswerError::ClientGone),
+        }
+    }
+    Ok(())
+}
+
+enum Read {
+    Upstream,
+    ClientGone,
+}
+
+/// Reads what the upstream has into `rbuf`, while watching the client: a client that closes
+/// its connection ends the exchange (and so closes the upstream connection). Bytes the client
+/// sends meanwhile (a pipelined request) are kept for later.
+async fn read_upstream(
+    stream: &mut TcpStream,
+    rbuf: &mut Vec<u8>,
+    client: &mut ClientSide,
+) -> Result<usize, Read> {
+    rbuf.reserve(READ_CHUNK);
+    loop {
+        let watch_client = client.buf.len() < 2 * MAX_RESPONSE_HEAD;
+        tokio::select! {
+            biased;
+            read = stream.read_buf(rbuf) => return read.map_err(|_| Read::Upstream),
+            read = client.stream.read_buf(&mut client.buf), if watch_client => match read {
+                Ok(0) | Err(_) => return Err(Read::ClientGone),
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// An answer's head, read.
+#[derive(Clone, Copy)]
+struct Head {
+    status: StatusCode,
+    /// Bytes of the head in `rbuf`.
+    len: usize,
+    body: Body,
+    interim: bool,
+    /// The upstream connection closes after this answer.
+    close: bool,
+}
+
+/// Reads the answer head at the start of `rbuf` and writes the client's version of it into
+/// `wbuf`: hop-by-hop headers out, `Connection: close` in when the client connection will close.
+fn parse_answer(rbuf: &[u8], request: &Request, wbuf: &mut Vec<u8>) -> Result<Head, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let len = match parsed.parse(rbuf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        _ => return Err("the upstream's answer is not HTTP/1.x"),
+    };
+    let code = parsed.code.ok_or("the upstream's answer has no status")?;
+    let status = StatusCode::from_u16(code).map_err(|_| "the upstream's answer has an invalid status")?;
+    let interim = status.is_informational();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err("the upstream switched protocols unasked");
+    }
+    let mut connection: &[u8] = b"";
+    let mut length = None;
+    let mut chunked = None;
+    for h in parsed.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            connection = h.value;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err("the upstream's answer has an invalid Content-Length"),
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = tokens(h.value).last().unwrap_or_default();
+            chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    let no_body = interim
+        || request.head_method
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let body = match (chunked, length) {
+        _ if no_body => Body::Empty,
+        (Some(true), _) => Body::Chunked(Chunks::default()),
+        (Some(false), _) => Body::UntilClose,
+        (None, Some(0)) => Body::Empty,
+        (None, Some(n)) => Body::Length(n),
+        (None, None) => Body::UntilClose,
+    };
+    let keep_alive =
+        parsed.version == Some(1) || tokens(connection).any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
+    let close = matches!(body, Body::UntilClose)
+        || !keep_alive
+        || tokens(connection).any(|t| t.eq_ignore_ascii_case(b"close"));
+
+    wbuf.extend_from_slice(b"HTTP/1.1 ");
+    wbuf.extend_from_slice(status.as_str().as_bytes());
+    wbuf.push(b' ');
+    wbuf.extend_from_slice(parsed.reason.unwrap_or_default().as_bytes());
+    wbuf.extend_from_slice(b"\r\n");
+    for h in parsed.headers.iter() {
+        let name = h.name.as_bytes();
+        let dropped = hop_by_hop(name)
+            || tokens(connection).any(|t| t.eq_ignore_ascii_case(name))
+            // A length beside chunked framing is wrong, and chunked framing wins (RFC 9112 §6.3).
+            || (chunked.is_some() && name.eq_ignore_ascii_case(b"content-length"));
+        if !dropped {
+            push_header(wbuf, name, h.value);
+        }
+    }
+    if !interim && (request.client_close || matches!(body, Body::UntilClose)) {
+        wbuf.extend_from_slice(b"connection: close\r\n");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+    Ok(Head { status, len, body, interim, close })
+}
+
+/// What became of an answer's body.
+enum Relayed {
+    /// Kept whole in `wbuf`, head and all, not yet sent.
+    Held,
+    /// Sent to the client; `close`: the client connection must close (the body ran until the
+    /// upstream closed).
+    Sent { close: bool },
+}
+
+/// Relays the answer's body after its head (already in `wbuf`), copying the framing as it is.
+/// With `hold`, the whole answer is kept in `wbuf` instead, up to that many bytes; past them, it
+/// is relayed after all.
+async fn relay_body(
+    client: &mut ClientSide,
+    upstream: &mut Held,
+    rbuf: &mut Vec<u8>,
+    head: Head,
+    wbuf: &mut Vec<u8>,
+    hold: Option<usize>,
+) -> Result<Relayed, Failure> {
+    let mut body = head.body;
+    let mut at = head.len;
+    let mut holding = hold.is_some();
+    loop {
+        // What of the bytes read belongs to the body, and whether it ends there.
+        let available = &rbuf[at..];
+        let (take, done) = match &mut body {
+            Body::Empty => (0, true),
+            Body::Length(rest) => {
+                let take = (*rest).min(available.len() as u64) as usize;
+                *rest -= take as u64;
+                (take, *rest == 0)
+            }
+            Body::Chunked(chunks) => match chunks.scan(available) {
+                Ok(Some(end)) => (end, true),
+                Ok(None) => (available.len(), false),
+                Err(()) => return Err(Failure::Broken),
+            },
+            Body::UntilClose => (available.len(), false),
+        };
+        let part = &available[..take];
+        if done {
+            // Read to its end: the connection is free for the next request (of any client
+            // connection) before the client has its answer. Bytes after the answer put the
+            // upstream out of step, and its connection is not reused.
+            upstream.finished(!head.close && available.len() == take);
+        }
+        if holding && wbuf.len() + part.len() > hold.unwrap_or(0) {
+            holding = false; // too large to hold: relayed from here on
+        }
+        if holding || !wbuf.is_empty() && wbuf.len() + part.len() <= READ_CHUNK {
+            wbuf.extend_from_slice(part);
+            if !holding {
+                send(client, wbuf).await?;
+            }
+        } else {
+            send(client, wbuf).await?;
+            client.stream.write_all(part).await.map_err(|_| Failure::ClientGone)?;
+        }
+        if done {
+            return Ok(if holding { Relayed::Held } else { Relayed::Sent { close: false } });
+        }
+        rbuf.clear();
+        at = 0;
+        let stream = upstream.connection_in_use().ok_or(Failure::Broken)?;
+        match read_upstream(stream, rbuf, client).await {
+            Ok(0) if matches!(body, Body::UntilClose) => {
+                upstream.finished(false);
+                return Ok(if holding { Relayed::Held } else { Relayed::Sent { close: true } });
+            }
+            Ok(0) | Err(Read::Upstream) => return Err(Failure::Broken),
+            Err(Read::ClientGone) => return Err(Failure::ClientGone),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn closes(relayed: Relayed) -> bool {
+    matches!(relayed, Relayed::Sent { close: true })
+}
+
+/// Writes and empties `wbuf`, if it holds anything.
+async fn send(client: &mut ClientSide, wbuf: &mut Vec<u8>) -> Result<(), Failure> {
+    if !wbuf.is_empty() {
+        client.stream.write_all(wbuf).await.map_err(|_| Failure::ClientGone)?;
+        wbuf.clear();
+    }
+    Ok(())
+}
+
+/// Where a chunked body's framing is: scanned (never decoded) to find where the body ends.
+#[derive(Debug, Clone, Copy, Default)]
+struct Chunks {
+    state: ChunkState,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+enum ChunkState {
+    /// Reading a chunk-size line's hex digits (`seen`: at least one).
+    #[default]
+    Size,
+    SizeDigits(u64),
+    /// After the size: extensions, up to the line end.
+    Extension(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// After the last chunk: trailer lines up to an empty one (`empty`: nothing yet on this line).
+    Trailer {
+        empty: bool,
+    },
+    Done,
+}
+
+impl Chunks {
+    /// Scans `bytes`: `Some(n)` when the body ends after the first `n` of them.
+    fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self.state = match self.state {
+                Size | SizeDigits(_) => {
+                    let n = if let SizeDigits(n) = self.state { n } else { 0 };
+                    match (b as char).to_digit(16) {
+                        Some(d) => {
+                            SizeDigits(n.checked_mul(16).and_then(|n| n.checked_add(d as u64)).ok_or(())?)
+                        }
+                        None if matches!(self.state, Size) => return Err(()),
+                        None => match b {
+                            b'\r' => SizeLf(n),
+                            b'\n' => after_size(n),
+                            b';' | b' ' | b'\t' => Extension(n),
+                            _ => return Err(()),
+                        },
+                    }
+                }
+                Extension(n) => match b {
+                    b'\n' => after_size(n),
+                    _ => Extension(n),
+                },
+                SizeLf(n) if b == b'\n' => after_size(n),
+                SizeLf(_) => return Err(()),
+                Data(rest) => {
+                    let take = rest.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    self.state = if rest == take { DataCr } else { Data(rest - take) };
+                    continue;
+                }
+                DataCr if b == b'\r' => DataLf,
+                DataCr | DataLf if b == b'\n' => Size,
+                DataCr | DataLf => return Err(()),
+                Trailer { empty } => match b {
+                    b'\n' if empty => {
+                        self.state = Done;
+                        return Ok(Some(i + 1));
+                    }
+                    b'\n' => Trailer { empty: true },
+                    b'\r' => Trailer { empty },
+                    _ => Trailer { empty: false },
+                },
+                Done => return Ok(Some(i)),
+            };
+            i += 1;
+        }
+        Ok(None)
+    }
+}
+
+fn after_size(n: u64) -> ChunkState {
+    if n == 0 { ChunkState::Trailer { empty: true } } else { ChunkState::Data(n) }
+}
+
+/// Writes one of tokenproxy's own answers (an error) on a client connection.
+async fn write_answer(
+    stream: &mut TcpStream,
+    response: http::Response<crate::body::ProxyBody>,
+    close: bool,
+) -> bool {
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => bytes::Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    push_header(&mut out, b"content-length", body.len().to_string().as_bytes());
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    stream.write_all(&out).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_ends_at_its_blank_line_with_either_line_end() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest"), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        assert_eq!(head_end(b""), None);
+    }
+
+    #[test]
+    fn chunked_framing_is_scanned_to_its_end_across_any_split() {
+        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        // Whole, and split at every byte.
+        assert_eq!(Chunks::default().scan(body), Ok(Some(end)));
+        for split in 0..end {
+            let mut chunks = Chunks::default();
+            let first = chunks.scan(&body[..split]).unwrap();
+            assert_eq!(first, None, "split {split}");
+            assert_eq!(chunks.scan(&body[split..]), Ok(Some(end - split)), "split {split}");
+        }
+        assert_eq!(Chunks::default().scan(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(Chunks::default().scan(b"0\n\n"), Ok(Some(3)));
+        assert_eq!(Chunks::default().scan(b"zz\r\n"), Err(()));
+        assert_eq!(Chunks::default().scan(b"3\r\nabcX"), Err(()));
+        assert_eq!(Chunks::default().scan(b"fffffffffffffffffff\r\n"), Err(()));
+    }
+
+    #[test]
+    fn only_the_path_reaches_the_access_log() {
+        let fwd = Listen::Forward;
+        assert_eq!(path_only("http://h:1/a/b?secret=1", &fwd), "/a/b");
+        assert_eq!(path_only("http://h:1?secret=1", &fwd), "/");
+        assert_eq!(path_only("http://h", &fwd), "/");
+    }
+}
