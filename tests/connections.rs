@@ -1,6 +1,8 @@
-//! Plain-HTTP/1.1 upstream connections: what a client connection borrows, keeps and gives back
-//! (SPEC §4 `max_idle_per_host`; the data path of `src/proxy/own_upstream.rs`), against an
-//! upstream that numbers its connections and reports when each one closes.
+//! Plain-HTTP/1.1 through the hand-written relay (`src/proxy/plain_relay.rs`): what a client
+//! connection borrows, keeps and gives back (SPEC §4 `max_idle_per_host`, `src/proxy/plain_pool.rs`),
+//! every framing of an answer, header hygiene both ways, and the hand-over to hyper of what the
+//! relay does not serve, against an upstream that numbers its connections and reports when each
+//! one closes.
 
 mod support;
 
@@ -18,7 +20,14 @@ const TOKEN: &str = "tok-connections-7f3a";
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
     Accepted(usize),
-    Request { conn: usize, path: String, authorization: Option<String> },
+    /// `head`: the request head as it arrived; `body`: the bytes its Content-Length announced.
+    Request {
+        conn: usize,
+        path: String,
+        authorization: Option<String>,
+        head: String,
+        body: String,
+    },
     Closed(usize),
 }
 
@@ -28,7 +37,11 @@ enum Event {
 ///   (as a server whose keep-alive timeout fires does);
 /// - `/close-header`: answers with `Connection: close` and closes;
 /// - `/stream`: sends the head and half the body, then waits for the peer to go away;
-/// - anything else: answers and waits for the next request.
+/// - `/chunked`: a chunked body in three writes, with a trailer;
+/// - `/early`: `103 Early Hints`, then the answer;
+/// - `/until-close`: a body with no length, ended by closing the connection;
+/// - `/hop`: an answer with hop-by-hop headers, one of them named by `Connection`;
+/// - anything else: answers (a `HEAD` without the body) and waits for the next request.
 #[derive(Clone)]
 struct Upstream {
     addr: std::net::SocketAddr,
@@ -67,7 +80,7 @@ impl Upstream {
         self.events()
             .into_iter()
             .filter_map(|e| match e {
-                Event::Request { conn, path, authorization } => Some((conn, path, authorization)),
+                Event::Request { conn, path, authorization, .. } => Some((conn, path, authorization)),
                 _ => None,
             })
             .collect()
@@ -75,6 +88,17 @@ impl Upstream {
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The head and body of the request for `path`, as the upstream received them.
+    fn request_to(&self, path: &str) -> (String, String) {
+        self.events()
+            .into_iter()
+            .find_map(|e| match e {
+                Event::Request { path: p, head, body, .. } if p == path => Some((head, body)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no request for {path}: {:?}", self.events()))
     }
 }
 
@@ -86,26 +110,81 @@ async fn serve(conn: usize, stream: TcpStream, events: Arc<Mutex<Vec<Event>>>) {
         if read.read_line(&mut line).await.unwrap_or(0) == 0 {
             break;
         }
+        let method = line.split_whitespace().next().unwrap_or("?").to_string();
         let path = line.split_whitespace().nth(1).unwrap_or("?").to_string();
         let mut authorization = None;
+        let mut head = line.clone();
+        let mut length = 0;
         loop {
             let mut header = String::new();
             if read.read_line(&mut header).await.unwrap_or(0) == 0 {
                 events.lock().unwrap().push(Event::Closed(conn));
                 return;
             }
+            head.push_str(&header);
             if header == "\r\n" {
                 break;
             }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("authorization")
-            {
-                authorization = Some(value.trim().to_string());
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("authorization") {
+                    authorization = Some(value.trim().to_string());
+                } else if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
             }
         }
-        events.lock().unwrap().push(Event::Request { conn, path: path.clone(), authorization });
+        let mut request_body = vec![0u8; length];
+        if read.read_exact(&mut request_body).await.is_err() {
+            break;
+        }
+        let request_body = String::from_utf8(request_body).unwrap();
+        events.lock().unwrap().push(Event::Request {
+            conn,
+            path: path.clone(),
+            authorization,
+            head,
+            body: request_body,
+        });
         let body = format!("conn={conn} path={path}");
         match path.as_str() {
+            _ if method == "HEAD" => {
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                if write.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            "/chunked" => {
+                let parts = [
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n5\r\nfirst\r\n",
+                    "7;ext=1\r\n second\r\n",
+                    "6\r\n third\r\n0\r\nx-sum: 18\r\n\r\n",
+                ];
+                for part in parts {
+                    let _ = write.write_all(part.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            "/early" => {
+                let hints = "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n";
+                let _ = write.write_all(hints.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = write.write_all(answer.as_bytes()).await;
+            }
+            "/until-close" => {
+                let _ = write.write_all(format!("HTTP/1.1 200 OK\r\n\r\n{body}").as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = write.write_all(b" and more").await;
+                break;
+            }
+            "/hop" => {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: hop\r\nKeep-Alive: timeout=5\r\n\
+                     Proxy-Authenticate: Basic\r\nX-End: kept\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = write.write_all(answer.as_bytes()).await;
+            }
             "/stream" => {
                 let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst half";
                 let _ = write.write_all(head.as_bytes()).await;
@@ -333,4 +412,150 @@ async fn beyond_max_idle_per_host_client_connections_borrow_and_idle_ones_are_ca
         (upstream.accepted() - closed == 1).then_some(())
     })
     .await;
+}
+
+/// Reads a chunked body as it arrives on the wire, framing and trailer included.
+async fn read_chunked(stream: &mut TcpStream) -> String {
+    let mut raw = Vec::new();
+    while !raw.ends_with(b"\r\n0\r\nx-sum: 18\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => raw.push(byte[0]),
+            _ => panic!("the chunked body ended early: {}", String::from_utf8_lossy(&raw)),
+        }
+    }
+    String::from_utf8(raw).unwrap()
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn answers_of_every_framing_are_relayed_whole_and_the_client_connection_goes_on() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let mut client = Client::connect(&tp).await;
+
+    // Chunked, in three writes with a trailer: relayed as it came, framing and all.
+    client.send(&upstream, "/chunked").await;
+    let head = read_head(&mut client.stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(header(&head, "transfer-encoding"), Some("chunked"), "{head}");
+    assert_eq!(header(&head, "trailer"), None, "Trailer is hop-by-hop: {head}");
+    let chunked = read_chunked(&mut client.stream).await;
+    assert_eq!(chunked, "5\r\nfirst\r\n7;ext=1\r\n second\r\n6\r\n third\r\n0\r\nx-sum: 18\r\n\r\n");
+
+    // HEAD: a length and no body; the next answer follows at once.
+    let head_request = format!("HEAD {} HTTP/1.1\r\nHost: {}\r\n\r\n", upstream.url("/h"), upstream.addr);
+    client.stream.write_all(head_request.as_bytes()).await.unwrap();
+    let head = read_head(&mut client.stream).await;
+    assert!(head.starts_with("HTTP/1.1 200") && header(&head, "content-length").is_some(), "{head}");
+    let body = client.get(&upstream, "/after-head").await;
+    assert!(body.ends_with("path=/after-head"), "{body}");
+
+    // 103 Early Hints is passed on before the answer.
+    client.send(&upstream, "/early").await;
+    let hints = read_head(&mut client.stream).await;
+    assert!(hints.starts_with("HTTP/1.1 103"), "{hints}");
+    assert_eq!(header(&hints, "link"), Some("</style.css>; rel=preload"));
+    let (status, body) = client.response().await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.ends_with("path=/early"), "{body}");
+
+    // All of it over one upstream connection after the first borrow, each with the token.
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 4, "{requests:?}");
+    assert!(requests.iter().all(|(_, _, auth)| auth.as_deref() == Some(&*format!("Bearer {TOKEN}"))));
+    assert!(upstream.accepted() <= 2, "{:?}", upstream.events());
+
+    // A body that ends when the upstream closes: the client gets all of it, told that the
+    // connection closes, and then the close.
+    client.send(&upstream, "/until-close").await;
+    let head = read_head(&mut client.stream).await;
+    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(10), client.stream.read_to_string(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.ends_with("path=/until-close and more"), "{rest}");
+}
+
+#[tokio::test]
+async fn hop_by_hop_and_tokenproxys_own_headers_are_removed_both_ways() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let mut client = Client::connect(&tp).await;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: wrong.example\r\nConnection: keep-alive, x-client-hop\r\nX-Client-Hop: 1\r\n\
+         Keep-Alive: timeout=5\r\nProxy-Authorization: Basic dXNlcjpwYXNzd29yZA==\r\nTokenproxy-Account: someone\r\n\
+         TE: gzip\r\nAuthorization: Bearer the-apps-own\r\nX-End: 1\r\n\r\n",
+        upstream.url("/hop")
+    );
+    client.stream.write_all(request.as_bytes()).await.unwrap();
+    let (status, _) = client.response().await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (head, _) = upstream.request_to("/hop");
+    let lower = head.to_ascii_lowercase();
+    for gone in
+        ["x-client-hop", "keep-alive", "proxy-authorization", "tokenproxy-account", "te:", "the-apps-own"]
+    {
+        assert!(!lower.contains(gone), "{gone} reached the upstream:\n{head}");
+    }
+    assert_eq!(header(&head, "host"), Some(&*upstream.addr.to_string()), "{head}");
+    assert_eq!(header(&head, "x-end"), Some("1"), "{head}");
+    assert_eq!(header(&head, "authorization"), Some(&*format!("Bearer {TOKEN}")), "{head}");
+
+    // The answer's own hop-by-hop headers stay between the upstream and tokenproxy.
+    client.send(&upstream, "/hop").await;
+    let head = read_head(&mut client.stream).await;
+    for gone in ["x-private", "keep-alive", "proxy-authenticate", "connection"] {
+        assert_eq!(header(&head, gone), None, "{gone} reached the client:\n{head}");
+    }
+    assert_eq!(header(&head, "x-end"), Some("kept"), "{head}");
+}
+
+#[tokio::test]
+async fn requests_the_relay_does_not_serve_go_to_hyper_in_order_on_the_same_connection() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let tp = start_proxy(dir.path(), &upstream, 64);
+    let mut client = Client::connect(&tp).await;
+    // Pipelined in one write: a GET (relayed by hand), a POST with a body (handed over with the
+    // bytes already read) and a GET after it (served by hyper from then on).
+    let post = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: 11\r\n\r\nhello there",
+        upstream.url("/p2"),
+        upstream.addr
+    );
+    let burst = format!("{}{post}{}", Client::request(&upstream, "/p1"), Client::request(&upstream, "/p3"));
+    client.stream.write_all(burst.as_bytes()).await.unwrap();
+    for path in ["/p1", "/p2", "/p3"] {
+        let (status, body) = client.response().await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        assert!(body.ends_with(&format!("path={path}")), "{path}: {body}");
+    }
+    assert_eq!(upstream.request_to("/p2").1, "hello there");
+    let requests = upstream.requests();
+    assert_eq!(requests.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["/p1", "/p2", "/p3"]);
+    assert!(requests.iter().all(|(_, _, auth)| auth.as_deref() == Some(&*format!("Bearer {TOKEN}"))));
+
+    // A client that says close is answered, told so, and closed.
+    let closing = format!("GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", upstream.url("/last"));
+    let mut fresh = Client::connect(&tp).await;
+    fresh.stream.write_all(closing.as_bytes()).await.unwrap();
+    let head = read_head(&mut fresh.stream).await;
+    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(10), fresh.stream.read_to_string(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.ends_with("path=/last"), "{rest}");
 }

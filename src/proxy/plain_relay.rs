@@ -50,9 +50,6 @@ const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 8192;
 /// The largest response head read from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// The largest response with a `refresh_on_status` status that is held back while the token is
-/// refreshed; a larger one is relayed as it is, without a retry.
-const MAX_HELD_ANSWER: usize = 64 * 1024;
 
 /// Which requests a listener takes: absolute-form ones (the forward port), or every one to a
 /// route's upstream.
@@ -436,13 +433,14 @@ impl PlainRelay {
 
         let dead = injected.filter(|(p, _, _)| p.config.refresh_on_status.contains(&head.status));
         let Some((provider, credential, failed)) = dead else {
-            let relayed = relay_body(client, upstream, &mut rbuf, head, &mut wbuf, None)
+            let close = relay_body(client, upstream, &mut rbuf, head, &mut wbuf)
                 .await
                 .map_err(|f| f.in_body(head.status))?;
-            return Ok((head.status, false, closes(relayed) || request.client_close));
+            return Ok((head.status, false, close || request.client_close));
         };
 
-        // The token is dead: hold the answer back while one refresh is tried.
+        // The token is dead. The answer waits, its body unread, while one refresh is tried: if
+        // that fails, the client gets this answer after all.
         let name = provider.name();
         metrics::upstream_unauthorized(name);
         tracing::info!(
@@ -452,24 +450,20 @@ impl PlainRelay {
             fingerprint = %failed.fingerprint,
             "upstream rejected the token"
         );
-        let relayed = relay_body(client, upstream, &mut rbuf, head, &mut wbuf, Some(MAX_HELD_ANSWER))
-            .await
-            .map_err(|f| f.in_body(head.status))?;
-        let until_close = matches!(head.body, Body::UntilClose);
-        if let Relayed::Sent { close } = relayed {
-            // Too large to hold: it has been relayed as it is.
-            metrics::retry(name, "not_replayable");
-            return Ok((head.status, false, close || request.client_close));
-        }
         let refresh = provider.refresh(credential, Trigger::Unauthorized, Some(failed.generation));
         let fresh = match tokio::time::timeout(self.proxy.settings.upstream_timeout, refresh).await {
             Ok(Ok(fresh)) => fresh,
             _ => {
                 metrics::retry(name, "refresh_failed");
-                send(client, &mut wbuf).await?;
-                return Ok((head.status, false, until_close || request.client_close));
+                let close = relay_body(client, upstream, &mut rbuf, head, &mut wbuf)
+                    .await
+                    .map_err(|f| f.in_body(head.status))?;
+                return Ok((head.status, false, close || request.client_close));
             }
         };
+        // The dead answer is dropped: its connection is reused if the whole of it has been read
+        // (as a short answer is, with its head), and closed otherwise.
+        upstream.finished(!head.close && whole_in(&rbuf, head));
         credential.note_retry();
         out.truncate(token_line_at);
         push_header(&mut out, provider.config.header.as_str().as_bytes(), fresh.header_value().as_bytes());
@@ -485,10 +479,10 @@ impl PlainRelay {
         };
         let still_dead = provider.config.refresh_on_status.contains(&head.status);
         metrics::retry(name, if still_dead { "unauthorized" } else { "ok" });
-        let relayed = relay_body(client, upstream, &mut rbuf, head, &mut wbuf, None)
+        let close = relay_body(client, upstream, &mut rbuf, head, &mut wbuf)
             .await
             .map_err(|f| f.in_body(head.status))?;
-        Ok((head.status, true, closes(relayed) || request.client_close))
+        Ok((head.status, true, close || request.client_close))
     }
 
     /// Sends the request head and reads the answer's head within `upstream_timeout`, relaying
@@ -794,29 +788,28 @@ fn parse_answer(rbuf: &[u8], request: &Request, wbuf: &mut Vec<u8>) -> Result<He
     Ok(Head { status, len, body, interim, close })
 }
 
-/// What became of an answer's body.
-enum Relayed {
-    /// Kept whole in `wbuf`, head and all, not yet sent.
-    Held,
-    /// Sent to the client; `close`: the client connection must close (the body ran until the
-    /// upstream closed).
-    Sent { close: bool },
+/// Whether `rbuf` holds the whole answer whose head it starts with, and nothing after it.
+fn whole_in(rbuf: &[u8], head: Head) -> bool {
+    let body = &rbuf[head.len..];
+    match head.body {
+        Body::Empty => body.is_empty(),
+        Body::Length(n) => body.len() as u64 == n,
+        Body::Chunked(mut chunks) => chunks.scan(body) == Ok(Some(body.len())),
+        Body::UntilClose => false,
+    }
 }
 
 /// Relays the answer's body after its head (already in `wbuf`), copying the framing as it is.
-/// With `hold`, the whole answer is kept in `wbuf` instead, up to that many bytes; past them, it
-/// is relayed after all.
+/// `Ok(true)`: the client connection must close (the body ran until the upstream closed).
 async fn relay_body(
     client: &mut ClientSide,
     upstream: &mut Held,
     rbuf: &mut Vec<u8>,
     head: Head,
     wbuf: &mut Vec<u8>,
-    hold: Option<usize>,
-) -> Result<Relayed, Failure> {
+) -> Result<bool, Failure> {
     let mut body = head.body;
     let mut at = head.len;
-    let mut holding = hold.is_some();
     loop {
         // What of the bytes read belongs to the body, and whether it ends there.
         let available = &rbuf[at..];
@@ -834,27 +827,23 @@ async fn relay_body(
             },
             Body::UntilClose => (available.len(), false),
         };
-        let part = &available[..take];
         if done {
             // Read to its end: the connection is free for the next request (of any client
             // connection) before the client has its answer. Bytes after the answer put the
             // upstream out of step, and its connection is not reused.
             upstream.finished(!head.close && available.len() == take);
         }
-        if holding && wbuf.len() + part.len() > hold.unwrap_or(0) {
-            holding = false; // too large to hold: relayed from here on
-        }
-        if holding || !wbuf.is_empty() && wbuf.len() + part.len() <= READ_CHUNK {
+        let part = &available[..take];
+        if !wbuf.is_empty() && wbuf.len() + part.len() <= READ_CHUNK {
+            // The head and what came with it, in one write.
             wbuf.extend_from_slice(part);
-            if !holding {
-                send(client, wbuf).await?;
-            }
+            send(client, wbuf).await?;
         } else {
             send(client, wbuf).await?;
             client.stream.write_all(part).await.map_err(|_| Failure::ClientGone)?;
         }
         if done {
-            return Ok(if holding { Relayed::Held } else { Relayed::Sent { close: false } });
+            return Ok(false);
         }
         rbuf.clear();
         at = 0;
@@ -862,17 +851,13 @@ async fn relay_body(
         match read_upstream(stream, rbuf, client).await {
             Ok(0) if matches!(body, Body::UntilClose) => {
                 upstream.finished(false);
-                return Ok(if holding { Relayed::Held } else { Relayed::Sent { close: true } });
+                return Ok(true);
             }
             Ok(0) | Err(Read::Upstream) => return Err(Failure::Broken),
             Err(Read::ClientGone) => return Err(Failure::ClientGone),
             Ok(_) => {}
         }
     }
-}
-
-fn closes(relayed: Relayed) -> bool {
-    matches!(relayed, Relayed::Sent { close: true })
 }
 
 /// Writes and empties `wbuf`, if it holds anything.
