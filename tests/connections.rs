@@ -38,6 +38,7 @@ enum Event {
 /// - `/close-header`: answers with `Connection: close` and closes;
 /// - `/stream`: sends the head and half the body, then waits for the peer to go away;
 /// - `/chunked`: a chunked body in three writes, with a trailer;
+/// - `/late`: answers after 1.5 s;
 /// - `/early`: `103 Early Hints`, then the answer;
 /// - `/until-close`: a body with no length, ended by closing the connection;
 /// - `/hop`: an answer with hop-by-hop headers, one of them named by `Connection`;
@@ -163,6 +164,12 @@ async fn serve(conn: usize, stream: TcpStream, events: Arc<Mutex<Vec<Event>>>) {
                     let _ = write.write_all(part.as_bytes()).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+            }
+            "/late" => {
+                // Answers after the proxy's upstream_timeout (1 s in the test that asks for it).
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                let _ = write.write_all(answer.as_bytes()).await;
             }
             "/early" => {
                 let hints = "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n";
@@ -558,4 +565,24 @@ async fn requests_the_relay_does_not_serve_go_to_hyper_in_order_on_the_same_conn
         .unwrap()
         .unwrap();
     assert!(rest.ends_with("path=/last"), "{rest}");
+}
+
+#[tokio::test]
+async fn an_answer_that_comes_too_late_is_never_taken_for_the_next_ones() {
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let extra = "upstream_timeout = \"1s\"";
+    let tp = TokenProxy::start(dir.path(), &plain_config(&upstream.addr.to_string(), &token_file, extra));
+    let mut client = Client::connect(&tp).await;
+    client.get(&upstream, "/first").await;
+    client.get(&upstream, "/kept").await;
+    client.send(&upstream, "/late").await;
+    let (status, body) = client.response().await;
+    assert_eq!(status, "HTTP/1.1 504 Gateway Timeout", "{body}");
+    // The late answer will still arrive on that upstream connection: the next request must not
+    // read it as its own.
+    let body = client.get(&upstream, "/next").await;
+    assert!(body.ends_with("path=/next"), "{body}");
 }

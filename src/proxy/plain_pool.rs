@@ -135,6 +135,13 @@ impl Held {
     /// (and so may have been closed by the upstream meanwhile).
     pub async fn connection(&mut self, target: &Target) -> Result<(&mut TcpStream, bool), DialError> {
         self.requests += 1;
+        if std::mem::take(&mut self.busy) {
+            // The last exchange never finished (an error or a timeout cut it short): whatever is
+            // left of it on the connection makes the connection unusable.
+            if let Some((authority, _)) = self.conn.take() {
+                self.forget_keep(&authority);
+            }
+        }
         // The one kept from the last request, unless the upstream has closed it since.
         if self
             .conn
