@@ -600,11 +600,11 @@ impl Access {
     }
 
     /// [`Access::start`] from a request line's method and path (without the query).
-    pub(crate) fn begin(enabled: bool, method: &str, path: &str) -> Access {
+    pub(crate) fn begin<'a>(enabled: bool, method: &str, path: impl FnOnce() -> &'a str) -> Access {
         let line = enabled.then(|| AccessLine {
             method: Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET),
             host: "-".into(),
-            path: path.to_string(),
+            path: path().to_string(),
         });
         Access { started: Instant::now(), line }
     }

@@ -46,8 +46,11 @@ use crate::tokens::{Credential, Provider, Token};
 
 /// Header lines a request or response head may have (hyper's limit too).
 const MAX_HEADERS: usize = 100;
-/// What one read asks the socket for.
-const READ_CHUNK: usize = 8192;
+/// The first read of a head: most heads fit, and a buffer this small is recycled by the
+/// allocator's per-thread cache instead of its general bins.
+const FIRST_READ: usize = 1024;
+/// What each read of a body asks the socket for.
+const READ_CHUNK: usize = 16 * 1024;
 /// The largest response head read from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
@@ -103,7 +106,9 @@ impl ClientSide {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        self.buf.reserve(READ_CHUNK);
+        if self.buf.len() == self.buf.capacity() {
+            self.buf.reserve(self.buf.len().max(FIRST_READ));
+        }
         self.stream.read_buf(&mut self.buf).await
     }
 
@@ -166,6 +171,54 @@ struct Request {
     access: Access,
 }
 
+/// A target as a client wrote it, resolved: kept for the connection's next request.
+struct Resolved {
+    written: Box<[u8]>,
+    target: Target,
+    provider: Option<Arc<Provider>>,
+}
+
+/// The header names the relay treats apart, found by length first: one comparison for most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    ContentLength,
+    TransferEncoding,
+    Upgrade,
+    Expect,
+    Connection,
+    Host,
+    Te,
+    /// tokenproxy's `Tokenproxy-Account` (SPEC §8): never forwarded.
+    Account,
+    ProxyAuthorization,
+    /// Another hop-by-hop header (RFC 9110 §7.6.1): `Keep-Alive`, `Proxy-Connection`, `Trailer`,
+    /// `Proxy-Authenticate`.
+    Hop,
+    Other,
+}
+
+impl Name {
+    fn of(name: &[u8]) -> Name {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Name::Te,
+            4 if is(b"host") => Name::Host,
+            6 if is(b"expect") => Name::Expect,
+            7 if is(b"upgrade") => Name::Upgrade,
+            7 if is(b"trailer") => Name::Hop,
+            10 if is(b"connection") => Name::Connection,
+            10 if is(b"keep-alive") => Name::Hop,
+            14 if is(b"content-length") => Name::ContentLength,
+            16 if is(b"proxy-connection") => Name::Hop,
+            17 if is(b"transfer-encoding") => Name::TransferEncoding,
+            18 if is(b"tokenproxy-account") => Name::Account,
+            18 if is(b"proxy-authenticate") => Name::Hop,
+            19 if is(b"proxy-authorization") => Name::ProxyAuthorization,
+            _ => Name::Other,
+        }
+    }
+}
+
 /// How a response body ends.
 #[derive(Debug, Clone, Copy)]
 enum Body {
@@ -181,13 +234,14 @@ impl PlainRelay {
     pub async fn serve(&self, stream: TcpStream, drain: &mut DrainWatch) -> Served {
         let mut client = ClientSide { stream, buf: Vec::new(), start: 0 };
         let mut upstream = Held::new(self.proxy.plain.clone());
+        let mut last = None;
         loop {
             let head_len = match self.read_head(&mut client, drain).await {
                 HeadRead::Complete(n) => n,
                 HeadRead::Closed => return Served::Closed,
                 HeadRead::HandOff => return client.hand_off(),
             };
-            match self.exchange(&mut client, head_len, &mut upstream).await {
+            match self.exchange(&mut client, head_len, &mut upstream, &mut last).await {
                 Next::Serve if !drain.is_signaled() => {}
                 Next::Serve | Next::Close => return Served::Closed,
                 Next::HandOff => return client.hand_off(),
@@ -235,9 +289,15 @@ impl PlainRelay {
     }
 
     /// One request and its answer.
-    async fn exchange(&self, client: &mut ClientSide, head_len: usize, upstream: &mut Held) -> Next {
+    async fn exchange(
+        &self,
+        client: &mut ClientSide,
+        head_len: usize,
+        upstream: &mut Held,
+        last: &mut Option<Resolved>,
+    ) -> Next {
         let mut out = Vec::with_capacity(512);
-        let Some(request) = self.read_request(&client.unread()[..head_len], &mut out) else {
+        let Some(request) = self.read_request(&client.unread()[..head_len], &mut out, last) else {
             return Next::HandOff;
         };
         let injected = match self.token(&request).await {
@@ -276,11 +336,17 @@ impl PlainRelay {
     }
 
     /// Reads a request head; `None` when it is not one this module relays. Writes the upstream's
-    /// head into `out`, all but the token line and the blank line that ends it.
-    fn read_request(&self, head: &[u8], out: &mut Vec<u8>) -> Option<Request> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        let httparse::Status::Complete(_) = parsed.parse(head).ok()? else { return None };
+    /// head into `out`, all but the token line and the blank line that ends it. `last` is the
+    /// connection's last target: a client connection mostly sends to one host.
+    fn read_request(&self, head: &[u8], out: &mut Vec<u8>, last: &mut Option<Resolved>) -> Option<Request> {
+        let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let httparse::Status::Complete(_) = httparse::ParserConfig::default()
+            .parse_request_with_uninit_headers(&mut parsed, head, &mut headers)
+            .ok()?
+        else {
+            return None;
+        };
         if parsed.version != Some(1) {
             return None;
         }
@@ -289,60 +355,47 @@ impl PlainRelay {
         if method == "CONNECT" {
             return None;
         }
-        // The hop-by-hop headers and the message's framing, in one pass.
+        // The message's framing and tokenproxy's own headers, in one pass.
         let mut connection: &[u8] = b"";
         let mut named_account = None;
         let mut proxy_user = None;
-        let mut client_close = false;
-        for h in parsed.headers.iter() {
-            let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"content-length") {
-                if h.value.trim_ascii() != b"0" {
-                    return None;
-                }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"upgrade")
-                || name.eq_ignore_ascii_case(b"expect")
-            {
-                return None;
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                if !connection.is_empty() {
-                    return None; // more than one: hyper sorts that out
-                }
-                connection = h.value;
-                client_close = tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
-            } else if name.eq_ignore_ascii_case(super::headers::ACCOUNT.as_str().as_bytes()) {
-                named_account = Some(HeaderValue::from_bytes(h.value).ok()?);
-            } else if name.eq_ignore_ascii_case(b"proxy-authorization") {
-                proxy_user = super::headers::proxy_user_of(h.value);
+        let mut names = [Name::Other; MAX_HEADERS];
+        for (h, kind) in parsed.headers.iter().zip(&mut names) {
+            *kind = Name::of(h.name.as_bytes());
+            match *kind {
+                Name::ContentLength if h.value.trim_ascii() != b"0" => return None,
+                Name::TransferEncoding | Name::Upgrade | Name::Expect => return None,
+                Name::Connection if !connection.is_empty() => return None, // two: hyper's to sort out
+                Name::Connection => connection = h.value,
+                Name::Account => named_account = Some(HeaderValue::from_bytes(h.value).ok()?),
+                Name::ProxyAuthorization => proxy_user = super::headers::proxy_user_of(h.value),
+                _ => {}
             }
         }
 
-        let (target, path) = match &self.listen {
+        let (authority, path) = match &self.listen {
             Listen::Forward => {
                 let rest = strip_prefix_ignore_case(written, "http://")?;
-                let split = rest.find(['/', '?']).unwrap_or(rest.len());
-                let authority = Authority::try_from(&rest[..split]).ok()?;
-                let target = Target::new(Scheme::HTTP, &authority).ok()?;
-                (target, Path::Absolute(&rest[split..]))
+                let split = rest.bytes().position(|b| b == b'/' || b == b'?').unwrap_or(rest.len());
+                (&rest[..split], Path::Absolute(&rest[split..]))
             }
             Listen::Route(route) => {
                 if route.upstream_scheme != Scheme::HTTP || !written.starts_with('/') {
                     return None;
                 }
-                let target = Target::new(Scheme::HTTP, &route.upstream_authority).ok()?;
-                (target, Path::Routed(&route.upstream_base_path, written))
+                ("", Path::Routed(&route.upstream_base_path, written))
             }
         };
-        let provider = match &self.listen {
-            Listen::Forward => {
-                let provider = self.proxy.providers.for_host(target.host(), target.port).cloned();
-                if provider.is_none() && !self.proxy.allow_unmatched {
-                    return None;
-                }
-                provider
+        let (target, provider) = match last {
+            Some(resolved) if *resolved.written == *authority.as_bytes() => {
+                (resolved.target.clone(), resolved.provider.clone())
             }
-            Listen::Route(route) => Some(self.proxy.providers.get(&route.provider)?.clone()),
+            _ => {
+                let resolved = self.resolve(authority)?;
+                let found = (resolved.target.clone(), resolved.provider.clone());
+                *last = Some(resolved);
+                found
+            }
         };
         let mut inject = false;
         if let Some(provider) = &provider {
@@ -362,20 +415,25 @@ impl PlainRelay {
         out.extend_from_slice(target.host_header().as_bytes());
         out.extend_from_slice(b"\r\n");
         let injected_header = provider.as_ref().filter(|_| inject).map(|p| p.config.header.as_str());
-        for h in parsed.headers.iter() {
+        for (h, kind) in parsed.headers.iter().zip(names) {
             let name = h.name.as_bytes();
-            let dropped = hop_by_hop_request(name, h.value)
-                || name.eq_ignore_ascii_case(b"host")
-                || name.eq_ignore_ascii_case(super::headers::ACCOUNT.as_str().as_bytes())
-                || injected_header.is_some_and(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-                || tokens(connection).any(|t| t.eq_ignore_ascii_case(name));
+            let dropped = match kind {
+                Name::Other | Name::ContentLength => {
+                    injected_header.is_some_and(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                        || tokens(connection).any(|t| t.eq_ignore_ascii_case(name))
+                }
+                // `TE: trailers` stays: it is end-to-end in practice (gRPC needs it).
+                Name::Te => !h.value.trim_ascii().eq_ignore_ascii_case(b"trailers"),
+                _ => true,
+            };
             if !dropped {
-                push_header(out, name, h.value);
+                push_line(out, head, h);
             }
         }
 
+        let client_close = tokens(connection).any(|t| t.eq_ignore_ascii_case(b"close"));
         let mut access =
-            Access::begin(self.proxy.settings.access_log, method, path_only(written, &self.listen));
+            Access::begin(self.proxy.settings.access_log, method, || path_only(written, &self.listen));
         access.host(&target);
         Some(Request {
             target,
@@ -388,6 +446,25 @@ impl PlainRelay {
             client_close,
             access,
         })
+    }
+
+    /// The target and provider for an authority as a client wrote it (the route's, on a route).
+    fn resolve(&self, written: &str) -> Option<Resolved> {
+        let (target, provider) = match &self.listen {
+            Listen::Forward => {
+                let target = Target::new(Scheme::HTTP, &Authority::try_from(written).ok()?).ok()?;
+                let provider = self.proxy.providers.for_host(target.host(), target.port).cloned();
+                if provider.is_none() && !self.proxy.allow_unmatched {
+                    return None;
+                }
+                (target, provider)
+            }
+            Listen::Route(route) => {
+                let target = Target::new(Scheme::HTTP, &route.upstream_authority).ok()?;
+                (target, Some(self.proxy.providers.get(&route.provider)?.clone()))
+            }
+        };
+        Some(Resolved { written: written.as_bytes().into(), target, provider })
     }
 
     /// The token the request carries, if its provider's is to be set: `Err` when it cannot be
@@ -427,8 +504,8 @@ impl PlainRelay {
         token_line_at: usize,
         injected: Option<&(Arc<Provider>, Arc<Credential>, Arc<Token>)>,
     ) -> Result<(StatusCode, bool, bool), Failure> {
-        let mut rbuf = Vec::with_capacity(READ_CHUNK);
-        let mut wbuf = Vec::with_capacity(READ_CHUNK);
+        let mut rbuf = Vec::with_capacity(FIRST_READ);
+        let mut wbuf = Vec::with_capacity(FIRST_READ);
         let head = self.send(client, upstream, request, &out, &mut rbuf, &mut wbuf).await?;
 
         let dead = injected.filter(|(p, _, _)| p.config.refresh_on_status.contains(&head.status));
@@ -598,35 +675,27 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Request headers that describe the connection to tokenproxy, not the message (RFC 9110
-/// §7.6.1), and the proxy's own credentials. `TE: trailers` stays (gRPC needs it).
-fn hop_by_hop_request(name: &[u8], value: &[u8]) -> bool {
-    hop_by_hop(name)
-        || name.eq_ignore_ascii_case(b"proxy-authorization")
-        || (name.eq_ignore_ascii_case(b"te") && !value.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-}
-
-/// Headers no hop passes on, either way: what [`super::headers::remove_hop_by_hop`] removes but
-/// `Transfer-Encoding`, which frames a relayed body and is handled with it.
-fn hop_by_hop(name: &[u8]) -> bool {
-    const HOPS: [&[u8]; 6] =
-        [b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"trailer", b"upgrade"];
-    HOPS.iter().any(|hop| hop.eq_ignore_ascii_case(name))
+/// `h`'s line as the head has it (name, colon, value), with a CRLF: one copy.
+fn push_line(out: &mut Vec<u8>, head: &[u8], h: &httparse::Header<'_>) {
+    let base = head.as_ptr() as usize;
+    let start = h.name.as_ptr() as usize - base;
+    let end = h.value.as_ptr() as usize + h.value.len() - base;
+    if h.value.is_empty() || start >= end || end > head.len() {
+        push_header(out, h.name.as_bytes(), h.value);
+    } else {
+        out.extend_from_slice(&head[start..end]);
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// The end of a message head (after its blank line) in `bytes`, if it is all there. Bare `\n`
 /// line ends count too, as httparse reads them.
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = memchr::memchr(b'\n', &bytes[from..]) {
-        let at = from + i;
-        match bytes.get(at + 1) {
-            Some(b'\n') => return Some(at + 2),
-            Some(b'\r') if bytes.get(at + 2) == Some(&b'\n') => return Some(at + 3),
-            _ => from = at + 1,
-        }
-    }
-    None
+    memchr::memchr_iter(b'\n', bytes).find_map(|at| match bytes.get(at + 1) {
+        Some(b'\n') => Some(at + 2),
+        Some(b'\r') if bytes.get(at + 2) == Some(&b'\n') => Some(at + 3),
+        _ => None,
+    })
 }
 
 /// Why no answer head was read.
@@ -688,7 +757,9 @@ async fn read_upstream(
     rbuf: &mut Vec<u8>,
     client: &mut ClientSide,
 ) -> Result<usize, Read> {
-    rbuf.reserve(READ_CHUNK);
+    if rbuf.len() == rbuf.capacity() {
+        rbuf.reserve(rbuf.len().max(FIRST_READ));
+    }
     loop {
         let watch_client = client.buf.len() < 2 * MAX_RESPONSE_HEAD;
         tokio::select! {
@@ -717,9 +788,13 @@ struct Head {
 /// Reads the answer head at the start of `rbuf` and writes the client's version of it into
 /// `wbuf`: hop-by-hop headers out, `Connection: close` in when the client connection will close.
 fn parse_answer(rbuf: &[u8], request: &Request, wbuf: &mut Vec<u8>) -> Result<Head, &'static str> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut headers);
-    let len = match parsed.parse(rbuf) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        rbuf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         _ => return Err("the upstream's answer is not HTTP/1.x"),
     };
@@ -732,18 +807,20 @@ fn parse_answer(rbuf: &[u8], request: &Request, wbuf: &mut Vec<u8>) -> Result<He
     let mut connection: &[u8] = b"";
     let mut length = None;
     let mut chunked = None;
-    for h in parsed.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
+    let mut names = [Name::Other; MAX_HEADERS];
+    for (h, kind) in parsed.headers.iter().zip(&mut names) {
+        *kind = Name::of(h.name.as_bytes());
+        let name = *kind;
+        if name == Name::Connection {
             connection = h.value;
-        } else if name.eq_ignore_ascii_case(b"content-length") {
+        } else if name == Name::ContentLength {
             let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
             match (n, length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
                 _ => return Err("the upstream's answer has an invalid Content-Length"),
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if name == Name::TransferEncoding {
             let last = tokens(h.value).last().unwrap_or_default();
             chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
         }
@@ -771,14 +848,20 @@ fn parse_answer(rbuf: &[u8], request: &Request, wbuf: &mut Vec<u8>) -> Result<He
     wbuf.push(b' ');
     wbuf.extend_from_slice(parsed.reason.unwrap_or_default().as_bytes());
     wbuf.extend_from_slice(b"\r\n");
-    for h in parsed.headers.iter() {
+    for (h, kind) in parsed.headers.iter().zip(names) {
         let name = h.name.as_bytes();
-        let dropped = hop_by_hop(name)
-            || tokens(connection).any(|t| t.eq_ignore_ascii_case(name))
+        let dropped = match kind {
+            Name::Other | Name::Host | Name::Expect => {
+                tokens(connection).any(|t| t.eq_ignore_ascii_case(name))
+            }
             // A length beside chunked framing is wrong, and chunked framing wins (RFC 9112 §6.3).
-            || (chunked.is_some() && name.eq_ignore_ascii_case(b"content-length"));
+            Name::ContentLength => chunked.is_some(),
+            Name::TransferEncoding => false,
+            Name::Te => !h.value.trim_ascii().eq_ignore_ascii_case(b"trailers"),
+            _ => true,
+        };
         if !dropped {
-            push_header(wbuf, name, h.value);
+            push_line(wbuf, rbuf, h);
         }
     }
     if !interim && (request.client_close || matches!(body, Body::UntilClose)) {
@@ -846,6 +929,7 @@ async fn relay_body(
             return Ok(false);
         }
         rbuf.clear();
+        rbuf.reserve(READ_CHUNK);
         at = 0;
         let stream = upstream.connection_in_use().ok_or(Failure::Broken)?;
         match read_upstream(stream, rbuf, client).await {
