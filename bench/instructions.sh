@@ -12,6 +12,8 @@
 #   TASKS_ONLY=1  counts only what runs inside tokio tasks: the worker's idle loop (epoll,
 #                 parking) depends on timing and moves the total by 10 %; this repeats to 0.1 %.
 #   KEEP=DIR      keeps the callgrind files there, for callgrind_annotate.
+#   ACCOUNT=NAME  makes the provider multi-account (token_file = "tokens/{account}.json") and
+#                 names NAME in a Tokenproxy-Account header on every request (SPEC §8).
 # Loopback only (ports 18950-18952); under a minute per binary.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/instructions.sh BINARY [BINARY ...]" >&2; exit 2; }
@@ -32,8 +34,18 @@ http { access_log off;
     location / { if (\$http_authorization != "Bearer bench-token") { return 401; } return 200 "ok\n"; } } }
 NG
 nginx -c $W/nginx.conf -p $W & NGINX=$!
-echo '{"access_token":"bench-token","expires_at":"2099-01-01T00:00:00Z"}' > $W/t.json
-printf '[proxy]\nlisten = "127.0.0.1:18951"\n[admin]\nlisten = "127.0.0.1:18952"\n[tls]\nca_dir = "%s/ca"\n[providers.bench]\nhosts = ["127.0.0.1:18950"]\ntoken_file = "%s/t.json"\nallow_plaintext = true\n' $W $W > $W/c.toml
+TOKEN_JSON='{"access_token":"bench-token","expires_at":"2099-01-01T00:00:00Z"}'
+TOKEN_FILE=$W/t.json
+HEADER=()
+if [ -n "${ACCOUNT:-}" ]; then
+    mkdir -p $W/tokens
+    echo "$TOKEN_JSON" > "$W/tokens/$ACCOUNT.json"
+    TOKEN_FILE='tokens/{account}.json'
+    HEADER=(-H "Tokenproxy-Account: $ACCOUNT")
+else
+    echo "$TOKEN_JSON" > $W/t.json
+fi
+printf '[proxy]\nlisten = "127.0.0.1:18951"\n[admin]\nlisten = "127.0.0.1:18952"\n[tls]\nca_dir = "%s/ca"\n[providers.bench]\nhosts = ["127.0.0.1:18950"]\ntoken_file = "%s"\nallow_plaintext = true\n' $W "$TOKEN_FILE" > $W/c.toml
 
 wait_port() {
     for _ in $(seq 1 300); do
@@ -52,7 +64,7 @@ instructions() {
     wait_port 18951 || { echo "tokenproxy did not start under valgrind" >&2; cat $W/logs/valgrind.$n >&2; exit 1; }
     for _ in $(seq 1 "$n"); do echo 'url = "http://127.0.0.1:18950/"'; echo 'output = "/dev/null"'; done > $W/urls
     local codes
-    codes=$(curl -s --proxy http://127.0.0.1:18951 -K $W/urls -w '%{http_code}\n' | sort | uniq -c)
+    codes=$(curl -s "${HEADER[@]}" --proxy http://127.0.0.1:18951 -K $W/urls -w '%{http_code}\n' | sort | uniq -c)
     [ "$(echo "$codes" | awk '$2 == 200 {print $1}')" = "$n" ] || { echo "not every answer was 200: $codes" >&2; exit 1; }
     kill -TERM $pid; wait $pid
     awk '/^summary:/ {print $2}' $out
