@@ -257,6 +257,19 @@ impl Client {
         (head.lines().next().unwrap().to_string(), String::from_utf8(body).unwrap())
     }
 
+    /// An answer after which the connection closes: its head must say so, and its body is what
+    /// comes until the close.
+    async fn last_answer(&mut self) -> String {
+        let head = read_head(&mut self.stream).await;
+        assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+        let mut rest = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_to_string(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        rest
+    }
+
     /// One request and its answer, which must be a 200 from the upstream.
     async fn get(&mut self, upstream: &Upstream, path: &str) -> String {
         self.send(upstream, path).await;
@@ -483,13 +496,7 @@ async fn answers_of_every_framing_are_relayed_whole_and_the_client_connection_go
     // A body that ends when the upstream closes: the client gets all of it, told that the
     // connection closes, and then the close.
     client.send(&upstream, "/until-close").await;
-    let head = read_head(&mut client.stream).await;
-    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
-    let mut rest = String::new();
-    tokio::time::timeout(Duration::from_secs(10), client.stream.read_to_string(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
+    let rest = client.last_answer().await;
     assert!(rest.ends_with("path=/until-close and more"), "{rest}");
 }
 
@@ -557,13 +564,7 @@ async fn requests_the_relay_does_not_serve_go_to_hyper_in_order_on_the_same_conn
     let closing = format!("GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", upstream.url("/last"));
     let mut fresh = Client::connect(&tp).await;
     fresh.stream.write_all(closing.as_bytes()).await.unwrap();
-    let head = read_head(&mut fresh.stream).await;
-    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
-    let mut rest = String::new();
-    tokio::time::timeout(Duration::from_secs(10), fresh.stream.read_to_string(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
+    let rest = fresh.last_answer().await;
     assert!(rest.ends_with("path=/last"), "{rest}");
 }
 
