@@ -591,12 +591,8 @@ struct AccountUsed(Arc<Credential>);
 
 impl Access {
     pub(crate) fn start<B>(enabled: bool, req: &Request<B>) -> Access {
-        let line = enabled.then(|| AccessLine {
-            method: req.method().clone(),
-            host: "-".into(),
-            path: if req.method() == Method::CONNECT { "-".into() } else { req.uri().path().to_string() },
-        });
-        Access { started: Instant::now(), line }
+        let path = || if req.method() == Method::CONNECT { "-" } else { req.uri().path() };
+        Access::begin(enabled, req.method().as_str(), path)
     }
 
     /// [`Access::start`] from a request line's method and path (without the query).

@@ -229,6 +229,26 @@ enum Body {
     UntilClose,
 }
 
+impl Body {
+    /// How many of `bytes`, the next ones read, belong to the body, and whether it ends with
+    /// them; what is left to read is kept. `Err`: the chunked framing is broken.
+    fn take(&mut self, bytes: &[u8]) -> Result<(usize, bool), ()> {
+        Ok(match self {
+            Body::Empty => (0, true),
+            Body::Length(rest) => {
+                let take = (*rest).min(bytes.len() as u64) as usize;
+                *rest -= take as u64;
+                (take, *rest == 0)
+            }
+            Body::Chunked(chunks) => match chunks.scan(bytes)? {
+                Some(end) => (end, true),
+                None => (bytes.len(), false),
+            },
+            Body::UntilClose => (bytes.len(), false),
+        })
+    }
+}
+
 impl PlainRelay {
     /// Serves `stream` until it closes, or until a request this module does not relay.
     pub async fn serve(&self, stream: TcpStream, drain: &mut DrainWatch) -> Served {
@@ -605,7 +625,7 @@ impl PlainRelay {
                 }
                 // 1xx: passed on at once; the final answer follows on the same connection.
                 may_resend = false;
-                send(client, wbuf).await?;
+                flush(client, wbuf).await?;
                 rbuf.drain(..head.len);
                 stream = upstream.connection_in_use().ok_or(Failure::Broken)?;
             }
@@ -873,13 +893,8 @@ fn parse_answer(rbuf: &[u8], request: &Request, wbuf: &mut Vec<u8>) -> Result<He
 
 /// Whether `rbuf` holds the whole answer whose head it starts with, and nothing after it.
 fn whole_in(rbuf: &[u8], head: Head) -> bool {
-    let body = &rbuf[head.len..];
-    match head.body {
-        Body::Empty => body.is_empty(),
-        Body::Length(n) => body.len() as u64 == n,
-        Body::Chunked(mut chunks) => chunks.scan(body) == Ok(Some(body.len())),
-        Body::UntilClose => false,
-    }
+    let (bytes, mut body) = (&rbuf[head.len..], head.body);
+    matches!(body.take(bytes), Ok((take, true)) if take == bytes.len())
 }
 
 /// Relays the answer's body after its head (already in `wbuf`), copying the framing as it is.
@@ -896,20 +911,7 @@ async fn relay_body(
     loop {
         // What of the bytes read belongs to the body, and whether it ends there.
         let available = &rbuf[at..];
-        let (take, done) = match &mut body {
-            Body::Empty => (0, true),
-            Body::Length(rest) => {
-                let take = (*rest).min(available.len() as u64) as usize;
-                *rest -= take as u64;
-                (take, *rest == 0)
-            }
-            Body::Chunked(chunks) => match chunks.scan(available) {
-                Ok(Some(end)) => (end, true),
-                Ok(None) => (available.len(), false),
-                Err(()) => return Err(Failure::Broken),
-            },
-            Body::UntilClose => (available.len(), false),
-        };
+        let (take, done) = body.take(available).map_err(|()| Failure::Broken)?;
         if done {
             // Read to its end: the connection is free for the next request (of any client
             // connection) before the client has its answer. Bytes after the answer put the
@@ -920,9 +922,9 @@ async fn relay_body(
         if !wbuf.is_empty() && wbuf.len() + part.len() <= READ_CHUNK {
             // The head and what came with it, in one write.
             wbuf.extend_from_slice(part);
-            send(client, wbuf).await?;
+            flush(client, wbuf).await?;
         } else {
-            send(client, wbuf).await?;
+            flush(client, wbuf).await?;
             client.stream.write_all(part).await.map_err(|_| Failure::ClientGone)?;
         }
         if done {
@@ -945,7 +947,7 @@ async fn relay_body(
 }
 
 /// Writes and empties `wbuf`, if it holds anything.
-async fn send(client: &mut ClientSide, wbuf: &mut Vec<u8>) -> Result<(), Failure> {
+async fn flush(client: &mut ClientSide, wbuf: &mut Vec<u8>) -> Result<(), Failure> {
     if !wbuf.is_empty() {
         client.stream.write_all(wbuf).await.map_err(|_| Failure::ClientGone)?;
         wbuf.clear();
