@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::Admin;
+use crate::admin::doors::Doors;
 use crate::config::Config;
 use crate::egress::Egress;
 use crate::oauth::OAuthClient;
@@ -108,7 +109,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         leaves,
         drain: drain.handle(),
     });
-    let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone(), onboarding.clone()));
+    let doors = Doors::new(admin_listener.local_addr()?, config.admin_access.clone());
+    let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone(), onboarding.clone(), doors));
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
@@ -140,7 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(listener = "proxy", addr = %proxy_addr, "listening");
     let handler = {
         let proxy = proxy.clone();
-        move |req| {
+        move |req, _peer| {
             let proxy = proxy.clone();
             async move { proxy.handle_forward(req).await }
         }
@@ -173,7 +175,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let proxy = proxy.clone();
         let route = Arc::new(route.clone());
         let relay = relay(Listen::Route(route.clone()));
-        let handler = move |req| {
+        let handler = move |req, _peer| {
             let proxy = proxy.clone();
             let route = route.clone();
             async move { proxy.handle_route(&route, req).await }
@@ -187,9 +189,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
-    let handler = move |req| {
+    let handler = move |req, peer| {
         let admin = admin.clone();
-        async move { admin.handle(req).await }
+        async move { admin.handle(req, peer).await }
     };
     tokio::spawn(server::serve("admin", admin_listener, limits, drain.watch(), None, handler));
 

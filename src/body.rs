@@ -30,5 +30,10 @@ pub fn response(
 pub fn json(status: http::StatusCode, value: &impl serde::Serialize) -> http::Response<ProxyBody> {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
-    response(status, body, "application/json")
+    let mut response = response(status, body, "application/json");
+    // A browser must never render an answer that echoes a name as anything but JSON.
+    response
+        .headers_mut()
+        .insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+    response
 }

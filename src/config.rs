@@ -101,11 +101,12 @@ impl Default for RawStore {
 struct RawOnboarding {
     state_dir: PathBuf,
     state_ttl: String,
+    max_pending: usize,
 }
 
 impl Default for RawOnboarding {
     fn default() -> Self {
-        RawOnboarding { state_dir: "data/oauth-state".into(), state_ttl: "1h".into() }
+        RawOnboarding { state_dir: "data/oauth-state".into(), state_ttl: "1h".into(), max_pending: 1000 }
     }
 }
 
@@ -147,11 +148,16 @@ impl Default for RawProxy {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     listen: String,
+    /// A file whose content (trimmed) is the bearer token for peers that are not on loopback.
+    token_file: Option<PathBuf>,
+    /// Host names (with or without a port) the admin API answers besides its listen address and
+    /// loopback names.
+    hosts: Vec<String>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { listen: "127.0.0.1:9090".into() }
+        RawAdmin { listen: "127.0.0.1:9090".into(), token_file: None, hosts: Vec::new() }
     }
 }
 
@@ -482,6 +488,8 @@ pub struct Config {
     pub source: PathBuf,
     pub proxy: ProxySettings,
     pub admin_listen: SocketAddr,
+    /// Who may use the admin API beyond its probes (SPEC §6).
+    pub admin_access: AdminAccess,
     pub ca_dir: PathBuf,
     pub extra_roots: Vec<PathBuf>,
     pub allow_unmatched: bool,
@@ -524,6 +532,17 @@ pub struct OnboardingSettings {
     pub state_dir: PathBuf,
     /// How long a person may take between starting a flow and its callback.
     pub state_ttl: Duration,
+    /// Pending flows kept at once; a new one beyond this drops the oldest.
+    pub max_pending: usize,
+}
+
+/// `[admin] token_file` and `hosts` (SPEC §6).
+#[derive(Debug, Clone, Default)]
+pub struct AdminAccess {
+    /// Read on every request that needs it, so a rotated token works without a restart.
+    pub token_file: Option<PathBuf>,
+    /// Lower-case names without a trailing dot, each with the port it is limited to, if any.
+    pub hosts: Vec<(String, Option<u16>)>,
 }
 
 impl Config {
@@ -689,6 +708,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         p.push("proxy.max_header_bytes must be at least 8192".into());
     }
     let admin_listen = parse_listen("admin.listen", &raw.admin.listen, p);
+    let admin_access = validate_admin(&raw.admin, base, p);
     let egress_deny = raw
         .egress
         .deny
@@ -734,7 +754,11 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
     let onboarding = OnboardingSettings {
         state_dir: resolve(base, &raw.onboarding.state_dir),
         state_ttl: parse_duration("onboarding.state_ttl", &raw.onboarding.state_ttl, p),
+        max_pending: raw.onboarding.max_pending,
     };
+    if onboarding.max_pending == 0 {
+        p.push("onboarding.max_pending must be at least 1".into());
+    }
 
     let mut routes = Vec::new();
     for (i, rr) in raw.routes.into_iter().enumerate() {
@@ -786,6 +810,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             source: source.to_path_buf(),
             proxy,
             admin_listen,
+            admin_access,
             ca_dir: resolve(base, &raw.tls.ca_dir),
             extra_roots: raw.tls.extra_roots.iter().map(|r| resolve(base, r)).collect(),
             allow_unmatched: raw.egress.allow_unmatched,
@@ -803,6 +828,48 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
     }
 }
 
+/// `[admin] token_file` must hold a token now (an empty one would let an empty password in), and
+/// `hosts` are names, each with an optional port.
+fn validate_admin(raw: &RawAdmin, base: &Path, p: &mut Vec<String>) -> AdminAccess {
+    let token_file = raw.token_file.as_ref().map(|f| resolve(base, f));
+    if let Some(file) = &token_file {
+        match std::fs::read_to_string(file) {
+            Ok(text) if text.trim().len() >= 16 => {}
+            Ok(_) => p.push(format!(
+                "admin.token_file: {} holds no token of at least 16 characters",
+                file.display()
+            )),
+            Err(e) => p.push(format!("admin.token_file: {}: {e}", file.display())),
+        }
+    }
+    let mut hosts = Vec::new();
+    for entry in &raw.hosts {
+        match crate::hosts::split_host_port(entry.trim()) {
+            Ok((name, port)) if !name.is_empty() => {
+                hosts.push((crate::hosts::normalize_host(name).into_owned(), port))
+            }
+            _ => p.push(format!(
+                "admin.hosts: {entry:?} is not a host name like \"tokenproxy.internal\" or \"name:9090\""
+            )),
+        }
+    }
+    AdminAccess { token_file, hosts }
+}
+
+/// Provider names become parts of store keys, metric labels and URL paths: SPEC §5 keeps them to
+/// 1–64 of `A-Z a-z 0-9 _ -`, so that no two (provider, account) pairs can share a key.
+pub fn check_provider_name(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "provider name {name:?}: use 1-64 characters from A-Z a-z 0-9 _ - (it is part of store keys, metric labels and admin URLs)"
+        ))
+    }
+}
+
 fn validate_provider(
     name: &str,
     rp: RawProvider,
@@ -811,6 +878,9 @@ fn validate_provider(
 ) -> Option<ProviderConfig> {
     let what = format!("providers.{name}");
     let before = p.len();
+    if let Err(e) = check_provider_name(name) {
+        p.push(format!("{what}: {e}"));
+    }
     if rp.hosts.is_empty() {
         p.push(format!("{what}.hosts: at least one host pattern is needed"));
     }

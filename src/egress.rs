@@ -61,7 +61,9 @@ impl Egress {
         let is_own = own.iter().any(|listener| {
             let bound = listener.ip().to_canonical();
             listener.port() == addr.port()
-                && (bound == ip || ip.is_unspecified() || (bound.is_unspecified() && ip.is_loopback()))
+                && (bound == ip
+                    || ip.is_unspecified()
+                    || (bound.is_unspecified() && (ip.is_loopback() || is_local_address(ip))))
         });
         if is_own {
             return Err("one of tokenproxy's own listeners, which are never reachable through it");
@@ -110,6 +112,20 @@ impl Egress {
             error: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
         }))
     }
+}
+
+/// Whether `ip` is one of this machine's own addresses (a pod's IP, a node's other interfaces):
+/// only then can a socket be bound to it. Asked of the kernel at the moment of the dial, so an
+/// address that appeared after the start counts too. Only called for a port one of tokenproxy's
+/// listeners on every address uses, so the data path pays nothing for it otherwise.
+pub fn is_local_address(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    if ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// Parses `[egress] deny` entries: CIDRs (`10.0.0.0/8`) or single addresses.

@@ -206,7 +206,8 @@ pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
 }
 
-/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request. With a
+/// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request with the
+/// client's address (the admin API decides by it who may do what). With a
 /// `relay` (the proxy's listeners), each connection is served by it first, and by hyper and
 /// `handler` from the first request the relay hands over.
 pub async fn serve<H, F>(
@@ -217,7 +218,7 @@ pub async fn serve<H, F>(
     relay: Option<Arc<PlainRelay>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -249,7 +250,7 @@ pub async fn serve<H, F>(
                 }
             }
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = drain.signaled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => {
@@ -292,7 +293,7 @@ pub async fn serve<H, F>(
                 // connection, idle or not, and an allocation per request is cheaper than that
                 // much memory per idle connection.
                 let response: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(handler(req).await) });
+                    Box::pin(async move { Ok::<_, Infallible>(handler(req, peer).await) });
                 response
             });
             // With upgrades: CONNECT hands the connection over to a tunnel or an interception.

@@ -37,7 +37,7 @@ try:
     driver.find_element(By.LINK_TEXT, "Back to connections").click()
     row = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'{card} [data-account="{account}"]'))[0]
     print("state", row.find_element(By.CSS_SELECTOR, "[data-role=state]").text)
-    print("button", row.find_element(By.CSS_SELECTOR, "a.button").text)
+    print("button", row.find_element(By.CSS_SELECTOR, "[data-role=connect]").text)
     countdown = row.find_element(By.CSS_SELECTOR, "[data-expires]")
     first = countdown.text
     time.sleep(2.2)

@@ -372,7 +372,8 @@ async fn the_connect_page_lists_accounts_and_escapes_what_it_shows() {
     let (status, page) = proxy.admin_get("/connect").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("data-account=\"dave\"") && page.contains("data-account=\"eve\""), "{page}");
-    assert!(page.contains("/connect/people?account=dave") && page.contains("Reconnect"));
+    assert!(page.contains(r#"action="/connect/people""#) && page.contains(r#"name="account" value="dave""#));
+    assert!(page.contains(r#"method="post""#) && page.contains("Reconnect"), "{page}");
     assert!(page.contains("name=\"account\""), "an account-name field for a multi-account provider");
     assert!(!page.contains("<script>x") && !page.contains("<b>"), "{page}");
     for external in ["http://", "https://", "//cdn"] {
@@ -502,7 +503,8 @@ async fn the_authorize_command_uses_the_running_proxy_and_names_the_failed_step(
     let mut child = authorize_command(&proxy.config_path, &["people", "--account", "gina"]).spawn().unwrap();
     let mut lines = output_lines(child.stdout.take().unwrap());
     let url = lines.link().await;
-    assert!(url.contains(&format!("127.0.0.1:{}/connect/people?account=gina", setup.admin_port)), "{url}");
+    assert!(url.contains(&format!("127.0.0.1:{}/connect/people?flow=", setup.admin_port)), "{url}");
+    assert!(url.trim().ends_with("&account=gina"), "{url}");
     let mut browser = Browser::new();
     let callback = browser.consent(url.trim()).await;
     let (_, result, _) = browser.finish(&callback).await;
@@ -615,4 +617,160 @@ impl Lines {
 fn fingerprint(token: &str) -> String {
     use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(token.as_bytes())[..4])
+}
+
+/// Login CSRF (SPEC §6): a page on another site that sends a person's browser to a flow's start
+/// must not reach the provider or write any state; the person sees what would be connected and
+/// a button that makes the same-origin POST. A same-origin POST and a direct link start flows.
+#[tokio::test]
+async fn a_cross_site_navigation_to_a_flow_start_reaches_no_provider_and_writes_no_state() {
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
+    let admin = format!("http://{}", proxy.admin);
+    let state_dir = dir.path().join("state");
+    let pending = || std::fs::read_dir(&state_dir).map(|d| d.count()).unwrap_or(0);
+    let http =
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let start = format!("{admin}/connect/people?account=eve");
+    for (header, value) in [
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+        ("origin", "http://evil.example.net"),
+    ] {
+        let r = http.get(&start).header(header, value).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{header}: {value}");
+        assert!(r.headers().get("set-cookie").is_none(), "{header}: {value}");
+        let page = r.text().await.unwrap();
+        assert!(page.contains(r#"data-result="confirm""#) && page.contains(r#"method="post""#), "{page}");
+        assert!(page.contains(r#"name="account" value="eve""#), "{page}");
+        // A cross-site POST (the form a page on another site submits) is refused outright.
+        let r = http
+            .post(format!("{admin}/connect/people"))
+            .header(header, value)
+            .form(&[("account", "eve")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{header}: {value}");
+    }
+    assert_eq!(setup.endpoint.authorize_requests().len(), 0, "nothing reached the provider");
+    assert_eq!(pending(), 0, "no state was written");
+
+    // The /connect page's own POST, and a link opened directly, start flows.
+    let r = http
+        .post(format!("{admin}/connect/people"))
+        .header("sec-fetch-site", "same-origin")
+        .header("origin", &admin)
+        .form(&[("account", "eve")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert!(location(&r).starts_with(&setup.endpoint.authorize_url()));
+    let cookie = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    assert!(cookie.contains("Path=/oauth/callback") && cookie.contains("HttpOnly"), "{cookie}");
+    let r = http.get(&start).header("sec-fetch-site", "none").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(location(&r).split('?').next(), Some(setup.endpoint.authorize_url().as_str()));
+    assert_eq!(pending(), 2);
+}
+
+/// The same attack in a real Chromium: a page on another origin navigates to the start link and
+/// submits a form to it; neither reaches the provider. Clicking Connect on the page that the
+/// navigation showed does (the person decided).
+#[tokio::test]
+async fn chromium_on_a_foreign_page_cannot_start_a_flow_but_the_person_can() {
+    let usable = client_available(
+        "chromium with chromedriver and selenium",
+        std::process::Command::new("python3").args([
+            "-c",
+            "import selenium, shutil, sys; sys.exit(not (shutil.which('chromium') and shutil.which('chromedriver')))",
+        ]),
+    );
+    if !usable {
+        return;
+    }
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/csrf_browser.py");
+    let mut command = tokio::process::Command::new("python3");
+    command.arg(&script).arg(format!("http://{}", proxy.admin)).args(["people", "eve"]);
+    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        command.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output()).await.unwrap().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{printed}\n{}", String::from_utf8_lossy(&out.stderr));
+    let said = |key: &str| {
+        printed.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_default().to_string()
+    };
+    assert_eq!(said("navigation"), "confirm", "{printed}");
+    assert_eq!(said("form"), "refused", "{printed}");
+    assert_eq!(said("clicked"), "ok", "{printed}");
+    let authorizations = setup.endpoint.authorize_requests();
+    assert_eq!(authorizations.len(), 1, "only the person's click reached the provider");
+    assert!(read_json(&dir.path().join("tokens/eve.json"))["access_token"].is_string());
+}
+
+/// `tokenproxy authorize` waits for its own flow: another flow of the same provider and account
+/// that ends first (here denied) is not taken for its outcome.
+#[tokio::test]
+async fn the_authorize_command_reports_its_own_flow_and_not_another_of_the_same_account() {
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
+    let mut child = authorize_command(&proxy.config_path, &["people", "--account", "hana"]).spawn().unwrap();
+    let mut lines = output_lines(child.stdout.take().unwrap());
+    let url = lines.link().await;
+    // Someone else's flow for hana, started from the page, is denied first.
+    setup.endpoint.set_consent(Consent::Deny);
+    let mut other = Browser::new();
+    let callback = other.consent(&format!("http://{}/connect/people?account=hana", proxy.admin)).await;
+    assert_eq!(other.finish(&callback).await.1, "access_denied");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // longer than the command's poll
+    setup.endpoint.set_consent(Consent::Allow);
+    let mut browser = Browser::new();
+    let callback = browser.consent(url.trim()).await;
+    assert_eq!(browser.finish(&callback).await.1, "ok");
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let printed = lines.rest();
+    assert!(code.success(), "{printed}");
+    assert!(!printed.contains("access_denied"), "{printed}");
+}
+
+/// A reconnect whose token the store refuses (a 3 MiB answer, an access token with CR LF) is
+/// `write_failed` and leaves the account's good token file as it was, in use and after a restart
+/// (SPEC §5).
+#[tokio::test]
+async fn a_refused_reconnect_leaves_the_good_token_file_as_it_was() {
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let config = setup.config(false, "", "");
+    let mut proxy = TokenProxy::start(dir.path(), &config);
+    let admin = format!("http://{}", proxy.admin);
+    let mut browser = Browser::new();
+    let callback = browser.consent(&format!("{admin}/connect/people?account=ivy")).await;
+    assert_eq!(browser.finish(&callback).await.1, "ok");
+    let file = dir.path().join("tokens/ivy.json");
+    let good = std::fs::read(&file).unwrap();
+    let huge = format!(r#"{{"access_token":"at-huge","expires_in":3600,"padding":"{}"}}"#, "x".repeat(3 << 20));
+    let crlf = r#"{"access_token":"at-bad\r\nX-Injected: 1","expires_in":3600}"#;
+    for answer in [huge.as_str(), crlf] {
+        setup.endpoint.script(&[(200, answer)]);
+        let callback = browser.consent(&format!("{admin}/connect/people?account=ivy")).await;
+        let (status, result, page) = browser.finish(&callback).await;
+        assert_eq!((status, result.as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "write_failed"), "{page}");
+        assert!(page.contains("refused, the stored token is kept"), "{page}");
+        assert_eq!(std::fs::read(&file).unwrap(), good, "the good file was replaced");
+    }
+    let view = proxy.token_view("people").await;
+    assert_eq!(view["state"], "valid", "{view}");
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    drop(proxy);
+    let proxy = TokenProxy::start(dir.path(), &config);
+    let r = proxy.client().get(setup.api.url("/v1/me")).header("tokenproxy-account", "ivy").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "the account still works after a restart");
 }

@@ -68,7 +68,7 @@ fn programs_with_no_proxy_settings_get_tokens_through_iptables_redirection() {
             if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
                 panic!("the transparent-mode test needs root (TOKENPROXY_REQUIRE_CLIENTS=1)");
             }
-            eprintln!("SKIP: the transparent-mode test needs root for a network namespace");
+            skip("the transparent-mode test needs root for a network namespace");
         }
         return;
     }

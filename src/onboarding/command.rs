@@ -65,12 +65,19 @@ async fn running_proxy(config: &Config) -> Option<String> {
 }
 
 /// The start URL of a flow on `base` (which sets the browser's cookie, then sends it on).
-fn start_url(base: &str, provider: &str, account: Option<&str>) -> String {
-    let mut url = format!("{}/connect/{}", base.trim_end_matches('/'), encode(provider));
+/// The link carries this command's own flow id, so that it waits for its own flow's outcome and
+/// not for whatever flow of the same provider and account finishes first.
+fn start_url(base: &str, provider: &str, account: Option<&str>, flow: &str) -> String {
+    let mut url = format!("{}/connect/{}?flow={flow}", base.trim_end_matches('/'), encode(provider));
     if let Some(account) = account {
-        url += &format!("?account={}", encode(account));
+        url += &format!("&account={}", encode(account));
     }
     url
+}
+
+/// A new flow id: 128 random bits, base64url.
+fn new_flow_id() -> String {
+    super::pending::random_token()[..22].to_string()
 }
 
 /// Where the callback's host is: the start URL must be on it for the cookie to reach the
@@ -93,20 +100,16 @@ async fn via_running_proxy(
     };
     println!("To connect {who}, open this link in a browser (tokenproxy is running and finishes the flow):");
     println!();
-    println!("  {}", start_url(&base, provider, account));
+    let flow = new_flow_id();
+    println!("  {}", start_url(&base, provider, account, &flow));
     println!();
     let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build()?;
-    let mut url = format!("{admin}/connect/{}/outcome", encode(provider));
-    if let Some(account) = account {
-        url += &format!("?account={}", encode(account));
-    }
-    let since = OffsetDateTime::now_utc();
+    let url = format!("{admin}/connect/{}/outcome?flow={flow}", encode(provider));
     let mut countdown = Countdown::new(config.onboarding.state_ttl);
     loop {
         if let Ok(answer) = client.get(&url).send().await
             && answer.status().is_success()
             && let Ok(outcome) = answer.json::<OutcomeAnswer>().await
-            && outcome.at >= since
         {
             countdown.done();
             return Ok(Arc::new(outcome.into()));
@@ -146,18 +149,16 @@ async fn serving_the_callback(
         max_connections: 64,
     };
     let served = onboarding.clone();
-    let handler = move |req: http::Request<hyper::body::Incoming>| {
+    let handler = move |req: http::Request<hyper::body::Incoming>, _peer| {
         let served = served.clone();
         async move {
-            match served.handle(&req).await {
-                Some(response) => response,
-                None => {
-                    let text = "this is tokenproxy authorize: only /connect and /oauth/callback are served\n";
-                    let mut response = http::Response::new(crate::body::full(text));
-                    *response.status_mut() = http::StatusCode::NOT_FOUND;
-                    response
-                }
+            if super::http::is_onboarding_path(req.uri().path()) {
+                return served.handle(req).await;
             }
+            let text = "this is tokenproxy authorize: only /connect and /oauth/callback are served\n";
+            let mut response = http::Response::new(crate::body::full(text));
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
+            response
         }
     };
     tokio::spawn(server::serve("authorize", listener, limits, drain.watch(), None, handler));
@@ -165,13 +166,13 @@ async fn serving_the_callback(
         "To connect {who}, open this link in a browser (this command serves the callback until you are done):"
     );
     println!();
-    println!("  {}", start_url(&format!("http://{authority}"), provider, account));
+    let flow = new_flow_id();
+    println!("  {}", start_url(&format!("http://{authority}"), provider, account, &flow));
     println!();
-    let since = OffsetDateTime::now_utc();
     let mut countdown = Countdown::new(onboarding.flows.ttl);
     loop {
         let finished = onboarding.finished.notified();
-        if let Some(outcome) = onboarding.last_outcome(provider, account).filter(|o| o.at >= since) {
+        if let Some(outcome) = onboarding.outcome_of_flow(&flow) {
             countdown.done();
             return Ok(outcome);
         }
@@ -258,6 +259,7 @@ fn expired(provider: &str, account: Option<&str>) -> Arc<Outcome> {
         result: failure.label(),
         error: Some(format!("{}: nobody finished the authorization in time", failure.label())),
         sentence: failure.sentence(),
+        flow: None,
         action: Some(failure.action()),
         fingerprint: None,
         expires_at: None,
@@ -274,6 +276,7 @@ struct OutcomeAnswer {
     error: Option<String>,
     sentence: String,
     action: Option<String>,
+    flow: Option<String>,
     fingerprint: Option<String>,
     expires_at: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
@@ -289,6 +292,7 @@ impl From<OutcomeAnswer> for Outcome {
             account: a.account,
             result: LABELS.into_iter().find(|l| *l == a.result).unwrap_or("exchange_failed"),
             error: a.error,
+            flow: a.flow,
             sentence: a.sentence,
             action: a.action,
             fingerprint: a.fingerprint,

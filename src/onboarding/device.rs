@@ -43,7 +43,12 @@ impl Onboarding {
         let authorization = match self.oauth.device_authorization(oauth).await {
             Ok(authorization) => authorization,
             Err(e) => {
-                return Ok(self.record(Some(p.name()), account.as_deref(), Err(Failure::ExchangeFailed(e))));
+                return Ok(self.record(
+                    Some(p.name()),
+                    account.as_deref(),
+                    None,
+                    Err(Failure::ExchangeFailed(e)),
+                ));
             }
         };
         let code = DeviceCode {
@@ -82,6 +87,6 @@ impl Onboarding {
                 },
             }
         };
-        Ok(self.record(Some(p.name()), account.as_deref(), result))
+        Ok(self.record(Some(p.name()), account.as_deref(), None, result))
     }
 }

@@ -1,6 +1,6 @@
 //! The onboarding paths, served by the admin listener and by `tokenproxy authorize` when no
 //! proxy is running: `GET /connect`, `GET /connect/{provider}?account=`,
-//! `GET /connect/{provider}/outcome?account=` and `GET /oauth/callback`.
+//! `POST /connect/{provider}`, `GET /connect/{provider}/outcome?flow=` and `GET /oauth/callback`.
 
 use askama::Template;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -15,24 +15,75 @@ pub const FLOW_COOKIE: &str = "tokenproxy_flow";
 /// The header that names a callback's result, for scripts and tests (the page says it in words).
 pub const RESULT_HEADER: &str = "x-tokenproxy-authorization";
 
+/// The largest form a flow's start accepts (an account name and a flow id).
+const MAX_FORM: usize = 8 * 1024;
+
+/// Whether `path` is one of onboarding's.
+pub fn is_onboarding_path(path: &str) -> bool {
+    path == "/connect" || path.starts_with("/connect/") || path == "/oauth/callback"
+}
+
+/// Whether a request may start a flow or change state (SPEC §6): not a cross-site or same-site
+/// request (`Sec-Fetch-Site`), and no `Origin` other than the admin API's own. A request with
+/// neither header is a command-line client's, or a link opened directly.
+pub fn same_origin_or_direct(headers: &http::HeaderMap) -> Result<(), String> {
+    if let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"none" | b"same-origin")
+    {
+        return Err(format!(
+            "a {} request cannot start an authorization or change state here",
+            site.to_str().unwrap_or("foreign")
+        ));
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let origin = origin.to_str().unwrap_or("null");
+    let origin_host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    match origin_host {
+        Some(authority) if !host.is_empty() && authority.eq_ignore_ascii_case(host) => Ok(()),
+        _ => Err(format!("Origin {origin:?} is not this admin API ({host})")),
+    }
+}
+
 impl Onboarding {
-    /// Answers `req` when its path is one of onboarding's; `None` otherwise.
-    pub async fn handle<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
-        let path = req.uri().path();
-        let is_ours = path == "/connect" || path.starts_with("/connect/") || path == "/oauth/callback";
-        if !is_ours {
-            return None;
-        }
-        if !matches!(*req.method(), Method::GET | Method::HEAD) {
-            return Some(plain(StatusCode::METHOD_NOT_ALLOWED, "the onboarding pages answer GET only\n"));
-        }
-        let query = parse_query(req.uri().query());
-        let cookie = flow_cookie(req);
+    /// Answers a request for one of onboarding's paths ([`is_onboarding_path`]).
+    pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path();
+        let query = parse_query(parts.uri.query());
+        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let form = match parts.method {
+            Method::GET | Method::HEAD => None,
+            Method::POST if path.starts_with("/connect/") => {
+                if let Err(why) = same_origin_or_direct(&parts.headers) {
+                    return html(StatusCode::FORBIDDEN, ResultPage::refused(why).render());
+                }
+                let limited = http_body_util::Limited::new(body, MAX_FORM);
+                match http_body_util::BodyExt::collect(limited).await {
+                    Ok(collected) => {
+                        let bytes = collected.to_bytes();
+                        Some(parse_query(Some(&String::from_utf8_lossy(&bytes))))
+                    }
+                    Err(_) => {
+                        return plain(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "the form is larger than a flow's start needs\n",
+                        );
+                    }
+                }
+            }
+            _ => {
+                return plain(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "the onboarding pages answer GET, and POST /connect/{provider} from the /connect page\n",
+                );
+            }
+        };
         if path == "/connect" {
-            return Some(html(StatusCode::OK, self.page().await.render()));
+            return html(StatusCode::OK, self.page().await.render());
         }
         if path == "/oauth/callback" {
-            let outcome = self.callback(&query, cookie.as_deref()).await;
+            let outcome = self.callback(&query, &cookies(&parts.headers)).await;
             let status = match outcome.result {
                 "ok" => StatusCode::OK,
                 "access_denied" => StatusCode::FORBIDDEN,
@@ -43,36 +94,62 @@ impl Onboarding {
             };
             let mut response = html(status, ResultPage::of(&outcome).render());
             response.headers_mut().insert(RESULT_HEADER, HeaderValue::from_static(outcome.result));
-            return Some(response);
+            return response;
         }
         let rest = path.strip_prefix("/connect/").unwrap_or_default();
         let decoded = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-        // Account names may hold '+': only %2B-style escapes are decoded (as the admin API does).
-        let account = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("account=").map(decoded)));
         if let Some(provider) = rest.strip_suffix("/outcome") {
             let provider = decoded(provider);
-            return Some(match self.last_outcome(&provider, account.as_deref()) {
+            let outcome = match param("flow") {
+                Some(flow) => self.outcome_of_flow(&flow),
+                None => self.last_outcome(&provider, param("account").as_deref()),
+            };
+            return match outcome {
                 Some(outcome) => crate::body::json(StatusCode::OK, &*outcome),
                 None => crate::body::json(
                     StatusCode::NOT_FOUND,
-                    &serde_json::json!({"error": "no_outcome", "reason": "no authorization of this provider and account has finished since the start"}),
+                    &serde_json::json!({"error": "no_outcome", "reason": "no such authorization has finished since the start"}),
                 ),
-            });
+            };
         }
         let provider = decoded(rest);
-        Some(self.start_response(req, &provider, account.as_deref(), cookie))
+        // A form's fields are form-encoded (`+` is a space); a link's account is read as the
+        // admin API reads it (a `+` stays: account names may hold one).
+        let (account, flow) = match &form {
+            Some(fields) => {
+                let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+                (field("account").filter(|a| !a.is_empty()), field("flow"))
+            }
+            None => (
+                parts
+                    .uri
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("account=").map(decoded))),
+                param("flow"),
+            ),
+        };
+        if self.providers().get(&provider).is_none() {
+            let refused = ResultPage::refused(StartError::UnknownProvider(provider).to_string());
+            return html(StatusCode::NOT_FOUND, refused.render());
+        }
+        if form.is_none() && same_origin_or_direct(&parts.headers).is_err() {
+            // A navigation from another site (login CSRF): nothing is started and nothing
+            // written; the person sees what would be connected and decides with a click.
+            return html(
+                StatusCode::OK,
+                ResultPage::confirm(&provider, account.as_deref(), flow.as_deref()).render(),
+            );
+        }
+        self.start_response(&parts, &provider, account.as_deref(), flow.as_deref()).await
     }
 
-    /// `GET /connect/{provider}`: a `302` to the provider with the flow's cookie set.
-    fn start_response<B>(
+    /// Starts a flow: a `302` to the provider with the flow's cookie set.
+    async fn start_response(
         &self,
-        req: &Request<B>,
+        parts: &http::request::Parts,
         provider: &str,
         account: Option<&str>,
-        cookie: Option<String>,
+        flow: Option<&str>,
     ) -> Response<ProxyBody> {
         // The callback must reach this browser's cookie: start on the redirect_uri's own host
         // (a person who opened http://localhost:9090 while the callback is 127.0.0.1:9090). Only
@@ -80,35 +157,36 @@ impl Onboarding {
         if let Some(oauth) = self.providers().get(provider).and_then(|p| p.oauth())
             && let Ok(redirect) = oauth.redirect_uri.parse::<http::Uri>()
             && redirect.path() == "/oauth/callback"
-            && let (Some(want), Some(host)) = (redirect.authority(), req.headers().get(header::HOST))
+            && let (Some(want), Some(host)) = (redirect.authority(), parts.headers.get(header::HOST))
             && is_loopback(want.host())
             && host.to_str().is_ok_and(|h| is_loopback(h.rsplit_once(':').map_or(h, |(name, _)| name)))
             && !host.as_bytes().eq_ignore_ascii_case(want.as_str().as_bytes())
         {
-            let target = format!(
-                "{}://{}{}",
+            let mut target = format!(
+                "{}://{}/connect/{}",
                 redirect.scheme_str().unwrap_or("http"),
                 want,
-                req.uri().path_and_query().map_or("/connect", |pq| pq.as_str())
+                super::encode(provider)
             );
+            let mut separator = '?';
+            for (key, value) in [("account", account), ("flow", flow)] {
+                if let Some(value) = value {
+                    target += &format!("{separator}{key}={}", super::encode(value));
+                    separator = '&';
+                }
+            }
             return redirect_to(&target, None);
         }
-        let (cookie, new_cookie) = match cookie {
-            Some(cookie) => (cookie, None),
-            None => {
-                let fresh = pending::random_token();
-                (fresh.clone(), Some(fresh))
-            }
-        };
-        match self.start(provider, account, &cookie) {
+        let browser = pending::random_token();
+        match self.start(provider, account, flow, &browser).await {
             Ok(started) => {
-                let set_cookie = new_cookie.map(|value| {
-                    format!(
-                        "{FLOW_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}",
-                        self.flows.ttl.as_secs()
-                    )
-                });
-                redirect_to(&started.authorize_url, set_cookie)
+                let set_cookie = format!(
+                    "{}={browser}; Path={}; HttpOnly; SameSite=Lax; Max-Age={}",
+                    started.cookie_name,
+                    started.cookie_path,
+                    self.flows.ttl.as_secs()
+                );
+                redirect_to(&started.authorize_url, Some(set_cookie))
             }
             Err(e) => {
                 let status = match e {
@@ -129,13 +207,18 @@ fn is_loopback(host: &str) -> bool {
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn flow_cookie<B>(req: &Request<B>) -> Option<String> {
-    req.headers().get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
-        line.split(';').find_map(|pair| {
+/// Every cookie the request carries, as (name, value).
+fn cookies(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|line| line.split(';'))
+        .filter_map(|pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name == FLOW_COOKIE && !value.is_empty()).then(|| value.to_string())
+            (!value.is_empty()).then(|| (name.to_string(), value.to_string()))
         })
-    })
+        .collect()
 }
 
 /// A query string as form fields (`+` is a space), percent-decoded.

@@ -130,6 +130,8 @@ pub struct Outcome {
     pub error: Option<String>,
     pub sentence: String,
     pub action: Option<String>,
+    /// The id of the `tokenproxy authorize` link that started the flow, if one did.
+    pub flow: Option<String>,
     /// The new token's fingerprint, when connected.
     pub fingerprint: Option<String>,
     pub expires_at: Option<String>,
@@ -168,6 +170,14 @@ pub enum StartError {
 pub struct Started {
     /// The provider's authorization URL, with every parameter.
     pub authorize_url: String,
+    /// The flow's own cookie, which only the callback's path receives.
+    pub cookie_name: String,
+    pub cookie_path: String,
+}
+
+/// A flow id from a `tokenproxy authorize` link: short and plain, since it is stored and echoed.
+pub fn is_flow_id(id: &str) -> bool {
+    (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// The onboarding flows of one process.
@@ -182,11 +192,12 @@ pub struct Onboarding {
 
 impl Onboarding {
     pub fn new(providers: Arc<Providers>, oauth: OAuthClient, settings: &OnboardingSettings) -> Onboarding {
-        let flows = PendingFlows::new(settings.state_dir.clone(), settings.state_ttl);
+        let flows = PendingFlows::new(settings.state_dir.clone(), settings.state_ttl, settings.max_pending);
         let swept = flows.sweep();
         if swept > 0 {
             tracing::info!(swept, dir = %flows.dir().display(), "removed expired pending authorizations");
         }
+        flows.load();
         Onboarding {
             providers,
             oauth,
@@ -244,11 +255,13 @@ impl Onboarding {
     }
 
     /// Starts a browser flow for the browser whose cookie is `browser_cookie`: stores the
-    /// pending flow and returns the provider's authorization URL.
-    pub fn start(
+    /// pending flow (one file write, off the runtime's threads) and returns the provider's
+    /// authorization URL. `flow` is the id a `tokenproxy authorize` link carries.
+    pub async fn start(
         &self,
         provider: &str,
         account: Option<&str>,
+        flow: Option<&str>,
         browser_cookie: &str,
     ) -> Result<Started, StartError> {
         let (p, account) = self.target(provider, account, true)?;
@@ -261,10 +274,15 @@ impl Onboarding {
             code_verifier: code_verifier.clone(),
             redirect_uri: oauth.redirect_uri.clone(),
             browser: pending::sha256_hex(browser_cookie),
+            flow: flow.filter(|f| is_flow_id(f)).map(str::to_string),
             created_at: now,
             expires_at: now + self.flows.ttl,
         };
-        let state = self.flows.create(&pending).map_err(|e| StartError::StateDir(e.to_string()))?;
+        let flows = self.flows.clone();
+        let state = tokio::task::spawn_blocking(move || flows.create(&pending))
+            .await
+            .map_err(|e| StartError::StateDir(e.to_string()))?
+            .map_err(|e| StartError::StateDir(e.to_string()))?;
         let mut params: Vec<(&str, &str)> = vec![
             ("response_type", "code"),
             ("client_id", &oauth.client_id),
@@ -291,29 +309,49 @@ impl Onboarding {
             pkce = oauth.pkce,
             "authorization started"
         );
-        Ok(Started { authorize_url: format!("{base}{separator}{}", query.join("&")) })
+        let cookie_path = oauth
+            .redirect_uri
+            .parse::<::http::Uri>()
+            .ok()
+            .map(|u| u.path().to_string())
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or_else(|| "/oauth/callback".into());
+        Ok(Started {
+            authorize_url: format!("{base}{separator}{}", query.join("&")),
+            cookie_name: pending::cookie_name(&state),
+            cookie_path,
+        })
     }
 
-    /// Finishes a browser flow from the callback's query and the browser's cookie.
-    pub async fn callback(&self, query: &[(String, String)], browser_cookie: Option<&str>) -> Arc<Outcome> {
+    /// Finishes a browser flow from the callback's query and the browser's cookies (the flow's
+    /// own is found by its name, which the state determines).
+    pub async fn callback(&self, query: &[(String, String)], cookies: &[(String, String)]) -> Arc<Outcome> {
         let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let Some(state) = param("state").filter(|s| !s.is_empty()) else {
             return self.record(
                 None,
                 None,
+                None,
                 Err(Failure::StateUnknown("the callback carries no state".into())),
             );
         };
-        let pending = match self.flows.take(state, browser_cookie) {
+        let name = pending::cookie_name(state);
+        let browser_cookie = cookies.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str());
+        let flows = self.flows.clone();
+        let (state, cookie) = (state.to_string(), browser_cookie.map(str::to_string));
+        let taken = tokio::task::spawn_blocking(move || flows.take(&state, cookie.as_deref()))
+            .await
+            .unwrap_or_else(|e| Err(StateProblem::Io(e.to_string())));
+        let pending = match taken {
             Ok(pending) => pending,
             Err(StateProblem::Unknown(why)) => {
-                return self.record(None, None, Err(Failure::StateUnknown(why.into())));
+                return self.record(None, None, None, Err(Failure::StateUnknown(why.into())));
             }
             Err(StateProblem::Expired(flow)) => {
-                let (provider, account) = *flow;
-                return self.record(Some(&provider), account.as_deref(), Err(Failure::StateExpired));
+                let (provider, account, flow) = *flow;
+                return self.record(Some(&provider), account.as_deref(), flow, Err(Failure::StateExpired));
             }
-            Err(StateProblem::Io(e)) => return self.record(None, None, Err(Failure::WriteFailed(e))),
+            Err(StateProblem::Io(e)) => return self.record(None, None, None, Err(Failure::WriteFailed(e))),
         };
         let (provider, account) = (pending.provider.as_str(), pending.account.as_deref());
         let result = match (param("error"), param("code")) {
@@ -336,7 +374,7 @@ impl Onboarding {
             ))),
             (None, Some(code)) => self.exchange(&pending, code).await,
         };
-        self.record(Some(provider), account, result)
+        self.record(Some(provider), account, pending.flow.clone(), result)
     }
 
     async fn exchange(&self, pending: &Pending, code: &str) -> Result<Connected, Failure> {
@@ -394,6 +432,7 @@ impl Onboarding {
         &self,
         provider: Option<&str>,
         account: Option<&str>,
+        flow: Option<String>,
         result: Result<Connected, Failure>,
     ) -> Arc<Outcome> {
         let label = provider.unwrap_or("none");
@@ -410,6 +449,7 @@ impl Onboarding {
                     "Connected: the token is stored and in use. The provider sent no refresh token, so it cannot be renewed when it expires (some providers need authorize_params such as access_type = \"offline\").".into()
                 },
                 action: None,
+                flow: flow.clone(),
                 fingerprint: Some(connected.fingerprint.clone()),
                 expires_at: crate::tokens::fmt_time(connected.expires_at),
                 at: OffsetDateTime::now_utc(),
@@ -421,6 +461,7 @@ impl Onboarding {
                 error: Some(failure.detail()),
                 sentence: failure.sentence(),
                 action: Some(failure.action()),
+                flow: flow.clone(),
                 fingerprint: None,
                 expires_at: None,
                 at: OffsetDateTime::now_utc(),
@@ -445,6 +486,12 @@ impl Onboarding {
         drop(outcomes);
         self.finished.notify_waiters();
         outcome
+    }
+
+    /// The outcome of the flow a `tokenproxy authorize` link with id `flow` started.
+    pub fn outcome_of_flow(&self, flow: &str) -> Option<Arc<Outcome>> {
+        let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        outcomes.iter().rev().find(|o| o.flow.as_deref() == Some(flow)).cloned()
     }
 
     /// The last outcome of (provider, account) (`account` is ignored for a single-account

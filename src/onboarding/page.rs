@@ -7,7 +7,7 @@ use std::sync::Arc;
 use askama::Template;
 use time::OffsetDateTime;
 
-use super::{Onboarding, Outcome, encode};
+use super::{Onboarding, Outcome};
 use crate::cli::human_seconds;
 use crate::tokens::{Provider, TokenView};
 
@@ -41,7 +41,6 @@ pub struct AccountRow {
     pub last_error: Option<String>,
     pub fingerprint: Option<String>,
     pub last_authorization: Option<Arc<Outcome>>,
-    pub connect_href: String,
 }
 
 #[derive(Template)]
@@ -56,7 +55,24 @@ pub struct ResultPage {
     pub action: Option<String>,
 }
 
+/// What a cross-site link to a flow's start shows instead of starting it (SPEC §6).
+#[derive(Template)]
+#[template(path = "confirm.html")]
+pub struct ConfirmPage {
+    pub provider: String,
+    pub account: Option<String>,
+    pub flow: Option<String>,
+}
+
 impl ResultPage {
+    pub fn confirm(provider: &str, account: Option<&str>, flow: Option<&str>) -> ConfirmPage {
+        ConfirmPage {
+            provider: provider.to_string(),
+            account: account.map(str::to_string),
+            flow: flow.filter(|f| super::is_flow_id(f)).map(str::to_string),
+        }
+    }
+
     pub fn of(outcome: &Outcome) -> ResultPage {
         let who = (outcome.provider != "none").then(|| match &outcome.account {
             Some(account) => format!("Provider {}, account {account}.", outcome.provider),
@@ -131,12 +147,6 @@ impl Onboarding {
             .into_iter()
             .map(|v| {
                 let expires_unix = v.expires_in_s.map(|s| now.unix_timestamp() + s);
-                let href = match &v.account {
-                    Some(account) => {
-                        format!("/connect/{}?account={}", encode(provider.name()), encode(account))
-                    }
-                    None => format!("/connect/{}", encode(provider.name())),
-                };
                 AccountRow {
                     last_authorization: self.last_outcome(provider.name(), v.account.as_deref()),
                     account: v.account,
@@ -151,7 +161,6 @@ impl Onboarding {
                     last_refresh_result: v.last_refresh_result.unwrap_or_default(),
                     last_error: v.last_error,
                     fingerprint: v.fingerprint,
-                    connect_href: href,
                 }
             })
             .collect();

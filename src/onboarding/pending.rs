@@ -4,7 +4,9 @@
 //! A file survives restarts, is valid for `state_ttl`, is removed by the callback that uses it,
 //! and is swept some time after it expires.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -28,6 +30,9 @@ pub struct Pending {
     pub redirect_uri: String,
     /// SHA-256 (hex) of the browser cookie that started the flow.
     pub browser: String,
+    /// The id `tokenproxy authorize` put in its link, so that it hears its own flow's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -40,21 +45,70 @@ pub enum StateProblem {
     /// Never issued, already used, or presented by another browser.
     Unknown(&'static str),
     /// Issued and not used, but too late; the flow it belonged to.
-    Expired(Box<(String, Option<String>)>),
+    Expired(Box<(String, Option<String>, Option<String>)>),
     /// The folder cannot be read or written.
     Io(String),
 }
 
-/// The folder of pending flows.
+/// The folder of pending flows, with an index of them in memory (oldest first), so that a new
+/// flow costs one file write however many are pending, and the cap drops the oldest.
 #[derive(Debug, Clone)]
 pub struct PendingFlows {
     dir: PathBuf,
     pub ttl: Duration,
+    max_pending: usize,
+    /// File names (`<sha256 of the state>.json`), oldest first.
+    index: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl PendingFlows {
-    pub fn new(dir: PathBuf, ttl: Duration) -> PendingFlows {
-        PendingFlows { dir, ttl }
+    pub fn new(dir: PathBuf, ttl: Duration, max_pending: usize) -> PendingFlows {
+        PendingFlows { dir, ttl, max_pending: max_pending.max(1), index: Arc::default() }
+    }
+
+    /// Reads the folder once (at start, before serving): indexes what is pending by age and
+    /// drops the oldest beyond the cap.
+    pub fn load(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
+        let mut found: Vec<(std::time::SystemTime, String)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let modified = entry.metadata().and_then(|m| m.modified()).ok()?;
+                name.ends_with(".json").then_some((modified, name))
+            })
+            .collect();
+        found.sort();
+        let mut index = self.lock_index();
+        *index = found.into_iter().map(|(_, name)| name).collect();
+        self.trim(&mut index, self.max_pending);
+        index.len()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.lock_index().len()
+    }
+
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes the oldest flows until at most `keep` are pending; how many went.
+    fn trim(&self, index: &mut VecDeque<String>, keep: usize) -> usize {
+        let mut dropped = 0;
+        while index.len() > keep {
+            let Some(oldest) = index.pop_front() else { break };
+            let _ = std::fs::remove_file(self.dir.join(&oldest));
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                max_pending = self.max_pending,
+                "pending authorizations over [onboarding] max_pending; the oldest were dropped"
+            );
+        }
+        dropped
     }
 
     pub fn dir(&self) -> &Path {
@@ -63,12 +117,16 @@ impl PendingFlows {
 
     /// Stores `pending` under a new random state, which it returns (for the authorization URL
     /// only).
+    /// One file write, whatever the number pending; beyond `max_pending` the oldest is dropped.
     pub fn create(&self, pending: &Pending) -> std::io::Result<String> {
         create_private_dir(&self.dir)?;
-        self.sweep();
         let state = random_token();
         let bytes = serde_json::to_vec_pretty(pending).map_err(std::io::Error::other)?;
-        write_atomically(&self.file(&state), &bytes, 0o600, Existing::Keep)?;
+        let name = file_name(&state);
+        write_atomically(&self.dir.join(&name), &bytes, 0o600, Existing::Keep)?;
+        let mut index = self.lock_index();
+        index.push_back(name);
+        self.trim(&mut index, self.max_pending);
         Ok(state)
     }
 
@@ -88,8 +146,11 @@ impl PendingFlows {
         };
         let pending: Pending = serde_json::from_slice(&bytes)
             .map_err(|_| StateProblem::Unknown("the pending authorization's file is damaged"))?;
+        // Expiry first: the flow's cookie expires with it, so a late callback from the right
+        // browser comes without it, and must hear "expired", not "another browser".
+        let expired = pending.expires_at <= OffsetDateTime::now_utc();
         // Another browser's callback does not use the flow up: the right browser may still come.
-        if browser_cookie.map(sha256_hex).as_deref() != Some(pending.browser.as_str()) {
+        if !expired && browser_cookie.map(sha256_hex).as_deref() != Some(pending.browser.as_str()) {
             return Err(StateProblem::Unknown("this browser did not start this authorization"));
         }
         match std::fs::remove_file(&path) {
@@ -99,8 +160,10 @@ impl PendingFlows {
             }
             Err(e) => return Err(StateProblem::Io(format!("{}: {e}", self.dir.display()))),
         }
-        if pending.expires_at <= OffsetDateTime::now_utc() {
-            return Err(StateProblem::Expired(Box::new((pending.provider, pending.account))));
+        let name = file_name(state);
+        self.lock_index().retain(|n| *n != name);
+        if expired {
+            return Err(StateProblem::Expired(Box::new((pending.provider, pending.account, pending.flow))));
         }
         Ok(pending)
     }
@@ -127,6 +190,7 @@ impl PendingFlows {
                         .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
             };
             if stale && std::fs::remove_file(&path).is_ok() {
+                self.lock_index().retain(|n| *n != name);
                 removed += 1;
             }
         }
@@ -134,8 +198,18 @@ impl PendingFlows {
     }
 
     fn file(&self, state: &str) -> PathBuf {
-        self.dir.join(format!("{}.json", sha256_hex(state)))
+        self.dir.join(file_name(state))
     }
+}
+
+fn file_name(state: &str) -> String {
+    format!("{}.json", sha256_hex(state))
+}
+
+/// The name of the cookie that binds the flow `state` names to its browser: one per flow, so
+/// that two flows started in one browser do not replace each other's cookie.
+pub fn cookie_name(state: &str) -> String {
+    format!("{}_{}", super::http::FLOW_COOKIE, &sha256_hex(&format!("cookie:{state}"))[..16])
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -175,6 +249,7 @@ mod tests {
             code_verifier: Some(random_token()),
             redirect_uri: "http://127.0.0.1:9090/oauth/callback".into(),
             browser: sha256_hex(cookie),
+            flow: None,
             created_at: now,
             expires_at: now + ttl,
         }
@@ -183,7 +258,7 @@ mod tests {
     #[test]
     fn a_flow_is_used_once_by_its_own_browser_and_its_state_is_not_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let flows = PendingFlows::new(dir.path().join("state"), Duration::from_secs(3600));
+        let flows = PendingFlows::new(dir.path().join("state"), Duration::from_secs(3600), 100);
         let state = flows.create(&pending(time::Duration::hours(1), "cookie-1")).unwrap();
         let files: Vec<_> = std::fs::read_dir(flows.dir()).unwrap().flatten().collect();
         assert_eq!(files.len(), 1);
@@ -204,15 +279,42 @@ mod tests {
     #[test]
     fn an_expired_flow_says_so_and_old_ones_are_swept() {
         let dir = tempfile::tempdir().unwrap();
-        let flows = PendingFlows::new(dir.path().to_path_buf(), Duration::from_secs(1));
+        let flows = PendingFlows::new(dir.path().to_path_buf(), Duration::from_secs(1), 100);
         let state = flows.create(&pending(time::Duration::seconds(-5), "c")).unwrap();
         assert!(matches!(flows.take(&state, Some("c")), Err(StateProblem::Expired(_))));
+        // The cookie expired with the flow: the late callback comes without it, and hears
+        // "expired" all the same.
+        let late = flows.create(&pending(time::Duration::seconds(-5), "c")).unwrap();
+        assert!(matches!(flows.take(&late, None), Err(StateProblem::Expired(_))));
         let old = flows.create(&pending(time::Duration::days(-2), "c")).unwrap();
-        // Each new flow sweeps the folder first.
         let fresh = flows.create(&pending(time::Duration::hours(1), "c")).unwrap();
+        assert_eq!(flows.sweep(), 1);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(flows.pending_count(), 1);
         assert!(matches!(flows.take(&old, Some("c")), Err(StateProblem::Unknown(_))));
         assert!(flows.take(&fresh, Some("c")).is_ok());
+    }
+
+    #[test]
+    fn beyond_max_pending_the_oldest_flow_is_dropped_and_a_restart_keeps_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let flows = PendingFlows::new(dir.path().to_path_buf(), Duration::from_secs(3600), 3);
+        let states: Vec<String> = (0..5)
+            .map(|_| {
+                // Apart by more than the file system's coarse clock, so a restart sees their order.
+                std::thread::sleep(Duration::from_millis(25));
+                flows.create(&pending(time::Duration::hours(1), "c")).unwrap()
+            })
+            .collect();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+        assert!(matches!(flows.take(&states[0], Some("c")), Err(StateProblem::Unknown(_))));
+        assert!(matches!(flows.take(&states[1], Some("c")), Err(StateProblem::Unknown(_))));
+        assert!(flows.take(&states[2], Some("c")).is_ok());
+        // A restart with a smaller cap reads the folder once and keeps the newest.
+        let again = PendingFlows::new(dir.path().to_path_buf(), Duration::from_secs(3600), 1);
+        assert_eq!(again.load(), 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert!(again.take(&states[4], Some("c")).is_ok());
     }
 
     #[test]

@@ -637,11 +637,18 @@ pub fn client_available(name: &str, probe: &mut Command) -> bool {
         if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
             panic!("{name} is required (TOKENPROXY_REQUIRE_CLIENTS=1) but not usable here");
         }
-        eprintln!(
-            "SKIP: {name} is not usable on this machine; set TOKENPROXY_REQUIRE_CLIENTS=1 to fail instead"
-        );
+        skip(&format!(
+            "{name} is not usable on this machine; set TOKENPROXY_REQUIRE_CLIENTS=1 to fail instead"
+        ));
     }
     ok
+}
+
+/// Says that a test skips, in `cargo test`'s normal output: the harness captures what `eprintln!`
+/// prints (shown only with `--nocapture`), but not a write to the process's standard error.
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
 }
 
 pub fn curl_available() -> bool {

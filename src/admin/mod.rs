@@ -3,9 +3,12 @@
 //!
 //! Answers are built from `TokenView`s, which hold fingerprints only.
 
+pub mod doors;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -14,29 +17,42 @@ use crate::body::ProxyBody;
 use crate::errors::{AccountAsk, ProxyError};
 use crate::metrics;
 use crate::onboarding::Onboarding;
+use crate::onboarding::http::{is_onboarding_path, same_origin_or_direct};
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Providers, Unavailable};
+use doors::Doors;
 
 pub struct Admin {
     providers: Arc<Providers>,
     metrics: PrometheusHandle,
     onboarding: Arc<Onboarding>,
+    doors: Doors,
 }
 
 impl Admin {
-    pub fn new(providers: Arc<Providers>, metrics: PrometheusHandle, onboarding: Arc<Onboarding>) -> Admin {
-        Admin { providers, metrics, onboarding }
+    pub fn new(
+        providers: Arc<Providers>,
+        metrics: PrometheusHandle,
+        onboarding: Arc<Onboarding>,
+        doors: Doors,
+    ) -> Admin {
+        Admin { providers, metrics, onboarding, doors }
     }
 
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
+    /// Answers `req` from `peer`: who may ask is decided first ([`doors`]), then the path.
+    pub async fn handle(&self, req: Request<hyper::body::Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        if let Err(refusal) = self.doors.check(&req, peer) {
+            return *refusal;
+        }
         let path = req.uri().path();
+        // Onboarding answers its own refusals, as pages for the person who was sent there.
+        if is_onboarding_path(path) {
+            return self.onboarding.handle(req).await;
+        }
         if !matches!(*req.method(), Method::GET | Method::HEAD)
-            && let Err(reason) = same_origin(&req)
+            && let Err(reason) = same_origin_or_direct(req.headers())
         {
             return json_response(StatusCode::FORBIDDEN, &json!({"error": "cross_origin", "reason": reason}));
-        }
-        if let Some(response) = self.onboarding.handle(&req).await {
-            return response;
         }
         let query = req.uri().query();
         if let Some(name) = path.strip_prefix("/tokens/").and_then(|rest| rest.strip_suffix("/refresh")) {
@@ -151,25 +167,6 @@ impl Admin {
         }
         self.metrics.run_upkeep();
         text(StatusCode::OK, &self.metrics.render(), "text/plain; version=0.0.4")
-    }
-}
-
-/// A state-changing request must come from the admin API's own origin: a page on another site
-/// that a person's browser runs must not force refreshes (or, later, start authorizations).
-/// Requests without `Origin` (curl, scripts) are not from a browser page and pass.
-fn same_origin<B>(req: &Request<B>) -> Result<(), String> {
-    if req.headers().get("sec-fetch-site").is_some_and(|v| v == "cross-site") {
-        return Err("a cross-site request cannot change state here".into());
-    }
-    let Some(origin) = req.headers().get(header::ORIGIN) else { return Ok(()) };
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-    let origin = origin.to_str().unwrap_or("null");
-    let origin_host = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
-    match origin_host {
-        Some(authority) if !host.is_empty() && authority.eq_ignore_ascii_case(host) => Ok(()),
-        _ => Err(format!(
-            "Origin {origin:?} is not this admin API ({host}); state-changing requests must come from it"
-        )),
     }
 }
 

@@ -1,0 +1,77 @@
+"""Login CSRF in a real Chromium: a page on another origin (localhost, while the admin API is
+127.0.0.1: another site) sends the browser to a flow's start, by navigation and by a form POST.
+
+Usage: csrf_browser.py ADMIN_URL PROVIDER ACCOUNT
+Prints `key value` lines that tests/onboarding.rs checks.
+"""
+import http.server
+import sys
+import tempfile
+import threading
+
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+admin, provider, account = sys.argv[1:4]
+start = f"{admin}/connect/{provider}?account={account}"
+pages = {
+    "/navigate.html": f'<!doctype html><script>location.href = "{start}";</script>',
+    "/form.html": f'<!doctype html><form id="f" method="post" action="{admin}/connect/{provider}">'
+                  f'<input name="account" value="{account}"></form><script>document.getElementById("f").submit();</script>',
+}
+
+
+class Evil(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = pages.get(self.path, "").encode()
+        self.send_response(200 if body else 404)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+evil = f"http://localhost:{server.server_address[1]}"
+
+options = Options()
+options.binary_location = "/usr/bin/chromium"
+profile = tempfile.mkdtemp(prefix="tokenproxy-chromium-")
+for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-proxy-server", f"--user-data-dir={profile}"]:
+    options.add_argument(flag)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+wait = WebDriverWait(driver, 20)
+
+
+def result_of_page():
+    return wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-result]"))[0].get_attribute("data-result")
+
+
+try:
+    driver.get(evil + "/navigate.html")
+    wait.until(lambda d: d.current_url.startswith(admin))
+    print("navigation", result_of_page())
+    driver.get(evil + "/form.html")
+    wait.until(lambda d: d.current_url.startswith(admin))
+    print("form", result_of_page())
+    # The person opens the link again and decides: the page's Connect button is a same-origin POST.
+    driver.get(evil + "/navigate.html")
+    wait.until(lambda d: d.current_url.startswith(admin))
+    driver.find_element(By.CSS_SELECTOR, "[data-role=connect]").click()
+    print("clicked", result_of_page())
+except Exception:
+    print("url", driver.current_url, file=sys.stderr)
+    print(driver.page_source[:3000], file=sys.stderr)
+    raise
+finally:
+    driver.quit()
+    server.shutdown()
