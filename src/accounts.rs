@@ -8,7 +8,7 @@ pub const MAX_LEN: usize = 128;
 
 /// Why a name cannot be an account name. The message never repeats the name: it came from a
 /// request and may be anything, and error messages reach logs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BadAccount {
     #[error("an account name cannot be empty")]
     Empty,
@@ -18,6 +18,8 @@ pub enum BadAccount {
     LeadingDot,
     #[error("an account name may hold only A-Z a-z 0-9 . _ @ + -")]
     Character,
+    #[error("the request names two different accounts in Tokenproxy-Account headers")]
+    Conflicting,
 }
 
 /// 1–128 characters from `A-Z a-z 0-9 . _ @ + -`, not starting with `.`: no separator, no

@@ -742,3 +742,38 @@ async fn the_readmes_multi_user_backends_in_python_and_node_work_as_written() {
         assert_eq!(tokens_seen(&s)[before..], [bearer("secure", BOB), bearer("secure", ALICE)]);
     }
 }
+
+/// Two `Tokenproxy-Account` headers that differ are `400 bad_account` on every path (SPEC §5):
+/// the hand-written relay (a bodiless GET) and hyper's (a POST with a body) decide alike, and
+/// the same name twice is that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_different_account_headers_are_refused_on_every_path() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    write_accounts(dir.path(), "api", &[ALICE, BOB]);
+    let tp = TokenProxy::start(dir.path(), &plain_config(&mock, "", ""));
+    for post in [false, true] {
+        for order in [[ALICE, BOB], [BOB, ALICE]] {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for account in order {
+                headers.append("tokenproxy-account", account.parse().unwrap());
+            }
+            let request = if post {
+                tp.client().post(mock.url("/whoami")).body("a body")
+            } else {
+                tp.client().get(mock.url("/whoami"))
+            };
+            let r = request.headers(headers).send().await.unwrap();
+            assert_eq!(r.status(), 400, "post: {post}, {order:?}");
+            assert_eq!(r.headers()["x-tokenproxy-error"], "bad_account");
+        }
+        let mut same = reqwest::header::HeaderMap::new();
+        same.append("tokenproxy-account", BOB.parse().unwrap());
+        same.append("tokenproxy-account", BOB.parse().unwrap());
+        let request = if post { tp.client().post(mock.url("/whoami")).body("x") } else { tp.client().get(mock.url("/whoami")) };
+        let r = request.headers(same).send().await.unwrap();
+        assert_eq!(r.status(), 200, "post: {post}");
+        assert_eq!(mock.last().authorization(), Some(format!("Bearer {}", token_of("api", BOB)).as_str()));
+    }
+    assert_eq!(mock.seen().len(), 2, "only the two requests that named one account reached the upstream");
+}

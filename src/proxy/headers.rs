@@ -1,6 +1,6 @@
 //! Header hygiene between the two hops.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy's own
 /// credentials, which must never travel further. `Connection` comes first: [`remove_hop_by_hop`]
@@ -75,6 +75,20 @@ pub fn set_upgrade(headers: &mut HeaderMap, protocol: http::HeaderValue) {
 /// The request header that names the account of a multi-account provider (SPEC §8). It is
 /// tokenproxy's own and never forwarded.
 pub const ACCOUNT: HeaderName = HeaderName::from_static("tokenproxy-account");
+
+/// Removes every `Tokenproxy-Account` header (tokenproxy's, never forwarded) and returns the
+/// account they name: the same one repeated is that one, two different ones are refused.
+pub fn take_account(headers: &mut HeaderMap) -> Result<Option<HeaderValue>, crate::accounts::BadAccount> {
+    let mut values = match headers.entry(ACCOUNT) {
+        http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1,
+        http::header::Entry::Vacant(_) => return Ok(None),
+    };
+    let first = values.next();
+    if values.any(|other| Some(&other) != first.as_ref()) {
+        return Err(crate::accounts::BadAccount::Conflicting);
+    }
+    Ok(first)
+}
 
 /// The user name of `Proxy-Authorization: Basic base64(user:password)`, which clients send for
 /// `HTTP_PROXY=http://user@host:port`: it names an account (SPEC §8). Anything else (another

@@ -311,7 +311,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // Removed whoever the request goes to: it is tokenproxy's, not the upstream's.
-        let named_account = parts.headers.remove(headers::ACCOUNT);
+        let named_account = headers::take_account(&mut parts.headers);
         headers::remove_hop_by_hop(&mut parts.headers);
         if let Some(protocol) = upgrade {
             headers::set_upgrade(&mut parts.headers, protocol);
@@ -331,7 +331,9 @@ impl Proxy {
             let keep =
                 config.client_header == ClientHeader::Keep && parts.headers.contains_key(&config.header);
             if !keep {
-                let credential = self.credential_for(provider, named_account.as_ref(), &ex).await?;
+                let credential = self
+                    .credential_for(provider, named_account.as_ref().map(Option::as_ref).map_err(|e| *e), &ex)
+                    .await?;
                 let token = self.token_for(provider, &credential).await?;
                 parts.headers.insert(config.header.clone(), token.header_value().clone());
                 injected = Some(Injected { provider, credential, token });
@@ -373,14 +375,14 @@ impl Proxy {
     async fn credential_for(
         &self,
         provider: &Arc<Provider>,
-        header: Option<&http::HeaderValue>,
+        header: Result<Option<&http::HeaderValue>, crate::accounts::BadAccount>,
         ex: &Exchange<'_>,
     ) -> Result<Arc<Credential>, ProxyError> {
         if let Some(single) = provider.single() {
             return Ok(single.clone());
         }
         let bad = |reason| ProxyError::BadAccount { provider: provider.name().to_string(), reason };
-        let named = match header {
+        let named = match header.map_err(bad)? {
             Some(value) => Some(value.to_str().map_err(|_| bad(crate::accounts::BadAccount::Character))?),
             None => ex.proxy_user,
         };

@@ -387,6 +387,8 @@ impl PlainRelay {
                 Name::TransferEncoding | Name::Upgrade | Name::Expect => return None,
                 Name::Connection if !connection.is_empty() => return None, // two: hyper's to sort out
                 Name::Connection => connection = h.value,
+                // Two: hyper's path answers them, so both codecs decide alike (SPEC §5).
+                Name::Account if named_account.is_some() => return None,
                 Name::Account => named_account = Some(HeaderValue::from_bytes(h.value).ok()?),
                 Name::ProxyAuthorization => proxy_user = super::headers::proxy_user_of(h.value),
                 _ => {}
@@ -505,7 +507,7 @@ impl PlainRelay {
         };
         let credential = self
             .proxy
-            .credential_for(provider, request.named_account.as_ref(), &exchange)
+            .credential_for(provider, Ok(request.named_account.as_ref()), &exchange)
             .await
             .map_err(|_| ())?;
         let token = self.proxy.token_at_once(provider, &credential).ok_or(())?;
