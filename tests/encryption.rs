@@ -191,4 +191,11 @@ async fn token_put_imports_a_token_that_a_running_proxy_uses_and_refuses_bad_inp
     let (code, out) = run(dir.path(), &["token", "put", "api", "--account", "x"], Some("{}"));
     assert_eq!(code, Some(1));
     assert!(out.contains("drop --account"), "{out}");
+    // A token that cannot stand in a header is refused before anything is written (SPEC §5).
+    let before = std::fs::read(dir.path().join("api.json")).unwrap();
+    let (code, out) =
+        run(dir.path(), &["token", "put", "api"], Some(r#"{"access_token": "at-x\r\nX-Injected: 1"}"#));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not allowed in an HTTP header") && !out.contains("X-Injected"), "{out}");
+    assert_eq!(std::fs::read(dir.path().join("api.json")).unwrap(), before);
 }

@@ -106,9 +106,11 @@ impl TokenStore for FileStore {
         expected: Option<Version>,
     ) -> StoreFuture<'a, Result<Version, SaveError>> {
         let path = self.path(key);
+        let checked = super::check_storable(fields);
         let fields = fields.clone();
         let (owner, sealer) = (Owner::of(key), self.sealer.clone());
         Box::pin(async move {
+            checked.map_err(SaveError::Failed)?;
             let path = path.map_err(SaveError::Failed)?;
             blocking(move || save_file(&path, &fields, expected, &owner, sealer.as_deref()))
                 .await
@@ -290,6 +292,7 @@ fn save_file(
         return Err(SaveError::Conflict(Box::new(current.loaded)));
     }
     let bytes = seal::encode(sealer, owner.key(), FileFormat::of(&path), fields).map_err(failed)?;
+    super::check_stored_size(&bytes).map_err(SaveError::Failed)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(failed)?;
     }

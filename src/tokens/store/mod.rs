@@ -63,6 +63,41 @@ pub async fn replace(store: &dyn TokenStore, key: Key<'_>, fields: &Fields) -> R
     }
 }
 
+/// Whether `fields` may replace what is stored (SPEC §5): the whole document is checked before
+/// anything is written, so that a refused document (a token endpoint's 3 MiB answer, an access
+/// token with a line break) leaves the stored token as it was. Every store's `save` asks this,
+/// so refreshes, reconnects and `token put` all follow one rule.
+pub fn check_storable(fields: &Fields) -> Result<(), StoreError> {
+    let refused = |why: String| Err(StoreError(format!("{why}; refused, the stored token is kept")));
+    let doc = match super::file::document_from_fields(fields.clone()) {
+        Ok(doc) => doc,
+        Err(e) => return refused(format!("the new token document is not usable ({e})")),
+    };
+    if http::HeaderValue::from_str(&doc.access_token).is_err() {
+        return refused("the new access_token has characters not allowed in an HTTP header".into());
+    }
+    let size = serde_json::to_vec(fields).map(|b| b.len() as u64).unwrap_or(u64::MAX);
+    if size > MAX_FILE_BYTES {
+        return refused(format!(
+            "the new token document is {} KiB, more than the {} KiB a token document may hold",
+            size / 1024,
+            MAX_FILE_BYTES / 1024
+        ));
+    }
+    Ok(())
+}
+
+/// Stored bytes (sealed or not) over [`MAX_FILE_BYTES`] would not be read back: refused.
+fn check_stored_size(bytes: &[u8]) -> Result<(), StoreError> {
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(StoreError(format!(
+            "the stored form of the new token document would be over {} KiB; refused, the stored token is kept",
+            MAX_FILE_BYTES / 1024
+        )));
+    }
+    Ok(())
+}
+
 /// The store a config names: token files, or a Redis shared by a fleet (SPEC §11).
 pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
     use crate::config::StoreSettings;
@@ -198,6 +233,13 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Where `key` is kept, as messages name it ("token file /var/lib/tokens/github.json").
     fn location(&self, key: Key<'_>) -> String;
+
+    /// Whether other processes write the same keys and the store can lose what it held (a
+    /// Redis restarted empty, a failover): then a replica keeps the document it holds and never
+    /// adopts an older one (SPEC §11). A token file a person edits by hand is not such a store.
+    fn shared(&self) -> bool {
+        false
+    }
 
     /// Starts reporting changes.
     fn watch(&self) -> ChangeFeed;

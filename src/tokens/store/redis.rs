@@ -266,6 +266,7 @@ impl TokenStore for RedisStore {
         expected: Option<Version>,
     ) -> StoreFuture<'a, Result<Version, SaveError>> {
         Box::pin(async move {
+            super::check_storable(fields).map_err(SaveError::Failed)?;
             let current = self.read(key).await.map_err(SaveError::Failed)?;
             if let Some((version, bytes)) = &current {
                 let (loaded, foreign) = self.decode(key, *version, bytes);
@@ -281,6 +282,7 @@ impl TokenStore for RedisStore {
                 return Err(SaveError::Conflict(Box::new(Loaded::Missing)));
             }
             let bytes = self.encode(key, fields).map_err(SaveError::Failed)?;
+            super::check_stored_size(&bytes).map_err(SaveError::Failed)?;
             match self.compare_and_set(key, &bytes, expected).await.map_err(SaveError::Failed)? {
                 Ok(version) => Ok(version),
                 Err(_) => {
@@ -384,6 +386,10 @@ impl TokenStore for RedisStore {
             names.dedup();
             Ok(names)
         })
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn problem<'a>(&'a self, _provider: &'a str) -> StoreFuture<'a, Option<String>> {
