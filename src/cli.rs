@@ -124,6 +124,11 @@ pub async fn check(config: &Config) -> bool {
         println!("token data is sealed at rest with AES-256-GCM, key {}", sealer.key_id());
     }
     for pc in &config.providers {
+        if let Some(oauth) = &pc.oauth
+            && let Err(e) = crate::oauth::check_secret(&oauth.client_secret)
+        {
+            problems.push(format!("providers.{}.oauth: {e}", pc.name));
+        }
         let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO, store.clone());
         if provider.is_multi_account() {
             check_accounts(&provider, now, config.sealer.is_some(), &mut problems).await;

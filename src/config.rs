@@ -561,11 +561,16 @@ impl Config {
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed("TOKENPROXY_").filter(|k| k.as_str().contains("__")).split("__"));
         let figment = apply_presets(figment).map_err(|problems| ConfigError { problems })?;
-        let raw: RawConfig = figment.extract().map_err(|e| ConfigError {
-            problems: e.into_iter().map(|e| describe_figment_error(path, &e)).collect(),
-        })?;
+        let (raw, mut problems) = extract_listing_every_problem(figment, path)?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        validate(raw, path, &base)
+        match validate(raw, path, &base) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError { problems }),
+            Err(e) => {
+                problems.extend(e.problems);
+                Err(ConfigError { problems })
+            }
+        }
     }
 }
 
@@ -643,6 +648,50 @@ fn apply_presets(figment: Figment) -> Result<Figment, Vec<String>> {
 
 /// "file: key proxy.bogus: unknown field …", naming where an override came from when it was
 /// the environment.
+/// Extracts the raw config; a key that cannot be read (unknown, or of the wrong type) is a
+/// problem, and is then left out so that everything else is still read and validated: `check`
+/// lists every problem at once, not the first.
+fn extract_listing_every_problem(
+    mut figment: Figment,
+    path: &Path,
+) -> Result<(RawConfig, Vec<String>), ConfigError> {
+    let mut problems = Vec::new();
+    // Each round removes at least one key; a config has far fewer bad keys than this.
+    for _ in 0..64 {
+        let errors = match figment.extract::<RawConfig>() {
+            Ok(raw) => return Ok((raw, problems)),
+            Err(errors) => errors,
+        };
+        let mut bad_keys = Vec::new();
+        for e in errors {
+            problems.push(describe_figment_error(path, &e));
+            let mut key = e.path.clone();
+            if let figment::error::Kind::UnknownField(field, _) = &e.kind
+                && key.last() != Some(field)
+            {
+                key.push(field.clone());
+            }
+            bad_keys.push(key);
+        }
+        let Ok(mut value) = figment.extract::<figment::value::Value>() else { break };
+        if !bad_keys.iter().all(|key| !key.is_empty() && remove_key(&mut value, key)) {
+            break;
+        }
+        figment = Figment::from(figment::providers::Serialized::defaults(value));
+    }
+    Err(ConfigError { problems })
+}
+
+/// Removes `key` (a path of names) from a figment value; whether it was there.
+fn remove_key(value: &mut figment::value::Value, key: &[String]) -> bool {
+    let figment::value::Value::Dict(_, dict) = value else { return false };
+    match key {
+        [last] => dict.remove(last).is_some(),
+        [first, rest @ ..] => dict.get_mut(first).is_some_and(|inner| remove_key(inner, rest)),
+        [] => false,
+    }
+}
+
 fn describe_figment_error(path: &Path, e: &figment::Error) -> String {
     let source = match e.metadata.as_ref().map(|m| m.name.as_ref()) {
         Some(name) if name.contains("environment") => format!(

@@ -34,6 +34,9 @@ pub enum RefreshErrorKind {
     /// Not the endpoint: tokenproxy's own token store (the token file) could not be used, so no
     /// refresh token was spent.
     StoreUnavailable,
+    /// Nothing to refresh with: an account with no token yet, or a stored document that cannot
+    /// be used. Not the endpoint's answer, and never counted as a refresh.
+    NoToken,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,6 +59,7 @@ impl RefreshErrorKind {
             RefreshErrorKind::NetworkError => "network_error",
             RefreshErrorKind::BadResponse => "bad_response",
             RefreshErrorKind::StoreUnavailable => "store_unavailable",
+            RefreshErrorKind::NoToken => "no_token",
         }
     }
 
@@ -405,6 +409,16 @@ fn httpdate_parse(value: &str) -> Option<OffsetDateTime> {
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );
     time::PrimitiveDateTime::parse(value, &format).ok().map(|t| t.assume_utc())
+}
+
+/// Whether the client secret can be read now, for `tokenproxy check`; the problem otherwise
+/// (never the secret).
+pub fn check_secret(source: &SecretSource) -> Result<(), String> {
+    match read_secret(source) {
+        Ok(Some(secret)) if secret.is_empty() => Err("the client secret is empty".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.message),
+    }
 }
 
 /// Reads the client secret from where the config says; `None` when there is none.

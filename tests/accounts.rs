@@ -398,6 +398,8 @@ async fn an_account_without_a_token_file_gets_502_naming_authorize_and_works_onc
     let action = body["action"].as_str().unwrap();
     assert!(action.contains("tokenproxy authorize api --account carol"), "{action}");
     assert!(action.contains("/connect"), "{action}");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.contains("has no token yet") && !reason.contains("invalid_grant"), "{reason}");
     assert_eq!(endpoint.calls(), 0, "nothing to refresh without a refresh token");
     assert!(mock.seen().is_empty());
     // Names that requests make up do not pile up: carol is not kept, and no lock file was made.
@@ -770,10 +772,48 @@ async fn two_different_account_headers_are_refused_on_every_path() {
         let mut same = reqwest::header::HeaderMap::new();
         same.append("tokenproxy-account", BOB.parse().unwrap());
         same.append("tokenproxy-account", BOB.parse().unwrap());
-        let request = if post { tp.client().post(mock.url("/whoami")).body("x") } else { tp.client().get(mock.url("/whoami")) };
+        let request = if post {
+            tp.client().post(mock.url("/whoami")).body("x")
+        } else {
+            tp.client().get(mock.url("/whoami"))
+        };
         let r = request.headers(same).send().await.unwrap();
         assert_eq!(r.status(), 200, "post: {post}");
         assert_eq!(mock.last().authorization(), Some(format!("Bearer {}", token_of("api", BOB)).as_str()));
     }
     assert_eq!(mock.seen().len(), 2, "only the two requests that named one account reached the upstream");
+}
+
+/// An account whose stored document cannot be used (not JSON, a token that cannot stand in a
+/// header) is said to be exactly that, on the 502 and on `/tokens`, where it stays listed; it is
+/// not "invalid_grant: no token file yet" (the refresh token was never refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_whose_stored_document_cannot_be_used_says_what_is_wrong() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    write_accounts(dir.path(), "api", &[ALICE]);
+    let folder = dir.path().join("tokens/api");
+    std::fs::write(folder.join("carol.json"), "{\"access_token\": \"at-cut-off").unwrap();
+    std::fs::write(folder.join("dave.json"), r#"{"access_token": "at-bad\u0001token"}"#).unwrap();
+    let tp =
+        TokenProxy::start(dir.path(), &plain_config(&mock, "", &endpoint.oauth_toml("api", "refresh_token")));
+    for (account, said) in [("carol", "not valid JSON"), ("dave", "not allowed in an HTTP header")] {
+        let r =
+            tp.client().get(mock.url("/whoami")).header("Tokenproxy-Account", account).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{account}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        let reason = body["reason"].as_str().unwrap();
+        assert!(reason.contains(said) && !reason.contains("invalid_grant"), "{account}: {reason}");
+        assert!(!reason.contains("at-cut-off") && !reason.contains("at-bad"), "{reason}");
+        let (_, tokens) = tp.admin_get("/tokens?provider=api").await;
+        let views: Vec<serde_json::Value> = serde_json::from_str(&tokens).unwrap();
+        let view = views
+            .iter()
+            .find(|v| v["account"] == account)
+            .unwrap_or_else(|| panic!("{account} is not listed: {tokens}"));
+        assert_eq!(view["state"], "error", "{view}");
+        assert!(view["last_error"].as_str().unwrap().contains(said), "{view}");
+    }
+    assert_eq!(endpoint.calls(), 0);
 }

@@ -86,16 +86,34 @@ async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u
     let sent = load(&api, &fleet, Duration::from_secs(seconds)).await;
     let lags = lags.await.unwrap();
     // SPEC §7: the store's operations are counted.
-    let mut writes = 0.0;
     for proxy in &fleet {
-        writes +=
-            proxy.metric("tokenproxy_store_operations_total", &[("op", "write"), ("result", "ok")]).await;
         assert!(
             proxy.metric("tokenproxy_store_operations_total", &[("op", "read"), ("result", "ok")]).await
                 > 0.0
         );
     }
-    assert_eq!(writes as usize, endpoint.calls() + 1, "one write per refresh, and the seed");
+    // One write per refresh, and the seed. The fleet keeps refreshing while the metrics are
+    // read, so the two counts are compared at a moment when no token call is between its answer
+    // and its write (the count of calls is the same before and after the writes are read): a
+    // refresh in flight then is not taken for a refresh that never wrote.
+    let mut last;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let calls = endpoint.calls();
+        let mut writes = 0.0;
+        for proxy in &fleet {
+            writes +=
+                proxy.metric("tokenproxy_store_operations_total", &[("op", "write"), ("result", "ok")]).await;
+        }
+        let writes = writes as usize;
+        assert!(writes <= endpoint.calls() + 1, "more writes ({writes}) than refreshes and the seed");
+        if calls == endpoint.calls() && writes == calls + 1 {
+            break;
+        }
+        last = (writes, calls + 1);
+        assert!(Instant::now() < deadline, "one write per refresh, and the seed: {} vs {}", last.0, last.1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(lags.len() as u64 >= seconds / 2, "too few refreshes observed: {lags:?}");
     let mut sorted = lags.clone();
     sorted.sort();
@@ -183,7 +201,19 @@ async fn redis_down_keeps_tokens_serving_spends_nothing_and_recovers_when_it_ret
     assert_eq!(view["last_refresh_result"], "store_unavailable", "{view}");
     let (status, ready) = fleet[1].admin_get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "tokens in hand keep the replica in service");
-    assert!(ready.contains("ready; token store") && ready.contains("unavailable"), "{ready}");
+    assert!(ready.starts_with("ready; store_unavailable: token store"), "{ready}");
+    // The class is said once, however many refreshes failed meanwhile.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let forced = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh?force=true", fleet[0].admin))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = forced.json().await.unwrap();
+    let view = fleet[0].token_view("api").await;
+    for said in [body["reason"].as_str().unwrap(), view["last_error"].as_str().unwrap()] {
+        assert_eq!(said.matches("store_unavailable").count(), 1, "{said}");
+    }
 
     redis.restart();
     // Recovery without a restart: the next forced refresh goes through and every replica adopts it.
@@ -476,4 +506,53 @@ async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
         second.client().get(api.url("/v1/data")).header("tokenproxy-account", "ada").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(api.last().authorization().unwrap().starts_with("Bearer at-"));
+}
+
+/// A Redis that lost its data (FLUSHALL, or a restart without persistence) is re-seeded from the
+/// old token file by whichever replica reads first; the replicas that hold the newer token write
+/// it back instead of adopting the seed, so the fleet never spends a rotated refresh token again
+/// (SPEC §11). The mock provider rotates strictly: a spent refresh token is `invalid_grant`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_never_rolls_the_fleet_back_to_a_spent_refresh_token() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&api));
+    endpoint.rotate = Rotation::Strict;
+    endpoint.expires_in = Some(2);
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z"}"#;
+    let text = config(&api, &endpoint, &redis, "lost", "lock_ttl = \"5s\"");
+    let fleet = replicas(dir.path(), 3, &text, seed);
+    load(&api, &fleet, Duration::from_secs(3)).await;
+    eventually(Duration::from_secs(10), "a few rotations", || async {
+        (endpoint.calls() >= 2).then_some(())
+    })
+    .await;
+
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&flushed.stdout).contains("OK"), "{flushed:?}");
+    // The fleet goes on: every request served, refreshes continue from the newest token.
+    let calls = endpoint.calls();
+    load(&api, &fleet, Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(10), "refreshes after the loss", || async {
+        (endpoint.calls() >= calls + 2).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint.invalid_grants(), 0, "a spent refresh token was sent again after the loss");
+    for proxy in &fleet {
+        let view = proxy.token_view("api").await;
+        assert_ne!(view["state"], "needs_reauth", "{view}");
+        assert_ne!(view["fingerprint"], fingerprint_of("at-seed"), "{view}");
+    }
+    let stored = redis.dump();
+    assert!(!stored.contains("rt-seed"), "the stale seed is in the store: {stored}");
+    assert!(fleet.iter().any(|p| p.logs().iter().any(|l| l.contains("writing this replica's back"))));
 }

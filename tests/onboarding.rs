@@ -755,7 +755,8 @@ async fn a_refused_reconnect_leaves_the_good_token_file_as_it_was() {
     assert_eq!(browser.finish(&callback).await.1, "ok");
     let file = dir.path().join("tokens/ivy.json");
     let good = std::fs::read(&file).unwrap();
-    let huge = format!(r#"{{"access_token":"at-huge","expires_in":3600,"padding":"{}"}}"#, "x".repeat(3 << 20));
+    let huge =
+        format!(r#"{{"access_token":"at-huge","expires_in":3600,"padding":"{}"}}"#, "x".repeat(3 << 20));
     let crlf = r#"{"access_token":"at-bad\r\nX-Injected: 1","expires_in":3600}"#;
     for answer in [huge.as_str(), crlf] {
         setup.endpoint.script(&[(200, answer)]);
@@ -771,6 +772,7 @@ async fn a_refused_reconnect_leaves_the_good_token_file_as_it_was() {
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
     drop(proxy);
     let proxy = TokenProxy::start(dir.path(), &config);
-    let r = proxy.client().get(setup.api.url("/v1/me")).header("tokenproxy-account", "ivy").send().await.unwrap();
+    let r =
+        proxy.client().get(setup.api.url("/v1/me")).header("tokenproxy-account", "ivy").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "the account still works after a restart");
 }

@@ -344,3 +344,42 @@ fn check_fails_for_a_missing_token_file_that_only_a_person_can_provide() {
     assert!(warning.contains("client secret file") && warning.contains("readable by everyone"), "{out}");
     assert_eq!(out.lines().filter(|l| l.starts_with("warning:")).count(), 1, "only the loose file: {out}");
 }
+
+/// `tokenproxy check` lists every problem of a config at once (an unknown key and a value of the
+/// wrong type do not hide the rest), and a client secret that cannot be read is one.
+#[test]
+fn check_lists_every_problem_at_once_and_a_missing_client_secret_is_one() {
+    let dir = tempdir();
+    let path = dir.path().join("tokenproxy.toml");
+    let p = path.to_str().unwrap();
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = \"nope\"\nbogus = 1\nmax_connections = \"many\"\n\
+         [providers.\"a:x\"]\nhosts = [\"a.example.com\"]\ntoken_file = \"a.json\"\n\
+         [providers.b]\nhosts = []\ntoken_file = \"b.json\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(1), "{stdout}");
+    for said in
+        ["proxy.bogus", "proxy.max_connections", "proxy.listen", "provider name \"a:x\"", "providers.b.hosts"]
+    {
+        assert!(stdout.contains(said), "{said} is not listed: {stdout}");
+    }
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("problem:")).count(), 5, "{stdout}");
+
+    std::fs::write(
+        &path,
+        "[providers.c]\nhosts = [\"c.example.com\"]\ntoken_file = \"c.json\"\n[providers.c.oauth]\n\
+         token_url = \"https://auth.example.com/token\"\ngrant = \"client_credentials\"\nclient_id = \"c\"\n\
+         client_secret_file = \"no-such-secret\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("client_secret_file") && stdout.contains("no-such-secret"), "{stdout}");
+    std::fs::write(dir.path().join("no-such-secret"), "s3cret-value\n").unwrap();
+    let (code, stdout, _) = run_binary(&["check", "--config", p], &[]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(!stdout.contains("s3cret-value"));
+}

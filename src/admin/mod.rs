@@ -146,7 +146,9 @@ impl Admin {
             // Tokens in hand keep serving while the store is away (SPEC §11): still ready, but
             // said, since no refresh can happen until it is back.
             match self.providers.store().problem("").await {
-                Some(problem) => text(StatusCode::OK, &format!("ready; {problem}\n"), "text/plain"),
+                Some(problem) => {
+                    text(StatusCode::OK, &format!("ready; store_unavailable: {problem}\n"), "text/plain")
+                }
                 None => text(StatusCode::OK, "ready\n", "text/plain"),
             }
         } else {

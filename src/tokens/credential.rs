@@ -137,6 +137,19 @@ pub(super) struct PendingWrite {
     pub(super) based_on: Option<String>,
 }
 
+/// A document a replica holds, with the time that orders it.
+#[derive(Clone)]
+pub(super) struct Held {
+    pub(super) updated_at: Option<time::OffsetDateTime>,
+    pub(super) fields: std::sync::Arc<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Held {
+    pub(super) fn of(fields: &serde_json::Map<String, serde_json::Value>) -> Held {
+        Held { updated_at: super::file::updated_at(fields), fields: std::sync::Arc::new(fields.clone()) }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Status {
     pub(super) file: FileStatus,
@@ -147,6 +160,9 @@ pub(super) struct Status {
     /// duplicate change events and tokenproxy's own writes), and a write names it.
     pub(super) version: Option<Version>,
     pub(super) last_error: Option<String>,
+    /// What the last read of the store found wrong (not found, unreadable, unusable), as the
+    /// store says it; `None` after a good read.
+    pub(super) store_error: Option<String>,
     /// Set by `invalid_grant`: no automatic refresh until the file changes or a manual refresh.
     pub(super) reauth_reason: Option<String>,
     /// Set by `invalid_client`: the config is wrong.
@@ -163,6 +179,9 @@ pub(super) struct Status {
     /// failed: the one the next refresh spends. (The rest of the document is read from the store
     /// when a refresh writes, not kept for every account.)
     pub(super) refresh_token: Option<Box<str>>,
+    /// In a shared store only: the newest document this replica holds (read, refreshed or
+    /// written), which it writes back over anything older (SPEC §11).
+    pub(super) held: Option<Held>,
     pub(super) last_refresh_at: Option<OffsetDateTime>,
     pub(super) last_refresh_result: Option<String>,
     pub(super) refresh_count: u64,

@@ -140,6 +140,22 @@ fn jwt_or_unknown(token: &str) -> (Option<OffsetDateTime>, ExpirySource) {
 }
 
 /// A time field as RFC 3339 text or Unix seconds (a number or a string of digits).
+/// When tokenproxy wrote a document (`updated_at`, set at every refresh and connect): what orders
+/// two documents of one key in a shared store (SPEC §11). `None` when absent or unreadable.
+pub fn updated_at(fields: &Map<String, Value>) -> Option<OffsetDateTime> {
+    time_field(fields, "updated_at").ok().flatten()
+}
+
+/// Whether a stored document written at `stored` is older than the one held, written at `held`:
+/// one without `updated_at` is older than any with it; on a tie the stored one wins.
+pub fn is_older(stored: Option<OffsetDateTime>, held: Option<OffsetDateTime>) -> bool {
+    match (stored, held) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(stored), Some(held)) => stored < held,
+    }
+}
+
 fn time_field(
     fields: &Map<String, Value>,
     field: &'static str,

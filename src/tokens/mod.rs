@@ -29,8 +29,8 @@ use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
-use credential::Status;
 pub use credential::{Credential, FileStatus};
+use credential::{Held, Status};
 use file::{ExpirySource, TokenDocument};
 use store::{Change, Key, Loaded, StoreError, TokenStore};
 
@@ -241,7 +241,11 @@ impl Provider {
                 self.reload(&credential).await;
             })
             .await;
-        if credential.current().is_none() && !self.creates_token_files() {
+        // Only an account the store has nothing for is dropped: one whose document exists but
+        // cannot be used (sealed with another key, unparsable, a refused token) stays listed on
+        // /tokens with what is wrong with it.
+        let nothing_stored = matches!(credential.status().file, FileStatus::Missing | FileStatus::NotRead);
+        if credential.current().is_none() && nothing_stored && !self.creates_token_files() {
             map.pin().remove_if(name, |_, c| Arc::ptr_eq(c, &credential) && c.current().is_none()).ok();
         }
         credential
@@ -433,6 +437,36 @@ impl Provider {
             basis: Basis::Stored(None),
         };
         let mut read = StoreRead { outcome: Reload::Ok, ..unchanged() };
+        // A shared store that lost what this replica holds, or holds something older (a Redis
+        // restarted empty and re-seeded from an old token file, a failover before a write
+        // replicated): the newest token wins, and this replica writes its own back (SPEC §11).
+        if let Some(held) = status.held.clone() {
+            let stored_at = match &loaded {
+                Ok(Loaded::Missing) => Some(None),
+                Ok(Loaded::Found { doc: Ok(doc), .. }) => Some(file::updated_at(&doc.fields)),
+                _ => None,
+            };
+            if let Some(stored_at) = stored_at.filter(|at| file::is_older(*at, held.updated_at)) {
+                let basis = match &loaded {
+                    Ok(Loaded::Found { version, .. }) => Basis::Stored(Some(*version)),
+                    _ => Basis::Stored(None),
+                };
+                drop(status);
+                tracing::warn!(
+                    provider = self.name(),
+                    account = cred.account_log(),
+                    location = %shown,
+                    stored = if stored_at.is_some() { "older" } else { "nothing" },
+                    "the token store holds an older token than this replica (or none): writing this replica's back"
+                );
+                return StoreRead {
+                    write_back: Some((*held.fields).clone()),
+                    fields: Some((*held.fields).clone()),
+                    basis,
+                    ..unchanged()
+                };
+            }
+        }
         let (file_status, error) = match loaded {
             Ok(Loaded::Missing) => {
                 if status.file == FileStatus::Missing {
@@ -471,6 +505,9 @@ impl Provider {
                         // A changed document is a new chance: whatever stopped automatic
                         // refreshes (a revoked refresh token, a backoff) may be fixed by it.
                         status.refresh_token = file::refresh_token(&doc.fields);
+                        if self.store.shared() {
+                            status.held = Some(Held::of(merged.as_ref().unwrap_or(&doc.fields)));
+                        }
                         status.reauth_reason = None;
                         status.config_error = None;
                         status.retry_not_before = None;
@@ -489,6 +526,7 @@ impl Provider {
             }
         };
         status.file = file_status.clone();
+        status.store_error = (file_status != FileStatus::Ok).then(|| error.clone());
         drop(status);
         let label = match read.outcome {
             Reload::Ok => "ok",
@@ -636,6 +674,10 @@ impl Provider {
     pub fn unavailable(&self, cred: &Credential, why: Unavailable<'_>) -> ProxyError {
         let shown = self.shown_location(cred);
         let (reason, action) = match why {
+            // Nothing to refresh with: said as for a credential without a token.
+            Unavailable::Refresh(e) if e.kind == crate::oauth::RefreshErrorKind::NoToken => {
+                return self.unavailable(cred, Unavailable::NoToken);
+            }
             Unavailable::Refresh(e) => {
                 let action = match e.kind {
                     crate::oauth::RefreshErrorKind::InvalidGrant => self.authorize_action(cred),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 
-use super::credential::{FileStatus, PendingWrite};
+use super::credential::{FileStatus, Held, PendingWrite};
 use super::file;
 use super::store::{Fields, Loaded, SaveError};
 use super::{Basis, Credential, Freshness, Provider, Reload, Token};
@@ -144,11 +144,17 @@ impl Provider {
             };
         }
         if cred.account().is_some() && cred.current().is_none() && !self.creates_token_files() {
-            // Only a person can give an account its first token: nothing to send, nothing to lock.
-            return Err(RefreshError::new(
-                RefreshErrorKind::InvalidGrant,
-                "the account has no token file yet",
-            ));
+            // Only a person can give an account its first token (or fix a stored document that
+            // cannot be used): nothing to send, nothing to lock. What is wrong is the store's
+            // own finding, not a grant the provider refused.
+            let status = cred.status();
+            let message = match (&status.file, &status.store_error) {
+                (FileStatus::Missing | FileStatus::NotRead, _) | (_, None) => {
+                    format!("the account has no token yet ({})", self.shown_location(cred))
+                }
+                (_, Some(problem)) => format!("the stored token cannot be used: {problem}"),
+            };
+            return Err(RefreshError::new(RefreshErrorKind::NoToken, message));
         }
         let _flight = cred.refresh_lock.lock().await;
         if let Some(token) = cred.current()
@@ -301,15 +307,17 @@ impl Provider {
         if let Some(fields) = &read.write_back {
             self.persist(cred, fields, read.basis).await;
         }
+        // The store's own finding, not `last_error` (which a failed refresh overwrites with its
+        // classed message: quoting that would prefix the class again on every attempt).
         if read.outcome == Reload::IoError && cred.status().file == FileStatus::Unreadable {
-            let error = cred.status().last_error.clone().unwrap_or_default();
+            let error = cred.status().store_error.clone().unwrap_or_default();
             return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
         }
         // A stored document that cannot be used (unparsable, sealed with another key) and no
         // refresh token in memory: there is nothing to refresh with, and the problem is the
         // document, not the grant.
         if matches!(read.basis, Basis::Unparsable(_)) && cred.status().refresh_token.is_none() {
-            let error = cred.status().last_error.clone().unwrap_or_default();
+            let error = cred.status().store_error.clone().unwrap_or_default();
             return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
         }
         let base = || Newer::Base(read.fields.clone().unwrap_or_default(), read.basis);
@@ -340,7 +348,15 @@ impl Provider {
     /// tokens win.
     pub(super) async fn persist(&self, cred: &Credential, fields: &Fields, mut basis: Basis) {
         let key = self.key(cred);
-        cred.status().refresh_token = file::refresh_token(fields);
+        {
+            let mut status = cred.status();
+            status.refresh_token = file::refresh_token(fields);
+            // Held even if the write fails: the newest token this replica has, written back
+            // once the store takes it.
+            if self.store.shared() {
+                status.held = Some(Held::of(fields));
+            }
+        }
         let mut fields = fields.clone();
         let unwritten = 'write: {
             // A conflict is retried on top of what is stored now, a bounded number of times.
