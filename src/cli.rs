@@ -323,7 +323,10 @@ pub async fn status(admin: &str) -> anyhow::Result<bool> {
         }
     }
     if views.is_empty() {
-        println!("no providers or accounts loaded");
+        println!(
+            "no tokens loaded: no providers are configured, or only multi-account ones whose accounts \
+             no request or connect has used yet (`tokenproxy check` lists stored accounts)"
+        );
     }
     // Ready is what /readyz says: one account's state never counts against it (SPEC §8).
     let readyz = format!("{}/readyz", admin.trim_end_matches('/'));

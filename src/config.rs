@@ -562,7 +562,13 @@ impl Config {
             .merge(Env::prefixed("TOKENPROXY_").filter(|k| k.as_str().contains("__")).split("__"));
         let figment = apply_presets(figment).map_err(|problems| ConfigError { problems })?;
         let (raw, mut problems) = extract_listing_every_problem(figment, path)?;
+        // Absolute from here on: a relative folder would reach the file watcher as given, and
+        // its events would never match the token files (edits seen only by the slow poll).
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = match std::env::current_dir() {
+            Ok(cwd) if base.is_relative() => cwd.join(base),
+            _ => base,
+        };
         match validate(raw, path, &base) {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError { problems }),

@@ -30,7 +30,8 @@ impl AccountAsk {
         match self {
             AccountAsk::ForwardPort => {
                 "name the account in a Tokenproxy-Account header, or as the proxy user name \
-                 (HTTP_PROXY=http://ACCOUNT@HOST:PORT, curl -x http://ACCOUNT@HOST:PORT), \
+                 with an empty password (HTTP_PROXY=http://ACCOUNT:@HOST:PORT, curl -x http://ACCOUNT:@HOST:PORT; \
+                 without the colon Python requests sends no credentials at all), \
                  or set the provider's default_account"
             }
             AccountAsk::Request => {

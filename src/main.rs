@@ -30,9 +30,19 @@ fn main() -> ExitCode {
     }
     if let Command::Status { admin } = command {
         // The admin address: the flag, else the config's admin.listen, else the default.
-        let admin = admin.clone().unwrap_or_else(|| match Config::load(&cli.config_path()) {
+        let path = cli.config_path();
+        let admin = admin.clone().unwrap_or_else(|| match Config::load(&path) {
             Ok(config) => format!("http://{}", config.admin_listen),
-            Err(_) => "http://127.0.0.1:9090".into(),
+            Err(e) => {
+                // Said, not silent: a config with a problem would otherwise send status to
+                // another proxy's admin API without a word.
+                eprintln!(
+                    "note: the admin address could not be read from {} ({}); trying http://127.0.0.1:9090 (use --admin URL)",
+                    path.display(),
+                    e.problems.first().map(String::as_str).unwrap_or("invalid")
+                );
+                "http://127.0.0.1:9090".into()
+            }
         });
         return exit(block_on(cli::status(&admin)));
     }

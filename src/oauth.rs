@@ -90,9 +90,12 @@ impl RefreshError {
             RefreshErrorKind::InvalidClient => {
                 "check the provider's [oauth] client_id, client secret, scope and grant in the config".into()
             }
+            // Nothing was spent: what to check depends on where tokens are kept.
+            RefreshErrorKind::StoreUnavailable if location.starts_with("token file") => format!(
+                "check that tokenproxy can read {location} and its folder (permissions, disk); nothing was sent to the token endpoint"
+            ),
             RefreshErrorKind::StoreUnavailable => format!(
-                "check that tokenproxy can read {} and its folder (permissions, disk); nothing was sent to the token endpoint",
-                location
+                "check that the token store ({location}) is reachable and accepts tokenproxy's password; refreshes wait for it and resume by themselves, and nothing was sent to the token endpoint"
             ),
             _ => {
                 "nothing: tokenproxy retries with backoff; check the token endpoint's health if this persists"

@@ -285,7 +285,22 @@ async fn a_request_that_names_no_account_gets_407_on_the_forward_port_and_400_in
     assert_eq!(r.headers()["x-tokenproxy-error"], "account_required");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "account_required");
-    assert!(body["action"].as_str().unwrap().contains("Tokenproxy-Account"), "{body}");
+    let action = body["action"].as_str().unwrap();
+    assert!(action.contains("Tokenproxy-Account"), "{body}");
+    // The proxy URL it suggests works in Python requests as written: with the colon (without
+    // it, requests sends no credentials at all).
+    assert!(action.contains("http://ACCOUNT:@HOST:PORT") && !action.contains("ACCOUNT@"), "{action}");
+    if python_requests_available() {
+        let proxy_url = action.split("HTTP_PROXY=").nth(1).unwrap().split(',').next().unwrap();
+        let proxy_url = proxy_url.replace("ACCOUNT", ALICE).replace("HOST:PORT", &s.tp.proxy.to_string());
+        let script = format!(
+            "r = requests.get({url:?}, proxies={{'http': {proxy_url:?}}}, timeout=20)\nprint(r.status_code, r.text)",
+            url = s.plain.url("/whoami")
+        );
+        let (ok, out, err) = python(&script, &[]).await;
+        assert!(ok, "{out}{err}");
+        assert_eq!(out.trim(), format!("200 {}", bearer("plain", ALICE)), "{proxy_url}");
+    }
 
     // Inside a tunnel: the CONNECT itself is never refused for lack of an account; the request
     // in it gets 400.
@@ -480,6 +495,13 @@ async fn a_401_for_one_account_refreshes_only_that_account() {
     );
     assert_eq!((view(BOB)["refresh_count"].as_u64(), view(BOB)["retry_count"].as_u64()), (Some(0), Some(0)));
     assert_logs_name_no_account(&tp, &[&fresh, &token_of("api", ALICE), &token_of("api", BOB)]);
+    // Each line names the account once (the 401 line said it twice).
+    let rejected: Vec<String> =
+        tp.logs().into_iter().filter(|l| l.contains("upstream rejected the token")).collect();
+    assert!(!rejected.is_empty());
+    for line in tp.logs() {
+        assert!(line.matches("\"account\":").count() <= 1, "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,6 +214,9 @@ async fn redis_down_keeps_tokens_serving_spends_nothing_and_recovers_when_it_ret
     for said in [body["reason"].as_str().unwrap(), view["last_error"].as_str().unwrap()] {
         assert_eq!(said.matches("store_unavailable").count(), 1, "{said}");
     }
+    // What to do is about Redis, not about folders and file permissions.
+    let action = body["action"].as_str().unwrap();
+    assert!(action.contains("reachable") && !action.contains("folder"), "{action}");
 
     redis.restart();
     // Recovery without a restart: the next forced refresh goes through and every replica adopts it.
@@ -227,6 +230,8 @@ async fn redis_down_keeps_tokens_serving_spends_nothing_and_recovers_when_it_ret
     })
     .await;
     assert_eq!(endpoint.invalid_grants(), 0);
+    let refreshed_at = fleet[0].token_view("api").await["last_refresh_at"].as_str().unwrap().to_string();
+    assert!(refreshed_at.ends_with('Z') && !refreshed_at.contains('.'), "whole seconds: {refreshed_at}");
     eventually(Duration::from_secs(5), "the other replica adopts the new token", || async {
         let (a, b) = (fingerprint(&fleet[0]).await, fingerprint(&fleet[1]).await);
         (a.is_some() && a == b && a.as_deref() != Some(fingerprint_of("at-seed").as_str())).then_some(())
@@ -546,6 +551,15 @@ async fn a_redis_that_lost_its_data_never_rolls_the_fleet_back_to_a_spent_refres
         (endpoint.calls() >= calls + 2).then_some(())
     })
     .await;
+    if endpoint.invalid_grants() != 0 {
+        for (i, proxy) in fleet.iter().enumerate() {
+            for line in proxy.logs() {
+                if !line.contains("\"DEBUG\"") || line.contains("refresh") || line.contains("store") {
+                    eprintln!("replica {i}: {line}");
+                }
+            }
+        }
+    }
     assert_eq!(endpoint.invalid_grants(), 0, "a spent refresh token was sent again after the loss");
     for proxy in &fleet {
         let view = proxy.token_view("api").await;

@@ -488,7 +488,7 @@ async fn the_authorize_command_serves_the_callback_itself_when_no_proxy_runs() {
     let printed = lines.rest();
     assert!(code.success(), "{printed}");
     assert!(printed.contains("waiting — 60 min left"), "{printed}");
-    assert!(printed.contains("connected:") && printed.contains("read back"), "{printed}");
+    assert!(printed.contains("connected: The token is stored") && printed.contains("read back"), "{printed}");
     assert!(read_json(&dir.path().join("tokens/frank.json"))["access_token"].is_string());
 }
 

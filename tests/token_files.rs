@@ -237,3 +237,28 @@ async fn a_token_file_over_the_size_limit_is_refused_as_a_parse_error() {
     tp.client().get(mock.url("/still")).send().await.unwrap();
     assert_eq!(mock.last().authorization(), Some("Bearer small-token"), "the last good token stays");
 }
+
+/// A newcomer's setup: `config/tokenproxy.toml` found by default, relative to the working folder,
+/// with a relative token file. An edit is read because the watcher reported it (the log says
+/// which source read it), not by the 5-second safety-net poll.
+#[tokio::test]
+async fn edits_are_seen_by_the_watcher_with_the_default_relative_config_path() {
+    let mock = MockApi::start().await;
+    let dir = tempdir();
+    std::fs::create_dir_all(dir.path().join("config/tokens")).unwrap();
+    std::fs::write(dir.path().join("config/tokens/api.json"), token_json("first")).unwrap();
+    let config = mock.plain_config(std::path::Path::new("tokens/api.json"), "");
+    assert!(config.contains("token_file = \"tokens/api.json\""), "{config}");
+    let tp = TokenProxy::start_at_default_path(dir.path(), &config);
+    wait_for_token(&tp, &mock, "first").await;
+    let event_reads = |tp: &TokenProxy| {
+        tp.logs().iter().filter(|l| l.contains("reading changed tokens") && l.contains("\"event\"")).count()
+    };
+    let before = event_reads(&tp);
+    std::fs::write(dir.path().join("config/tokens/api.json"), token_json("edited")).unwrap();
+    wait_for_token(&tp, &mock, "edited").await;
+    eventually(Duration::from_secs(2), "the watcher to report the edit", || async {
+        (event_reads(&tp) > before).then_some(())
+    })
+    .await;
+}

@@ -443,10 +443,9 @@ impl Onboarding {
                 result: "ok",
                 error: None,
                 sentence: if connected.has_refresh_token {
-                    "Connected: the token is stored and in use, and tokenproxy keeps it fresh from now on."
-                        .into()
+                    "The token is stored and in use, and tokenproxy keeps it fresh from now on.".into()
                 } else {
-                    "Connected: the token is stored and in use. The provider sent no refresh token, so it cannot be renewed when it expires (some providers need authorize_params such as access_type = \"offline\").".into()
+                    "The token is stored and in use. The provider sent no refresh token, so it cannot be renewed when it expires (some providers need authorize_params such as access_type = \"offline\").".into()
                 },
                 action: None,
                 flow: flow.clone(),

@@ -468,7 +468,6 @@ impl Proxy {
             provider = name,
             status = response.status().as_u16(),
             account = credential.account_log(),
-            account = credential.account_log(),
             fingerprint = %failed.fingerprint,
             "upstream rejected the token"
         );

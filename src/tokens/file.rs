@@ -229,7 +229,12 @@ pub fn refresh_token(fields: &Map<String, Value>) -> Option<Box<str>> {
 /// The fields a refresh owns, and those it removes.
 const REFRESH_OWNED: [&str; 6] =
     ["access_token", "refresh_token", "expires_at", "updated_at", "token_type", "scope"];
-const REFRESH_REMOVES: [&str; 2] = ["expires_in", "issued_at"];
+const REFRESH_REMOVES: [&str; 3] = ["expires_in", "issued_at", RESTORED_AT];
+
+/// Set on a document a replica wrote back after the shared store lost data: for a moment after
+/// it, refreshes wait for the other replicas to write back anything newer they hold (SPEC §11).
+/// A refresh removes it.
+pub const RESTORED_AT: &str = "restored_at";
 
 /// `file`'s fields with a refresh's own fields (from `refreshed`) laid on top: a person's edit
 /// to other fields is kept, the refresh's tokens and times win.

@@ -435,6 +435,7 @@ impl Provider {
             write_back: None,
             fields: None,
             basis: Basis::Stored(None),
+            lost: false,
         };
         let mut read = StoreRead { outcome: Reload::Ok, ..unchanged() };
         // A shared store that lost what this replica holds, or holds something older (a Redis
@@ -459,10 +460,14 @@ impl Provider {
                     stored = if stored_at.is_some() { "older" } else { "nothing" },
                     "the token store holds an older token than this replica (or none): writing this replica's back"
                 );
+                let mut restored = (*held.fields).clone();
+                let now = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
+                restored.insert(file::RESTORED_AT.into(), serde_json::Value::String(now));
                 return StoreRead {
-                    write_back: Some((*held.fields).clone()),
-                    fields: Some((*held.fields).clone()),
+                    write_back: Some(restored.clone()),
+                    fields: Some(restored),
                     basis,
+                    lost: true,
                     ..unchanged()
                 };
             }
@@ -785,8 +790,10 @@ fn reconcile_pending(
     }
 }
 
+/// A time as the admin API, the page and logs show it: RFC 3339 in whole seconds (a refresh's
+/// nanoseconds are noise to a person).
 pub fn fmt_time(t: Option<OffsetDateTime>) -> Option<String> {
-    t.and_then(|t| t.format(&Rfc3339).ok())
+    t.and_then(|t| t.replace_nanosecond(0).ok()).and_then(|t| t.format(&Rfc3339).ok())
 }
 
 /// One provider on `GET /tokens` (SPEC §6).
@@ -910,6 +917,9 @@ pub(super) struct StoreRead {
     pub(super) fields: Option<store::Fields>,
     /// What a write based on this read is based on.
     pub(super) basis: Basis,
+    /// The shared store had nothing or something older than the document this replica holds,
+    /// which is `write_back`.
+    pub(super) lost: bool,
 }
 
 /// The stored content a write is based on: the store writes only over that content.

@@ -21,6 +21,9 @@ use crate::oauth::{RefreshError, RefreshErrorKind};
 
 /// How long refreshes wait after the store could not be locked.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How long a refresh waits after the shared store lost data, for the replicas to write their
+/// newest tokens back (each hears of the loss within about 100 ms of the first write-back).
+const CONVERGE_AFTER_LOSS: Duration = Duration::from_secs(1);
 
 /// Why a refresh was asked for: the `trigger` label of `tokenproxy_refreshes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +64,27 @@ enum Newer {
     /// Nothing newer; the stored document's fields (empty when there is none or it does not
     /// parse), the base of the refresh's write, and the content they were read from.
     Base(Fields, Basis),
+    /// The shared store had nothing, or something older than this replica holds: it lost data,
+    /// and this replica's document was written back.
+    Lost,
+}
+
+impl Newer {
+    /// How much longer a refresh should wait for the fleet to converge after the shared store
+    /// lost data: the whole pause for the replica that found the loss, the rest of it for one
+    /// that reads a document written back moments ago.
+    fn converging(&self, now: OffsetDateTime) -> Option<Duration> {
+        match self {
+            Newer::Lost => Some(CONVERGE_AFTER_LOSS),
+            Newer::Base(fields, _) => {
+                let at = fields.get(file::RESTORED_AT)?.as_str()?;
+                let at = OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+                let left = (at + CONVERGE_AFTER_LOSS) - now;
+                (left > time::Duration::ZERO).then(|| left.unsigned_abs())
+            }
+            Newer::Adopted(_) => None,
+        }
+    }
 }
 
 /// The basis of a write that found `current` stored instead of what it was based on: a
@@ -218,20 +242,45 @@ impl Provider {
         seen: Option<u64>,
         deadline: Instant,
     ) -> Result<Arc<Token>, RefreshError> {
-        let lock = self.store.lock(self.key(cred)).await.map_err(|e| {
-            // Nothing was spent; try again soon rather than on every request meanwhile.
-            cred.status().retry_not_before = Some(Instant::now() + STORE_RETRY);
-            RefreshError::new(
-                RefreshErrorKind::StoreUnavailable,
-                format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
-            )
-        })?;
-        let (mut base, basis) = match self.adopt_newer(cred, trigger).await? {
+        let take_lock = || async {
+            self.store.lock(self.key(cred)).await.map_err(|e| {
+                // Nothing was spent; try again soon rather than on every request meanwhile.
+                cred.status().retry_not_before = Some(Instant::now() + STORE_RETRY);
+                RefreshError::new(
+                    RefreshErrorKind::StoreUnavailable,
+                    format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
+                )
+            })
+        };
+        let mut lock = take_lock().await?;
+        let mut newer = self.adopt_newer(cred, trigger).await?;
+        if let Some(wait) = newer.converging(OffsetDateTime::now_utc()) {
+            // The shared store lost data a moment ago, and this replica's document (or another
+            // replica's) was written back. Another replica may hold a newer token still (its
+            // refresh token is the live one, and this one's may be spent): the fleet is given a
+            // moment, without the lock, to write the newest back and for this replica to adopt
+            // it, before anything is spent.
+            drop(lock);
+            tracing::info!(
+                provider = self.name(),
+                account = cred.account_log(),
+                wait_ms = wait.as_millis() as u64,
+                "the token store lost data moments ago; waiting for the fleet's newest token before refreshing"
+            );
+            tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
+            lock = take_lock().await?;
+            newer = self.adopt_newer(cred, trigger).await?;
+        }
+        let (mut base, basis) = match newer {
             Newer::Adopted(token) => {
                 drop(lock);
                 return Ok(token);
             }
             Newer::Base(fields, basis) => (fields, basis),
+            Newer::Lost => {
+                let held = cred.status().held.as_ref().map(|h| (*h.fields).clone()).unwrap_or_default();
+                (held, Basis::Stored(None))
+            }
         };
         // While this waited for the lock, the watcher may have adopted the token another process
         // (another replica) wrote: if that one will do, nothing is spent.
@@ -306,6 +355,9 @@ impl Provider {
         let read = self.read_store(cred).await;
         if let Some(fields) = &read.write_back {
             self.persist(cred, fields, read.basis).await;
+            if read.lost {
+                return Ok(Newer::Lost);
+            }
         }
         // The store's own finding, not `last_error` (which a failed refresh overwrites with its
         // classed message: quoting that would prefix the class again on every attempt).

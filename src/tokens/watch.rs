@@ -38,13 +38,17 @@ pub fn spawn(providers: Arc<Providers>) -> tokio::task::JoinHandle<()> {
                     while let Ok(more) = feed.changes.try_recv() {
                         changes.insert(more);
                     }
+                    tracing::debug!(source = "event", changes = changes.len(), "reading changed tokens");
                     if changes.contains(&Change::Everything) {
                         BTreeSet::from([Change::Everything])
                     } else {
                         changes
                     }
                 }
-                _ = poll.tick() => BTreeSet::from([Change::Everything]),
+                _ = poll.tick() => {
+                    tracing::debug!(source = "poll", "reading changed tokens");
+                    BTreeSet::from([Change::Everything])
+                }
             };
             for change in &changes {
                 providers.apply(change).await;

@@ -414,15 +414,37 @@ impl TokenProxy {
         Self::start_command(dir, config, &[], command)
     }
 
-    fn start_command(dir: &Path, config: &str, env: &[(&str, &str)], mut command: Command) -> TokenProxy {
-        let config_path = dir.join("tokenproxy.toml");
+    /// Starts the proxy in `dir` as a newcomer does: `config` at the default path
+    /// `config/tokenproxy.toml`, found relative to the working folder (no `--config`).
+    pub fn start_at_default_path(dir: &Path, config: &str) -> TokenProxy {
+        std::fs::create_dir_all(dir.join("config")).unwrap();
+        let mut command = Command::new(binary());
+        command.current_dir(dir);
+        Self::start_command_with(dir, "config/tokenproxy.toml", config, &[], command, false)
+    }
+
+    fn start_command(dir: &Path, config: &str, env: &[(&str, &str)], command: Command) -> TokenProxy {
+        Self::start_command_with(dir, "tokenproxy.toml", config, env, command, true)
+    }
+
+    fn start_command_with(
+        dir: &Path,
+        name: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        mut command: Command,
+        config_flag: bool,
+    ) -> TokenProxy {
+        let config_path = dir.join(name);
         std::fs::write(&config_path, config).unwrap();
         if running_as_root() && command.get_program() == "setpriv" {
             chown_tree(dir, NOBODY);
         }
+        command.args(["--log-format", "json", "run"]);
+        if config_flag {
+            command.arg("--config").arg(&config_path);
+        }
         command
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config_path)
             .env("RUST_LOG", "info,tokenproxy=debug")
             .env_remove("TOKENPROXY_CONFIG")
             .stdin(Stdio::null())

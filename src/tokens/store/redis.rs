@@ -1,7 +1,7 @@
 //! [`RedisStore`]: one token set shared by a fleet of replicas through Redis (SPEC §11).
 //!
 //! Per (provider, account) a hash holds the document (`doc`, sealed when a key is configured)
-//! and a `version` counter. A write is a compare-and-set on the version in a Lua script, which
+//! and a `version` (random per write). A write is a compare-and-set on the version in a Lua script, which
 //! also publishes the change so that every replica re-reads within a moment (the watcher's slow
 //! poll is the safety net for a missed message). The refresh lock is `SET lock owner NX PX
 //! lock_ttl`, kept alive while the holder works and released only by its owner (a script), so a
@@ -33,17 +33,19 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a waiting replica tries the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(25);
 
-/// Compare-and-set: writes `doc` if the version is still the expected one (`""`: nothing
-/// stored), bumps the version, publishes the change. Returns `{1, new}` or `{0, current}`.
+/// Compare-and-set: writes `doc` with the new version `ARGV[5]` if the version is still the
+/// expected one (`""`: nothing stored), publishes the change. Returns `{1, new}` or
+/// `{0, current}`. Versions are random, not a counter: a counter starts again at 1 after Redis
+/// lost its data, and a replica that last saw version 7 before the loss would take the new
+/// version 7 for the document it already has (and miss a newer token).
 const SAVE_SCRIPT: &str = r"
 local current = redis.call('HGET', KEYS[1], 'version')
 if (ARGV[1] == '' and current) or (ARGV[1] ~= '' and current ~= ARGV[1]) then
   return {0, current or ''}
 end
-local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'doc', ARGV[2])
+redis.call('HSET', KEYS[1], 'version', ARGV[5], 'doc', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
-return {1, tostring(version)}
+return {1, ARGV[5]}
 ";
 
 /// Extends the lock only for its owner.
@@ -169,6 +171,9 @@ impl RedisStore {
         let mut connection = self.connection.clone();
         let expected = expected.map(|v| v.0.to_string()).unwrap_or_default();
         let message = format!("{}\n{}", key.provider, key.account.unwrap_or(""));
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| self.error(e))?;
+        let new_version = u64::from_le_bytes(random).max(1);
         let answer: redis::RedisResult<(i64, String)> = self
             .save
             .key(self.document_key(key))
@@ -176,6 +181,7 @@ impl RedisStore {
             .arg(bytes)
             .arg(self.channel())
             .arg(message)
+            .arg(new_version.to_string())
             .invoke_async(&mut connection)
             .await;
         let result = match &answer {
