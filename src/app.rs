@@ -84,7 +84,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .filter_map(|p| p.single().map(|c| tokio::spawn(p.clone().keep_fresh(c.clone()))))
         .collect();
     let drain = Drain::new();
-    let egress = Arc::new(Egress::new(config.egress_deny.clone()));
+    let egress = match config.transparent_listen {
+        Some(_) => Egress::new(config.egress_deny.clone()).remembering_dials(),
+        None => Egress::new(config.egress_deny.clone()),
+    };
+    let egress = Arc::new(egress);
     let mut own_listeners = vec![proxy_listener.local_addr()?, admin_listener.local_addr()?];
     for listener in &route_listeners {
         own_listeners.push(listener.local_addr()?);

@@ -41,11 +41,70 @@ pub struct Egress {
     deny: Vec<IpNet>,
     /// tokenproxy's own listeners, known once they are bound.
     own: OnceLock<Vec<SocketAddr>>,
+    /// With a transparent listener: the local addresses of the connections just dialled, so that
+    /// one redirected back to tokenproxy is known for its own (a loop) when it arrives.
+    recent_dials: Option<std::sync::Mutex<std::collections::VecDeque<(SocketAddr, std::time::Instant)>>>,
 }
+
+/// How long a dial's local address is remembered: a redirected connection arrives within
+/// moments of its connect.
+const RECENT_DIAL: Duration = Duration::from_secs(2);
+/// The most dials remembered at once.
+const RECENT_DIALS_KEPT: usize = 4096;
 
 impl Egress {
     pub fn new(deny: Vec<IpNet>) -> Egress {
-        Egress { deny, own: OnceLock::new() }
+        Egress { deny, own: OnceLock::new(), recent_dials: None }
+    }
+
+    /// Remembers each dial's local address, for [`Egress::is_own_dial`] (transparent mode).
+    pub fn remembering_dials(mut self) -> Egress {
+        self.recent_dials = Some(std::sync::Mutex::default());
+        self
+    }
+
+    /// Connects to `addr`. When dials are remembered, the socket is bound first, so that its
+    /// local port is remembered before the connection exists: a redirected one can reach the
+    /// transparent listener's accept, on another thread, before `connect` returns here.
+    async fn dial(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        if self.recent_dials.is_none() {
+            return TcpStream::connect(addr).await;
+        }
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        let any = match addr {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        socket.bind(any)?;
+        self.remember_dial(socket.local_addr()?);
+        socket.connect(addr).await
+    }
+
+    fn remember_dial(&self, local: SocketAddr) {
+        let Some(recent) = &self.recent_dials else { return };
+        let mut recent = recent.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        while recent.front().is_some_and(|(_, at)| now.duration_since(*at) > RECENT_DIAL)
+            || recent.len() >= RECENT_DIALS_KEPT
+        {
+            recent.pop_front();
+        }
+        recent.push_back((local, now));
+    }
+
+    /// Whether `peer` is the local end of a connection tokenproxy dialled moments ago.
+    pub fn is_own_dial(&self, peer: SocketAddr) -> bool {
+        let Some(recent) = &self.recent_dials else { return false };
+        let recent = recent.lock().unwrap_or_else(|e| e.into_inner());
+        // Bound before connecting, a dial's address is unspecified: its port decides.
+        recent.iter().any(|(local, at)| {
+            local.port() == peer.port()
+                && (local.ip().is_unspecified() || local.ip().to_canonical() == peer.ip().to_canonical())
+                && at.elapsed() <= RECENT_DIAL
+        })
     }
 
     /// Records tokenproxy's own listeners, which are never dialled. Called once, after binding.
@@ -99,7 +158,7 @@ impl Egress {
                 denied.get_or_insert(DialError::Denied { host: host.to_string(), addr, why });
                 continue;
             }
-            match TcpStream::connect(addr).await {
+            match self.dial(addr).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);

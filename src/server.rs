@@ -201,6 +201,75 @@ impl AcceptTrouble {
     }
 }
 
+/// The accept loop every listener shares: at most `max_connections` at once (beyond that new
+/// connections wait in the listen backlog, said once per 10 s), and failed accepts (out of file
+/// descriptors, mostly) back off and are logged once per 10 s with a count.
+pub struct Acceptor {
+    name: &'static str,
+    listener: TcpListener,
+    places: Arc<Semaphore>,
+    max_connections: usize,
+    trouble: AcceptTrouble,
+    full_since: Option<Instant>,
+}
+
+impl Acceptor {
+    pub fn new(name: &'static str, listener: TcpListener, max_connections: usize) -> Acceptor {
+        Acceptor {
+            name,
+            listener,
+            places: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            trouble: AcceptTrouble::new(),
+            full_since: None,
+        }
+    }
+
+    /// The next connection with its place under the limit, or `None` once shutdown is signaled.
+    pub async fn next(
+        &mut self,
+        drain: &mut DrainWatch,
+    ) -> Option<(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        loop {
+            // A place first: at max_connections, new connections wait in the listen backlog.
+            let place = match self.places.clone().try_acquire_owned() {
+                Ok(place) => place,
+                Err(_) => {
+                    if self.full_since.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
+                        tracing::warn!(
+                            listener = self.name,
+                            max_connections = self.max_connections,
+                            "connection limit reached; new connections wait until one closes"
+                        );
+                        self.full_since = Some(Instant::now());
+                    }
+                    tokio::select! {
+                        _ = drain.signaled() => return None,
+                        place = self.places.clone().acquire_owned() => place.expect("the semaphore is never closed"),
+                    }
+                }
+            };
+            tokio::select! {
+                _ = drain.signaled() => return None,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        self.trouble.succeeded();
+                        let _ = stream.set_nodelay(true);
+                        return Some((stream, peer, place));
+                    }
+                    Err(e) => {
+                        let delay = self.trouble.failed(self.name, &e);
+                        tokio::select! {
+                            _ = drain.signaled() => return None,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
 /// Binds `addr`, naming the config key in the error so that a port in use is a one-line reason.
 pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))
@@ -228,45 +297,9 @@ pub async fn serve<H, F>(
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     let builder = Arc::new(builder);
-    let places = Arc::new(Semaphore::new(limits.max_connections));
-    let mut trouble = AcceptTrouble::new();
-    let mut full_since: Option<Instant> = None;
+    let mut acceptor = Acceptor::new(name, listener, limits.max_connections);
     loop {
-        // A place first: at max_connections, new connections wait in the listen backlog.
-        let place = match places.clone().try_acquire_owned() {
-            Ok(place) => place,
-            Err(_) => {
-                if full_since.is_none_or(|at| at.elapsed() >= ACCEPT_LOG_EVERY) {
-                    tracing::warn!(
-                        listener = name,
-                        max_connections = limits.max_connections,
-                        "connection limit reached; new connections wait until one closes"
-                    );
-                    full_since = Some(Instant::now());
-                }
-                tokio::select! {
-                    _ = drain.signaled() => break,
-                    place = places.clone().acquire_owned() => place.expect("the semaphore is never closed"),
-                }
-            }
-        };
-        let (stream, peer) = tokio::select! {
-            _ = drain.signaled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => {
-                    trouble.succeeded();
-                    accepted
-                }
-                Err(e) => {
-                    let delay = trouble.failed(name, &e);
-                    tokio::select! {
-                        _ = drain.signaled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
-                    }
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+        let Some((stream, peer, place)) = acceptor.next(&mut drain).await else { break };
         let builder = builder.clone();
         let handler = handler.clone();
         let conn_drain = drain.clone();

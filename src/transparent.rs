@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::proxy::{InterceptedHost, Proxy, Target};
 use crate::relay;
-use crate::server::DrainWatch;
+use crate::server::{Acceptor, DrainWatch};
 
 /// The most bytes peeked to find an SNI or a Host header.
 const PEEK_LIMIT: usize = 16 * 1024;
@@ -40,27 +40,27 @@ enum Opening {
     Other,
 }
 
-/// Accepts redirected connections until shutdown.
+/// Accepts redirected connections until shutdown, under the same bounds as every listener
+/// (`proxy.max_connections`, backoff and a rate-limited log line when accepting fails).
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, own: Vec<SocketAddr>, mut drain: DrainWatch) {
     // Shared by every connection, not copied for each.
     let own: Arc<[SocketAddr]> = own.into();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = drain.signaled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "transparent listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let mut acceptor = Acceptor::new("transparent", listener, proxy.settings.max_connections);
+    while let Some((stream, peer, place)) = acceptor.next(&mut drain).await {
+        // tokenproxy's own outbound connection, redirected back to it (iptables that do not
+        // spare its user): a loop, refused before it is dialled again.
+        if proxy.egress.is_own_dial(peer) {
+            tracing::warn!(
+                peer = %peer,
+                "a connection tokenproxy itself made was redirected back to it: refused (the iptables rules must spare tokenproxy's user: tokenproxy iptables --uid)"
+            );
+            continue;
+        }
         let proxy = proxy.clone();
         let own = own.clone();
         let drain = drain.clone();
         tokio::spawn(async move {
+            let _place = place;
             if let Err(reason) = handle(proxy, stream, &own, drain).await {
                 tracing::debug!(peer = %peer, reason, "transparent connection closed");
             }

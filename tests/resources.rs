@@ -142,3 +142,48 @@ async fn out_of_file_descriptors_the_accept_loop_backs_off_and_logs_once_per_int
     })
     .await;
 }
+
+/// The transparent listener accepts under the same bounds as the others (SPEC §5): out of file
+/// descriptors, it backs off and says so at most once per interval, with a count (it logged
+/// every 50 ms before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_transparent_listener_stays_calm_out_of_file_descriptors() {
+    if !client_available("prlimit", std::process::Command::new("prlimit").arg("--version")) {
+        return;
+    }
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let token_file = dir.path().join("api.json");
+    std::fs::write(&token_file, token_json(TOKEN)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config =
+        format!("{}[transparent]\nlisten = \"127.0.0.1:{port}\"\n", mock.plain_config(&token_file, ""));
+    let tp = TokenProxy::start_with_fd_limit(dir.path(), &config, 48);
+    // The descriptors go to connections held on the proxy port; then the transparent listener
+    // is asked to accept more.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(tp.proxy).await {
+            held.push(stream);
+        }
+    }
+    for _ in 0..40 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            held.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let complaints: Vec<String> = tp
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("accepting connections fails") && l.contains("\"transparent\""))
+        .collect();
+    assert!((1..=2).contains(&complaints.len()), "{} lines in 2 s: {complaints:?}", complaints.len());
+    assert!(complaints[0].contains("\"failures\""), "{}", complaints[0]);
+    drop(held);
+    eventually(Duration::from_secs(10), "the proxy to serve again", || async {
+        let r = tp.client().get(mock.url("/again")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}

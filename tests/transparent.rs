@@ -228,4 +228,31 @@ async fn inside() {
     client(curl(&["--cacert", &ca, "https://api.test/v1/still"]), vec![]).await.unwrap();
     assert_eq!(api.last().path, "/v1/still");
     drop(proxy);
+
+    // Rules that spare another user than tokenproxy's (`--uid` wrong): tokenproxy's own dial to
+    // an unmatched host is redirected back to it. That loop is refused at once, not relayed again
+    // (it went round 1,015 times in 0.1 s before), and tokenproxy stays up.
+    sh(
+        "iptables -t nat -F OUTPUT && iptables -t nat -F TOKENPROXY_OUTPUT && iptables -t nat -X TOKENPROXY_OUTPUT",
+    );
+    let wrong = Command::new(binary())
+        .args(["iptables", "--uid", "4242", "--config"])
+        .arg(dir.path().join("tokenproxy.toml"))
+        .output()
+        .unwrap();
+    for rule in String::from_utf8(wrong.stdout).unwrap().lines().filter(|l| l.starts_with("iptables ")) {
+        sh(rule);
+    }
+    let proxy = TokenProxy::start_unprivileged(dir.path(), &config);
+    let before = other_plain.seen().len();
+    let looped = client(curl(&["http://other.test:8080/v1/looped"]), vec![]).await;
+    assert!(looped.is_err(), "{looped:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refusals = proxy.logs().iter().filter(|l| l.contains("redirected back to it")).count();
+    assert!((1..=2).contains(&refusals), "{refusals} loop refusals: {:?}", proxy.logs());
+    let relayed = proxy.logs().iter().filter(|l| l.contains("relayed untouched")).count();
+    assert!(relayed <= 2, "the loop went round {relayed} times");
+    assert_eq!(other_plain.seen().len(), before);
+    let (status, _) = proxy.admin_get("/healthz").await;
+    assert_eq!(status, http::StatusCode::OK);
 }
