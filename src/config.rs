@@ -524,6 +524,8 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// How long a refresh lock lives without being kept alive (a holder that died releases it).
     pub lock_ttl: Duration,
+    /// Where the password came from, when from a file (checked for loose permissions).
+    pub password_file: Option<PathBuf>,
 }
 
 /// Where pending authorizations wait for their callback (SPEC §9).
@@ -589,8 +591,31 @@ impl Config {
         if let Some(key) = &self.encryption_key_file {
             files.push(("the encryption key".to_string(), key.clone()));
         }
+        if let StoreSettings::Redis(redis) = &self.store
+            && let Some(file) = &redis.password_file
+        {
+            files.push(("the Redis password file".to_string(), file.clone()));
+        }
         for p in &self.providers {
-            files.push((format!("providers.{} token file", p.name), p.token_file.clone()));
+            if p.is_multi_account() {
+                // Every account's file: each holds a person's refresh token.
+                let folder = p.token_file.parent().map(Path::to_path_buf).unwrap_or_default();
+                let mut accounts: Vec<PathBuf> = std::fs::read_dir(&folder)
+                    .map(|entries| {
+                        entries
+                            .flatten()
+                            .map(|e| e.path())
+                            .filter(|f| p.account_of_file(f).is_some())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                accounts.sort();
+                for file in accounts {
+                    files.push((format!("providers.{} account token file", p.name), file));
+                }
+            } else {
+                files.push((format!("providers.{} token file", p.name), p.token_file.clone()));
+            }
             if let Some(OAuthConfig { client_secret: SecretSource::File(f), .. }) = &p.oauth {
                 files.push((format!("providers.{} client secret file", p.name), f.clone()));
             }
@@ -1154,6 +1179,7 @@ fn validate_store(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> StoreSett
                 shown_url: shown.to_string(),
                 key_prefix: raw.key_prefix.clone(),
                 lock_ttl,
+                password_file: raw.password_file.as_ref().map(|f| resolve(base, f)),
             })
         }
         other => {

@@ -643,6 +643,21 @@ async fn check_and_status_show_accounts() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.lines().any(|l| l.starts_with("problem: providers.api account carol")), "{out}");
     std::fs::remove_file(dir.path().join("tokens/api/carol.json")).unwrap();
+    // An account's file that others can read is warned about, like a provider's token file.
+    use std::os::unix::fs::PermissionsExt;
+    let bob_file = dir.path().join(format!("tokens/api/{BOB}.json"));
+    let alice_file = dir.path().join(format!("tokens/api/{ALICE}.json"));
+    std::fs::set_permissions(&alice_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&bob_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out) = check();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("warning: providers.api account token file")
+            && l.contains(&format!("{BOB}.json is readable by everyone"))),
+        "{out}"
+    );
+    assert!(!out.contains(&format!("{ALICE}.json is readable")), "{out}");
+    std::fs::set_permissions(&bob_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     let tp = TokenProxy::start(dir.path(), &config);
     assert_eq!(whoami(&tp.client(), &mock.url("/whoami"), Some(ALICE)).await.0, 200);
@@ -838,4 +853,44 @@ async fn an_account_whose_stored_document_cannot_be_used_says_what_is_wrong() {
         assert!(view["last_error"].as_str().unwrap().contains(said), "{view}");
     }
     assert_eq!(endpoint.calls(), 0);
+}
+
+/// A `client_credentials` provider with accounts (a grant that needs no person): a name whose
+/// first token call fails is not kept, leaves no file, and for a minute costs no further token
+/// call however often it is asked for; a name whose call succeeds is an account like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_accounts_of_a_client_credentials_provider_cost_one_call_and_leave_nothing() {
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&mock)).start().await;
+    let tp = TokenProxy::start(
+        dir.path(),
+        &plain_config(&mock, "", &endpoint.oauth_toml("api", "client_credentials")),
+    );
+    const NAMES: usize = 40;
+    let refusal = r#"{"error":"invalid_scope","error_description":"no such tenant"}"#;
+    endpoint.script(&vec![(400, refusal); NAMES]);
+    for round in 0..3 {
+        for i in 0..NAMES {
+            let r = tp
+                .client()
+                .get(mock.url("/whoami"))
+                .header("Tokenproxy-Account", format!("made-up-{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 502, "round {round}, name {i}");
+        }
+    }
+    assert_eq!(endpoint.calls(), NAMES, "one token call per made-up name, not one per request");
+    let folder = dir.path().join("tokens/api");
+    let files: Vec<_> =
+        std::fs::read_dir(&folder).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(files.is_empty(), "files left behind: {files:?}");
+    assert!(!tp.admin_get("/tokens").await.1.contains("made-up"), "a made-up name is kept");
+    // A name whose token call succeeds is kept, with its file.
+    let (status, body) = whoami(&tp.client(), &mock.url("/whoami"), Some("tenant-a")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(folder.join("tenant-a.json").exists());
+    assert!(tp.admin_get("/tokens").await.1.contains("tenant-a"));
 }

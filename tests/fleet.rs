@@ -403,6 +403,15 @@ async fn a_redis_with_a_password_is_reached_with_password_file_and_refused_witho
     for line in fleet[0].logs() {
         assert!(!line.contains("s3cret-redis-pw"), "{line}");
     }
+    // The password file was written 0644 above: warned about, like every secret file.
+    assert!(
+        fleet[0]
+            .logs()
+            .iter()
+            .any(|l| l.contains("the Redis password file") && l.contains("readable by everyone")),
+        "{:?}",
+        fleet[0].logs()
+    );
     // Without the password: the store is unavailable, said clearly, and the password is not
     // what anyone sees either way.
     let without = config(&api, &endpoint, &redis, "auth", "");

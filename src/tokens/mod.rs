@@ -147,7 +147,16 @@ pub struct Provider {
     pub request_metrics: metrics::RequestMetrics,
     /// Where the tokens are kept.
     store: Arc<dyn TokenStore>,
+    /// Accounts of a grant that needs no person (`client_credentials`) whose first token call
+    /// failed, with when and why: such a name is not kept, and for a minute it costs no token
+    /// call (names that requests make up must not each cost one, nor leave files behind).
+    failed_accounts: Mutex<std::collections::HashMap<Box<str>, (std::time::Instant, RefreshError)>>,
 }
+
+/// How long an account whose first token call failed is answered from that failure.
+const FAILED_ACCOUNT_PAUSE: Duration = Duration::from_secs(60);
+/// The most such failures remembered at once.
+const FAILED_ACCOUNTS_KEPT: usize = 10_000;
 
 /// A provider's credentials.
 enum Accounts {
@@ -196,6 +205,7 @@ impl Provider {
             oauth_client,
             wait_limit,
             store,
+            failed_accounts: Mutex::default(),
         }
     }
 
@@ -225,7 +235,52 @@ impl Provider {
             return Ok(credential);
         }
         crate::accounts::check(name).map_err(AccountError::Bad)?;
+        if let Some(failed) = self.recent_failure(name) {
+            return Ok(failed);
+        }
         Ok(Box::pin(self.load_account(name)).await)
+    }
+
+    /// A credential that answers with the failure of `name`'s first token call, if it failed
+    /// less than a minute ago: kept outside the cache, it refreshes nothing (its backoff runs
+    /// until the minute is over) and creates no file.
+    fn recent_failure(&self, name: &str) -> Option<Arc<Credential>> {
+        let failed = self.failed_accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, error) = failed.get(name)?;
+        let until = *at + FAILED_ACCOUNT_PAUSE;
+        if std::time::Instant::now() >= until {
+            return None;
+        }
+        let credential = Arc::new(Credential::new(Some(name)));
+        let mut status = credential.status();
+        status.file = FileStatus::Missing;
+        status.retry_not_before = Some(until);
+        status.last_failure = Some(error.clone());
+        status.last_error = Some(error.to_string());
+        drop(status);
+        Some(credential)
+    }
+
+    /// After the first token call of an account that has no token failed (a grant that needs
+    /// no person): the account is not kept (nor its lock file), and its name is answered from
+    /// the failure for a minute.
+    pub(super) fn forget_failed_account(&self, cred: &Credential, error: &RefreshError) {
+        let (Accounts::Many(map), Some(name)) = (&self.accounts, cred.account()) else { return };
+        if !self.creates_token_files() || cred.current().is_some() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        {
+            let mut failed = self.failed_accounts.lock().unwrap_or_else(|e| e.into_inner());
+            failed.retain(|_, (at, _)| now.duration_since(*at) < FAILED_ACCOUNT_PAUSE);
+            if failed.len() < FAILED_ACCOUNTS_KEPT {
+                failed.insert(name.into(), (now, error.clone()));
+            }
+        }
+        // Requests already holding this credential wait out the minute too, without a call.
+        cred.status().retry_not_before = Some(now + FAILED_ACCOUNT_PAUSE);
+        map.pin().remove_if(name, |_, c| std::ptr::eq(Arc::as_ptr(c), cred) && c.current().is_none()).ok();
+        self.store.forget(self.key(cred));
     }
 
     /// Loads account `name` (checked) once, however many requests ask at the same time. An

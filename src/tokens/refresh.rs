@@ -529,6 +529,7 @@ impl Provider {
                     // Wrong client credentials are every account's problem.
                     self.set_provider_error(Some(e.to_string()));
                 }
+                self.forget_failed_account(cred, e);
                 tracing::warn!(
                     provider = self.name(),
                     account = cred.account_log(),

@@ -178,6 +178,13 @@ impl TokenStore for FileStore {
         }
     }
 
+    fn forget(&self, key: Key<'_>) {
+        let Ok(path) = self.path(key) else { return };
+        if !path.exists() {
+            let _ = std::fs::remove_file(lock_path(&path));
+        }
+    }
+
     fn watch(&self) -> ChangeFeed {
         let (tx, changes) = mpsc::unbounded_channel();
         let providers = self.providers.clone();

@@ -241,6 +241,10 @@ pub trait TokenStore: Send + Sync + 'static {
         false
     }
 
+    /// Removes what the store keeps beside `key`'s document (a lock file) when there is no
+    /// document: an account that never got a token leaves nothing behind.
+    fn forget(&self, _key: Key<'_>) {}
+
     /// Starts reporting changes.
     fn watch(&self) -> ChangeFeed;
 }
