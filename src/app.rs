@@ -67,7 +67,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         route_listeners.push(server::bind(&format!("routes[{i}].listen"), route.listen).await?);
     }
 
-    for warning in config.loose_permission_warnings() {
+    for warning in config.loose_permission_warnings(false) {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;

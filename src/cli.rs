@@ -144,7 +144,7 @@ pub async fn check(config: &Config) -> bool {
     if config.providers.is_empty() {
         println!("no providers configured: every request is forwarded untouched");
     }
-    for warning in config.loose_permission_warnings() {
+    for warning in config.loose_permission_warnings(true) {
         println!("warning: {warning}");
     }
     for problem in &problems {

@@ -585,16 +585,19 @@ impl Config {
 impl Config {
     /// Secret files that the group or others can read: token files, client secret files and the
     /// CA's key. A warning each (for the log and `check`), never an error: the file still works.
-    pub fn loose_permission_warnings(&self) -> Vec<String> {
+    /// `name_accounts`: whether an account's file may be named by its path (which holds the
+    /// account's name: fine for `check`, a local command; never in a log line, SPEC §8).
+    pub fn loose_permission_warnings(&self, name_accounts: bool) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
-        let mut files = vec![("the CA key".to_string(), self.ca_dir.join("ca-key.pem"))];
+        // (what, path, whether the message shows the path)
+        let mut files = vec![("the CA key".to_string(), self.ca_dir.join("ca-key.pem"), true)];
         if let Some(key) = &self.encryption_key_file {
-            files.push(("the encryption key".to_string(), key.clone()));
+            files.push(("the encryption key".to_string(), key.clone(), true));
         }
         if let StoreSettings::Redis(redis) = &self.store
             && let Some(file) = &redis.password_file
         {
-            files.push(("the Redis password file".to_string(), file.clone()));
+            files.push(("the Redis password file".to_string(), file.clone(), true));
         }
         for p in &self.providers {
             if p.is_multi_account() {
@@ -611,25 +614,35 @@ impl Config {
                     .unwrap_or_default();
                 accounts.sort();
                 for file in accounts {
-                    files.push((format!("providers.{} account token file", p.name), file));
+                    let what = match p.account_of_file(&file) {
+                        Some(name) if !name_accounts => format!(
+                            "providers.{} token file of account {} (in {})",
+                            p.name,
+                            crate::accounts::log_name(&name),
+                            folder.display()
+                        ),
+                        _ => format!("providers.{} account token file", p.name),
+                    };
+                    files.push((what, file, name_accounts));
                 }
             } else {
-                files.push((format!("providers.{} token file", p.name), p.token_file.clone()));
+                files.push((format!("providers.{} token file", p.name), p.token_file.clone(), true));
             }
             if let Some(OAuthConfig { client_secret: SecretSource::File(f), .. }) = &p.oauth {
-                files.push((format!("providers.{} client secret file", p.name), f.clone()));
+                files.push((format!("providers.{} client secret file", p.name), f.clone(), true));
             }
         }
         let mut seen = std::collections::BTreeSet::new();
         files
             .into_iter()
-            .filter(|(_, path)| seen.insert(path.clone()))
-            .filter_map(|(what, path)| {
+            .filter(|(_, path, _)| seen.insert(path.clone()))
+            .filter_map(|(what, path, show_path)| {
                 let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
                 (mode & 0o044 != 0).then(|| {
+                    // An account's file in a log line is named without its path, which holds the name.
+                    let shown = if show_path { format!(" {}", path.display()) } else { String::new() };
                     format!(
-                        "{what} {} is readable by {} (mode {mode:o}); chmod 600 it",
-                        path.display(),
+                        "{what}{shown} is readable by {} (mode {mode:o}); chmod 600 it",
                         if mode & 0o004 != 0 { "everyone" } else { "its group" }
                     )
                 })
