@@ -199,3 +199,36 @@ async fn token_put_imports_a_token_that_a_running_proxy_uses_and_refuses_bad_inp
     assert!(out.contains("not allowed in an HTTP header") && !out.contains("X-Injected"), "{out}");
     assert_eq!(std::fs::read(dir.path().join("api.json")).unwrap(), before);
 }
+
+/// With encryption configured, a plaintext token file planted over a sealed one is used (it may
+/// be a person's deliberate fix) but not silently: a warning in the log and on `/tokens`.
+#[tokio::test]
+async fn a_plaintext_file_planted_over_a_sealed_one_is_used_with_a_warning() {
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    let dir = tempdir();
+    write_key(dir.path(), "key-a", KEY_A);
+    let text = config(&api, &endpoint, Some("key-a"));
+    std::fs::write(dir.path().join("tokenproxy.toml"), &text).unwrap();
+    let (code, out) = run(dir.path(), &["token", "put", "api"], Some(&token_json("at-sealed")));
+    assert_eq!(code, Some(0), "{out}");
+    let proxy = TokenProxy::start(dir.path(), &text);
+    let view = proxy.token_view("api").await;
+    assert!(view.get("warning").is_none(), "{view}");
+
+    api.accept("at-planted");
+    std::fs::write(dir.path().join("api.json"), token_json("at-planted")).unwrap();
+    eventually(Duration::from_secs(10), "the planted token in use", || async {
+        let r = proxy.client().get(api.url("/v1/me")).send().await.ok()?;
+        (r.status() == StatusCode::OK && api.last().authorization() == Some("Bearer at-planted"))
+            .then_some(())
+    })
+    .await;
+    let view = proxy.token_view("api").await;
+    let warning = view["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("plaintext although encryption at rest is configured"), "{view}");
+    assert!(proxy.logs().iter().any(|l| l.contains("in plaintext although encryption")));
+    for line in proxy.logs() {
+        assert!(!line.contains("at-planted") && !line.contains("at-sealed"), "{line}");
+    }
+}

@@ -163,6 +163,8 @@ pub(super) struct Status {
     /// What the last read of the store found wrong (not found, unreadable, unusable), as the
     /// store says it; `None` after a good read.
     pub(super) store_error: Option<String>,
+    /// The document last read is plaintext where encryption at rest is configured.
+    pub(super) unsealed: bool,
     /// Set by `invalid_grant`: no automatic refresh until the file changes or a manual refresh.
     pub(super) reauth_reason: Option<String>,
     /// Set by `invalid_client`: the config is wrong.

@@ -544,7 +544,17 @@ impl Provider {
                 read.outcome = Reload::IoError;
                 (FileStatus::Unreadable, format!("{shown}: {e}"))
             }
-            Ok(Loaded::Found { version, doc, .. }) => {
+            Ok(Loaded::Found { version, doc, sealed }) => {
+                let unsealed = self.store.seals() && !sealed && doc.is_ok();
+                if unsealed && !status.unsealed {
+                    tracing::warn!(
+                        provider = self.name(),
+                        account = cred.account_log(),
+                        location = %shown,
+                        "a token document is in plaintext although encryption at rest is configured (planted over a sealed one?); it is used, and sealed on its next write"
+                    );
+                }
+                status.unsealed = unsealed;
                 if status.version == Some(version) {
                     return match doc {
                         Ok(doc) if status.file != FileStatus::Unparsable => StoreRead {
@@ -818,6 +828,12 @@ impl Provider {
             last_error: status.last_error.clone(),
             refresh_count: status.refresh_count,
             retry_count: status.retry_count,
+            warning: status.unsealed.then(|| {
+                format!(
+                    "{} is stored in plaintext although encryption at rest is configured: it was not written by tokenproxy (planted over a sealed one?); it is sealed on its next write",
+                    self.shown_location(cred)
+                )
+            }),
         }
     }
 }
@@ -867,6 +883,10 @@ pub struct TokenView {
     pub last_error: Option<String>,
     pub refresh_count: u64,
     pub retry_count: u64,
+    /// Something to know that is not an error: a plaintext token document where encryption at
+    /// rest is configured (planted over a sealed one, or not written by tokenproxy yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Every configured provider, with host lookup.

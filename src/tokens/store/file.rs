@@ -178,6 +178,10 @@ impl TokenStore for FileStore {
         }
     }
 
+    fn seals(&self) -> bool {
+        self.sealer.is_some()
+    }
+
     fn forget(&self, key: Key<'_>) {
         let Ok(path) = self.path(key) else { return };
         if !path.exists() {

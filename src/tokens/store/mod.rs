@@ -241,6 +241,11 @@ pub trait TokenStore: Send + Sync + 'static {
         false
     }
 
+    /// Whether token data is sealed at rest (an encryption key is configured).
+    fn seals(&self) -> bool {
+        false
+    }
+
     /// Removes what the store keeps beside `key`'s document (a lock file) when there is no
     /// document: an account that never got a token leaves nothing behind.
     fn forget(&self, _key: Key<'_>) {}

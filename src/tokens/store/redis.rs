@@ -398,6 +398,10 @@ impl TokenStore for RedisStore {
         true
     }
 
+    fn seals(&self) -> bool {
+        self.sealer.is_some()
+    }
+
     fn problem<'a>(&'a self, _provider: &'a str) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
