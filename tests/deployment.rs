@@ -507,3 +507,33 @@ fn the_transparent_example_applies_the_printed_rules_and_runs_the_app_without_pr
         "{out}"
     );
 }
+
+/// `tokenproxy status` without `--admin` asks the admin listener of the config it is given
+/// (`--config` before or after the subcommand), and says so when it cannot read that config
+/// instead of silently asking another address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_finds_the_admin_listener_in_the_config_it_is_given() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("ok.json"), token_json("status-token")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\
+         [providers.good]\nhosts = [\"good.invalid\"]\ntoken_file = \"ok.json\"\n"
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let path = tp.config_path.display().to_string();
+    for args in [vec!["status", "--config", &path], vec!["--config", &path, "status"]] {
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        let (code, out) =
+            tokio::task::spawn_blocking(move || run(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+                .await
+                .unwrap();
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.lines().any(|l| l.starts_with("good") && l.contains("valid")), "{out}");
+    }
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[admin]\nlisten = \"nowhere\"\n").unwrap();
+    let broken = broken.display().to_string();
+    let (_, out) = tokio::task::spawn_blocking(move || run(&["status", "--config", &broken])).await.unwrap();
+    assert!(out.contains("could not be read from") && out.contains("--admin URL"), "{out}");
+}
