@@ -49,7 +49,11 @@ pub async fn show(
     let key = target(config, provider, account)?;
     let store = store(config)?;
     let location = store.location(key);
-    let (doc, sealed) = match store.load(key).await? {
+    let loaded = match store.load(key).await? {
+        super::tokens::store::Loaded::Missing => store.seed(key).await?,
+        loaded => loaded,
+    };
+    let (doc, sealed) = match loaded {
         Loaded::Missing => {
             println!("{location}: nothing stored");
             return Ok(false);

@@ -70,7 +70,9 @@ async fn setup(
 
 /// An RFC 3339 time `seconds` from now.
 fn rfc3339_in(seconds: i64) -> String {
-    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+    // Whole seconds, as a person writes them and as /tokens shows them.
+    let at =
+        (time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds)).replace_nanosecond(0).unwrap();
     at.format(&time::format_description::well_known::Rfc3339).unwrap()
 }
 

@@ -480,7 +480,12 @@ impl Provider {
     pub(super) async fn read_store(&self, cred: &Credential) -> StoreRead {
         let key = self.key(cred);
         let probe = self.store.probe(key).await;
-        let loaded = self.store.load(key).await;
+        let loaded = match self.store.load(key).await {
+            // Nothing stored: seeded (from a token file) only by a replica that holds nothing
+            // itself; one that holds a token writes its own back below (SPEC §11).
+            Ok(Loaded::Missing) if cred.status().held.is_none() => self.store.seed(key).await,
+            other => other,
+        };
         let shown = self.shown_location(cred);
         let mut status = cred.status();
         status.probe = probe;

@@ -241,6 +241,13 @@ pub trait TokenStore: Send + Sync + 'static {
         false
     }
 
+    /// For a key the store has nothing for: fills it from where the store seeds from (Redis:
+    /// the provider's token file, SPEC §11) and returns what it then holds. Only a replica that
+    /// holds no token of its own asks: one that does writes its own back (never an older file).
+    fn seed<'a>(&'a self, _key: Key<'a>) -> StoreFuture<'a, Result<Loaded, StoreError>> {
+        Box::pin(async { Ok(Loaded::Missing) })
+    }
+
     /// Whether token data is sealed at rest (an encryption key is configured).
     fn seals(&self) -> bool {
         false

@@ -196,7 +196,7 @@ impl RedisStore {
     }
 
     /// Seeds a key Redis does not have from the provider's token file, if there is one.
-    async fn seed(&self, key: Key<'_>) -> Result<Loaded, StoreError> {
+    async fn seed_from_file(&self, key: Key<'_>) -> Result<Loaded, StoreError> {
         let Ok(Loaded::Found { doc: Ok(doc), .. }) = self.seeds.load(key).await else {
             return Ok(Loaded::Missing);
         };
@@ -260,7 +260,7 @@ impl TokenStore for RedisStore {
         Box::pin(async move {
             match self.read(key).await? {
                 Some((version, bytes)) => Ok(self.decode(key, version, &bytes).0),
-                None => self.seed(key).await,
+                None => Ok(Loaded::Missing),
             }
         })
     }
@@ -396,6 +396,10 @@ impl TokenStore for RedisStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn seed<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<Loaded, StoreError>> {
+        Box::pin(self.seed_from_file(key))
     }
 
     fn seals(&self) -> bool {
