@@ -850,3 +850,26 @@ async fn a_persons_edit_during_a_refresh_in_flight_is_kept_and_the_refresh_lands
     let view = tp.token_view("api").await;
     assert_eq!(view["fingerprint"], tokenproxy::secrets::fingerprint("at-1"), "{view}");
 }
+
+/// A refresh whose document the store refuses (over 1 MiB) leaves the token file as it was
+/// (SPEC §5): the refused write is said on /tokens, and nothing of the file is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_document_the_store_refuses_leaves_the_token_file_as_it_was() {
+    let (_mock, endpoint, dir, tp) = setup(
+        |_| {},
+        serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": rfc3339_in(86_400), "note": "kept"}),
+        "",
+        "",
+    )
+    .await;
+    let before = std::fs::read(dir.path().join("tokens/api.json")).unwrap();
+    // A refresh writes the token fields only, so it is the access token itself that is huge.
+    let huge = format!(r#"{{"access_token":"at-huge-{}","expires_in":3600}}"#, "x".repeat(2 << 20));
+    endpoint.script(&[(200, huge.as_str())]);
+    let (status, _) = post_refresh(&tp).await;
+    assert_eq!(status, 200, "the token itself is usable");
+    assert_eq!(std::fs::read(dir.path().join("tokens/api.json")).unwrap(), before, "the file was replaced");
+    let view = tp.token_view("api").await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused, the stored token is kept"), "{view}");
+}
