@@ -3,6 +3,7 @@
 Usage: connect_browser.py ADMIN_URL PROVIDER ACCOUNT SCREENSHOT_DIR
 Prints `key value` lines that tests/onboarding.rs checks.
 """
+import shutil
 import sys
 import tempfile
 import time
@@ -51,3 +52,4 @@ except Exception:
     raise
 finally:
     driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)

@@ -5,6 +5,7 @@ Usage: csrf_browser.py ADMIN_URL PROVIDER ACCOUNT
 Prints `key value` lines that tests/onboarding.rs checks.
 """
 import http.server
+import shutil
 import sys
 import tempfile
 import threading
@@ -74,4 +75,5 @@ except Exception:
     raise
 finally:
     driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
     server.shutdown()
