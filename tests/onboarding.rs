@@ -670,7 +670,9 @@ async fn a_cross_site_navigation_to_a_flow_start_reaches_no_provider_and_writes_
     assert!(location(&r).starts_with(&setup.endpoint.authorize_url()));
     let cookie = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
     assert!(
-        cookie.contains("Path=/oauth/callback") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        cookie.contains("Path=/oauth/callback")
+            && cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Lax"),
         "{cookie}"
     );
     let r = http.get(&start).header("sec-fetch-site", "none").send().await.unwrap();

@@ -7,6 +7,8 @@
 
 mod connect;
 pub(crate) use connect::InterceptedHost;
+#[cfg(test)]
+mod framing_differential;
 mod headers;
 pub mod plain_pool;
 pub mod plain_relay;
