@@ -13,6 +13,7 @@ import threading
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -54,7 +55,14 @@ wait = WebDriverWait(driver, 20)
 
 
 def result_of_page():
-    return wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-result]"))[0].get_attribute("data-result")
+    # The element may belong to the page being left (a click starts a navigation): read again.
+    def read(d):
+        try:
+            found = d.find_elements(By.CSS_SELECTOR, "[data-result]")
+            return found[0].get_attribute("data-result") if found else None
+        except StaleElementReferenceException:
+            return None
+    return wait.until(read)
 
 
 try:
@@ -68,6 +76,7 @@ try:
     driver.get(evil + "/navigate.html")
     wait.until(lambda d: d.current_url.startswith(admin))
     driver.find_element(By.CSS_SELECTOR, "[data-role=connect]").click()
+    wait.until(lambda d: "/oauth/callback" in d.current_url)
     print("clicked", result_of_page())
 except Exception:
     print("url", driver.current_url, file=sys.stderr)

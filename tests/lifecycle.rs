@@ -70,10 +70,14 @@ async fn setup(
 
 /// An RFC 3339 time `seconds` from now.
 fn rfc3339_in(seconds: i64) -> String {
-    // Whole seconds, as a person writes them and as /tokens shows them.
-    let at =
-        (time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds)).replace_nanosecond(0).unwrap();
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
     at.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+/// The same in whole seconds, as a person writes it and as /tokens shows it.
+fn rfc3339_whole_in(seconds: i64) -> String {
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
+    at.replace_nanosecond(0).unwrap().format(&time::format_description::well_known::Rfc3339).unwrap()
 }
 
 async fn post_refresh(tp: &TokenProxy) -> (u16, serde_json::Value) {
@@ -797,7 +801,7 @@ async fn an_edit_with_the_same_token_while_a_refresh_waits_for_the_lock_does_not
         (tp.token_view("api").await["state"] == "refreshing").then_some(())
     })
     .await;
-    let later = rfc3339_in(2 * 86_400);
+    let later = rfc3339_whole_in(2 * 86_400);
     write_token_file(
         dir.path(),
         serde_json::json!({"access_token": "at-old", "refresh_token": "rt-0", "expires_at": later, "note": "kept"}),
