@@ -400,15 +400,11 @@ impl Provider {
     /// tokens win.
     pub(super) async fn persist(&self, cred: &Credential, fields: &Fields, mut basis: Basis) {
         let key = self.key(cred);
-        {
-            let mut status = cred.status();
-            status.refresh_token = file::refresh_token(fields);
-            // Held even if the write fails: the newest token this replica has, written back
-            // once the store takes it.
-            if self.store.shared() {
-                status.held = Some(Held::of(fields));
-            }
-        }
+        cred.status().refresh_token = file::refresh_token(fields);
+        // The document this replica holds is updated once the write is over, whatever its
+        // outcome (a failed one is written back once the store takes it): set before, a re-read
+        // racing the write would find the store "older" and write the same token a second time.
+        let shared = self.store.shared();
         let mut fields = fields.clone();
         let unwritten = 'write: {
             // A conflict is retried on top of what is stored now, a bounded number of times.
@@ -430,6 +426,9 @@ impl Provider {
                 match self.store.save(key, &fields, expected).await {
                     Ok(version) => {
                         let mut status = cred.status();
+                        if shared {
+                            status.held = Some(Held::of(&fields));
+                        }
                         status.version = Some(version);
                         status.file = FileStatus::Ok;
                         // The failed write it shows as the last error is over.
@@ -450,6 +449,9 @@ impl Provider {
         };
         let shown = self.shown_location(cred);
         let mut status = cred.status();
+        if shared {
+            status.held = Some(Held::of(&fields));
+        }
         match unwritten {
             Unwritten::Unparsable => {
                 let based_on = match &status.pending_write {
