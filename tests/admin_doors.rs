@@ -12,7 +12,6 @@ use std::time::Duration;
 use http::StatusCode;
 use support::*;
 
-const INSIDE: &str = "TOKENPROXY_TEST_IN_NETNS";
 /// An address of the test's own namespace that is not loopback (on `lo`: a dummy interface
 /// needs a kernel module a container may not have).
 const POD_IP: &str = "10.78.0.1";
@@ -77,33 +76,12 @@ async fn a_host_that_is_not_the_admin_apis_is_misdirected_except_for_the_probes(
 /// address, reached at the namespace's non-loopback address (a pod's IP).
 #[test]
 fn peers_beyond_loopback_need_the_admin_token_and_own_listeners_are_unreachable_at_any_local_address() {
-    if std::env::var(INSIDE).is_ok() {
-        return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(inside());
-    }
-    if !running_as_root() {
-        if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
-            panic!("this test needs root for a network namespace (TOKENPROXY_REQUIRE_CLIENTS=1)");
-        }
-        skip("the admin-doors test needs root for a network namespace");
-        return;
-    }
-    if !client_available(
-        "unshare and ip",
-        Command::new("sh").args(["-c", "command -v unshare && command -v ip"]),
-    ) {
-        return;
-    }
-    let name =
-        "peers_beyond_loopback_need_the_admin_token_and_own_listeners_are_unreachable_at_any_local_address";
-    let out = Command::new("unshare")
-        .args(["--net", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(INSIDE, "1")
-        .output()
-        .unwrap();
-    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && printed.contains("1 passed"), "{printed}");
+    in_own_network_namespace(
+        "peers_beyond_loopback_need_the_admin_token_and_own_listeners_are_unreachable_at_any_local_address",
+        false,
+        "unshare ip",
+        inside,
+    );
 }
 
 async fn inside() {

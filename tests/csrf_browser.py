@@ -5,17 +5,13 @@ Usage: csrf_browser.py ADMIN_URL PROVIDER ACCOUNT
 Prints `key value` lines that tests/onboarding.rs checks.
 """
 import http.server
-import shutil
 import sys
-import tempfile
 import threading
 
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+
+from headless_chromium import session
 
 admin, provider, account = sys.argv[1:4]
 start = f"{admin}/connect/{provider}?account={account}"
@@ -39,22 +35,7 @@ class Evil(http.server.BaseHTTPRequestHandler):
         pass
 
 
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
-threading.Thread(target=server.serve_forever, daemon=True).start()
-evil = f"http://localhost:{server.server_address[1]}"
-
-options = Options()
-options.binary_location = "/usr/bin/chromium"
-profile = tempfile.mkdtemp(prefix="tokenproxy-chromium-")
-for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--no-proxy-server", f"--user-data-dir={profile}"]:
-    options.add_argument(flag)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-wait = WebDriverWait(driver, 20)
-
-
-def result_of_page():
+def result_of_page(wait):
     # The element may belong to the page being left (a click starts a navigation): read again.
     def read(d):
         try:
@@ -65,24 +46,23 @@ def result_of_page():
     return wait.until(read)
 
 
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+evil = f"http://localhost:{server.server_address[1]}"
 try:
-    driver.get(evil + "/navigate.html")
-    wait.until(lambda d: d.current_url.startswith(admin))
-    print("navigation", result_of_page())
-    driver.get(evil + "/form.html")
-    wait.until(lambda d: d.current_url.startswith(admin))
-    print("form", result_of_page())
-    # The person opens the link again and decides: the page's Connect button is a same-origin POST.
-    driver.get(evil + "/navigate.html")
-    wait.until(lambda d: d.current_url.startswith(admin))
-    driver.find_element(By.CSS_SELECTOR, "[data-role=connect]").click()
-    wait.until(lambda d: "/oauth/callback" in d.current_url)
-    print("clicked", result_of_page())
-except Exception:
-    print("url", driver.current_url, file=sys.stderr)
-    print(driver.page_source[:3000], file=sys.stderr)
-    raise
+    with session() as (driver, wait):
+        driver.get(evil + "/navigate.html")
+        wait.until(lambda d: d.current_url.startswith(admin))
+        print("navigation", result_of_page(wait))
+        driver.get(evil + "/form.html")
+        wait.until(lambda d: d.current_url.startswith(admin))
+        print("form", result_of_page(wait))
+        # The person opens the link again and decides: the page's Connect button is a
+        # same-origin POST.
+        driver.get(evil + "/navigate.html")
+        wait.until(lambda d: d.current_url.startswith(admin))
+        driver.find_element(By.CSS_SELECTOR, "[data-role=connect]").click()
+        wait.until(lambda d: "/oauth/callback" in d.current_url)
+        print("clicked", result_of_page(wait))
 finally:
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
     server.shutdown()

@@ -63,9 +63,12 @@ async fn load(api: &MockApi, fleet: &[TokenProxy], duration: Duration) -> usize 
     sent
 }
 
-async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u64) {
+/// A Redis, an API, and a token endpoint that rotates refresh tokens strictly (a spent one is
+/// `invalid_grant`) and issues two-second tokens, accepting the seed's refresh token `rt-seed`;
+/// `None` (the test skips) without Redis.
+async fn rotating_provider() -> Option<(tempfile::TempDir, RedisServer, MockApi, MockTokenEndpoint)> {
     if !redis_available() {
-        return;
+        return None;
     }
     let dir = tempdir();
     let redis = RedisServer::start(dir.path());
@@ -75,6 +78,11 @@ async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u
     endpoint.expires_in = Some(2);
     let endpoint = endpoint.start().await;
     endpoint.allow_refresh_token("rt-seed");
+    Some((dir, redis, api, endpoint))
+}
+
+async fn a_fleet_shares_one_rotating_credential(replica_count: usize, seconds: u64) {
+    let Some((dir, redis, api, endpoint)) = rotating_provider().await else { return };
     api.accept("at-seed");
     let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z"}"#;
     let text = config(&api, &endpoint, &redis, "fleet", "lock_ttl = \"5s\"");
@@ -528,17 +536,7 @@ async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
 /// (SPEC §11). The mock provider rotates strictly: a spent refresh token is `invalid_grant`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_data_never_rolls_the_fleet_back_to_a_spent_refresh_token() {
-    if !redis_available() {
-        return;
-    }
-    let dir = tempdir();
-    let redis = RedisServer::start(dir.path());
-    let api = MockApi::start().await;
-    let mut endpoint = MockTokenEndpoint::new(Some(&api));
-    endpoint.rotate = Rotation::Strict;
-    endpoint.expires_in = Some(2);
-    let endpoint = endpoint.start().await;
-    endpoint.allow_refresh_token("rt-seed");
+    let Some((dir, redis, api, endpoint)) = rotating_provider().await else { return };
     let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z"}"#;
     let text = config(&api, &endpoint, &redis, "lost", "lock_ttl = \"5s\"");
     let fleet = replicas(dir.path(), 3, &text, seed);

@@ -86,6 +86,36 @@ fn query(url: &str) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
+/// Chromium, ChromeDriver and selenium for the tests that drive a real browser.
+fn chromium_available() -> bool {
+    client_available(
+        "chromium with chromedriver and selenium",
+        std::process::Command::new("python3").args([
+            "-c",
+            "import selenium, shutil, sys; sys.exit(not (shutil.which('chromium') and shutil.which('chromedriver')))",
+        ]),
+    )
+}
+
+/// Runs a browser script of `tests/` with `args` (no proxy variables) and returns what it
+/// printed (`key value` lines, see [`said_in`]). Fails the test when the script fails.
+async fn browser_script(script: &str, args: &[&str]) -> String {
+    let mut command = tokio::process::Command::new("python3");
+    command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script)).args(args);
+    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        command.env_remove(var);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output()).await.unwrap().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{printed}\n{}", String::from_utf8_lossy(&out.stderr));
+    printed
+}
+
+/// The value of a `key value` line a browser script printed.
+fn said_in(printed: &str, key: &str) -> String {
+    printed.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_default().to_string()
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -390,14 +420,7 @@ async fn the_connect_page_lists_accounts_and_escapes_what_it_shows() {
 /// live countdown. Screenshots are saved under `target/screenshots/` for review.
 #[tokio::test]
 async fn the_connect_page_works_in_a_real_headless_browser() {
-    let usable = client_available(
-        "chromium with chromedriver and selenium",
-        std::process::Command::new("python3").args([
-            "-c",
-            "import selenium, shutil, sys; sys.exit(not (shutil.which('chromium') and shutil.which('chromedriver')))",
-        ]),
-    );
-    if !usable {
+    if !chromium_available() {
         return;
     }
     let setup = Setup::new(AuthStyle::Basic).await;
@@ -406,22 +429,11 @@ async fn the_connect_page_works_in_a_real_headless_browser() {
     let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/connect_browser.py");
-    let mut command = tokio::process::Command::new("python3");
-    command
-        .arg(&script)
-        .arg(format!("http://{}", proxy.admin))
-        .args(["people", "zoe@example.com"])
-        .arg(&shots);
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
-        command.env_remove(var);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(120), command.output()).await.unwrap().unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{printed}\n{}", String::from_utf8_lossy(&out.stderr));
-    let said = |key: &str| {
-        printed.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_default().to_string()
-    };
+    let admin = format!("http://{}", proxy.admin);
+    let printed =
+        browser_script("connect_browser.py", &[&admin, "people", "zoe@example.com", shots.to_str().unwrap()])
+            .await;
+    let said = |key: &str| said_in(&printed, key);
     assert_eq!(said("result"), "ok", "{printed}");
     assert!(said("sentence").starts_with("Connected"), "{printed}");
     assert_eq!(said("state"), "valid", "{printed}");
@@ -686,31 +698,15 @@ async fn a_cross_site_navigation_to_a_flow_start_reaches_no_provider_and_writes_
 /// navigation showed does (the person decided).
 #[tokio::test]
 async fn chromium_on_a_foreign_page_cannot_start_a_flow_but_the_person_can() {
-    let usable = client_available(
-        "chromium with chromedriver and selenium",
-        std::process::Command::new("python3").args([
-            "-c",
-            "import selenium, shutil, sys; sys.exit(not (shutil.which('chromium') and shutil.which('chromedriver')))",
-        ]),
-    );
-    if !usable {
+    if !chromium_available() {
         return;
     }
     let setup = Setup::new(AuthStyle::Basic).await;
     let dir = tempdir();
     let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", ""));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/csrf_browser.py");
-    let mut command = tokio::process::Command::new("python3");
-    command.arg(&script).arg(format!("http://{}", proxy.admin)).args(["people", "eve"]);
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"] {
-        command.env_remove(var);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(120), command.output()).await.unwrap().unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{printed}\n{}", String::from_utf8_lossy(&out.stderr));
-    let said = |key: &str| {
-        printed.lines().find_map(|l| l.strip_prefix(&format!("{key} "))).unwrap_or_default().to_string()
-    };
+    let admin = format!("http://{}", proxy.admin);
+    let printed = browser_script("csrf_browser.py", &[&admin, "people", "eve"]).await;
+    let said = |key: &str| said_in(&printed, key);
     assert_eq!(said("navigation"), "confirm", "{printed}");
     assert_eq!(said("form"), "refused", "{printed}");
     assert_eq!(said("clicked"), "ok", "{printed}");

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use support::*;
 
-const INSIDE: &str = "TOKENPROXY_TEST_IN_NETNS";
 const CLIENT_UID: &str = "1000";
 
 fn sh(script: &str) {
@@ -55,37 +54,12 @@ fn as_client(argv: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
 
 #[test]
 fn programs_with_no_proxy_settings_get_tokens_through_iptables_redirection() {
-    if std::env::var(INSIDE).is_ok() {
-        return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(inside());
-    }
-    let usable = running_as_root()
-        && client_available(
-            "root with unshare, iptables, setpriv, ip, curl and node",
-            Command::new("sh").args(["-c", "command -v unshare && command -v iptables && command -v setpriv && command -v ip && command -v curl && command -v node"]),
-        );
-    if !usable {
-        if !running_as_root() {
-            if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
-                panic!("the transparent-mode test needs root (TOKENPROXY_REQUIRE_CLIENTS=1)");
-            }
-            skip("the transparent-mode test needs root for a network namespace");
-        }
-        return;
-    }
-    let out = Command::new("unshare")
-        .args(["--net", "--mount", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "programs_with_no_proxy_settings_get_tokens_through_iptables_redirection",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(INSIDE, "1")
-        .output()
-        .unwrap();
-    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && printed.contains("1 passed"), "{printed}");
+    in_own_network_namespace(
+        "programs_with_no_proxy_settings_get_tokens_through_iptables_redirection",
+        true,
+        "unshare iptables setpriv ip curl node",
+        inside,
+    );
 }
 
 async fn inside() {

@@ -577,6 +577,45 @@ impl Drop for TokenProxy {
 const NOBODY: u32 = 65534;
 
 /// Whether this process runs as root (which file permissions do not stop).
+/// Set in the copy of a test that runs inside a network namespace of its own.
+const IN_OWN_NETNS: &str = "TOKENPROXY_TEST_IN_NETNS";
+
+/// Runs `inside` in a network namespace of the test's own (and a mount namespace with `mount`):
+/// the test re-runs itself, as test `test`, under `unshare`, as root. Without root, or without
+/// the commands `tools` names (a `sh -c` probe), the test skips with a reason, or fails under
+/// `TOKENPROXY_REQUIRE_CLIENTS=1`.
+pub fn in_own_network_namespace<F: std::future::Future<Output = ()>>(
+    test: &str,
+    mount: bool,
+    tools: &str,
+    inside: impl FnOnce() -> F,
+) {
+    if std::env::var(IN_OWN_NETNS).is_ok() {
+        return tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(inside());
+    }
+    if !running_as_root() {
+        if std::env::var("TOKENPROXY_REQUIRE_CLIENTS").as_deref() == Ok("1") {
+            panic!("{test} needs root for a network namespace (TOKENPROXY_REQUIRE_CLIENTS=1)");
+        }
+        skip(&format!("{test} needs root for a network namespace"));
+        return;
+    }
+    let probe: Vec<String> = tools.split_whitespace().map(|t| format!("command -v {t}")).collect();
+    if !client_available(tools, Command::new("sh").args(["-c", &probe.join(" && ")])) {
+        return;
+    }
+    let namespaces: &[&str] = if mount { &["--net", "--mount", "--"] } else { &["--net", "--"] };
+    let out = Command::new("unshare")
+        .args(namespaces)
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(IN_OWN_NETNS, "1")
+        .output()
+        .unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && printed.contains("1 passed"), "{printed}");
+}
+
 pub fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     let probe = tempfile::NamedTempFile::new().unwrap();
