@@ -76,7 +76,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Providers::load(&config.providers, Some(oauth_client.clone()), config.proxy.upstream_timeout, store)
             .await,
     );
-    let onboarding = Arc::new(Onboarding::new(providers.clone(), oauth_client, &config.onboarding));
+    let onboarding = Arc::new(Onboarding::open(providers.clone(), oauth_client, &config.onboarding).await);
     // One background refresher per provider with a token endpoint.
     let mut background: Vec<_> = providers
         .iter()

@@ -33,7 +33,7 @@ pub async fn authorize(
     let oauth = OAuthClient::new(tls, config.proxy.upstream_timeout)?;
     let store = crate::tokens::store::for_config(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let providers = Arc::new(Providers::load(&config.providers, None, Duration::ZERO, store).await);
-    let onboarding = Arc::new(Onboarding::new(providers.clone(), oauth, &config.onboarding));
+    let onboarding = Arc::new(Onboarding::open(providers.clone(), oauth, &config.onboarding).await);
     let (target, account) =
         onboarding.target(provider, account, !device).map_err(|e| anyhow::anyhow!("{e}"))?;
     let account = account.as_deref();

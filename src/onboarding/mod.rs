@@ -191,13 +191,25 @@ pub struct Onboarding {
 }
 
 impl Onboarding {
-    pub fn new(providers: Arc<Providers>, oauth: OAuthClient, settings: &OnboardingSettings) -> Onboarding {
+    /// Reads the pending flows' folder (sweeping expired ones, indexing the rest) on the
+    /// blocking pool: its cost grows with the number pending, so never on a runtime thread.
+    pub async fn open(
+        providers: Arc<Providers>,
+        oauth: OAuthClient,
+        settings: &OnboardingSettings,
+    ) -> Onboarding {
         let flows = PendingFlows::new(settings.state_dir.clone(), settings.state_ttl, settings.max_pending);
-        let swept = flows.sweep();
+        let reading = flows.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let swept = reading.sweep();
+            reading.load();
+            swept
+        })
+        .await
+        .unwrap_or(0);
         if swept > 0 {
             tracing::info!(swept, dir = %flows.dir().display(), "removed expired pending authorizations");
         }
-        flows.load();
         Onboarding {
             providers,
             oauth,
