@@ -777,3 +777,24 @@ async fn a_refused_reconnect_leaves_the_good_token_file_as_it_was() {
         proxy.client().get(setup.api.url("/v1/me")).header("tokenproxy-account", "ivy").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "the account still works after a restart");
 }
+
+/// `[onboarding] max_pending` caps the flows waiting for their callback (SPEC §6): beyond it the
+/// oldest is dropped, so its callback is `state_unknown`, and the newest still finish.
+#[tokio::test]
+async fn beyond_max_pending_the_oldest_flow_is_dropped() {
+    let setup = Setup::new(AuthStyle::Basic).await;
+    let dir = tempdir();
+    let proxy = TokenProxy::start(dir.path(), &setup.config(false, "", "max_pending = 3"));
+    let mut callbacks = Vec::new();
+    for i in 0..5 {
+        let mut browser = Browser::new();
+        let callback =
+            browser.consent(&format!("http://{}/connect/people?account=cap{i}", proxy.admin)).await;
+        callbacks.push((browser, callback));
+    }
+    assert_eq!(std::fs::read_dir(dir.path().join("state")).unwrap().count(), 3);
+    let (mut oldest, callback) = callbacks.remove(0);
+    assert_eq!(oldest.finish(&callback).await.1, "state_unknown");
+    let (mut newest, callback) = callbacks.pop().unwrap();
+    assert_eq!(newest.finish(&callback).await.1, "ok");
+}
