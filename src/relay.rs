@@ -191,12 +191,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 }
 
-/// A byte stream with the bytes already read from it put back in front, so that what a connection
-/// speaks can be decided from its first byte without losing that byte.
+/// A byte stream with the bytes already read from it put back in front: what a connection
+/// speaks is decided from its first byte without losing it, and a connection the hand-written
+/// relay hands to hyper is served from the bytes the relay had read.
 pub struct Rewound<T> {
-    /// The byte read ahead, until it has been read again.
-    first: Option<u8>,
+    /// The bytes read ahead, and how many of them have been read again.
+    read: Vec<u8>,
+    at: usize,
     inner: T,
+}
+
+impl<T> Rewound<T> {
+    pub fn new(read: Vec<u8>, inner: T) -> Rewound<T> {
+        Rewound { read, at: 0, inner }
+    }
 }
 
 /// Reads the first byte of `io` and returns it with the stream rewound, or `None` when the peer
@@ -207,7 +215,7 @@ pub async fn first_byte<T: AsyncRead + Unpin>(mut io: T) -> io::Result<Option<(u
     if io.read(&mut byte).await? == 0 {
         return Ok(None);
     }
-    Ok(Some((byte[0], Rewound { first: Some(byte[0]), inner: io })))
+    Ok(Some((byte[0], Rewound::new(vec![byte[0]], io))))
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
@@ -216,13 +224,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if buf.remaining() > 0
-            && let Some(first) = self.first.take()
-        {
-            buf.put_slice(&[first]);
+        let this = &mut *self;
+        if this.at < this.read.len() {
+            let n = (this.read.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.read.len() {
+                // Read again whole: the memory goes.
+                this.read = Vec::new();
+                this.at = 0;
+            }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::body::ProxyBody;
 use crate::proxy::plain_relay::{PlainRelay, Served};
+use crate::relay::Rewound;
 
 /// Signals shutdown to every listener and connection, and knows when they are all done.
 pub struct Drain {
@@ -331,73 +332,9 @@ pub async fn serve<H, F>(
             });
             // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
             // Boxed: the relay's connections that never need hyper do not carry room for it.
-            let io = TokioIo::new(Rewind { read, at: 0, stream });
+            let io = TokioIo::new(Rewound::new(read, stream));
             let mut conn = Box::pin(builder.serve_connection(io, service).with_upgrades());
             until_drained(conn.as_mut(), &mut drain).await;
         });
-    }
-}
-
-/// A connection handed over with bytes already read from it: they are read again first.
-pub struct Rewind {
-    read: Vec<u8>,
-    at: usize,
-    stream: tokio::net::TcpStream,
-}
-
-impl tokio::io::AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.read.len() {
-            let n = (this.read.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.read[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.read.len() {
-                this.read = Vec::new();
-                this.at = 0;
-            }
-            return std::task::Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
