@@ -9,6 +9,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod egress;
 pub mod errors;
 pub mod fsutil;

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::server::DrainWatch;
+use crate::drain::DrainWatch;
 
 /// After one direction of a joined connection has ended, the other may stay quiet this long at
 /// most: a peer that half-closed rarely waits long for the answer, and a peer that vanished must

@@ -22,9 +22,10 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::drain::DrainWatch;
 use crate::proxy::{InterceptedHost, Proxy, Target};
 use crate::relay;
-use crate::server::{Acceptor, DrainWatch};
+use crate::server::Acceptor;
 
 /// The most bytes peeked to find an SNI or a Host header.
 const PEEK_LIMIT: usize = 16 * 1024;

@@ -16,8 +16,9 @@ use tokio::time::Instant;
 use super::device::DeviceEvent;
 use super::{Onboarding, Outcome, encode};
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::oauth::OAuthClient;
-use crate::server::{self, ConnectionLimits, Drain};
+use crate::server::{self, ConnectionLimits};
 use crate::tokens::Providers;
 
 /// How often the running proxy is asked whether the flow has finished.

@@ -27,7 +27,7 @@ use super::{Entry, Exchange, Proxy, Target, dial_error, finish, headers};
 use crate::body::{BoxError, ProxyBody};
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};
-use crate::server::{self, ConnectionPermit};
+use crate::server::ConnectionPermit;
 use crate::tokens::Provider;
 
 impl Proxy {
@@ -119,8 +119,12 @@ impl InterceptedHost {
 
     /// Serves one client connection to this host: a TLS handshake is answered with `tls` (a
     /// leaf for the host), anything else is plain HTTP to the host under the plaintext rules.
-    pub(crate) async fn serve<T>(mut self, io: T, tls: Arc<rustls::ServerConfig>, drain: server::DrainWatch)
-    where
+    pub(crate) async fn serve<T>(
+        mut self,
+        io: T,
+        tls: Arc<rustls::ServerConfig>,
+        drain: crate::drain::DrainWatch,
+    ) where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         // The first byte says what the client speaks: a TLS handshake record starts with 0x16.
@@ -174,7 +178,7 @@ impl InterceptedHost {
 
     /// HTTP/1.1 inside an interception (over TLS, or plain): `header_read_timeout` bounds the
     /// wait for every request head, the first one and each one after an idle keep-alive pause.
-    async fn serve_h1<S>(self: Arc<Self>, stream: S, mut drain: server::DrainWatch)
+    async fn serve_h1<S>(self: Arc<Self>, stream: S, mut drain: crate::drain::DrainWatch)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -190,13 +194,13 @@ impl InterceptedHost {
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes);
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        server::until_drained(std::pin::pin!(conn), &mut drain).await;
+        crate::drain::until_drained(std::pin::pin!(conn), &mut drain).await;
     }
 
     /// HTTP/2 inside an interception. HTTP/2 has no request-head deadline, so the connection is
     /// closed when it has been quiet with no request in flight: for `header_read_timeout` before
     /// its first request, for `idle_timeout` after.
-    async fn serve_h2<S>(self: Arc<Self>, stream: S, mut drain: server::DrainWatch)
+    async fn serve_h2<S>(self: Arc<Self>, stream: S, mut drain: crate::drain::DrainWatch)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -218,7 +222,7 @@ impl InterceptedHost {
         let conn = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
         let idle = activity.idle(settings.idle_timeout, settings.header_read_timeout);
         tokio::select! {
-            _ = server::until_drained(conn, &mut drain) => {}
+            _ = crate::drain::until_drained(conn, &mut drain) => {}
             _ = idle => tracing::debug!("intercepted HTTP/2 connection idle; closing it"),
         }
     }
@@ -259,7 +263,7 @@ async fn tunnel(
     upgrade: OnUpgrade,
     upstream: TcpStream,
     idle_timeout: Duration,
-    drain: server::DrainHandle,
+    drain: crate::drain::DrainHandle,
     _place: Option<ConnectionPermit>,
 ) {
     let Some(drain) = drain.watch() else { return };

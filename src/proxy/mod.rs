@@ -25,10 +25,11 @@ use hyper::body::Incoming;
 
 use crate::body::{BoxError, ProxyBody};
 use crate::config::{ClientHeader, ProxySettings, RouteConfig, UpstreamScheme};
+use crate::drain::DrainHandle;
 use crate::egress::{DialError, Egress};
 use crate::errors::{AccountAsk, ProxyError};
 use crate::hosts::normalize_host;
-use crate::server::{ConnectionPermit, DrainHandle};
+use crate::server::ConnectionPermit;
 use crate::tls::leaf::LeafCache;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Credential, Provider, Providers, Token, Unavailable};

@@ -38,9 +38,9 @@ use tokio::time::Instant;
 use super::plain_pool::Held;
 use super::{Access, Entry, Exchange, Proxy, Target, dial_error};
 use crate::config::{ClientHeader, RouteConfig, UpstreamScheme};
+use crate::drain::DrainWatch;
 use crate::errors::ProxyError;
 use crate::metrics;
-use crate::server::DrainWatch;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{Credential, Provider, Token};
 
