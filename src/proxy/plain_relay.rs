@@ -833,14 +833,16 @@ fn parse_answer(
         return Err("the upstream switched protocols unasked");
     }
     let mut connection: &[u8] = b"";
+    let mut coded = false;
     let mut names = [Name::Other; MAX_HEADERS];
     for (h, kind) in parsed.headers.iter().zip(&mut names) {
         *kind = Name::of(h.name.as_bytes());
-        if *kind == Name::Connection {
-            connection = h.value;
+        match *kind {
+            Name::Connection => connection = h.value,
+            Name::TransferEncoding => coded = true,
+            _ => {}
         }
     }
-    let chunked = names.contains(&Name::TransferEncoding);
     let body = answer_body(status, parsed.version, parsed.headers, &names, head_method)?;
     let keep_alive =
         parsed.version == Some(1) || tokens(connection).any(|t| t.eq_ignore_ascii_case(b"keep-alive"));
@@ -860,7 +862,7 @@ fn parse_answer(
                 tokens(connection).any(|t| t.eq_ignore_ascii_case(name))
             }
             // A length beside a transfer coding is wrong, and the coding wins (RFC 9112 §6.3).
-            Name::ContentLength => chunked,
+            Name::ContentLength => coded,
             Name::TransferEncoding => false,
             Name::Te => !h.value.trim_ascii().eq_ignore_ascii_case(b"trailers"),
             _ => true,
