@@ -46,6 +46,15 @@ pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether a host (a name, or an address with or without brackets) is this machine's loopback:
+/// `localhost` and its subdomains, `127.0.0.0/8`, `::1`.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = normalize_host(host);
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 /// Splits `host[:port]`, understanding `[v6]:port`.
 pub fn split_host_port(s: &str) -> Result<(&str, Option<u16>), HostPatternError> {
     let parse_port = |p: &str| p.parse::<u16>().map_err(|_| HostPatternError::Port(p.to_string()));

@@ -80,18 +80,16 @@ impl Doors {
     /// `host[:port]` names this listener: its own address, loopback, or a configured name.
     pub fn host_allowed(&self, host: &str) -> bool {
         let Ok((name, port)) = crate::hosts::split_host_port(host.trim()) else { return false };
-        let name = crate::hosts::normalize_host(name);
-        if name == "localhost" || name.ends_with(".localhost") {
+        if crate::hosts::is_loopback_host(name) {
             return true;
         }
+        let name = crate::hosts::normalize_host(name);
         if let Ok(ip) = name.parse::<IpAddr>() {
             let ip = ip.to_canonical();
             let listen = self.listen.ip().to_canonical();
             // An address is not a name that can be re-pointed; this listener's own addresses are
             // the only ones a browser can reach it by.
-            return ip.is_loopback()
-                || ip == listen
-                || (listen.is_unspecified() && crate::egress::is_local_address(ip));
+            return ip == listen || (listen.is_unspecified() && crate::egress::is_local_address(ip));
         }
         self.access.hosts.iter().any(|(allowed, only)| *allowed == name && (only.is_none() || *only == port))
     }

@@ -5,9 +5,10 @@
 use askama::Template;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
-use super::page::ResultPage;
+use super::page::{ConfirmPage, ResultPage};
 use super::{Onboarding, StartError, pending};
 use crate::body::ProxyBody;
+use crate::hosts::{is_loopback_host, split_host_port};
 
 /// The cookie that binds a flow to the browser that started it.
 pub const FLOW_COOKIE: &str = "tokenproxy_flow";
@@ -137,7 +138,7 @@ impl Onboarding {
             // written; the person sees what would be connected and decides with a click.
             return html(
                 StatusCode::OK,
-                ResultPage::confirm(&provider, account.as_deref(), flow.as_deref()).render(),
+                ConfirmPage::new(&provider, account.as_deref(), flow.as_deref()).render(),
             );
         }
         self.start_response(&parts, &provider, account.as_deref(), flow.as_deref()).await
@@ -158,8 +159,12 @@ impl Onboarding {
             && let Ok(redirect) = oauth.redirect_uri.parse::<http::Uri>()
             && redirect.path() == "/oauth/callback"
             && let (Some(want), Some(host)) = (redirect.authority(), parts.headers.get(header::HOST))
-            && is_loopback(want.host())
-            && host.to_str().is_ok_and(|h| is_loopback(h.rsplit_once(':').map_or(h, |(name, _)| name)))
+            && is_loopback_host(want.host())
+            && host
+                .to_str()
+                .ok()
+                .and_then(|h| split_host_port(h).ok())
+                .is_some_and(|(name, _)| is_loopback_host(name))
             && !host.as_bytes().eq_ignore_ascii_case(want.as_str().as_bytes())
         {
             let mut target = format!(
@@ -199,12 +204,6 @@ impl Onboarding {
             }
         }
     }
-}
-
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_matches(['[', ']']);
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every cookie the request carries, as (name, value).

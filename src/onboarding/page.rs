@@ -64,15 +64,17 @@ pub struct ConfirmPage {
     pub flow: Option<String>,
 }
 
-impl ResultPage {
-    pub fn confirm(provider: &str, account: Option<&str>, flow: Option<&str>) -> ConfirmPage {
+impl ConfirmPage {
+    pub fn new(provider: &str, account: Option<&str>, flow: Option<&str>) -> ConfirmPage {
         ConfirmPage {
             provider: provider.to_string(),
             account: account.map(str::to_string),
             flow: flow.filter(|f| super::is_flow_id(f)).map(str::to_string),
         }
     }
+}
 
+impl ResultPage {
     pub fn of(outcome: &Outcome) -> ResultPage {
         let who = (outcome.provider != "none").then(|| match &outcome.account {
             Some(account) => format!("Provider {}, account {account}.", outcome.provider),

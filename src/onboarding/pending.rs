@@ -85,6 +85,7 @@ impl PendingFlows {
         index.len()
     }
 
+    #[cfg(test)]
     pub fn pending_count(&self) -> usize {
         self.lock_index().len()
     }
