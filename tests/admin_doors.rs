@@ -97,7 +97,7 @@ async fn inside() {
     std::fs::write(dir.path().join("api.json"), token.to_string()).unwrap();
     endpoint.allow_refresh_token("rt-start");
     std::fs::write(dir.path().join("admin-token"), format!("{ADMIN_TOKEN}\n")).unwrap();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin_port = fixed_port();
     let config = format!(
         "[proxy]\nlisten = \"0.0.0.0:0\"\n[admin]\nlisten = \"0.0.0.0:{admin_port}\"\ntoken_file = \"admin-token\"\n\
          [providers.api]\nhosts = [\"{host}\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n{oauth}\

@@ -515,7 +515,7 @@ fn the_transparent_example_applies_the_printed_rules_and_runs_the_app_without_pr
 async fn status_finds_the_admin_listener_in_the_config_it_is_given() {
     let dir = tempdir();
     std::fs::write(dir.path().join("ok.json"), token_json("status-token")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = fixed_port();
     let config = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\
          [providers.good]\nhosts = [\"good.invalid\"]\ntoken_file = \"ok.json\"\n"

@@ -449,8 +449,7 @@ async fn rediss_is_verified_with_the_same_roots_as_everything_else() {
     std::fs::write(dir.path().join("redis-ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.path().join("redis.pem"), leaf.pem()).unwrap();
     std::fs::write(dir.path().join("redis-key.pem"), leaf_key.serialize_pem()).unwrap();
-    let tls_port =
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let tls_port = fixed_port().to_string();
     let file = |name: &str| dir.path().join(name).display().to_string();
     let redis = RedisServer::start_with(
         dir.path(),
@@ -499,7 +498,7 @@ async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
     let api = MockApi::start().await;
     let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
     let key = sealing_key(dir.path(), 6);
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin_port = fixed_port();
     let text = config(&api, &endpoint, &redis, "connect", &format!("encryption_key_file = \"{key}\""))
         .replace("token_file = \"api.json\"", "token_file = \"tokens/{account}.json\"")
         + &format!("authorize_url = \"{}\"\n", endpoint.authorize_url());

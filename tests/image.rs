@@ -214,8 +214,7 @@ async fn an_image_built_as_the_dockerfile_says_checks_its_config_and_proxies_a_r
         std::os::unix::fs::chown(path, Some(10001), Some(10001)).unwrap();
     }
     let tokens_volume = format!("{}:/var/lib/tokenproxy/tokens", tokens.display());
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (proxy_port, admin_port) = (free(), free());
+    let (proxy_port, admin_port) = (fixed_port(), fixed_port());
     let envs = [
         format!("TOKENPROXY_PROXY__LISTEN=127.0.0.1:{proxy_port}"),
         format!("TOKENPROXY_ADMIN__LISTEN=127.0.0.1:{admin_port}"),

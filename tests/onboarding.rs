@@ -12,12 +12,6 @@ use std::time::Duration;
 use http::StatusCode;
 use support::*;
 
-/// A loopback port nobody listens on now (the admin listener needs a fixed one: the callback URL
-/// names it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Setup {
     api: MockApi,
     endpoint: MockTokenEndpoint,
@@ -30,7 +24,7 @@ impl Setup {
         let mut endpoint = MockTokenEndpoint::new(Some(&api));
         endpoint.auth = auth;
         let endpoint = endpoint.start().await;
-        Setup { api, endpoint, admin_port: free_port() }
+        Setup { api, endpoint, admin_port: fixed_port() }
     }
 
     /// The multi-account config, written where `tokenproxy authorize --config` reads it.

@@ -219,7 +219,7 @@ async fn the_withings_preset_works_end_to_end_against_a_mock_through_onboarding_
     endpoint.wrap = Some("body");
     endpoint.required = vec![("action", "requesttoken")];
     let endpoint = endpoint.start().await;
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin_port = fixed_port();
     let dir = tempdir();
     let config = format!(
         r#"

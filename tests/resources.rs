@@ -155,7 +155,7 @@ async fn the_transparent_listener_stays_calm_out_of_file_descriptors() {
     let mock = MockApi::start().await;
     let token_file = dir.path().join("api.json");
     std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = fixed_port();
     let config =
         format!("{}[transparent]\nlisten = \"127.0.0.1:{port}\"\n", mock.plain_config(&token_file, ""));
     let tp = TokenProxy::start_with_fd_limit(dir.path(), &config, 48);

@@ -91,7 +91,7 @@ async fn inside() {
     }
     other.accept("none-needed");
 
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin_port = fixed_port();
     std::fs::write(dir.path().join("api.json"), token_json("at-transparent")).unwrap();
     let config = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\

@@ -616,6 +616,22 @@ pub fn in_own_network_namespace<F: std::future::Future<Output = ()>>(
     assert!(out.status.success() && printed.contains("1 passed"), "{printed}");
 }
 
+/// A loopback port for a listener that must have a fixed number (a callback URL names it),
+/// free now, chosen below the kernel's ephemeral range (32768 and up): a port taken from that
+/// range and released is soon handed to another test's connection or `:0` listener, which on a
+/// busy machine then holds it when the proxy binds (seen under load: "address already in use").
+pub fn fixed_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 pub fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     let probe = tempfile::NamedTempFile::new().unwrap();
@@ -1355,7 +1371,7 @@ impl RedisServer {
 
     /// With extra `redis-server` arguments (e.g. `--requirepass`).
     pub fn start_with(dir: &Path, extra: &[&str]) -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = fixed_port();
         let extra = extra.iter().map(|a| a.to_string()).collect();
         let mut server = RedisServer { child: None, port, dir: dir.to_path_buf(), extra };
         server.restart();
