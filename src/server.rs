@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::body::ProxyBody;
 use crate::drain::DrainWatch;
 use crate::drain::until_drained;
-use crate::proxy::plain_relay::{PlainRelay, Served};
+use crate::proxy::h1::{PlainRelay, Served};
 use crate::relay::Rewound;
 
 /// Connection-level limits shared by every listener.

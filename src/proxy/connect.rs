@@ -23,7 +23,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{Entry, Exchange, Proxy, Target, dial_error, finish, headers};
+use super::access::finish;
+use super::{Entry, Exchange, Proxy, Target, dial_error, headers};
 use crate::body::{BoxError, ProxyBody};
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};

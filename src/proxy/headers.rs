@@ -16,20 +16,70 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// What a header name is to the proxy, found by length first: one comparison for most. Both
+/// codecs sort headers by it (hyper's path in [`remove_hop_by_hop`], the relay as it reads a head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    ContentLength,
+    TransferEncoding,
+    Upgrade,
+    Expect,
+    Connection,
+    Host,
+    Te,
+    /// tokenproxy's `Tokenproxy-Account` (SPEC §8): never forwarded.
+    Account,
+    ProxyAuthorization,
+    /// Another hop-by-hop header (RFC 9110 §7.6.1): `Keep-Alive`, `Proxy-Connection`, `Trailer`,
+    /// `Proxy-Authenticate`.
+    Hop,
+    Other,
+}
+
+impl Kind {
+    pub fn of(name: &[u8]) -> Kind {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Kind::Te,
+            4 if is(b"host") => Kind::Host,
+            6 if is(b"expect") => Kind::Expect,
+            7 if is(b"upgrade") => Kind::Upgrade,
+            7 if is(b"trailer") => Kind::Hop,
+            10 if is(b"connection") => Kind::Connection,
+            10 if is(b"keep-alive") => Kind::Hop,
+            14 if is(b"content-length") => Kind::ContentLength,
+            16 if is(b"proxy-connection") => Kind::Hop,
+            17 if is(b"transfer-encoding") => Kind::TransferEncoding,
+            18 if is(b"tokenproxy-account") => Kind::Account,
+            18 if is(b"proxy-authenticate") => Kind::Hop,
+            19 if is(b"proxy-authorization") => Kind::ProxyAuthorization,
+            _ => Kind::Other,
+        }
+    }
+
+    /// Whether a header of this kind is in [`HOP_BY_HOP`]: it never travels on as it came.
+    fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Kind::Connection | Kind::Hop | Kind::TransferEncoding | Kind::Upgrade | Kind::ProxyAuthorization
+        )
+    }
+}
+
 /// Removes hop-by-hop headers and every header the `Connection` header names. `TE: trailers` is
 /// kept: it is end-to-end in practice (gRPC needs it) and the only TE value HTTP/2 allows.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One scan notes which are present: most messages carry none of these or only `Connection`
     // (every nginx answer has `Connection: keep-alive`), and each removal is a hash lookup.
-    let mut present = [false; 8];
-    let mut te = false;
+    let (mut connection, mut hop, mut te) = (false, false, false);
     for name in headers.keys() {
-        match HOP_BY_HOP.iter().position(|hop| hop == name) {
-            Some(i) => present[i] = true,
-            None => te |= name == header::TE,
+        match Kind::of(name.as_str().as_bytes()) {
+            Kind::Connection => connection = true,
+            Kind::Te => te = true,
+            kind => hop |= kind.is_hop_by_hop(),
         }
     }
-    if present[0] {
+    if connection {
         // The names `Connection` lists go too. Its values are taken out first (each is a shared
         // slice of the read buffer, not a copy) so that the map can change while they are read.
         let mut values = headers.get_all(header::CONNECTION).iter();
@@ -40,10 +90,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
                 headers.remove(name.trim());
             }
         }
+        headers.remove(header::CONNECTION);
     }
-    for (hop, present) in HOP_BY_HOP.iter().zip(present) {
-        if present {
-            headers.remove(hop);
+    if hop {
+        for name in &HOP_BY_HOP[1..] {
+            headers.remove(name);
         }
     }
     if te && !headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")) {

@@ -166,6 +166,13 @@ enum Accounts {
     Many(papaya::HashMap<Box<str>, Arc<Credential>, foldhash::fast::RandomState>),
 }
 
+/// What [`Provider::find_credential`] found.
+pub enum Found {
+    Ready(Arc<Credential>),
+    /// An account not in memory yet, by its checked name.
+    ToLoad(String),
+}
+
 /// Why no credential could be chosen for a request to a multi-account provider.
 #[derive(Debug)]
 pub enum AccountError {
@@ -227,18 +234,32 @@ impl Provider {
     /// A loaded account is found without I/O or a lock; an account not loaded yet is read from
     /// its file first (off the async threads).
     pub async fn credential_for(&self, named: Option<&str>) -> Result<Arc<Credential>, AccountError> {
+        match self.find_credential(named)? {
+            Found::Ready(credential) => Ok(credential),
+            Found::ToLoad(name) => Ok(Box::pin(self.load_account(&name)).await),
+        }
+    }
+
+    /// [`Provider::credential_for`] as far as it goes without waiting: the credential, or the
+    /// (checked) name of an account that must first be read from the store.
+    pub fn find_credential(&self, named: Option<&str>) -> Result<Found, AccountError> {
         if let Some(single) = self.single() {
-            return Ok(single.clone());
+            return Ok(Found::Ready(single.clone()));
         }
         let name = named.or(self.config.default_account.as_deref()).ok_or(AccountError::Required)?;
         if let Some(credential) = self.loaded_account(name) {
-            return Ok(credential);
+            return Ok(Found::Ready(credential));
         }
         crate::accounts::check(name).map_err(AccountError::Bad)?;
         if let Some(failed) = self.recent_failure(name) {
-            return Ok(failed);
+            return Ok(Found::Ready(failed));
         }
-        Ok(Box::pin(self.load_account(name)).await)
+        Ok(Found::ToLoad(name.to_string()))
+    }
+
+    /// Reads a checked account's credential from the store (see [`Provider::find_credential`]).
+    pub async fn load_named(&self, name: &str) -> Arc<Credential> {
+        Box::pin(self.load_account(name)).await
     }
 
     /// A credential that answers with the failure of `name`'s first token call, if it failed
@@ -287,7 +308,7 @@ impl Provider {
     /// account the store has nothing for is not kept: names that requests make up must not
     /// accumulate (it is read again on its next use).
     async fn load_account(&self, name: &str) -> Arc<Credential> {
-        let Accounts::Many(map) = &self.accounts else { unreachable!("checked by credential_for") };
+        let Accounts::Many(map) = &self.accounts else { unreachable!("checked by find_credential") };
         let credential =
             map.pin().get_or_insert_with(name.into(), || Arc::new(Credential::new(Some(name)))).clone();
         credential

@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::plain_relay::{RelayVerdict, refused_for_bare_lf_in_trailers, relay_verdict};
+use super::answer::{RelayVerdict, refused_for_bare_lf_in_trailers, relay_verdict};
 
 const MARKER: &[u8] = b"HTTP/1.1 299 Marker\r\ncontent-length: 4\r\n\r\nNEXT";
 

@@ -1,0 +1,258 @@
+//! The token rules, written once: where a request may go, whose token it carries, whether it must
+//! wait for one, and what happens after the upstream calls that token dead (SPEC §5, §8). The two
+//! codecs, hyper's path ([`super::forward`]) and the hand-written relay ([`super::h1`]), read a
+//! request, fill in an [`Exchange`], and ask here; neither knows the rules.
+//!
+//! A decision is one call: [`Proxy::decide`], which may wait (an account's first read, the
+//! refresh of an expired token), or [`Proxy::decide_at_once`], the same rules without the wait,
+//! for the relay, which hands a request that must wait to hyper's path.
+
+use std::sync::Arc;
+
+use http::uri::Scheme;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use super::{Proxy, Target};
+use crate::accounts::BadAccount;
+use crate::config::{ClientHeader, UpstreamScheme};
+use crate::errors::{AccountAsk, ProxyError};
+use crate::metrics;
+use crate::tokens::refresh::Trigger;
+use crate::tokens::{AccountError, Credential, Found, Provider, Token, Unavailable};
+
+/// One request, as the rules see it: made by a codec where the request enters, and carried
+/// whole through every step, so that what the steps need to know grows here, not in every
+/// signature.
+pub(crate) struct Exchange<'a> {
+    pub target: Target,
+    pub provider: Option<&'a Arc<Provider>>,
+    /// The account the connection named: the user name of the proxy credentials, on this
+    /// request or on the CONNECT of its tunnel (SPEC §8, second in the selection order).
+    pub proxy_user: Option<&'a str>,
+    pub entry: Entry,
+}
+
+/// Where a request entered: on the forward port, proxy credentials can still name an account
+/// (`407`); in a tunnel or on a route they cannot (`400`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    Forward,
+    Tunnel,
+    Route,
+}
+
+/// What the request's own headers say to the rules.
+pub(crate) struct Asked<'a> {
+    /// The `Tokenproxy-Account` header's value, or why it names none (two different ones).
+    pub account: Result<Option<&'a HeaderValue>, BadAccount>,
+    /// Whether the request carries a header by this name (the client's own token).
+    pub carries: &'a (dyn Fn(&HeaderName) -> bool + Sync),
+}
+
+/// What the request carries upstream.
+pub(crate) enum Decision {
+    /// Nothing of tokenproxy's: no provider, or the client's own header is kept.
+    Pass,
+    Inject(Injected),
+}
+
+/// The token a request carries, and whose it is.
+pub(crate) struct Injected {
+    pub provider: Arc<Provider>,
+    pub credential: Arc<Credential>,
+    pub token: Arc<Token>,
+}
+
+/// How far the rules got without waiting.
+enum Step<'a> {
+    Done(Decision),
+    /// The credential is known; its token may still have to be waited for.
+    Credential(&'a Arc<Provider>, Arc<Credential>),
+    /// An account must first be read from the store.
+    Load(&'a Arc<Provider>, String),
+}
+
+impl Proxy {
+    /// The decision for a request, waiting for what it must: an account's first read, or the
+    /// refresh that replaces an expired token (at most `upstream_timeout`). The target may
+    /// change (a provider with `upstream_scheme = "https"` moves plain HTTP to TLS). `Err`: the
+    /// request is refused with that answer.
+    pub(crate) async fn decide(
+        &self,
+        ex: &mut Exchange<'_>,
+        asked: &Asked<'_>,
+    ) -> Result<Decision, ProxyError> {
+        let (provider, credential) = match self.step(ex, asked)? {
+            Step::Done(decision) => return Ok(decision),
+            Step::Credential(provider, credential) => (provider, credential),
+            Step::Load(provider, name) => (provider, provider.load_named(&name).await),
+        };
+        let token = match self.token_at_once(provider, &credential) {
+            Some(token) => token,
+            None => Box::pin(self.wait_for_refresh(provider, &credential)).await?,
+        };
+        Ok(Decision::Inject(Injected { provider: provider.clone(), credential, token }))
+    }
+
+    /// [`Proxy::decide`] when it needs no wait and keeps the target; `None` otherwise.
+    pub(crate) fn decide_at_once(
+        &self,
+        ex: &mut Exchange<'_>,
+        asked: &Asked<'_>,
+    ) -> Option<Result<Decision, ProxyError>> {
+        let scheme = ex.target.scheme.clone();
+        let step = self.step(ex, asked);
+        if ex.target.scheme != scheme {
+            return None;
+        }
+        match step {
+            Ok(Step::Done(decision)) => Some(Ok(decision)),
+            Ok(Step::Credential(provider, credential)) => {
+                let token = self.token_at_once(provider, &credential)?;
+                Some(Ok(Decision::Inject(Injected { provider: provider.clone(), credential, token })))
+            }
+            Ok(Step::Load(..)) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// The rules up to the first wait.
+    fn step<'a>(&self, ex: &mut Exchange<'a>, asked: &Asked<'_>) -> Result<Step<'a>, ProxyError> {
+        let Some(provider) = ex.provider else { return Ok(Step::Done(Decision::Pass)) };
+        let config = &provider.config;
+        if ex.target.scheme == Scheme::HTTP && config.upstream_scheme == UpstreamScheme::Https {
+            ex.target = ex.target.upgraded_to_https();
+        }
+        if ex.target.scheme == Scheme::HTTP && !config.allow_plaintext {
+            return Err(ProxyError::PlaintextRefused { provider: provider.name().to_string() });
+        }
+        if config.client_header == ClientHeader::Keep && (asked.carries)(&config.header) {
+            return Ok(Step::Done(Decision::Pass));
+        }
+        Ok(match self.find_credential(provider, asked, ex)? {
+            Found::Ready(credential) => Step::Credential(provider, credential),
+            Found::ToLoad(name) => Step::Load(provider, name),
+        })
+    }
+
+    /// Whose token the request carries (SPEC §8): a single-account provider's one credential;
+    /// for a multi-account provider the account named by the `Tokenproxy-Account` header, else
+    /// by the proxy credentials' user name, else the provider's `default_account`.
+    fn find_credential(
+        &self,
+        provider: &Provider,
+        asked: &Asked<'_>,
+        ex: &Exchange<'_>,
+    ) -> Result<Found, ProxyError> {
+        if let Some(single) = provider.single() {
+            return Ok(Found::Ready(single.clone()));
+        }
+        let bad = |reason| ProxyError::BadAccount { provider: provider.name().to_string(), reason };
+        let named = match asked.account.map_err(bad)? {
+            Some(value) => Some(value.to_str().map_err(|_| bad(BadAccount::Character))?),
+            None => ex.proxy_user,
+        };
+        provider.find_credential(named).map_err(|e| match e {
+            AccountError::Required => ProxyError::AccountRequired {
+                provider: provider.name().to_string(),
+                asked_on: if ex.entry == Entry::Forward {
+                    AccountAsk::ForwardPort
+                } else {
+                    AccountAsk::Request
+                },
+            },
+            AccountError::Bad(reason) => bad(reason),
+        })
+    }
+
+    /// The token to inject when there is one to use now. An account's requests also keep it
+    /// fresh: one that finds its token due starts a background refresh. `None`: a missing or
+    /// expired token, to be waited for.
+    fn token_at_once(&self, provider: &Arc<Provider>, credential: &Arc<Credential>) -> Option<Arc<Token>> {
+        let token = credential.current()?;
+        if !provider.can_refresh() {
+            return Some(token);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        if !token.is_refresh_due(now) {
+            return Some(token);
+        }
+        if token.is_expired(now) {
+            return None;
+        }
+        if credential.account().is_some() {
+            provider.refresh_ahead(credential);
+        }
+        Some(token)
+    }
+
+    /// The expired (or missing) token's replacement, from the refresh in flight.
+    async fn wait_for_refresh(
+        &self,
+        provider: &Arc<Provider>,
+        cred: &Arc<Credential>,
+    ) -> Result<Arc<Token>, ProxyError> {
+        if !provider.can_refresh() {
+            return Err(provider.unavailable(cred, Unavailable::NoToken));
+        }
+        let wait = self.settings.upstream_timeout;
+        match tokio::time::timeout(wait, provider.refresh(cred, Trigger::Expired, None)).await {
+            Ok(Ok(token)) => Ok(token),
+            Ok(Err(e)) => Err(provider.unavailable(cred, Unavailable::Refresh(&e))),
+            Err(_) => Err(provider.unavailable(cred, Unavailable::Timeout(wait))),
+        }
+    }
+
+    /// After the upstream answered `status` to a request that carried `injected`'s token: the
+    /// token for the one retry, when the status says the token is dead (`refresh_on_status`), the
+    /// request can be sent again, and one refresh (shared with every request that saw the same
+    /// token fail) brings a new one. `None`: the client gets this answer.
+    pub(crate) async fn token_for_retry(
+        &self,
+        injected: &Injected,
+        status: StatusCode,
+        replayable: bool,
+    ) -> Option<Arc<Token>> {
+        let Injected { provider, credential, token: failed } = injected;
+        if !provider.config.refresh_on_status.contains(&status) {
+            return None;
+        }
+        let name = provider.name();
+        metrics::upstream_unauthorized(name);
+        tracing::info!(
+            provider = name,
+            status = status.as_u16(),
+            account = credential.account_log(),
+            fingerprint = %failed.fingerprint,
+            "upstream rejected the token"
+        );
+        if !replayable {
+            metrics::retry(name, "not_replayable");
+            return None;
+        }
+        let refresh = provider.refresh(credential, Trigger::Unauthorized, Some(failed.generation));
+        match tokio::time::timeout(self.settings.upstream_timeout, refresh).await {
+            Ok(Ok(fresh)) => {
+                credential.note_retry();
+                Some(fresh)
+            }
+            _ => {
+                metrics::retry(name, "refresh_failed");
+                None
+            }
+        }
+    }
+}
+
+impl Injected {
+    /// Records how the retry after a dead token went: its answer's status, or `None` when it
+    /// could not be sent.
+    pub(crate) fn record_retry(&self, status: Option<StatusCode>) {
+        let outcome = match status {
+            None => "error",
+            Some(s) if self.provider.config.refresh_on_status.contains(&s) => "unauthorized",
+            Some(_) => "ok",
+        };
+        metrics::retry(self.provider.name(), outcome);
+    }
+}

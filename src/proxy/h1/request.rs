@@ -1,0 +1,288 @@
+//! The relay's side of a request head: read, checked against what the relay serves, decided by
+//! the token rules, and written for the upstream in one pass.
+
+use std::sync::Arc;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue};
+
+use super::{Listen, MAX_HEADERS, PlainRelay};
+use crate::proxy::Target;
+use crate::proxy::access::Access;
+use crate::proxy::decide::{Asked, Decision, Entry, Exchange, Injected};
+use crate::proxy::headers::{self, Kind};
+use crate::tokens::Provider;
+
+/// A request head this module relays, read and checked; the head for the upstream is in
+/// [`Exchange::out`] up to its token line.
+pub(super) struct Request {
+    pub(super) target: Target,
+    pub(super) provider: Option<Arc<Provider>>,
+    /// The token the request carries, if tokenproxy sets one.
+    pub(super) injected: Option<Injected>,
+    pub(super) head_method: bool,
+    /// May be sent again on a new connection when a reused one turns out closed.
+    pub(super) idempotent: bool,
+    pub(super) client_close: bool,
+    pub(super) access: Access,
+}
+
+/// A target as a client wrote it, resolved: kept for the connection's next request.
+pub(super) struct Resolved {
+    written: Box<[u8]>,
+    target: Target,
+    provider: Option<Arc<Provider>>,
+}
+
+impl PlainRelay {
+    /// Reads a request head; `None` when it is not one this module relays. Writes the upstream's
+    /// head into `out`, all but the token line and the blank line that ends it. `last` is the
+    /// connection's last target: a client connection mostly sends to one host.
+    pub(super) fn read_request(
+        &self,
+        head: &[u8],
+        out: &mut Vec<u8>,
+        last: &mut Option<Resolved>,
+    ) -> Option<Request> {
+        let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let httparse::Status::Complete(_) = httparse::ParserConfig::default()
+            .parse_request_with_uninit_headers(&mut parsed, head, &mut headers)
+            .ok()?
+        else {
+            return None;
+        };
+        if parsed.version != Some(1) {
+            return None;
+        }
+        let method = parsed.method?;
+        let written = parsed.path?;
+        if method == "CONNECT" {
+            return None;
+        }
+        // The message's framing and tokenproxy's own headers, in one pass.
+        let mut connection: &[u8] = b"";
+        let mut named_account = None;
+        let mut proxy_user = None;
+        let mut names = [Kind::Other; MAX_HEADERS];
+        for (h, kind) in parsed.headers.iter().zip(&mut names) {
+            *kind = Kind::of(h.name.as_bytes());
+            match *kind {
+                Kind::ContentLength if h.value.trim_ascii() != b"0" => return None,
+                Kind::TransferEncoding | Kind::Upgrade | Kind::Expect => return None,
+                Kind::Connection if !connection.is_empty() => return None, // two: hyper's to sort out
+                Kind::Connection => connection = h.value,
+                // Two: hyper's path answers them, so both codecs decide alike (SPEC §5).
+                Kind::Account if named_account.is_some() => return None,
+                Kind::Account => named_account = Some(HeaderValue::from_bytes(h.value).ok()?),
+                Kind::ProxyAuthorization => proxy_user = headers::proxy_user_of(h.value),
+                _ => {}
+            }
+        }
+
+        let (authority, path) = match &self.listen {
+            Listen::Forward => {
+                let rest = strip_prefix_ignore_case(written, "http://")?;
+                let split = rest.bytes().position(|b| b == b'/' || b == b'?').unwrap_or(rest.len());
+                (&rest[..split], Path::Absolute(&rest[split..]))
+            }
+            Listen::Route(route) => {
+                if route.upstream_scheme != Scheme::HTTP || !written.starts_with('/') {
+                    return None;
+                }
+                ("", Path::Routed(&route.upstream_base_path, written))
+            }
+        };
+        let (target, provider) = match last {
+            Some(resolved) if *resolved.written == *authority.as_bytes() => {
+                (resolved.target.clone(), resolved.provider.clone())
+            }
+            _ => {
+                let resolved = self.resolve(authority)?;
+                let found = (resolved.target.clone(), resolved.provider.clone());
+                *last = Some(resolved);
+                found
+            }
+        };
+        // What reaches the upstream of the client's headers: end-to-end ones not named by
+        // `Connection` (`TE: trailers` too: it is end-to-end in practice, and gRPC needs it).
+        let forwarded = |h: &httparse::Header<'_>, kind: Kind| match kind {
+            Kind::Other | Kind::ContentLength => {
+                !tokens(connection).any(|t| t.eq_ignore_ascii_case(h.name.as_bytes()))
+            }
+            Kind::Te => h.value.trim_ascii().eq_ignore_ascii_case(b"trailers"),
+            _ => false,
+        };
+        let mut ex = Exchange {
+            target,
+            provider: provider.as_ref(),
+            proxy_user: proxy_user.as_deref(),
+            entry: match self.listen {
+                Listen::Forward => Entry::Forward,
+                Listen::Route(_) => Entry::Route,
+            },
+        };
+        let carries = |name: &HeaderName| {
+            let name = name.as_str().as_bytes();
+            parsed
+                .headers
+                .iter()
+                .zip(names)
+                .any(|(h, kind)| h.name.as_bytes().eq_ignore_ascii_case(name) && forwarded(h, kind))
+        };
+        let asked = Asked { account: Ok(named_account.as_ref()), carries: &carries };
+        // A request that must wait, or is refused, goes to hyper's path, which asks the same rules.
+        let injected = match self.proxy.decide_at_once(&mut ex, &asked)?.ok()? {
+            Decision::Pass => None,
+            Decision::Inject(injected) => Some(injected),
+        };
+        let target = ex.target;
+
+        // The upstream's head: origin form, `Host` from the target, the end-to-end headers.
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        path.write(out);
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(target.host_header().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let injected_header = injected.as_ref().map(|i| i.provider.config.header.as_str().as_bytes());
+        for (h, kind) in parsed.headers.iter().zip(names) {
+            let replaced = injected_header.is_some_and(|n| h.name.as_bytes().eq_ignore_ascii_case(n));
+            if forwarded(h, kind) && !replaced {
+                push_line(out, head, h);
+            }
+        }
+
+        let client_close = tokens(connection).any(|t| t.eq_ignore_ascii_case(b"close"));
+        let mut access =
+            Access::begin(self.proxy.settings.access_log, method, || path_only(written, &self.listen));
+        access.host(&target);
+        Some(Request {
+            target,
+            provider,
+            injected,
+            head_method: method == "HEAD",
+            idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"),
+            client_close,
+            access,
+        })
+    }
+
+    /// The target and provider for an authority as a client wrote it (the route's, on a route).
+    fn resolve(&self, written: &str) -> Option<Resolved> {
+        let (target, provider) = match &self.listen {
+            Listen::Forward => {
+                let target = Target::new(Scheme::HTTP, &Authority::try_from(written).ok()?).ok()?;
+                let provider = self.proxy.providers.for_host(target.host(), target.port).cloned();
+                if provider.is_none() && !self.proxy.allow_unmatched {
+                    return None;
+                }
+                (target, provider)
+            }
+            Listen::Route(route) => {
+                let target = Target::new(Scheme::HTTP, &route.upstream_authority).ok()?;
+                (target, Some(self.proxy.providers.get(&route.provider)?.clone()))
+            }
+        };
+        Some(Resolved { written: written.as_bytes().into(), target, provider })
+    }
+}
+
+/// The path part of an upstream request line.
+enum Path<'a> {
+    /// What follows the authority of an absolute-form target (`""`, `/x`, `?q`).
+    Absolute(&'a str),
+    /// A route's base path and the request's origin-form target.
+    Routed(&'a str, &'a str),
+}
+
+impl Path<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match *self {
+            Path::Absolute(rest) => {
+                if !rest.starts_with('/') {
+                    out.push(b'/');
+                }
+                out.extend_from_slice(rest.as_bytes());
+            }
+            Path::Routed(base, path) => {
+                out.extend_from_slice(base.as_bytes());
+                out.extend_from_slice(path.as_bytes());
+            }
+        }
+    }
+}
+
+/// The path of a request target without its query, for the access log.
+pub(super) fn path_only<'a>(written: &'a str, listen: &Listen) -> &'a str {
+    let path = match listen {
+        Listen::Forward => {
+            let rest = strip_prefix_ignore_case(written, "http://").unwrap_or(written);
+            &rest[rest.find(['/', '?']).unwrap_or(rest.len())..]
+        }
+        Listen::Route(_) => written,
+    };
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    if path.is_empty() { "/" } else { path }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+pub(super) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+}
+
+pub(super) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `h`'s line as the head has it (name, colon, value), with a CRLF: one copy.
+pub(super) fn push_line(out: &mut Vec<u8>, head: &[u8], h: &httparse::Header<'_>) {
+    let base = head.as_ptr() as usize;
+    let start = h.name.as_ptr() as usize - base;
+    let end = h.value.as_ptr() as usize + h.value.len() - base;
+    if h.value.is_empty() || start >= end || end > head.len() {
+        push_header(out, h.name.as_bytes(), h.value);
+    } else {
+        out.extend_from_slice(&head[start..end]);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The end of a message head (after its blank line) in `bytes`, if it is all there. Bare `\n`
+/// line ends count too, as httparse reads them.
+pub(super) fn head_end(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes).find_map(|at| match bytes.get(at + 1) {
+        Some(b'\n') => Some(at + 2),
+        Some(b'\r') if bytes.get(at + 2) == Some(&b'\n') => Some(at + 3),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_ends_at_its_blank_line_with_either_line_end() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest"), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        assert_eq!(head_end(b""), None);
+    }
+
+    #[test]
+    fn only_the_path_reaches_the_access_log() {
+        let fwd = Listen::Forward;
+        assert_eq!(path_only("http://h:1/a/b?secret=1", &fwd), "/a/b");
+        assert_eq!(path_only("http://h:1?secret=1", &fwd), "/");
+        assert_eq!(path_only("http://h", &fwd), "/");
+    }
+}
