@@ -173,7 +173,7 @@ impl Proxy {
         if !provider.can_refresh() {
             return Some(token);
         }
-        let now = time::OffsetDateTime::now_utc();
+        let now = provider.clock.now();
         if !token.is_refresh_due(now) {
             return Some(token);
         }

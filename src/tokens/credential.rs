@@ -170,7 +170,7 @@ pub(super) struct Status {
     /// Set by `invalid_client`: the config is wrong.
     pub(super) config_error: Option<String>,
     /// After a transient failure, automatic refreshes wait until then.
-    pub(super) retry_not_before: Option<std::time::Instant>,
+    pub(super) retry_not_before: Option<tokio::time::Instant>,
     pub(super) last_failure: Option<RefreshError>,
     /// The last failed write of the token file, shown until a write succeeds.
     pub(super) write_error: Option<String>,

@@ -8,7 +8,9 @@
 //! except a token kept in use after its document became unreadable, or a refreshed token whose
 //! write failed.
 
+pub mod clock;
 mod credential;
+pub mod endpoint;
 pub mod file;
 pub mod refresh;
 pub mod store;
@@ -29,8 +31,10 @@ use crate::hosts::normalize_host;
 use crate::metrics;
 use crate::oauth::{OAuthClient, RefreshError};
 use crate::secrets::fingerprint;
+use clock::Clock;
 pub use credential::{Credential, FileStatus};
 use credential::{Held, Status};
+use endpoint::TokenEndpoint;
 use file::{ExpirySource, TokenDocument};
 use store::{Change, Key, Loaded, StoreError, TokenStore};
 
@@ -139,8 +143,10 @@ pub struct Provider {
     /// A problem of the provider rather than of one account (`invalid_client` seen by any of
     /// its accounts): what makes a multi-account provider unready.
     provider_error: Mutex<Option<String>>,
-    /// The token endpoint client, for providers with an `[oauth]` section.
-    oauth_client: Option<OAuthClient>,
+    /// Where tokens come from, for providers with an `[oauth]` section.
+    endpoint: Option<Arc<dyn TokenEndpoint>>,
+    /// The time every expiry and backoff decision reads.
+    pub clock: Clock,
     /// The longest a request waits for a refresh.
     pub wait_limit: Duration,
     /// This provider's request counters, registered once.
@@ -150,7 +156,7 @@ pub struct Provider {
     /// Accounts of a grant that needs no person (`client_credentials`) whose first token call
     /// failed, with when and why: such a name is not kept, and for a minute it costs no token
     /// call (names that requests make up must not each cost one, nor leave files behind).
-    failed_accounts: Mutex<std::collections::HashMap<Box<str>, (std::time::Instant, RefreshError)>>,
+    failed_accounts: Mutex<std::collections::HashMap<Box<str>, (tokio::time::Instant, RefreshError)>>,
 }
 
 /// How long an account whose first token call failed is answered from that failure.
@@ -194,11 +200,11 @@ pub enum Reload {
 impl Provider {
     pub fn new(
         config: ProviderConfig,
-        oauth_client: Option<OAuthClient>,
+        endpoint: Option<Arc<dyn TokenEndpoint>>,
         wait_limit: Duration,
         store: Arc<dyn TokenStore>,
     ) -> Provider {
-        let oauth_client = oauth_client.filter(|_| config.oauth.is_some());
+        let endpoint = endpoint.filter(|_| config.oauth.is_some());
         let accounts = if config.is_multi_account() {
             Accounts::Many(papaya::HashMap::with_hasher(foldhash::fast::RandomState::default()))
         } else {
@@ -209,7 +215,8 @@ impl Provider {
             config,
             accounts,
             provider_error: Mutex::new(None),
-            oauth_client,
+            endpoint,
+            clock: Clock::SYSTEM,
             wait_limit,
             store,
             failed_accounts: Mutex::default(),
@@ -269,7 +276,7 @@ impl Provider {
         let failed = self.failed_accounts.lock().unwrap_or_else(|e| e.into_inner());
         let (at, error) = failed.get(name)?;
         let until = *at + FAILED_ACCOUNT_PAUSE;
-        if std::time::Instant::now() >= until {
+        if tokio::time::Instant::now() >= until {
             return None;
         }
         let credential = Arc::new(Credential::new(Some(name)));
@@ -290,7 +297,7 @@ impl Provider {
         if !self.creates_token_files() || cred.current().is_some() {
             return;
         }
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         {
             let mut failed = self.failed_accounts.lock().unwrap_or_else(|e| e.into_inner());
             failed.retain(|_, (at, _)| now.duration_since(*at) < FAILED_ACCOUNT_PAUSE);
@@ -444,7 +451,7 @@ impl Provider {
 
     /// Whether tokenproxy can refresh this provider's token itself.
     pub fn can_refresh(&self) -> bool {
-        self.oauth_client.is_some()
+        self.endpoint.is_some()
     }
 
     pub fn name(&self) -> &str {
@@ -542,7 +549,7 @@ impl Provider {
                     "the token store holds an older token than this replica (or none): writing this replica's back"
                 );
                 let mut restored = (*held.fields).clone();
-                let now = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
+                let now = self.clock.now().format(&Rfc3339).unwrap_or_default();
                 restored.insert(file::RESTORED_AT.into(), serde_json::Value::String(now));
                 return StoreRead {
                     write_back: Some(restored.clone()),
@@ -785,7 +792,7 @@ impl Provider {
                 format!("no fresh token within {}s; the refresh goes on in the background", limit.as_secs()),
                 "look at /tokens in a moment; if this persists, check the token endpoint's health".into(),
             ),
-            Unavailable::NoToken => match (self.view(cred, OffsetDateTime::now_utc()), cred.account()) {
+            Unavailable::NoToken => match (self.view(cred, self.clock.now()), cred.account()) {
                 (view, Some(_)) if view.state == TokenState::Missing => {
                     (format!("the account has no token yet ({shown})"), self.authorize_action(cred))
                 }
@@ -932,7 +939,10 @@ impl Providers {
         let list: Vec<Arc<Provider>> = configs
             .iter()
             .cloned()
-            .map(|c| Arc::new(Provider::new(c, oauth_client.clone(), wait_limit, store.clone())))
+            .map(|c| {
+                let endpoint = oauth_client.clone().map(|client| Arc::new(client) as Arc<dyn TokenEndpoint>);
+                Arc::new(Provider::new(c, endpoint, wait_limit, store.clone()))
+            })
             .collect();
         for provider in &list {
             provider.load_at_start().await;

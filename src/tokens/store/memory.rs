@@ -20,6 +20,8 @@ pub struct MemoryStore {
     versions: std::sync::atomic::AtomicU64,
     lock: Arc<tokio::sync::Mutex<()>>,
     pub saves: std::sync::atomic::AtomicUsize,
+    /// How many times its lock was taken.
+    pub locks: std::sync::atomic::AtomicUsize,
 }
 
 fn owned(key: Key<'_>) -> Owned {
@@ -73,6 +75,7 @@ impl TokenStore for MemoryStore {
     }
 
     fn lock<'a>(&'a self, _key: Key<'a>) -> StoreFuture<'a, Result<StoreLock, StoreError>> {
+        self.locks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::pin(async move { Ok(StoreLock::new(self.lock.clone().lock_owned().await)) })
     }
 

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use time::OffsetDateTime;
 
@@ -156,7 +158,7 @@ impl Provider {
         seen: Option<u64>,
         force: bool,
     ) -> Result<Arc<Token>, RefreshError> {
-        if self.config.oauth.is_none() || self.oauth_client.is_none() {
+        if self.config.oauth.is_none() || self.endpoint.is_none() {
             // No token endpoint: the store is all there is. Read it again in case it changed.
             self.reload(cred).await;
             return match cred.current() {
@@ -222,7 +224,7 @@ impl Provider {
 
     /// Whether `token` is still what the trigger complains about.
     fn needs_refresh(&self, token: &Token, trigger: Trigger, seen: Option<u64>) -> bool {
-        let now = OffsetDateTime::now_utc();
+        let now = self.clock.now();
         match trigger {
             // Both name the token they are unhappy with; a newer one is the answer.
             Trigger::Manual | Trigger::Unauthorized => seen.is_none_or(|g| token.generation <= g),
@@ -254,7 +256,7 @@ impl Provider {
         };
         let mut lock = take_lock().await?;
         let mut newer = self.adopt_newer(cred, trigger).await?;
-        if let Some(wait) = newer.converging(OffsetDateTime::now_utc()) {
+        if let Some(wait) = newer.converging(self.clock.now()) {
             // The shared store lost data a moment ago, and this replica's document (or another
             // replica's) was written back. Another replica may hold a newer token still (its
             // refresh token is the live one, and this one's may be spent): the fleet is given a
@@ -292,7 +294,7 @@ impl Provider {
         }
 
         let oauth = self.config.oauth.as_ref().expect("checked by refresh");
-        let client = self.oauth_client.as_ref().expect("checked by refresh");
+        let client = self.endpoint.as_ref().expect("checked by refresh");
         // The refresh token in memory, which may be newer than the stored one (a write failed).
         let refresh_token = cred.status().refresh_token.as_deref().map(str::to_string);
         if let Some(refresh_token) = &refresh_token {
@@ -300,7 +302,7 @@ impl Provider {
         }
         let mut attempt = 0;
         let issued = loop {
-            match client.request_token(oauth, refresh_token.as_deref()).await {
+            match client.issue(oauth, refresh_token.as_deref()).await {
                 Ok(issued) => break issued,
                 Err(e) if e.kind.is_transient() && attempt + 1 < MAX_ATTEMPTS => {
                     let delay = match e.kind {
@@ -330,7 +332,7 @@ impl Provider {
             }
         };
 
-        let now = OffsetDateTime::now_utc();
+        let now = self.clock.now();
         let fields = file::refreshed_fields(&base, &issued, now);
         cred.status().replaced_fingerprint = cred.current().map(|t| t.fingerprint.clone());
         let doc = file::document_from_fields(fields.clone())
@@ -379,7 +381,7 @@ impl Provider {
             return Ok(base());
         }
         // A newer token is the answer unless it is itself what the trigger complains about.
-        if token.is_expired(OffsetDateTime::now_utc()) && trigger != Trigger::Unauthorized {
+        if token.is_expired(self.clock.now()) && trigger != Trigger::Unauthorized {
             return Ok(base());
         }
         tracing::info!(
@@ -496,7 +498,7 @@ impl Provider {
         };
         metrics::refresh(self.name(), trigger.label(), label, elapsed);
         let mut status = cred.status();
-        status.last_refresh_at = Some(OffsetDateTime::now_utc());
+        status.last_refresh_at = Some(self.clock.now());
         status.last_refresh_result = Some(label.to_string());
         status.refresh_count += 1;
         match result {
@@ -568,7 +570,7 @@ impl Provider {
     pub async fn keep_fresh(self: Arc<Self>, cred: Arc<Credential>) {
         let mut first = true;
         loop {
-            let now = OffsetDateTime::now_utc();
+            let now = self.clock.now();
             let startup_or_expired = if first { Trigger::Startup } else { Trigger::Expired };
             let (trigger, wait) = match cred.current() {
                 None => (Some(startup_or_expired), Duration::ZERO),
@@ -610,3 +612,6 @@ impl Provider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
