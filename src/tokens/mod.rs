@@ -1,19 +1,25 @@
-//! The token cache: one [`Provider`] per configured provider (its settings, token endpoint client
-//! and refresh policy), each with a [`Credential`] per account (one for a single-account
-//! provider) holding its current token in an `ArcSwap` that the request path reads without a lock
-//! and without file I/O.
+//! The token cache: one [`Provider`] per configured provider (its settings, token endpoint and
+//! refresh policy), each with a [`Credential`] per account (one for a single-account provider)
+//! holding its current token in an `ArcSwap` that the request path reads without a lock and
+//! without file I/O.
 //!
 //! The [`store`] is the source of truth. The cache changes only when a stored document changes
 //! (see [`watch`]) or when a refresh completes; it never holds anything the store did not say,
 //! except a token kept in use after its document became unreadable, or a refreshed token whose
 //! write failed.
+//!
+//! Split along its seams: here the cache and the choice of a credential; [`refresh`] decides
+//! when a token is asked for and talks to an [`endpoint::TokenEndpoint`]; `reconcile` follows
+//! the store; `view` is what the admin API and a 502 say; [`clock`] is the time they all read.
 
 pub mod clock;
 mod credential;
 pub mod endpoint;
 pub mod file;
+mod reconcile;
 pub mod refresh;
 pub mod store;
+mod view;
 pub mod watch;
 
 use std::sync::atomic::Ordering;
@@ -36,7 +42,9 @@ pub use credential::{Credential, FileStatus};
 use credential::{Held, Status};
 use endpoint::TokenEndpoint;
 use file::{ExpirySource, TokenDocument};
+use reconcile::Basis;
 use store::{Change, Key, Loaded, StoreError, TokenStore};
+pub use view::TokenView;
 
 /// A token ready for the request path: the header value is built once, when the token arrives.
 pub struct Token {
@@ -437,18 +445,6 @@ impl Provider {
         *self.provider_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
-    /// How many loaded accounts are in each state (the `tokenproxy_accounts` gauge).
-    pub fn account_states(&self, now: OffsetDateTime) -> Vec<(TokenState, usize)> {
-        let mut counts = TokenState::ALL.map(|s| (s, 0usize));
-        for credential in self.credentials() {
-            let state = self.state(&credential, now);
-            if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == state) {
-                entry.1 += 1;
-            }
-        }
-        counts.to_vec()
-    }
-
     /// Whether tokenproxy can refresh this provider's token itself.
     pub fn can_refresh(&self) -> bool {
         self.endpoint.is_some()
@@ -474,206 +470,6 @@ impl Provider {
     pub(super) fn shown_location(&self, cred: &Credential) -> String {
         let label = cred.account_log().map(|log| format!("<account {log}>"));
         self.store.location(Key { provider: self.name(), account: label.as_deref() })
-    }
-
-    /// Reads the credential's stored token again and adopts it if it changed. A refreshed token
-    /// that waited for a file to parse again is written into it.
-    ///
-    /// A document that cannot be read or parsed never replaces a good token: the last good one
-    /// stays in use and the problem shows as `last_error`.
-    pub async fn reload(&self, cred: &Credential) -> Reload {
-        let read = self.read_store(cred).await;
-        if let Some(fields) = read.write_back {
-            let _lock = self.store.lock(self.key(cred)).await;
-            self.persist(cred, &fields, read.basis).await;
-            tracing::info!(
-                provider = self.name(),
-                account = cred.account_log(),
-                "the token file parses again; the refreshed token is written into it"
-            );
-        }
-        read.outcome
-    }
-
-    /// [`Provider::reload`], unless the store's probe says nothing changed since the last read:
-    /// what a poll of many accounts does.
-    pub async fn reload_if_touched(&self, cred: &Credential) -> Reload {
-        let probe = self.store.probe(self.key(cred)).await;
-        let unchanged = probe.is_some() && cred.status().probe == probe;
-        if unchanged { Reload::Unchanged } else { self.reload(cred).await }
-    }
-
-    /// Reads the credential's document and adopts its token if its version is new; the caller
-    /// writes what it returns to write back (under the store's lock).
-    pub(super) async fn read_store(&self, cred: &Credential) -> StoreRead {
-        let key = self.key(cred);
-        let probe = self.store.probe(key).await;
-        let loaded = match self.store.load(key).await {
-            // Nothing stored: seeded (from a token file) only by a replica that holds nothing
-            // itself; one that holds a token writes its own back below (SPEC §11).
-            Ok(Loaded::Missing) if cred.status().held.is_none() => self.store.seed(key).await,
-            other => other,
-        };
-        let shown = self.shown_location(cred);
-        let mut status = cred.status();
-        status.probe = probe;
-        let unchanged = || StoreRead {
-            outcome: Reload::Unchanged,
-            adopted: None,
-            write_back: None,
-            fields: None,
-            basis: Basis::Stored(None),
-            lost: false,
-        };
-        let mut read = StoreRead { outcome: Reload::Ok, ..unchanged() };
-        // A shared store that lost what this replica holds, or holds something older (a Redis
-        // restarted empty and re-seeded from an old token file, a failover before a write
-        // replicated): the newest token wins, and this replica writes its own back (SPEC §11).
-        if let Some(held) = status.held.clone() {
-            let stored_at = match &loaded {
-                Ok(Loaded::Missing) => Some(None),
-                Ok(Loaded::Found { doc: Ok(doc), .. }) => Some(file::updated_at(&doc.fields)),
-                _ => None,
-            };
-            if let Some(stored_at) = stored_at.filter(|at| file::is_older(*at, held.updated_at)) {
-                let basis = match &loaded {
-                    Ok(Loaded::Found { version, .. }) => Basis::Stored(Some(*version)),
-                    _ => Basis::Stored(None),
-                };
-                drop(status);
-                tracing::warn!(
-                    provider = self.name(),
-                    account = cred.account_log(),
-                    location = %shown,
-                    stored = if stored_at.is_some() { "older" } else { "nothing" },
-                    "the token store holds an older token than this replica (or none): writing this replica's back"
-                );
-                let mut restored = (*held.fields).clone();
-                let now = self.clock.now().format(&Rfc3339).unwrap_or_default();
-                restored.insert(file::RESTORED_AT.into(), serde_json::Value::String(now));
-                return StoreRead {
-                    write_back: Some(restored.clone()),
-                    fields: Some(restored),
-                    basis,
-                    lost: true,
-                    ..unchanged()
-                };
-            }
-        }
-        let (file_status, error) = match loaded {
-            Ok(Loaded::Missing) => {
-                if status.file == FileStatus::Missing {
-                    return unchanged();
-                }
-                status.version = None;
-                read.outcome = Reload::IoError;
-                (FileStatus::Missing, format!("{shown}: not found"))
-            }
-            Err(e) => {
-                if status.file == FileStatus::Unreadable {
-                    return unchanged();
-                }
-                status.version = None;
-                read.outcome = Reload::IoError;
-                (FileStatus::Unreadable, format!("{shown}: {e}"))
-            }
-            Ok(Loaded::Found { version, doc, sealed }) => {
-                let unsealed = self.store.seals() && !sealed && doc.is_ok();
-                if unsealed && !status.unsealed {
-                    tracing::warn!(
-                        provider = self.name(),
-                        account = cred.account_log(),
-                        location = %shown,
-                        "a token document is in plaintext although encryption at rest is configured (planted over a sealed one?); it is used, and sealed on its next write"
-                    );
-                }
-                status.unsealed = unsealed;
-                if status.version == Some(version) {
-                    return match doc {
-                        Ok(doc) if status.file != FileStatus::Unparsable => StoreRead {
-                            fields: Some(doc.fields),
-                            basis: Basis::Stored(Some(version)),
-                            ..unchanged()
-                        },
-                        _ => StoreRead { basis: Basis::Unparsable(version), ..unchanged() },
-                    };
-                }
-                status.version = Some(version);
-                read.basis = Basis::Stored(Some(version));
-                match doc.and_then(|doc| {
-                    let (doc, merged) = reconcile_pending(&mut status, doc);
-                    self.adopt(cred, &doc).map(|token| (doc, merged, token))
-                }) {
-                    Ok((doc, merged, token)) => {
-                        // A changed document is a new chance: whatever stopped automatic
-                        // refreshes (a revoked refresh token, a backoff) may be fixed by it.
-                        status.refresh_token = file::refresh_token(&doc.fields);
-                        if self.store.shared() {
-                            status.held = Some(Held::of(merged.as_ref().unwrap_or(&doc.fields)));
-                        }
-                        status.reauth_reason = None;
-                        status.config_error = None;
-                        status.retry_not_before = None;
-                        status.last_failure = None;
-                        read.fields = Some(merged.clone().unwrap_or(doc.fields));
-                        read.write_back = merged;
-                        read.adopted = Some(token);
-                        (FileStatus::Ok, String::new())
-                    }
-                    Err(e) => {
-                        read.outcome = Reload::ParseError;
-                        read.basis = Basis::Unparsable(version);
-                        (FileStatus::Unparsable, format!("{shown}: {e}"))
-                    }
-                }
-            }
-        };
-        status.file = file_status.clone();
-        status.store_error = (file_status != FileStatus::Ok).then(|| error.clone());
-        drop(status);
-        let label = match read.outcome {
-            Reload::Ok => "ok",
-            Reload::ParseError => "parse_error",
-            _ => "io_error",
-        };
-        metrics::token_reload(self.name(), label);
-        let account = cred.account_log();
-        if let Some(token) = &read.adopted {
-            let write_error = cred.status().write_error.clone();
-            cred.status().last_error = write_error;
-            tracing::info!(
-                provider = self.name(),
-                account,
-                fingerprint = %token.fingerprint,
-                expires_at = %fmt_time(token.expires_at).unwrap_or_else(|| "unknown".into()),
-                expiry_source = token.expiry_source.as_str(),
-                "token loaded from file"
-            );
-        } else {
-            match cred.current().map(|t| t.fingerprint.clone()) {
-                Some(kept) => tracing::warn!(
-                    provider = self.name(),
-                    account,
-                    error = %error,
-                    kept_fingerprint = %kept,
-                    "token file not usable; keeping the last good token"
-                ),
-                None if file_status == FileStatus::Missing && self.config.oauth.is_some() => tracing::info!(
-                    provider = self.name(),
-                    account,
-                    location = %shown,
-                    "no token file yet; the first refresh or authorization creates it"
-                ),
-                None => tracing::warn!(
-                    provider = self.name(),
-                    account,
-                    error = %error,
-                    "token file not usable; no token yet"
-                ),
-            }
-            cred.status().last_error = Some(error);
-        }
-        read
     }
 
     /// Makes `doc`'s token the credential's current one: one atomic swap, seen by the next
@@ -746,180 +542,12 @@ impl Provider {
             _ => margin,
         }
     }
-
-    pub fn state(&self, cred: &Credential, now: OffsetDateTime) -> TokenState {
-        let (file, reauth, config_error) = {
-            let s = cred.status();
-            (s.file.clone(), s.reauth_reason.is_some(), s.config_error.is_some())
-        };
-        if reauth {
-            return TokenState::NeedsReauth;
-        }
-        if config_error {
-            return TokenState::Error;
-        }
-        if cred.refreshing.load(Ordering::Relaxed) {
-            return TokenState::Refreshing;
-        }
-        match cred.current() {
-            None if matches!(file, FileStatus::Missing | FileStatus::NotRead) => TokenState::Missing,
-            None => TokenState::Error,
-            Some(t) => match self.freshness(&t, now) {
-                Freshness::Expired => TokenState::Expired,
-                Freshness::Expiring => TokenState::Expiring,
-                Freshness::Fresh { .. } | Freshness::Unknown => TokenState::Valid,
-            },
-        }
-    }
-
-    /// The one `502 token_unavailable` answer, with what to do about it. Its reason never names
-    /// an account in clear (it reaches logs); its action does (it is what the caller must run).
-    pub fn unavailable(&self, cred: &Credential, why: Unavailable<'_>) -> ProxyError {
-        let shown = self.shown_location(cred);
-        let (reason, action) = match why {
-            // Nothing to refresh with: said as for a credential without a token.
-            Unavailable::Refresh(e) if e.kind == crate::oauth::RefreshErrorKind::NoToken => {
-                return self.unavailable(cred, Unavailable::NoToken);
-            }
-            Unavailable::Refresh(e) => {
-                let action = match e.kind {
-                    crate::oauth::RefreshErrorKind::InvalidGrant => self.authorize_action(cred),
-                    _ => e.action(&self.location(cred)),
-                };
-                (e.to_string(), action)
-            }
-            Unavailable::Timeout(limit) => (
-                format!("no fresh token within {}s; the refresh goes on in the background", limit.as_secs()),
-                "look at /tokens in a moment; if this persists, check the token endpoint's health".into(),
-            ),
-            Unavailable::NoToken => match (self.view(cred, self.clock.now()), cred.account()) {
-                (view, Some(_)) if view.state == TokenState::Missing => {
-                    (format!("the account has no token yet ({shown})"), self.authorize_action(cred))
-                }
-                (view, None) if view.state == TokenState::Missing => {
-                    (format!("{shown} does not exist"), self.authorize_action(cred))
-                }
-                (view, _) => (
-                    view.last_error.unwrap_or_else(|| "no token loaded".into()),
-                    format!("fix {shown}; it is picked up without a restart"),
-                ),
-            },
-        };
-        ProxyError::TokenUnavailable {
-            provider: self.name().to_string(),
-            account: cred.account().map(str::to_string),
-            reason,
-            action,
-        }
-    }
-
-    /// What gets a credential its first token, or a new one after revocation: the onboarding
-    /// flows (SPEC §9; an account's answer always names them, SPEC §8), else writing the token by
-    /// hand.
-    fn authorize_action(&self, cred: &Credential) -> String {
-        let location = self.location(cred);
-        let oauth = self.config.oauth.as_ref();
-        let browser = oauth.is_some_and(|o| o.authorize_url.is_some());
-        let device = oauth.is_some_and(|o| o.device_authorization_url.is_some());
-        let name = self.name();
-        if cred.account().is_none() && !browser && !device {
-            return format!(
-                "re-authorize: put a new refresh_token (or token) into {location}; tokenproxy picks it up \
-                 without a restart (or set authorize_url in [providers.{name}.oauth] to connect from /connect)"
-            );
-        }
-        let account = cred.account().map(|a| format!(" --account {a}")).unwrap_or_default();
-        let device_only = device && !browser;
-        let command =
-            format!("tokenproxy authorize {name}{account}{}", if device_only { " --device" } else { "" });
-        let page = if device_only { "" } else { ", or use Connect on the admin listener's /connect page" };
-        let setup = if browser || device {
-            String::new()
-        } else {
-            format!(" (once [providers.{name}.oauth] has an authorize_url)")
-        };
-        format!(
-            "re-authorize: run `{command}`{page}{setup}; it writes {location}, which is picked up without a restart"
-        )
-    }
-
-    /// A credential as `GET /tokens` shows it. Holds fingerprints only.
-    pub fn view(&self, cred: &Credential, now: OffsetDateTime) -> TokenView {
-        let state = self.state(cred, now);
-        let token = cred.current();
-        let status = cred.status();
-        TokenView {
-            provider: self.name().to_string(),
-            account: cred.account().map(str::to_string),
-            state,
-            expires_at: token.as_ref().and_then(|t| fmt_time(t.expires_at)),
-            expires_in_s: token.as_ref().and_then(|t| t.expires_at).map(|at| (at - now).whole_seconds()),
-            expiry_source: token.as_ref().map_or("unknown", |t| t.expiry_source.as_str()),
-            fingerprint: token.as_ref().map(|t| t.fingerprint.clone()),
-            last_refresh_at: fmt_time(status.last_refresh_at),
-            last_refresh_result: status.last_refresh_result.clone(),
-            last_error: status.last_error.clone(),
-            refresh_count: status.refresh_count,
-            retry_count: status.retry_count,
-            warning: status.unsealed.then(|| {
-                format!(
-                    "{} is stored in plaintext although encryption at rest is configured: it was not written by tokenproxy (planted over a sealed one?); it is sealed on its next write",
-                    self.shown_location(cred)
-                )
-            }),
-        }
-    }
-}
-
-/// A file that parses again after a refresh could not be written over it: when it still holds
-/// the token the refresh replaced, the refresh goes on top of the person's edit (returned as the
-/// fields to write); when it holds another token, the person's token wins.
-fn reconcile_pending(
-    status: &mut Status,
-    doc: TokenDocument,
-) -> (TokenDocument, Option<serde_json::Map<String, serde_json::Value>>) {
-    let Some(pending) = status.pending_write.take() else { return (doc, None) };
-    if pending.based_on.as_deref() != Some(fingerprint(&doc.access_token).as_str()) {
-        tracing::warn!(
-            fingerprint = %fingerprint(&doc.access_token),
-            "the token file parses again and holds a new token; it replaces the refreshed one that could not be written"
-        );
-        status.write_error = None;
-        return (doc, None);
-    }
-    let fields = file::overlay_refresh(&doc.fields, &pending.fields);
-    match file::document_from_fields(fields.clone()) {
-        Ok(merged) => (merged, Some(fields)),
-        Err(_) => (doc, None),
-    }
 }
 
 /// A time as the admin API, the page and logs show it: RFC 3339 in whole seconds (a refresh's
 /// nanoseconds are noise to a person).
 pub fn fmt_time(t: Option<OffsetDateTime>) -> Option<String> {
     t.and_then(|t| t.replace_nanosecond(0).ok()).and_then(|t| t.format(&Rfc3339).ok())
-}
-
-/// One provider on `GET /tokens` (SPEC §6).
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenView {
-    pub provider: String,
-    /// The account's name; `null` for a single-account provider.
-    pub account: Option<String>,
-    pub state: TokenState,
-    pub expires_at: Option<String>,
-    pub expires_in_s: Option<i64>,
-    pub expiry_source: &'static str,
-    pub fingerprint: Option<String>,
-    pub last_refresh_at: Option<String>,
-    pub last_refresh_result: Option<String>,
-    pub last_error: Option<String>,
-    pub refresh_count: u64,
-    pub retry_count: u64,
-    /// Something to know that is not an error: a plaintext token document where encryption at
-    /// rest is configured (planted over a sealed one, or not written by tokenproxy yet).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warning: Option<String>,
 }
 
 /// Every configured provider, with host lookup.
@@ -973,73 +601,6 @@ impl Providers {
         };
         find(true).or_else(|| find(false))
     }
-
-    /// Reads again what a change reported by the store may have touched. A key's own change
-    /// reads it; a change that names no key checks every loaded credential cheaply first (a
-    /// multi-account provider may have thousands).
-    pub async fn apply(&self, change: &Change) {
-        match change {
-            Change::Key { provider, account } => {
-                let Some(provider) = self.get(provider) else { return };
-                let credential = match account {
-                    Some(name) => provider.loaded_account(name),
-                    None => provider.single().cloned(),
-                };
-                if let Some(credential) = credential {
-                    provider.reload(&credential).await;
-                }
-            }
-            Change::Provider(name) => {
-                if let Some(provider) = self.get(name) {
-                    provider.reload_touched().await;
-                }
-            }
-            Change::Everything => {
-                for provider in &self.list {
-                    provider.reload_touched().await;
-                }
-            }
-        }
-    }
-}
-
-impl Provider {
-    /// Reads again every loaded credential whose probe changed (a single-account provider's one
-    /// always: its content decides, and reading one document costs nothing).
-    async fn reload_touched(&self) {
-        for credential in self.credentials() {
-            if self.is_multi_account() {
-                self.reload_if_touched(&credential).await;
-            } else {
-                self.reload(&credential).await;
-            }
-        }
-    }
-}
-
-/// What [`Provider::read_store`] found.
-pub(super) struct StoreRead {
-    pub(super) outcome: Reload,
-    /// The token adopted from a new version.
-    pub(super) adopted: Option<Arc<Token>>,
-    /// A refreshed token merged into a document that parses again, to be written.
-    pub(super) write_back: Option<store::Fields>,
-    /// The stored document's fields, when it parses: the base of a refresh's write.
-    pub(super) fields: Option<store::Fields>,
-    /// What a write based on this read is based on.
-    pub(super) basis: Basis,
-    /// The shared store had nothing or something older than the document this replica holds,
-    /// which is `write_back`.
-    pub(super) lost: bool,
-}
-
-/// The stored content a write is based on: the store writes only over that content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Basis {
-    /// A document that parsed, at this version, or none.
-    Stored(Option<store::Version>),
-    /// A document that does not parse (a person may be mid-edit): never written over.
-    Unparsable(store::Version),
 }
 
 #[cfg(test)]
