@@ -1132,13 +1132,13 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
 /// `http://<admin.listen>/oauth/callback`; an admin listener on every interface (a pod's) is
 /// reached as 127.0.0.1, which is where `kubectl port-forward` puts it on a person's machine.
 fn default_redirect_uri(admin: SocketAddr) -> String {
-    let host = match admin.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
-        ip if ip.is_unspecified() => "[::1]".to_string(),
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        ip => ip.to_string(),
+    let ip = match admin.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
     };
-    format!("http://{host}:{}/oauth/callback", admin.port())
+    // SocketAddr's Display brackets an IPv6 address.
+    format!("http://{}/oauth/callback", SocketAddr::new(ip, admin.port()))
 }
 
 fn validate_store(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> StoreSettings {

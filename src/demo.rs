@@ -189,7 +189,7 @@ impl DemoProvider {
 
 /// `a=1&b=x%20y` as fields.
 fn form_fields(text: &str) -> HashMap<String, String> {
-    crate::onboarding::http::parse_query(Some(text)).into_iter().collect()
+    crate::query::Query::parse(Some(text)).into_pairs().into_iter().collect()
 }
 
 fn reply(status: u16, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -55,6 +55,11 @@ pub fn is_loopback_host(host: &str) -> bool {
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
+/// `host` as it stands before a `:port` in an authority: an IPv6 address in brackets.
+pub fn bracketed(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.contains(':') { format!("[{host}]").into() } else { host.into() }
+}
+
 /// Splits `host[:port]`, understanding `[v6]:port`.
 pub fn split_host_port(s: &str) -> Result<(&str, Option<u16>), HostPatternError> {
     let parse_port = |p: &str| p.parse::<u16>().map_err(|_| HostPatternError::Port(p.to_string()));
@@ -164,6 +169,16 @@ mod tests {
         assert!(m("127.0.0.1:9000", "127.0.0.1", 9000));
         assert!(m("[::1]:9000", "[::1]", 9000));
         assert!(m("::1", "[::1]", 1));
+    }
+
+    #[test]
+    fn a_host_and_port_split_and_an_ipv6_host_is_bracketed_again() {
+        assert_eq!(split_host_port("api.example.com:8080"), Ok(("api.example.com", Some(8080))));
+        assert_eq!(split_host_port("[::1]:80"), Ok(("::1", Some(80))));
+        assert_eq!(split_host_port("example.com"), Ok(("example.com", None)));
+        assert_eq!(split_host_port("::1"), Ok(("::1", None)));
+        assert!(split_host_port("example.com:http").is_err());
+        assert_eq!((bracketed("::1"), bracketed("a.test")), ("[::1]".into(), "a.test".into()));
     }
 
     #[test]

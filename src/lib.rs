@@ -20,6 +20,7 @@ pub mod oauth;
 pub mod onboarding;
 pub mod presets;
 pub mod proxy;
+pub mod query;
 pub mod relay;
 pub mod secrets;
 pub mod server;

@@ -1,5 +1,5 @@
-//! What can be read of a secret without revealing or trusting it: its fingerprint, and a JWT's
-//! expiry.
+//! Secrets tokenproxy makes (random tokens), and what can be read of one without revealing or
+//! trusting it: its fingerprint, and a JWT's expiry.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -10,6 +10,15 @@ use time::OffsetDateTime;
 pub fn fingerprint(secret: &str) -> String {
     let digest = Sha256::digest(secret.as_bytes());
     hex::encode(&digest[..4])
+}
+
+/// 32 random bytes, base64url: an OAuth state, a PKCE verifier (43 characters, RFC 7636 §4.1),
+/// a browser cookie, a lock's owner.
+pub fn random_token() -> String {
+    use base64::Engine;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the operating system's random source");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// The `exp` claim of a JWT, read without verifying the signature: it only tells when to refresh.

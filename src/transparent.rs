@@ -84,12 +84,15 @@ async fn handle(
     let port = original.port();
     let (scheme, name) = match &opening {
         Opening::Tls(Some(sni)) => (Scheme::HTTPS, Some(sni.clone())),
-        Opening::Http(Some(host)) => (Scheme::HTTP, Some(host_without_port(host).to_string())),
+        Opening::Http(Some(host)) => {
+            let name = crate::hosts::split_host_port(host).map_or(host.as_str(), |(name, _)| name);
+            (Scheme::HTTP, Some(name.to_string()))
+        }
         _ => (Scheme::HTTP, None),
     };
     let provider = name.as_deref().and_then(|name| proxy.providers.for_host(name, port).cloned());
     if let (Some(provider), Some(name)) = (provider, name) {
-        let authority: Authority = format!("{}:{port}", bracketed(&name))
+        let authority: Authority = format!("{}:{port}", crate::hosts::bracketed(&name))
             .parse()
             .map_err(|_| format!("{name:?} is not a host name"))?;
         let target = Target::new(scheme, &authority).map_err(|e| e.to_string())?;
@@ -194,17 +197,6 @@ fn recognise(bytes: &[u8]) -> Option<Opening> {
     }
 }
 
-fn host_without_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    host.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(host, |(name, _)| name)
-}
-
-fn bracketed(name: &str) -> String {
-    if name.contains(':') { format!("[{name}]") } else { name.to_string() }
-}
-
 /// `tokenproxy iptables`: the rules that redirect a pod's outbound TCP to the transparent
 /// listener, sparing tokenproxy's own user, loopback and the admin port.
 pub fn iptables_rules(transparent_port: u16, admin_port: u16, uid: u32) -> String {
@@ -236,9 +228,6 @@ mod tests {
         );
         assert_eq!(recognise(b"GET / HTTP/1.1\r\nHo"), None);
         assert_eq!(recognise(b"\x00\x01binary"), Some(Opening::Other));
-        assert_eq!(host_without_port("api.example.com:8080"), "api.example.com");
-        assert_eq!(host_without_port("[::1]:80"), "::1");
-        assert_eq!(host_without_port("example.com"), "example.com");
     }
 
     #[test]

@@ -54,10 +54,10 @@ impl Admin {
         {
             return json_response(StatusCode::FORBIDDEN, &json!({"error": "cross_origin", "reason": reason}));
         }
-        let query = req.uri().query();
+        let query = crate::query::Query::parse(req.uri().query());
         if let Some(name) = path.strip_prefix("/tokens/").and_then(|rest| rest.strip_suffix("/refresh")) {
-            let force = query_flag(query, "force");
-            let account = query_value(query, "account");
+            let force = query.flag("force");
+            let account = query.account();
             return match *req.method() {
                 Method::POST => self.manual_refresh(name, account.as_deref(), force).await,
                 _ => json_response(
@@ -70,7 +70,7 @@ impl Admin {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n", "text/plain"),
             (&Method::GET, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => self.metrics(),
-            (&Method::GET, "/tokens") => self.tokens(query_value(query, "provider").as_deref()),
+            (&Method::GET, "/tokens") => self.tokens(query.get("provider")),
             (_, "/healthz" | "/readyz" | "/metrics" | "/tokens") => json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 &json!({"error": "method_not_allowed", "reason": format!("{path} answers GET only")}),
@@ -202,23 +202,6 @@ fn unknown_provider(name: &str) -> Response<ProxyBody> {
         StatusCode::NOT_FOUND,
         &json!({"error": "unknown_provider", "reason": format!("no provider named {name:?}")}),
     )
-}
-
-/// The percent-decoded value of `name` in a query string (`+` stays `+`: account names may hold
-/// it, and spaces never).
-fn query_value(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == name).then(|| percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned())
-    })
-}
-
-/// `?name`, `?name=true` or `?name=1`.
-fn query_flag(query: Option<&str>, name: &str) -> bool {
-    query.unwrap_or("").split('&').any(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
-        key == name && matches!(value, "" | "1" | "true" | "yes")
-    })
 }
 
 fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<ProxyBody> {

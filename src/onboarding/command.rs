@@ -78,7 +78,7 @@ fn start_url(base: &str, provider: &str, account: Option<&str>, flow: &str) -> S
 
 /// A new flow id: 128 random bits, base64url.
 fn new_flow_id() -> String {
-    super::pending::random_token()[..22].to_string()
+    crate::secrets::random_token()[..22].to_string()
 }
 
 /// Where the callback's host is: the start URL must be on it for the cookie to reach the

@@ -6,9 +6,10 @@ use askama::Template;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use super::page::{ConfirmPage, ResultPage};
-use super::{Onboarding, StartError, pending};
+use super::{Onboarding, StartError};
 use crate::body::ProxyBody;
 use crate::hosts::{is_loopback_host, split_host_port};
+use crate::query::Query;
 
 /// The cookie that binds a flow to the browser that started it.
 pub const FLOW_COOKIE: &str = "tokenproxy_flow";
@@ -51,8 +52,8 @@ impl Onboarding {
     pub async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path();
-        let query = parse_query(parts.uri.query());
-        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let query = Query::parse(parts.uri.query());
+        let param = |name: &str| query.get(name).map(str::to_string);
         let form = match parts.method {
             Method::GET | Method::HEAD => None,
             Method::POST if path.starts_with("/connect/") => {
@@ -63,7 +64,7 @@ impl Onboarding {
                 match http_body_util::BodyExt::collect(limited).await {
                     Ok(collected) => {
                         let bytes = collected.to_bytes();
-                        Some(parse_query(Some(&String::from_utf8_lossy(&bytes))))
+                        Some(Query::of_bytes(&bytes))
                     }
                     Err(_) => {
                         return plain(
@@ -103,7 +104,7 @@ impl Onboarding {
             let provider = decoded(provider);
             let outcome = match param("flow") {
                 Some(flow) => self.outcome_of_flow(&flow),
-                None => self.last_outcome(&provider, param("account").as_deref()),
+                None => self.last_outcome(&provider, query.account().as_deref()),
             };
             return match outcome {
                 Some(outcome) => crate::body::json(StatusCode::OK, &*outcome),
@@ -114,20 +115,14 @@ impl Onboarding {
             };
         }
         let provider = decoded(rest);
-        // A form's fields are form-encoded (`+` is a space); a link's account is read as the
-        // admin API reads it (a `+` stays: account names may hold one).
+        // A name typed into the form is taken as typed (a space in it is refused); a link's
+        // account is read as the admin API reads it (a `+` left unencoded stays a `+`).
         let (account, flow) = match &form {
-            Some(fields) => {
-                let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-                (field("account").filter(|a| !a.is_empty()), field("flow"))
-            }
-            None => (
-                parts
-                    .uri
-                    .query()
-                    .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("account=").map(decoded))),
-                param("flow"),
+            Some(fields) => (
+                fields.get("account").filter(|a| !a.is_empty()).map(str::to_string),
+                fields.get("flow").map(str::to_string),
             ),
+            None => (query.account(), param("flow")),
         };
         if self.providers().get(&provider).is_none() {
             let refused = ResultPage::refused(StartError::UnknownProvider(provider).to_string());
@@ -182,7 +177,7 @@ impl Onboarding {
             }
             return redirect_to(&target, None);
         }
-        let browser = pending::random_token();
+        let browser = crate::secrets::random_token();
         match self.start(provider, account, flow, &browser).await {
             Ok(started) => {
                 let set_cookie = format!(
@@ -216,21 +211,6 @@ fn cookies(headers: &http::HeaderMap) -> Vec<(String, String)> {
         .filter_map(|pair| {
             let (name, value) = pair.trim().split_once('=')?;
             (!value.is_empty()).then(|| (name.to_string(), value.to_string()))
-        })
-        .collect()
-}
-
-/// A query string as form fields (`+` is a space), percent-decoded.
-pub fn parse_query(query: Option<&str>) -> Vec<(String, String)> {
-    let decode =
-        |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
-    query
-        .unwrap_or("")
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
         })
         .collect()
 }

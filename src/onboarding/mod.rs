@@ -279,7 +279,7 @@ impl Onboarding {
         let (p, account) = self.target(provider, account, true)?;
         let oauth = p.oauth().expect("checked by target");
         let now = OffsetDateTime::now_utc();
-        let code_verifier = oauth.pkce.then(pending::random_token);
+        let code_verifier = oauth.pkce.then(crate::secrets::random_token);
         let pending = Pending {
             provider: p.name().to_string(),
             account: account.clone(),
@@ -337,8 +337,8 @@ impl Onboarding {
 
     /// Finishes a browser flow from the callback's query and the browser's cookies (the flow's
     /// own is found by its name, which the state determines).
-    pub async fn callback(&self, query: &[(String, String)], cookies: &[(String, String)]) -> Arc<Outcome> {
-        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    pub async fn callback(&self, query: &crate::query::Query, cookies: &[(String, String)]) -> Arc<Outcome> {
+        let param = |name: &str| query.get(name);
         let Some(state) = param("state").filter(|s| !s.is_empty()) else {
             return self.record(
                 None,

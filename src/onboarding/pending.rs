@@ -121,7 +121,7 @@ impl PendingFlows {
     /// One file write, whatever the number pending; beyond `max_pending` the oldest is dropped.
     pub fn create(&self, pending: &Pending) -> std::io::Result<String> {
         create_private_dir(&self.dir)?;
-        let state = random_token();
+        let state = crate::secrets::random_token();
         let bytes = serde_json::to_vec_pretty(pending).map_err(std::io::Error::other)?;
         let name = file_name(&state);
         write_atomically(&self.dir.join(&name), &bytes, 0o600, Existing::Keep)?;
@@ -221,14 +221,6 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// 32 random bytes, base64url: a state, a PKCE verifier (43 characters, RFC 7636 §4.1), a
-/// browser cookie.
-pub fn random_token() -> String {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the operating system's random source");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
 /// The S256 code challenge of `verifier` (RFC 7636 §4.2).
 pub fn code_challenge(verifier: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
@@ -247,7 +239,7 @@ mod tests {
         Pending {
             provider: "p".into(),
             account: Some("alice".into()),
-            code_verifier: Some(random_token()),
+            code_verifier: Some(crate::secrets::random_token()),
             redirect_uri: "http://127.0.0.1:9090/oauth/callback".into(),
             browser: sha256_hex(cookie),
             flow: None,
@@ -325,6 +317,6 @@ mod tests {
             code_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
-        assert_eq!(random_token().len(), 43);
+        assert_eq!(crate::secrets::random_token().len(), 43);
     }
 }

@@ -57,9 +57,9 @@ impl Target {
     }
 
     fn from_parts(scheme: Scheme, host: &str, port: u16, show_port: bool) -> Result<Target, ProxyError> {
-        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let bracketed = crate::hosts::bracketed(host);
         let start = usize::from(bracketed.len() != host.len());
-        let text = if show_port { format!("{bracketed}:{port}") } else { bracketed };
+        let text = if show_port { format!("{bracketed}:{port}") } else { bracketed.into_owned() };
         let authority = text
             .parse::<Authority>()
             .map_err(|_| ProxyError::BadTarget("the request target's host is not a valid name".into()))?;

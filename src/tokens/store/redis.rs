@@ -306,7 +306,7 @@ impl TokenStore for RedisStore {
     fn lock<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Result<StoreLock, StoreError>> {
         Box::pin(async move {
             let lock_key = self.lock_key(key);
-            let owner = crate::onboarding::pending::random_token();
+            let owner = crate::secrets::random_token();
             let ttl = self.settings.lock_ttl;
             let ttl_ms = ttl.as_millis() as u64;
             // A holder keeps its lock alive; one that died frees it within lock_ttl. Waiting longer
