@@ -120,8 +120,8 @@ pub async fn check(config: &Config) -> bool {
             return false;
         }
     };
-    if let Some(sealer) = &config.sealer {
-        println!("token data is sealed at rest with AES-256-GCM, key {}", sealer.key_id());
+    if let Some(key_id) = store.sealing_key_id() {
+        println!("token data is sealed at rest with AES-256-GCM, key {key_id}");
     }
     for pc in &config.providers {
         if let Some(oauth) = &pc.oauth
@@ -131,14 +131,14 @@ pub async fn check(config: &Config) -> bool {
         }
         let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO, store.clone());
         if provider.is_multi_account() {
-            check_accounts(&provider, now, config.sealer.is_some(), &mut problems).await;
+            check_accounts(&provider, now, store.seals(), &mut problems).await;
             continue;
         }
         let credential = provider.single().expect("a single-account provider");
         provider.reload(credential).await;
         let view = provider.view(credential, now);
         print_view(&view.provider, &view);
-        print_sealing(&provider, &provider.key(credential), config.sealer.is_some()).await;
+        print_sealing(&provider, &provider.key(credential), store.seals()).await;
         check_view(&provider, &view, &provider.location(credential), &mut problems);
     }
     if config.providers.is_empty() {

@@ -502,10 +502,25 @@ pub struct Config {
     pub store: StoreSettings,
     /// `[transparent] listen` (SPEC §12): where iptables-redirected connections arrive.
     pub transparent_listen: Option<SocketAddr>,
-    /// The key that seals token data at rest (SPEC §11), when one is configured.
-    pub sealer: Option<std::sync::Arc<crate::tokens::store::seal::Sealer>>,
-    /// Where that key came from (a file is checked for loose permissions).
-    pub encryption_key_file: Option<PathBuf>,
+    /// Where the key that seals token data at rest comes from (SPEC §11), when one is
+    /// configured. The store opens it: a config says where things are, not what is in them.
+    pub sealing_key: Option<SealingKey>,
+}
+
+/// `[store] encryption_key_file` or `encryption_key_env`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealingKey {
+    File(PathBuf),
+    Env(String),
+}
+
+impl std::fmt::Display for SealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SealingKey::File(path) => write!(f, "store.encryption_key_file {}", path.display()),
+            SealingKey::Env(var) => write!(f, "store.encryption_key_env {var}"),
+        }
+    }
 }
 
 /// Where tokens are kept: token files, or a Redis shared by a fleet (SPEC §11).
@@ -591,7 +606,7 @@ impl Config {
         use std::os::unix::fs::PermissionsExt;
         // (what, path, whether the message shows the path)
         let mut files = vec![("the CA key".to_string(), self.ca_dir.join("ca-key.pem"), true)];
-        if let Some(key) = &self.encryption_key_file {
+        if let Some(SealingKey::File(key)) = &self.sealing_key {
             files.push(("the encryption key".to_string(), key.clone(), true));
         }
         if let StoreSettings::Redis(redis) = &self.store
@@ -833,17 +848,15 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
     let store = validate_store(&raw.store, base, p);
     let transparent_listen = (!raw.transparent.listen.is_empty())
         .then(|| parse_listen("transparent.listen", &raw.transparent.listen, p));
-    let encryption_key_file = raw.store.encryption_key_file.as_ref().map(|f| resolve(base, f));
-    let sealer = match (&encryption_key_file, &raw.store.encryption_key_env) {
+    let sealing_key = match (&raw.store.encryption_key_file, &raw.store.encryption_key_env) {
         (Some(_), Some(_)) => {
             p.push("store: give only one of encryption_key_file and encryption_key_env".into());
             None
         }
-        (Some(file), None) => crate::tokens::store::seal::Sealer::from_file(file).map_err(|e| p.push(e)).ok(),
-        (None, Some(var)) => crate::tokens::store::seal::Sealer::from_env(var).map_err(|e| p.push(e)).ok(),
+        (Some(file), None) => Some(SealingKey::File(resolve(base, file))),
+        (None, Some(var)) => Some(SealingKey::Env(var.clone())),
         (None, None) => None,
-    }
-    .map(std::sync::Arc::new);
+    };
     let onboarding = OnboardingSettings {
         state_dir: resolve(base, &raw.onboarding.state_dir),
         state_ttl: parse_duration("onboarding.state_ttl", &raw.onboarding.state_ttl, p),
@@ -913,8 +926,7 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             onboarding,
             store,
             transparent_listen,
-            sealer,
-            encryption_key_file,
+            sealing_key,
         })
     } else {
         Err(ConfigError { problems })

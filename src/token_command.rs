@@ -69,14 +69,14 @@ pub async fn show(
         println!("{}", serde_json::to_string_pretty(&Value::Object(doc.fields.clone()))?);
         return Ok(true);
     }
-    print_summary(&doc, &location, sealed, config);
+    print_summary(&doc, &location, sealed, store.sealing_key_id());
     Ok(true)
 }
 
-fn print_summary(doc: &TokenDocument, location: &str, sealed: bool, config: &Config) {
+fn print_summary(doc: &TokenDocument, location: &str, sealed: bool, key_id: Option<&str>) {
     let now = OffsetDateTime::now_utc();
-    let sealing = match (sealed, &config.sealer) {
-        (true, Some(sealer)) => format!("sealed (AES-256-GCM, key {})", sealer.key_id()),
+    let sealing = match (sealed, key_id) {
+        (true, Some(key_id)) => format!("sealed (AES-256-GCM, key {key_id})"),
         (true, None) => "sealed".into(),
         (false, Some(_)) => "plaintext (sealed on its next write)".into(),
         (false, None) => "plaintext".into(),
@@ -139,6 +139,6 @@ pub async fn put(
     let replaced =
         crate::tokens::store::replace(store.as_ref(), key, &fields).await.map_err(|e| anyhow::anyhow!(e))?;
     println!("stored and read back: {location}");
-    print_summary(&replaced.doc, &location, replaced.sealed, config);
+    print_summary(&replaced.doc, &location, replaced.sealed, store.sealing_key_id());
     Ok(true)
 }

@@ -452,7 +452,8 @@ fn the_fleet_example_runs_many_replicas_on_one_redis_with_sealed_tokens() {
     std::fs::write(&path, text).unwrap();
     let config = tokenproxy::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(config.store, tokenproxy::config::StoreSettings::Redis(_)));
-    assert!(config.sealer.is_some());
+    let key = config.sealing_key.as_ref().expect("the example seals token data");
+    tokenproxy::tokens::store::seal::Sealer::open(key).unwrap_or_else(|e| panic!("{e}"));
     let shown = format!("{:?}", config.store);
     assert!(!shown.contains("redis://:p@"), "the password never shows: {shown}");
 }

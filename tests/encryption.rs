@@ -232,3 +232,30 @@ async fn a_plaintext_file_planted_over_a_sealed_one_is_used_with_a_warning() {
         assert!(!line.contains("at-planted") && !line.contains("at-sealed"), "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_key_that_cannot_be_used_stops_check_and_run_with_where_it_is_and_never_what_it_holds() {
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    let dir = tempdir();
+    std::fs::write(dir.path().join("api.json"), r#"{"access_token":"at-kept"}"#).unwrap();
+    std::fs::write(dir.path().join("tokenproxy.toml"), config(&api, &endpoint, Some("key"))).unwrap();
+    let key = dir.path().join("key");
+    let shown = format!("store.encryption_key_file {}", key.display());
+    // Missing, then too short to be a key: each is named with the setting and the path.
+    for (content, why) in [(None, "No such file"), (Some("secret-but-short"), "not a key")] {
+        if let Some(content) = content {
+            std::fs::write(&key, content).unwrap();
+        }
+        for command in [&["check"][..], &["run"][..]] {
+            let (code, out) = run(dir.path(), command, None);
+            assert_ne!(code, Some(0), "{command:?} went on with an unusable key: {out}");
+            assert!(out.contains(&shown) && out.contains(why), "{command:?}: {out}");
+            assert!(!out.contains("secret-but-short"), "the key's content was shown: {out}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("api.json")).unwrap(),
+        r#"{"access_token":"at-kept"}"#
+    );
+}

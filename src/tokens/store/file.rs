@@ -178,8 +178,8 @@ impl TokenStore for FileStore {
         }
     }
 
-    fn seals(&self) -> bool {
-        self.sealer.is_some()
+    fn sealing_key_id(&self) -> Option<&str> {
+        self.sealer.as_deref().map(Sealer::key_id)
     }
 
     fn forget(&self, key: Key<'_>) {

@@ -101,10 +101,12 @@ fn check_stored_size(bytes: &[u8]) -> Result<(), StoreError> {
 /// The store a config names: token files, or a Redis shared by a fleet (SPEC §11).
 pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
     use crate::config::StoreSettings;
+    let sealer = match &config.sealing_key {
+        Some(source) => Some(std::sync::Arc::new(seal::Sealer::open(source).map_err(StoreError)?)),
+        None => None,
+    };
     Ok(match &config.store {
-        StoreSettings::File => {
-            std::sync::Arc::new(FileStore::sealed(&config.providers, config.sealer.clone()))
-        }
+        StoreSettings::File => std::sync::Arc::new(FileStore::sealed(&config.providers, sealer)),
         StoreSettings::Redis(settings) => {
             let roots = match settings.shown_url.starts_with("rediss://") {
                 true => Some(
@@ -112,12 +114,7 @@ pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn T
                 ),
                 false => None,
             };
-            std::sync::Arc::new(RedisStore::new(
-                settings.clone(),
-                &config.providers,
-                config.sealer.clone(),
-                roots,
-            )?)
+            std::sync::Arc::new(RedisStore::new(settings.clone(), &config.providers, sealer, roots)?)
         }
     })
 }
@@ -248,9 +245,14 @@ pub trait TokenStore: Send + Sync + 'static {
         Box::pin(async { Ok(Loaded::Missing) })
     }
 
-    /// Whether token data is sealed at rest (an encryption key is configured).
+    /// The id of the key that seals token data at rest, when one is configured.
+    fn sealing_key_id(&self) -> Option<&str> {
+        None
+    }
+
+    /// Whether token data is sealed at rest.
     fn seals(&self) -> bool {
-        false
+        self.sealing_key_id().is_some()
     }
 
     /// Removes what the store keeps beside `key`'s document (a lock file) when there is no

@@ -402,8 +402,8 @@ impl TokenStore for RedisStore {
         Box::pin(self.seed_from_file(key))
     }
 
-    fn seals(&self) -> bool {
-        self.sealer.is_some()
+    fn sealing_key_id(&self) -> Option<&str> {
+        self.sealer.as_deref().map(Sealer::key_id)
     }
 
     fn problem<'a>(&'a self, _provider: &'a str) -> StoreFuture<'a, Option<String>> {

@@ -7,8 +7,6 @@
 //! id is a fingerprint of the key (never the key), so a document sealed with another key is named
 //! as such instead of "corrupt".
 
-use std::path::Path;
-
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -102,17 +100,18 @@ impl Sealer {
         Ok(Sealer::new(&key))
     }
 
-    /// Reads the key file (which should be private: its mode is checked by the caller's warnings).
-    pub fn from_file(path: &Path) -> Result<Sealer, String> {
-        let what = format!("store.encryption_key_file {}", path.display());
-        let bytes = std::fs::read(path).map_err(|e| format!("{what}: {e}"))?;
+    /// Reads the key from where the config says it is (a file, which should be private: its
+    /// mode is checked by the config's warnings; or an environment variable).
+    pub fn open(source: &crate::config::SealingKey) -> Result<Sealer, String> {
+        use crate::config::SealingKey;
+        let what = source.to_string();
+        let bytes = match source {
+            SealingKey::File(path) => std::fs::read(path).map_err(|e| format!("{what}: {e}"))?,
+            SealingKey::Env(var) => std::env::var(var)
+                .map_err(|_| format!("{what}: the environment variable is not set"))?
+                .into_bytes(),
+        };
         Sealer::from_source(&what, &bytes)
-    }
-
-    pub fn from_env(var: &str) -> Result<Sealer, String> {
-        let what = format!("store.encryption_key_env {var}");
-        let value = std::env::var(var).map_err(|_| format!("{what}: the environment variable is not set"))?;
-        Sealer::from_source(&what, value.as_bytes())
     }
 
     /// The key's id: the first 8 hex digits of its SHA-256.
