@@ -72,7 +72,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
-    let store = crate::tokens::store::for_config(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = crate::tokens::store::for_config(&config)?;
     let providers = Arc::new(
         Providers::load(&config.providers, Some(oauth_client.clone()), config.proxy.upstream_timeout, store)
             .await,

@@ -116,7 +116,7 @@ pub async fn check(config: &Config) -> bool {
     let store: Arc<dyn TokenStore> = match crate::tokens::store::for_config(config) {
         Ok(store) => store,
         Err(e) => {
-            println!("problem: {e}");
+            println!("problem: {}", crate::errors::report(&e));
             return false;
         }
     };
@@ -167,7 +167,7 @@ async fn check_accounts(provider: &Provider, now: OffsetDateTime, sealing: bool,
         Ok(names) => names,
         Err(e) => {
             println!("{:<16} {:<12} accounts cannot be listed", pc.name, "error");
-            problems.push(format!("providers.{}: {e}", pc.name));
+            problems.push(format!("providers.{}: {}", pc.name, crate::errors::report(&e)));
             return;
         }
     };

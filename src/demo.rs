@@ -289,7 +289,7 @@ authorize_url = "http://{provider_addr}/oauth/authorize"   # the demo provider's
             port = provider_addr.port(),
         ),
     )?;
-    let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = Config::load(&config_path)?;
     let running = app::start(config).await?;
     let api_url = format!("http://{provider_addr}/v1/me");
     let client = reqwest::Client::builder()

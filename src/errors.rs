@@ -14,6 +14,21 @@ use crate::body::ProxyBody;
 
 pub const ERROR_HEADER: &str = "x-tokenproxy-error";
 
+/// An error and its sources as one line for a person (`what: why: why`), each cause once (a
+/// library that already quotes its source in its own message is not quoted twice).
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(err) = source {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = err.source();
+    }
+    parts.join(": ")
+}
+
 /// Where a request that named no account came in (SPEC §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountAsk {

@@ -261,7 +261,7 @@ impl OAuthClient {
         let response = request.form(&form).send().await.map_err(|e| {
             RefreshError::new(
                 RefreshErrorKind::NetworkError,
-                format!("token endpoint unreachable: {}", error_chain(&e)),
+                format!("token endpoint unreachable: {}", crate::errors::report(&e)),
             )
         })?;
         let status = response.status();
@@ -270,7 +270,7 @@ impl OAuthClient {
         let body = response.bytes().await.map_err(|e| {
             RefreshError::new(
                 RefreshErrorKind::NetworkError,
-                format!("reading the token response: {}", error_chain(&e)),
+                format!("reading the token response: {}", crate::errors::report(&e)),
             )
         })?;
         Ok((status.as_u16(), retry_after, serde_json::from_slice(&body).ok()))
@@ -437,19 +437,6 @@ fn read_secret(source: &SecretSource) -> Result<Option<String>, RefreshError> {
             .map(|s| Some(s.trim().to_string()))
             .map_err(|e| config_error(format!("client_secret_file {}: {e}", path.display()))),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(err) = source {
-        let text = err.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = err.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ fn target<'a>(config: &'a Config, provider: &'a str, account: Option<&'a str>) -
 }
 
 fn store(config: &Config) -> anyhow::Result<Arc<dyn TokenStore>> {
-    crate::tokens::store::for_config(config).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(crate::tokens::store::for_config(config)?)
 }
 
 /// `token show`: returns whether a usable token is stored.

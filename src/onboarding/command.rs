@@ -32,11 +32,10 @@ pub async fn authorize(
 ) -> anyhow::Result<bool> {
     let tls = crate::tls::client_config(&config.extra_roots)?;
     let oauth = OAuthClient::new(tls, config.proxy.upstream_timeout)?;
-    let store = crate::tokens::store::for_config(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = crate::tokens::store::for_config(config)?;
     let providers = Arc::new(Providers::load(&config.providers, None, Duration::ZERO, store).await);
     let onboarding = Arc::new(Onboarding::open(providers.clone(), oauth, &config.onboarding).await);
-    let (target, account) =
-        onboarding.target(provider, account, !device).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (target, account) = onboarding.target(provider, account, !device)?;
     let account = account.as_deref();
     if let (false, Some(named)) = (target.is_multi_account(), account) {
         println!("note: provider {provider} keeps one token; --account {named} is ignored");
@@ -220,8 +219,7 @@ async fn device_mode(
                 }
             }
         })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .await?;
     if let Some(countdown) = countdown.as_mut() {
         countdown.done();
     }

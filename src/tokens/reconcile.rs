@@ -105,7 +105,7 @@ impl Provider {
                 }
                 status.version = None;
                 read.outcome = Reload::IoError;
-                (FileStatus::Unreadable, format!("{shown}: {e}"))
+                (FileStatus::Unreadable, format!("{shown}: {}", crate::errors::report(&e)))
             }
             Ok(Loaded::Found { version, doc, sealed }) => {
                 let unsealed = self.store.seals() && !sealed && doc.is_ok();

@@ -18,6 +18,7 @@ use super::credential::{FileStatus, Held, PendingWrite};
 use super::file;
 use super::store::{Fields, Loaded, SaveError};
 use super::{Basis, Credential, Freshness, Provider, Reload, Token};
+use crate::errors::report;
 use crate::metrics;
 use crate::oauth::{RefreshError, RefreshErrorKind};
 
@@ -250,7 +251,7 @@ impl Provider {
                 cred.status().retry_not_before = Some(Instant::now() + STORE_RETRY);
                 RefreshError::new(
                     RefreshErrorKind::StoreUnavailable,
-                    format!("{}: cannot take the refresh lock: {e}", self.shown_location(cred)),
+                    format!("{}: cannot take the refresh lock: {}", self.shown_location(cred), report(&e)),
                 )
             })
         };
@@ -422,7 +423,7 @@ impl Provider {
                             basis = on_top_of(current, &mut fields);
                             continue;
                         }
-                        Err(e) => break 'write Unwritten::Failed(e.to_string()),
+                        Err(e) => break 'write Unwritten::Failed(report(&e)),
                     },
                 };
                 match self.store.save(key, &fields, expected).await {
@@ -444,7 +445,7 @@ impl Provider {
                         return;
                     }
                     Err(SaveError::Conflict(current)) => basis = on_top_of(*current, &mut fields),
-                    Err(SaveError::Failed(e)) => break 'write Unwritten::Failed(e.to_string()),
+                    Err(SaveError::Failed(e)) => break 'write Unwritten::Failed(report(&e)),
                 }
             }
             Unwritten::Failed("it kept changing while being written".into())

@@ -69,7 +69,7 @@ impl FileStore {
         self.providers
             .iter()
             .find(|p| p.name == provider)
-            .ok_or_else(|| StoreError(format!("no provider named {provider:?} in the file store")))
+            .ok_or_else(|| StoreError::config(format!("no provider named {provider:?} in the file store")))
     }
 
     /// The token file of `key`.
@@ -84,7 +84,9 @@ impl FileStore {
 
 /// Runs blocking file work on the blocking pool, never on a thread that serves requests.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| StoreError(format!("the file task failed: {e}")))
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::unavailable("the file task failed").caused_by(e))
 }
 
 impl TokenStore for FileStore {
@@ -95,7 +97,7 @@ impl TokenStore for FileStore {
             let path = path?;
             blocking(move || load_file(&path, &owner, sealer.as_deref()).map(|stored| stored.loaded))
                 .await?
-                .map_err(|e| StoreError(e.to_string()))
+                .map_err(|e| StoreError::io("reading", e))
         })
     }
 
@@ -174,7 +176,7 @@ impl TokenStore for FileStore {
     fn location(&self, key: Key<'_>) -> String {
         match self.path(key) {
             Ok(path) => format!("token file {}", path.display()),
-            Err(e) => e.0,
+            Err(e) => crate::errors::report(&e),
         }
     }
 
@@ -288,12 +290,12 @@ fn save_file(
     owner: &Owner,
     sealer: Option<&Sealer>,
 ) -> Result<Version, SaveError> {
-    let failed = |e: std::io::Error| SaveError::Failed(StoreError(e.to_string()));
+    let failed = |e: std::io::Error| SaveError::Failed(StoreError::io("writing", e));
     let path = resolve(path);
     let current = load_file(&path, owner, sealer)
-        .map_err(|e| SaveError::Failed(StoreError(format!("cannot be read: {e}"))))?;
+        .map_err(|e| SaveError::Failed(StoreError::io("cannot be read", e)))?;
     if let Some(foreign) = current.foreign_key {
-        return Err(SaveError::Failed(StoreError(format!("{foreign}; it is left as it is"))));
+        return Err(SaveError::Failed(StoreError::refused(format!("{foreign}; it is left as it is"))));
     }
     let stored = match &current.loaded {
         Loaded::Missing => None,
@@ -359,7 +361,10 @@ fn account_files(config: &ProviderConfig) -> Result<Vec<String>, StoreError> {
     let entries = match std::fs::read_dir(folder) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StoreError(format!("token folder {} cannot be read: {e}", folder.display()))),
+        Err(e) => {
+            let what = format!("token folder {} cannot be read", folder.display());
+            return Err(StoreError::unavailable(what).caused_by(e));
+        }
     };
     let mut names: Vec<String> =
         entries.filter_map(|e| e.ok()).filter_map(|e| config.account_of_file(&e.path())).collect();
@@ -429,6 +434,30 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_keeps_its_cause_and_class_and_a_person_reads_both() {
+        use std::error::Error;
+
+        use crate::tokens::store::StoreErrorClass;
+        let dir = tempfile::tempdir().unwrap();
+        // A write where the token's folder is a file: the file system's own error is the source.
+        let not_a_folder = dir.path().join("plain");
+        std::fs::write(&not_a_folder, "x").unwrap();
+        let Err(SaveError::Failed(e)) = save(&not_a_folder.join("t.json"), r#"{"access_token":"a"}"#, None)
+        else {
+            panic!("a write under a file succeeded")
+        };
+        assert_eq!(e.class, StoreErrorClass::Unavailable);
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("the io error as source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotADirectory);
+        let shown = crate::errors::report(&e);
+        assert!(shown.contains(&e.to_string()) && shown.contains(&io.to_string()), "{shown}");
+        // A document that is not a token is refused, and says so without a cause to retry.
+        let refused =
+            crate::tokens::store::check_storable(&serde_json::from_str(r#"{"x":1}"#).unwrap()).unwrap_err();
+        assert_eq!((refused.class, refused.source().is_none()), (StoreErrorClass::Refused, true));
+    }
+
+    #[test]
     fn a_write_based_on_another_version_is_a_conflict_that_shows_what_is_there() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.json");
@@ -483,7 +512,7 @@ mod tests {
             };
             assert!(doc.unwrap_err().contains(sealer.key_id()) && foreign_key.is_some());
             let refused = save_file(&path, &fields, Some(written), &owner, wrong);
-            assert!(matches!(refused, Err(SaveError::Failed(e)) if e.0.contains("left as it is")));
+            assert!(matches!(refused, Err(SaveError::Failed(e)) if e.to_string().contains("left as it is")));
             assert_eq!(std::fs::read_to_string(&path).unwrap(), bytes, "untouched");
         }
     }

@@ -16,10 +16,12 @@ pub mod seal;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::file::TokenDocument;
+use crate::errors::report;
 pub use file::{FileStore, MAX_FILE_BYTES};
 pub use redis::RedisStore;
 
@@ -36,10 +38,10 @@ pub struct Replaced {
 pub async fn replace(store: &dyn TokenStore, key: Key<'_>, fields: &Fields) -> Result<Replaced, String> {
     let location = store.location(key);
     let written = fields.get("access_token").and_then(serde_json::Value::as_str).unwrap_or_default();
-    let _lock = store.lock(key).await.map_err(|e| format!("{location}: {e}"))?;
+    let _lock = store.lock(key).await.map_err(|e| format!("{location}: {}", report(&e)))?;
     let mut attempts = 0;
     let version = loop {
-        let expected = match store.load(key).await.map_err(|e| format!("{location}: {e}"))? {
+        let expected = match store.load(key).await.map_err(|e| format!("{location}: {}", report(&e)))? {
             Loaded::Found { version, .. } => Some(version),
             Loaded::Missing => None,
         };
@@ -49,7 +51,7 @@ pub async fn replace(store: &dyn TokenStore, key: Key<'_>, fields: &Fields) -> R
             Err(SaveError::Conflict(_)) => {
                 return Err(format!("{location}: kept changing while being written"));
             }
-            Err(SaveError::Failed(e)) => return Err(format!("{location}: {e}")),
+            Err(SaveError::Failed(e)) => return Err(format!("{location}: {}", report(&e))),
         }
     };
     match store.load(key).await {
@@ -59,7 +61,7 @@ pub async fn replace(store: &dyn TokenStore, key: Key<'_>, fields: &Fields) -> R
             Ok(Replaced { doc, sealed })
         }
         Ok(_) => Err(format!("{location}: reading it back did not give the token just written")),
-        Err(e) => Err(format!("{location}: reading it back: {e}")),
+        Err(e) => Err(format!("{location}: reading it back: {}", report(&e))),
     }
 }
 
@@ -68,7 +70,7 @@ pub async fn replace(store: &dyn TokenStore, key: Key<'_>, fields: &Fields) -> R
 /// token with a line break) leaves the stored token as it was. Every store's `save` asks this,
 /// so refreshes, reconnects and `token put` all follow one rule.
 pub fn check_storable(fields: &Fields) -> Result<(), StoreError> {
-    let refused = |why: String| Err(StoreError(format!("{why}; refused, the stored token is kept")));
+    let refused = |why: String| Err(StoreError::refused(format!("{why}; refused, the stored token is kept")));
     let doc = match super::file::document_from_fields(fields.clone()) {
         Ok(doc) => doc,
         Err(e) => return refused(format!("the new token document is not usable ({e})")),
@@ -90,7 +92,7 @@ pub fn check_storable(fields: &Fields) -> Result<(), StoreError> {
 /// Stored bytes (sealed or not) over [`MAX_FILE_BYTES`] would not be read back: refused.
 fn check_stored_size(bytes: &[u8]) -> Result<(), StoreError> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(StoreError(format!(
+        return Err(StoreError::refused(format!(
             "the stored form of the new token document would be over {} KiB; refused, the stored token is kept",
             MAX_FILE_BYTES / 1024
         )));
@@ -102,7 +104,7 @@ fn check_stored_size(bytes: &[u8]) -> Result<(), StoreError> {
 pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
     use crate::config::StoreSettings;
     let sealer = match &config.sealing_key {
-        Some(source) => Some(std::sync::Arc::new(seal::Sealer::open(source).map_err(StoreError)?)),
+        Some(source) => Some(Arc::new(seal::Sealer::open(source).map_err(StoreError::config)?)),
         None => None,
     };
     Ok(match &config.store {
@@ -110,7 +112,8 @@ pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn T
         StoreSettings::Redis(settings) => {
             let roots = match settings.shown_url.starts_with("rediss://") {
                 true => Some(
-                    crate::tls::roots_pem(&config.extra_roots).map_err(|e| StoreError(format!("{e:#}")))?,
+                    crate::tls::roots_pem(&config.extra_roots)
+                        .map_err(|e| StoreError::config("extra_roots").caused_by(e))?,
                 ),
                 false => None,
             };
@@ -148,11 +151,67 @@ pub enum Loaded {
     Found { version: Version, doc: Result<TokenDocument, String>, sealed: bool },
 }
 
-/// The store could not be read or written (a file system error, a store that is down). The
-/// message says where, never what.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+/// The store could not be read or written, or refused what it was given. The message says where
+/// and what failed, never what a document holds; the cause is its [`std::error::Error::source`]
+/// ([`crate::errors::report`] shows both), and its class says whether trying again may help.
+#[derive(Debug, Clone)]
+pub struct StoreError {
+    what: String,
+    pub class: StoreErrorClass,
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for StoreError {
+    /// The cause itself (not the `Arc` that lets the error be cloned), so it can be downcast.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|cause| cause as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorClass {
+    /// Down, unreachable or a file system error: nothing was changed, and later may work.
+    Unavailable,
+    /// The store will not take this as it stands (a document that is not a usable token, a
+    /// file sealed with another key): the same again fails the same way.
+    Refused,
+    /// The configuration names something that cannot be used (a URL, a key, a provider).
+    Config,
+}
+
+impl StoreError {
+    pub fn new(class: StoreErrorClass, what: impl Into<String>) -> StoreError {
+        StoreError { what: what.into(), class, cause: None }
+    }
+
+    pub fn unavailable(what: impl Into<String>) -> StoreError {
+        StoreError::new(StoreErrorClass::Unavailable, what)
+    }
+
+    pub fn refused(what: impl Into<String>) -> StoreError {
+        StoreError::new(StoreErrorClass::Refused, what)
+    }
+
+    pub fn config(what: impl Into<String>) -> StoreError {
+        StoreError::new(StoreErrorClass::Config, what)
+    }
+
+    pub fn caused_by(mut self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+        self.cause = Some(Arc::from(cause.into()));
+        self
+    }
+
+    /// A file system error with nothing more to say than the operation.
+    pub fn io(operation: &str, e: std::io::Error) -> StoreError {
+        StoreError::unavailable(operation).caused_by(e)
+    }
+}
 
 /// Why a write did not happen.
 #[derive(Debug)]

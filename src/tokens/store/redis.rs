@@ -95,13 +95,13 @@ impl RedisStore {
             ),
             None => redis::Client::open(settings.url.expose()),
         }
-        .map_err(|e| StoreError(format!("store.url {}: {e}", settings.shown_url)))?;
+        .map_err(|e| StoreError::config(format!("store.url {}", settings.shown_url)).caused_by(e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CALL_TIMEOUT))
             .set_response_timeout(Some(CALL_TIMEOUT))
             .set_number_of_retries(1);
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError(format!("store.url {}: {e}", settings.shown_url)))?;
+            .map_err(|e| StoreError::config(format!("store.url {}", settings.shown_url)).caused_by(e))?;
         Ok(RedisStore {
             client,
             connection,
@@ -129,8 +129,8 @@ impl RedisStore {
         format!("{}:changes", self.settings.key_prefix)
     }
 
-    fn error(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError(format!("token store {} unavailable: {e}", self.settings.shown_url))
+    fn error(&self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+        StoreError::unavailable(format!("token store {} unavailable", self.settings.shown_url)).caused_by(e)
     }
 
     /// The stored document and version, as Redis has them.
@@ -158,7 +158,7 @@ impl RedisStore {
 
     fn encode(&self, key: Key<'_>, fields: &Fields) -> Result<Vec<u8>, StoreError> {
         seal::encode(self.sealer.as_deref(), key, FileFormat::Json, fields)
-            .map_err(|e| StoreError(e.to_string()))
+            .map_err(|e| StoreError::refused(e.to_string()))
     }
 
     /// The compare-and-set.
@@ -277,7 +277,7 @@ impl TokenStore for RedisStore {
             if let Some((version, bytes)) = &current {
                 let (loaded, foreign) = self.decode(key, *version, bytes);
                 if let Some(e) = foreign {
-                    return Err(SaveError::Failed(StoreError(format!("{e}; it is left as it is"))));
+                    return Err(SaveError::Failed(StoreError::refused(format!("{e}; it is left as it is"))));
                 }
                 if Some(*version) != expected {
                     metrics::store_operation("write", "conflict");
@@ -332,7 +332,7 @@ impl TokenStore for RedisStore {
                 }
                 if tokio::time::Instant::now() >= give_up {
                     metrics::store_operation("lock", "error");
-                    return Err(StoreError(format!(
+                    return Err(StoreError::unavailable(format!(
                         "the refresh lock {lock_key} stayed taken for longer than lock_ttl ({}s)",
                         ttl.as_secs()
                     )));
@@ -410,7 +410,7 @@ impl TokenStore for RedisStore {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
-            pong.err().map(|e| self.error(e).0)
+            pong.err().map(|e| crate::errors::report(&self.error(e)))
         })
     }
 
