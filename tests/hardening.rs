@@ -64,6 +64,26 @@ async fn a_target_with_userinfo_is_refused_and_the_credentials_are_never_echoed_
 }
 
 #[tokio::test]
+async fn a_port_that_is_not_a_port_is_refused_never_read_as_port_80() {
+    // `Authority` reads `:99999` or `:8o` as no port at all; dialled, that was port 80, with the
+    // provider's token for a host that matches on any port.
+    let dir = tempdir();
+    let mock = MockApi::start().await;
+    let tp = plain_proxy(dir.path(), &mock, "");
+    for port in ["99999", "8o", "+80", "0"] {
+        for request in [
+            get(&format!("http://127.0.0.1:{port}/v1/me")),
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
+        ] {
+            let answer = exchange(tp.proxy, &request).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{port}: {answer}");
+            assert!(answer.contains("port is not a number"), "{port}: {answer}");
+        }
+    }
+    assert!(mock.seen().is_empty());
+}
+
+#[tokio::test]
 async fn a_host_in_upper_case_with_a_trailing_dot_is_matched_dialled_and_sent_in_normal_form() {
     let dir = tempdir();
     let mock = MockApi::start().await;

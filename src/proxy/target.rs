@@ -38,7 +38,19 @@ impl Target {
         if host.is_empty() {
             return Err(ProxyError::BadTarget("the request target has no host".into()));
         }
-        let explicit_port = authority.port_u16();
+        // `Authority` takes any text after the colon, and reads a port that is not one as none:
+        // `api.test:99999` would go to port 80. An empty port is the default (RFC 3986 §3.2.3).
+        let after_host = &text[text.rfind(']').map_or(0, |bracket| bracket + 1)..];
+        let explicit_port = match after_host.rsplit_once(':') {
+            Some((_, "")) | None => None,
+            Some((_, port)) => match port.parse::<u16>() {
+                Ok(number) if number > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Some(number),
+                _ => {
+                    let why = "the request target's port is not a number from 1 to 65535";
+                    return Err(ProxyError::BadTarget(why.into()));
+                }
+            },
+        };
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
         let port = explicit_port.unwrap_or(default_port);
         if host == given {
@@ -159,6 +171,18 @@ mod tests {
         }
         let refused = Target::new(Scheme::HTTP, &"user:pw@api.example.com".parse().unwrap()).unwrap_err();
         assert!(!refused.to_string().contains("pw"), "{refused}");
+    }
+
+    #[test]
+    fn a_port_that_is_not_one_is_refused_not_read_as_the_default() {
+        for bad in ["api.test:99999", "api.test:8o", "api.test:+80", "api.test:0", "[::1]:x"] {
+            let authority = Authority::try_from(bad).unwrap();
+            let refused = Target::new(Scheme::HTTP, &authority).unwrap_err().to_string();
+            assert!(refused.contains("port is not a number"), "{bad}: {refused}");
+        }
+        // An empty port is the scheme's default (RFC 3986 §3.2.3); leading zeros are digits.
+        assert_eq!(target(Scheme::HTTP, "api.test:").port, 80);
+        assert_eq!(target(Scheme::HTTP, "[::1]:0443").port, 443);
     }
 
     #[test]

@@ -195,7 +195,7 @@ fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<u64> {
 }
 
 /// What the relay makes of an answer's bytes, for the differential test against hyper
-/// (`framing_differential`): the same head and body rules the relay loop follows.
+/// (`differential::answers`): the same head and body rules the relay loop follows.
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RelayVerdict {

@@ -30,7 +30,7 @@
 
 mod answer;
 #[cfg(test)]
-pub(crate) mod differential;
+mod differential;
 pub mod pool;
 mod request;
 

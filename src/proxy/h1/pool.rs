@@ -10,7 +10,7 @@
 //! - The pool keeps at most `proxy.max_idle_per_host` idle connections per host, each for at most
 //!   90 seconds, and drops those the upstream closed.
 //!
-//! The connections are bare TCP streams: the relay ([`super::plain_relay`]) reads and writes
+//! The connections are bare TCP streams: the relay ([`super`]) reads and writes
 //! HTTP/1.1 on them itself, so an idle one costs a socket and nothing else.
 
 use std::collections::HashMap;

@@ -44,55 +44,18 @@ impl PlainRelay {
         out: &mut Vec<u8>,
         last: &mut Option<Resolved>,
     ) -> Option<Request> {
-        let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut []);
-        let httparse::Status::Complete(_) = httparse::ParserConfig::default()
-            .parse_request_with_uninit_headers(&mut parsed, head, &mut headers)
-            .ok()?
-        else {
-            return None;
-        };
-        if parsed.version != Some(1) {
-            return None;
-        }
-        let method = parsed.method?;
-        let written = parsed.path?;
-        if method == "CONNECT" {
-            return None;
-        }
-        // The message's framing and tokenproxy's own headers, in one pass.
-        let mut connection: &[u8] = b"";
-        let mut named_account = None;
-        let mut proxy_user = None;
-        let mut names = [Kind::Other; MAX_HEADERS];
-        for (h, kind) in parsed.headers.iter().zip(&mut names) {
-            *kind = Kind::of(h.name.as_bytes());
-            match *kind {
-                Kind::ContentLength if h.value.trim_ascii() != b"0" => return None,
-                Kind::TransferEncoding | Kind::Upgrade | Kind::Expect => return None,
-                Kind::Connection if !connection.is_empty() => return None, // two: hyper's to sort out
-                Kind::Connection => connection = h.value,
-                // Two: hyper's path answers them, so both codecs decide alike (SPEC §5).
-                Kind::Account if named_account.is_some() => return None,
-                Kind::Account => named_account = Some(HeaderValue::from_bytes(h.value).ok()?),
-                Kind::ProxyAuthorization => proxy_user = headers::proxy_user_of(h.value),
-                _ => {}
-            }
-        }
-
-        let (authority, path) = match &self.listen {
-            Listen::Forward => {
-                let rest = strip_prefix_ignore_case(written, "http://")?;
-                let split = rest.bytes().position(|b| b == b'/' || b == b'?').unwrap_or(rest.len());
-                (&rest[..split], Path::Absolute(&rest[split..]))
-            }
-            Listen::Route(route) => {
-                if route.upstream_scheme != Scheme::HTTP || !written.starts_with('/') {
-                    return None;
-                }
-                ("", Path::Routed(&route.upstream_base_path, written))
-            }
-        };
+        let mut storage = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let Parsed {
+            method,
+            written,
+            authority,
+            path,
+            headers: parsed_headers,
+            kinds: names,
+            connection,
+            named_account,
+            proxy_user,
+        } = parse(head, &self.listen, &mut storage)?;
         let (target, provider) = match last {
             Some(resolved) if *resolved.written == *authority.as_bytes() => {
                 (resolved.target.clone(), resolved.provider.clone())
@@ -124,8 +87,7 @@ impl PlainRelay {
         };
         let carries = |name: &HeaderName| {
             let name = name.as_str().as_bytes();
-            parsed
-                .headers
+            parsed_headers
                 .iter()
                 .zip(names)
                 .any(|(h, kind)| h.name.as_bytes().eq_ignore_ascii_case(name) && forwarded(h, kind))
@@ -146,7 +108,7 @@ impl PlainRelay {
         out.extend_from_slice(target.host_header().as_bytes());
         out.extend_from_slice(b"\r\n");
         let injected_header = injected.as_ref().map(|i| i.provider.config.header.as_str().as_bytes());
-        for (h, kind) in parsed.headers.iter().zip(names) {
+        for (h, kind) in parsed_headers.iter().zip(names) {
             let replaced = injected_header.is_some_and(|n| h.name.as_bytes().eq_ignore_ascii_case(n));
             if forwarded(h, kind) && !replaced {
                 push_line(out, head, h);
@@ -172,7 +134,7 @@ impl PlainRelay {
     fn resolve(&self, written: &str) -> Option<Resolved> {
         let (target, provider) = match &self.listen {
             Listen::Forward => {
-                let target = Target::new(Scheme::HTTP, &Authority::try_from(written).ok()?).ok()?;
+                let target = forward_target(written)?;
                 let provider = self.proxy.providers.for_host(target.host(), target.port).cloned();
                 if provider.is_none() && !self.proxy.allow_unmatched {
                     return None;
@@ -188,8 +150,109 @@ impl PlainRelay {
     }
 }
 
+/// A request head as the relay reads it before any rule is asked: everything that decides
+/// whether the relay may take it at all. What follows (the provider, the token rules) can only
+/// hand it to hyper's path.
+pub(super) struct Parsed<'h> {
+    pub(super) method: &'h str,
+    /// The request target as written.
+    pub(super) written: &'h str,
+    /// The authority of an absolute-form target (empty on a route).
+    pub(super) authority: &'h str,
+    pub(super) path: Path<'h>,
+    pub(super) headers: &'h [httparse::Header<'h>],
+    pub(super) kinds: [Kind; MAX_HEADERS],
+    /// The `Connection` header's value (empty without one).
+    pub(super) connection: &'h [u8],
+    pub(super) named_account: Option<HeaderValue>,
+    pub(super) proxy_user: Option<String>,
+}
+
+/// Reads a request head the relay may serve: HTTP/1.1, no body, no upgrade or `Expect`, one
+/// `Connection`, one `Tokenproxy-Account`, an absolute-form `http://` target on the forward
+/// port and an origin-form one on a plain-HTTP route. `None`: hyper's path serves it (and
+/// answers `400` where it must).
+pub(super) fn parse<'h>(
+    head: &'h [u8],
+    listen: &'h Listen,
+    storage: &'h mut [std::mem::MaybeUninit<httparse::Header<'h>>; MAX_HEADERS],
+) -> Option<Parsed<'h>> {
+    let mut parsed = httparse::Request::new(&mut []);
+    let httparse::Status::Complete(_) = httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut parsed, head, storage)
+        .ok()?
+    else {
+        return None;
+    };
+    if parsed.version != Some(1) {
+        return None;
+    }
+    let method = parsed.method?;
+    let written = parsed.path?;
+    if method == "CONNECT" || !written.bytes().all(|b| TARGET_BYTES[usize::from(b)]) {
+        return None;
+    }
+    // The message's framing and tokenproxy's own headers, in one pass.
+    let mut connection: &[u8] = b"";
+    let mut named_account = None;
+    let mut proxy_user = None;
+    let mut length = false;
+    let mut kinds = [Kind::Other; MAX_HEADERS];
+    for (h, kind) in parsed.headers.iter().zip(&mut kinds) {
+        *kind = Kind::of(h.name.as_bytes());
+        match *kind {
+            // A body, or two lengths (which hyper folds into one): hyper's path.
+            Kind::ContentLength if length || h.value.trim_ascii() != b"0" => return None,
+            Kind::ContentLength => length = true,
+            Kind::TransferEncoding | Kind::Upgrade | Kind::Expect => return None,
+            Kind::Connection if !connection.is_empty() => return None, // two: hyper's to sort out
+            Kind::Connection => connection = h.value,
+            // Two: hyper's path answers them, so both codecs decide alike (SPEC §5).
+            Kind::Account if named_account.is_some() => return None,
+            Kind::Account => named_account = Some(HeaderValue::from_bytes(h.value).ok()?),
+            Kind::ProxyAuthorization => proxy_user = headers::proxy_user_of(h.value),
+            _ => {}
+        }
+    }
+    let (authority, path) = match listen {
+        Listen::Forward => {
+            let rest = strip_prefix_ignore_case(written, "http://")?;
+            let split = rest.bytes().position(|b| b == b'/' || b == b'?').unwrap_or(rest.len());
+            (&rest[..split], Path::Absolute(&rest[split..]))
+        }
+        Listen::Route(route) => {
+            if route.upstream_scheme != Scheme::HTTP || !written.starts_with('/') {
+                return None;
+            }
+            ("", Path::Routed(&route.upstream_base_path, written))
+        }
+    };
+    let headers: &'h [httparse::Header<'h>] = parsed.headers;
+    Some(Parsed { method, written, authority, path, headers, kinds, connection, named_account, proxy_user })
+}
+
+/// The bytes of a request target the relay passes on as written: RFC 3986's unreserved and
+/// reserved characters and `%`. Anything else (`#` and a fragment, `"<>\\^`{|}`, controls,
+/// non-ASCII) goes to hyper's path, whose URI parser decides (the request-head differential
+/// holds the relay to it).
+const TARGET_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let allowed = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?%[]";
+    let mut i = 0;
+    while i < allowed.len() {
+        table[allowed[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
+/// The target of an absolute-form request's authority.
+pub(super) fn forward_target(authority: &str) -> Option<Target> {
+    Target::new(Scheme::HTTP, &Authority::try_from(authority).ok()?).ok()
+}
+
 /// The path part of an upstream request line.
-enum Path<'a> {
+pub(super) enum Path<'a> {
     /// What follows the authority of an absolute-form target (`""`, `/x`, `?q`).
     Absolute(&'a str),
     /// A route's base path and the request's origin-form target.
@@ -197,7 +260,7 @@ enum Path<'a> {
 }
 
 impl Path<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
+    pub(super) fn write(&self, out: &mut Vec<u8>) {
         match *self {
             Path::Absolute(rest) => {
                 if !rest.starts_with('/') {

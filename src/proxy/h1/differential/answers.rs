@@ -19,7 +19,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::answer::{RelayVerdict, refused_for_bare_lf_in_trailers, relay_verdict};
+use super::{Rng, mutate};
+use crate::proxy::h1::answer::{RelayVerdict, refused_for_bare_lf_in_trailers, relay_verdict};
+
+/// The bytes mutations insert: those of the framing's grammar, and a few it must refuse.
+const FRAMING_ALPHABET: &[u8] = b"\r\n \t;:0159afAFx-+,\x00\x7f\xff";
 
 const MARKER: &[u8] = b"HTTP/1.1 299 Marker\r\ncontent-length: 4\r\n\r\nNEXT";
 
@@ -94,27 +98,6 @@ async fn read_request(server: &mut tokio::io::DuplexStream, patience: Duration) 
     tokio::time::timeout(patience, read).await.unwrap_or(false)
 }
 
-/// A small, seeded generator (xorshift): the same seed gives the same inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
-
 /// One generated answer, and whether it answers a HEAD.
 fn generate(rng: &mut Rng) -> (Vec<u8>, bool) {
     let head = rng.one_in(8);
@@ -174,7 +157,7 @@ fn generate(rng: &mut Rng) -> (Vec<u8>, bool) {
     out.extend_from_slice(b"X-Other: y\r\n\r\n");
     out.extend_from_slice(&body);
     if rng.one_in(3) {
-        mutate(rng, &mut out);
+        mutate(rng, &mut out, FRAMING_ALPHABET);
     }
     (out, head)
 }
@@ -206,24 +189,6 @@ fn chunked(rng: &mut Rng, data: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(b"\r\n");
     out
-}
-
-/// One to three byte edits in the framing's alphabet.
-fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>) {
-    for _ in 0..1 + rng.below(3) {
-        if bytes.is_empty() {
-            return;
-        }
-        let at = rng.below(bytes.len());
-        let byte = *rng.pick(b"\r\n \t;:0159afAFx-+,\x00\x7f\xff");
-        match rng.below(3) {
-            0 => bytes[at] = byte,
-            1 => bytes.insert(at, byte),
-            _ => {
-                bytes.remove(at);
-            }
-        }
-    }
 }
 
 /// Where the relay and hyper part.
@@ -299,11 +264,10 @@ pub async fn run(seed: u64, cases: usize) -> (Vec<String>, [usize; 5]) {
 
 #[cfg(test)]
 mod tests {
-    #[tokio::test]
+    // Virtual time: a wait for bytes that will not come ends as soon as nothing else can run.
+    #[tokio::test(start_paused = true)]
     async fn the_relay_and_hyper_agree_on_where_every_answer_ends() {
-        let cases =
-            std::env::var("TOKENPROXY_FRAMING_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(3000);
-        let seed = std::env::var("TOKENPROXY_FRAMING_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+        let (cases, seed) = super::super::cases_and_seed(3000, 7);
         let (found, counts) = super::run(seed, cases).await;
         let [ends, refused, until_close, incomplete, stricter] = counts;
         // Seen with --nocapture, and by bench/framing.sh.
