@@ -21,7 +21,7 @@ pub(super) enum Body {
 impl Body {
     /// How many of `bytes`, the next ones read, belong to the body, and whether it ends with
     /// them; what is left to read is kept. `Err`: the chunked framing is broken.
-    pub(super) fn take(&mut self, bytes: &[u8]) -> Result<(usize, bool), ()> {
+    pub(super) fn take(&mut self, bytes: &[u8]) -> Result<(usize, bool), BrokenChunks> {
         Ok(match self {
             Body::Empty => (0, true),
             Body::Length(rest) => {
@@ -256,7 +256,7 @@ pub(crate) fn relay_verdict(answer: &[u8], head_method: bool) -> RelayVerdict {
             return RelayVerdict::UntilClose(start);
         }
         return match body.take(&answer[start..]) {
-            Err(()) => RelayVerdict::Refused,
+            Err(BrokenChunks) => RelayVerdict::Refused,
             Ok((n, true)) => RelayVerdict::Ends(start + n, head.close),
             Ok((_, false)) => RelayVerdict::Incomplete,
         };
@@ -314,6 +314,11 @@ pub(super) enum ChunkState {
     Done,
 }
 
+/// A chunked body whose framing is broken, or whose extensions or trailers are over their cap:
+/// where it ends cannot be known, so the client's connection is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct BrokenChunks;
+
 /// A `tchar` (RFC 9110 §5.6.2), what a header name is made of.
 fn is_token(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -321,7 +326,7 @@ fn is_token(b: u8) -> bool {
 
 impl Chunks {
     /// Scans `bytes`: `Some(n)` when the body ends after the first `n` of them.
-    pub(super) fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, ()> {
+    pub(super) fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, BrokenChunks> {
         use ChunkState::*;
         let mut i = 0;
         while i < bytes.len() {
@@ -337,40 +342,40 @@ impl Chunks {
             if in_trailers {
                 self.trailer_bytes += 1;
                 if self.trailer_bytes >= MAX_TRAILER_BYTES {
-                    return Err(());
+                    return Err(BrokenChunks);
                 }
             }
             self.state = match self.state {
-                Start => Size(hex(b).ok_or(())?),
+                Start => Size(hex(b).ok_or(BrokenChunks)?),
                 Size(n) => match hex(b) {
-                    Some(d) => Size(n.checked_mul(16).and_then(|n| n.checked_add(d)).ok_or(())?),
+                    Some(d) => Size(n.checked_mul(16).and_then(|n| n.checked_add(d)).ok_or(BrokenChunks)?),
                     None => match b {
                         b' ' | b'\t' => SizeLws(n),
                         b';' => Extension(n),
                         b'\r' => SizeLf(n),
-                        _ => return Err(()),
+                        _ => return Err(BrokenChunks),
                     },
                 },
                 SizeLws(n) => match b {
                     b' ' | b'\t' => SizeLws(n),
                     b';' => Extension(n),
                     b'\r' => SizeLf(n),
-                    _ => return Err(()),
+                    _ => return Err(BrokenChunks),
                 },
                 Extension(n) => match b {
                     b'\r' => SizeLf(n),
-                    b'\n' => return Err(()),
+                    b'\n' => return Err(BrokenChunks),
                     _ => {
                         self.extension_bytes += 1;
                         if self.extension_bytes >= MAX_EXTENSION_BYTES {
-                            return Err(());
+                            return Err(BrokenChunks);
                         }
                         Extension(n)
                     }
                 },
                 SizeLf(0) if b == b'\n' => EndCr,
                 SizeLf(n) if b == b'\n' => Data(n),
-                SizeLf(_) => return Err(()),
+                SizeLf(_) => return Err(BrokenChunks),
                 Data(rest) => {
                     let take = rest.min((bytes.len() - i) as u64);
                     i += take as usize;
@@ -379,31 +384,31 @@ impl Chunks {
                 }
                 DataCr if b == b'\r' => DataLf,
                 DataLf if b == b'\n' => Start,
-                DataCr | DataLf => return Err(()),
+                DataCr | DataLf => return Err(BrokenChunks),
                 EndCr if b == b'\r' => EndLf,
                 EndCr if is_token(b) => TrailerName,
-                EndCr => return Err(()),
+                EndCr => return Err(BrokenChunks),
                 TrailerName if is_token(b) => TrailerName,
                 TrailerName if b == b':' => TrailerValue,
-                TrailerName => return Err(()),
+                TrailerName => return Err(BrokenChunks),
                 TrailerValue => match b {
                     b'\r' => TrailerLf,
                     b'\t' | b' '..=b'~' | 0x80..=0xff => TrailerValue,
-                    _ => return Err(()),
+                    _ => return Err(BrokenChunks),
                 },
                 TrailerLf if b == b'\n' => {
                     if self.trailer_lines >= MAX_TRAILER_LINES {
-                        return Err(());
+                        return Err(BrokenChunks);
                     }
                     self.trailer_lines += 1;
                     EndCr
                 }
-                TrailerLf => return Err(()),
+                TrailerLf => return Err(BrokenChunks),
                 EndLf if b == b'\n' => {
                     self.state = Done;
                     return Ok(Some(i + 1));
                 }
-                EndLf => return Err(()),
+                EndLf => return Err(BrokenChunks),
                 Done => return Ok(Some(i)),
             };
             i += 1;
@@ -447,14 +452,19 @@ mod tests {
             b"0\r\nno colon\r\n\r\n",
             b"0\r\n: empty name\r\n\r\n",
         ] {
-            assert_eq!(Chunks::default().scan(broken), Err(()), "{:?}", String::from_utf8_lossy(broken));
+            assert_eq!(
+                Chunks::default().scan(broken),
+                Err(BrokenChunks),
+                "{:?}",
+                String::from_utf8_lossy(broken)
+            );
         }
         let long_extension = [&b"1;"[..], &[b'x'; 16 * 1024], b"\r\na\r\n0\r\n\r\n"].concat();
-        assert_eq!(Chunks::default().scan(&long_extension), Err(()));
+        assert_eq!(Chunks::default().scan(&long_extension), Err(BrokenChunks));
         let fine = b"5 \t;a=b\r\nhello\r\n0\r\nX-A: 1\r\nX-B:\r\n\r\n";
         assert_eq!(Chunks::default().scan(fine), Ok(Some(fine.len())));
-        assert_eq!(Chunks::default().scan(b"zz\r\n"), Err(()));
-        assert_eq!(Chunks::default().scan(b"3\r\nabcX"), Err(()));
-        assert_eq!(Chunks::default().scan(b"fffffffffffffffffff\r\n"), Err(()));
+        assert_eq!(Chunks::default().scan(b"zz\r\n"), Err(BrokenChunks));
+        assert_eq!(Chunks::default().scan(b"3\r\nabcX"), Err(BrokenChunks));
+        assert_eq!(Chunks::default().scan(b"fffffffffffffffffff\r\n"), Err(BrokenChunks));
     }
 }

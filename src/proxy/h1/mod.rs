@@ -48,7 +48,7 @@ use crate::config::RouteConfig;
 use crate::drain::DrainWatch;
 use crate::errors::ProxyError;
 use crate::proxy::{Proxy, Target, access, dial_error};
-use answer::{Body, Head, parse_answer, whole_in};
+use answer::{Body, BrokenChunks, Head, parse_answer, whole_in};
 use pool::Held;
 use request::{Request, Resolved, head_end, push_header};
 
@@ -230,19 +230,15 @@ impl PlainRelay {
         upstream: &mut Held,
         last: &mut Option<Resolved>,
     ) -> Next {
-        let mut out = Vec::with_capacity(512);
-        let Some(request) = self.read_request(&client.unread()[..head_len], &mut out, last) else {
+        let mut head = Vec::with_capacity(512);
+        let Some(request) = self.read_request(&client.unread()[..head_len], &mut head, last) else {
             return Next::HandOff;
         };
-        let token_line_at = out.len();
-        if let Some(injected) = &request.injected {
-            let header = injected.provider.config.header.as_str().as_bytes();
-            push_header(&mut out, header, injected.token.header_value().as_bytes());
-        }
-        out.extend_from_slice(b"\r\n");
+        let mut out = Outgoing { token_line_at: head.len(), head };
+        out.end_with_token(request.injected.as_ref().map(|i| (&i.provider.config.header, &*i.token)));
         client.consume(head_len);
 
-        let outcome = self.answer(client, upstream, &request, out, token_line_at).await;
+        let outcome = self.answer(client, upstream, &request, out).await;
         let (status, retried, next) = match outcome {
             Ok((status, retried, close)) => (status, retried, if close { Next::Close } else { Next::Serve }),
             Err(Failure::Refused(e)) => {
@@ -269,12 +265,11 @@ impl PlainRelay {
         client: &mut ClientSide,
         upstream: &mut Held,
         request: &Request,
-        mut out: Vec<u8>,
-        token_line_at: usize,
+        mut out: Outgoing,
     ) -> Result<(StatusCode, bool, bool), Failure> {
-        let mut rbuf = Vec::with_capacity(FIRST_READ);
-        let mut wbuf = Vec::with_capacity(FIRST_READ);
-        let head = self.send(client, upstream, request, &out, &mut rbuf, &mut wbuf).await?;
+        let mut bufs =
+            Buffers { read: Vec::with_capacity(FIRST_READ), write: Vec::with_capacity(FIRST_READ) };
+        let head = self.send(client, upstream, request, &out.head, &mut bufs).await?;
 
         // A dead token: the answer waits, its body unread, while one refresh is tried; if that
         // fails, the client gets this answer after all. (Nothing to replay but the head.)
@@ -285,43 +280,38 @@ impl PlainRelay {
             None => None,
         };
         let Some((injected, fresh)) = fresh else {
-            let close = relay_body(client, upstream, &mut rbuf, head, &mut wbuf)
-                .await
-                .map_err(|f| f.in_body(head.status))?;
+            let close =
+                relay_body(client, upstream, &mut bufs, head).await.map_err(|f| f.in_body(head.status))?;
             return Ok((head.status, false, close || request.client_close));
         };
         // The dead answer is dropped: its connection is reused if the whole of it has been read
         // (as a short answer is, with its head), and closed otherwise.
-        upstream.finished(!head.close && whole_in(&rbuf, head));
-        out.truncate(token_line_at);
-        let header = injected.provider.config.header.as_str().as_bytes();
-        push_header(&mut out, header, fresh.header_value().as_bytes());
-        out.extend_from_slice(b"\r\n");
-        rbuf.clear();
-        wbuf.clear();
-        let sent = self.send(client, upstream, request, &out, &mut rbuf, &mut wbuf).await;
+        upstream.finished(!head.close && whole_in(&bufs.read, head));
+        out.end_with_token(Some((&injected.provider.config.header, &fresh)));
+        bufs.read.clear();
+        bufs.write.clear();
+        let sent = self.send(client, upstream, request, &out.head, &mut bufs).await;
         injected.record_retry(sent.as_ref().ok().map(|head| head.status));
         let head = sent?;
-        let close = relay_body(client, upstream, &mut rbuf, head, &mut wbuf)
-            .await
-            .map_err(|f| f.in_body(head.status))?;
+        let close =
+            relay_body(client, upstream, &mut bufs, head).await.map_err(|f| f.in_body(head.status))?;
         Ok((head.status, true, close || request.client_close))
     }
 
     /// Sends the request head and reads the answer's head within `upstream_timeout`, relaying
     /// interim (1xx) answers. A reused connection that the upstream closed meanwhile is replaced
-    /// once. The client-bound head is in `wbuf`, the bytes read after it in `rbuf`.
+    /// once. The client-bound head is in `bufs.write`, the bytes read after it in `bufs.read`.
     async fn send(
         &self,
         client: &mut ClientSide,
         upstream: &mut Held,
         request: &Request,
         out: &[u8],
-        rbuf: &mut Vec<u8>,
-        wbuf: &mut Vec<u8>,
+        bufs: &mut Buffers,
     ) -> Result<Head, Failure> {
         let timeout = self.proxy.settings.upstream_timeout;
         let target = &request.target;
+        let Buffers { read: rbuf, write: wbuf } = bufs;
         let exchange = async {
             let refused = |e| Failure::Refused(dial_error(target, e));
             let (mut stream, reused) = upstream.connection(target).await.map_err(refused)?;
@@ -365,6 +355,32 @@ impl PlainRelay {
             })),
         }
     }
+}
+
+/// The upstream's request head, written once; its token line comes last, so that the retry after
+/// a dead token rewrites only that line.
+struct Outgoing {
+    head: Vec<u8>,
+    /// Where the token line (or, with none, the blank line) starts.
+    token_line_at: usize,
+}
+
+impl Outgoing {
+    /// Ends the head with the token's line (its header and value), if any, and the blank line, in
+    /// place of what ended it.
+    fn end_with_token(&mut self, token: Option<(&http::HeaderName, &crate::tokens::Token)>) {
+        self.head.truncate(self.token_line_at);
+        if let Some((header, token)) = token {
+            push_header(&mut self.head, header.as_str().as_bytes(), token.header_value().as_bytes());
+        }
+        self.head.extend_from_slice(b"\r\n");
+    }
+}
+
+/// One exchange's buffers: bytes read from the upstream, and bytes waiting for the client.
+struct Buffers {
+    read: Vec<u8>,
+    write: Vec<u8>,
 }
 
 /// Why no answer head was read.
@@ -442,21 +458,21 @@ async fn read_upstream(
     }
 }
 
-/// Relays the answer's body after its head (already in `wbuf`), copying the framing as it is.
-/// `Ok(true)`: the client connection must close (the body ran until the upstream closed).
+/// Relays the answer's body after its head (already in `bufs.write`), copying the framing as it
+/// is. `Ok(true)`: the client connection must close (the body ran until the upstream closed).
 async fn relay_body(
     client: &mut ClientSide,
     upstream: &mut Held,
-    rbuf: &mut Vec<u8>,
+    bufs: &mut Buffers,
     head: Head,
-    wbuf: &mut Vec<u8>,
 ) -> Result<bool, Failure> {
+    let Buffers { read: rbuf, write: wbuf } = bufs;
     let mut body = head.body;
     let mut at = head.len;
     loop {
         // What of the bytes read belongs to the body, and whether it ends there.
         let available = &rbuf[at..];
-        let (take, done) = body.take(available).map_err(|()| Failure::Broken)?;
+        let (take, done) = body.take(available).map_err(|BrokenChunks| Failure::Broken)?;
         if done {
             // Read to its end: the connection is free for the next request (of any client
             // connection) before the client has its answer. Bytes after the answer put the
