@@ -35,7 +35,8 @@ pub async fn authorize(
     let store = crate::tokens::store::for_config(config)?;
     let providers = Arc::new(Providers::load(&config.providers, None, Duration::ZERO, store).await);
     let onboarding = Arc::new(Onboarding::open(providers.clone(), oauth, &config.onboarding).await);
-    let (target, account) = onboarding.target(provider, account, !device)?;
+    let crate::onboarding::Connectable { provider: target, account, oauth, .. } =
+        onboarding.target(provider, account, !device)?;
     let account = account.as_deref();
     if let (false, Some(named)) = (target.is_multi_account(), account) {
         println!("note: provider {provider} keeps one token; --account {named} is ignored");
@@ -47,7 +48,7 @@ pub async fn authorize(
     let outcome = if device {
         device_mode(&onboarding, provider, account, &who).await?
     } else {
-        let redirect: http::Uri = target.oauth().expect("checked by target").redirect_uri.parse()?;
+        let redirect: http::Uri = oauth.redirect_uri.parse()?;
         match running_proxy(config).await {
             Some(admin) => via_running_proxy(&admin, &redirect, provider, account, &who, config).await?,
             None => serving_the_callback(&onboarding, &redirect, provider, account, &who).await?,

@@ -38,8 +38,8 @@ impl Onboarding {
         account: Option<&str>,
         mut report: impl FnMut(DeviceEvent<'_>),
     ) -> Result<Arc<Outcome>, StartError> {
-        let (p, account) = self.target(provider, account, false)?;
-        let oauth = p.oauth().expect("checked by target");
+        let super::Connectable { provider: p, account, oauth, .. } = self.target(provider, account, false)?;
+        let oauth = &oauth;
         let authorization = match self.oauth.device_authorization(oauth).await {
             Ok(authorization) => authorization,
             Err(e) => {

@@ -190,6 +190,16 @@ pub struct Onboarding {
     pub finished: tokio::sync::Notify,
 }
 
+/// A provider a person can connect now, with the account and the endpoint the flow starts at:
+/// what [`Onboarding::target`] checked, so that nothing after it checks again.
+pub struct Connectable {
+    pub provider: Arc<Provider>,
+    pub account: Option<String>,
+    pub oauth: crate::config::OAuthConfig,
+    /// The authorization endpoint (browser) or the device authorization endpoint.
+    pub url: ::http::Uri,
+}
+
 impl Onboarding {
     /// Reads the pending flows' folder (sweeping expired ones, indexing the rest) on the
     /// blocking pool: its cost grows with the number pending, so never on a runtime thread.
@@ -231,7 +241,7 @@ impl Onboarding {
         provider: &str,
         account: Option<&str>,
         browser: bool,
-    ) -> Result<(Arc<Provider>, Option<String>), StartError> {
+    ) -> Result<Connectable, StartError> {
         let p = self.providers.get(provider).ok_or_else(|| StartError::UnknownProvider(provider.into()))?;
         let Some(oauth) = p.oauth() else {
             return Err(StartError::NotConnectable(format!(
@@ -243,18 +253,19 @@ impl Onboarding {
                 "provider {provider:?} uses the client_credentials grant: it needs no person's consent"
             )));
         }
-        let (key, missing) = if browser {
-            ("authorize_url", oauth.authorize_url.is_none())
+        let (key, url) = if browser {
+            ("authorize_url", &oauth.authorize_url)
         } else {
-            ("device_authorization_url", oauth.device_authorization_url.is_none())
+            ("device_authorization_url", &oauth.device_authorization_url)
         };
-        if missing {
+        let Some(url) = url.clone() else {
             return Err(StartError::NotConnectable(format!(
                 "provider {provider:?} has no {key}: set [providers.{provider}.oauth] {key}"
             )));
-        }
+        };
+        let connectable = |account| Connectable { provider: p.clone(), account, oauth: oauth.clone(), url };
         if !p.is_multi_account() {
-            return Ok((p.clone(), None));
+            return Ok(connectable(None));
         }
         let name =
             account.filter(|a| !a.is_empty()).or(p.config.default_account.as_deref()).ok_or_else(|| {
@@ -263,7 +274,7 @@ impl Onboarding {
                 ))
             })?;
         accounts::check(name).map_err(|e| StartError::Account(e.to_string()))?;
-        Ok((p.clone(), Some(name.to_string())))
+        Ok(connectable(Some(name.to_string())))
     }
 
     /// Starts a browser flow for the browser whose cookie is `browser_cookie`: stores the
@@ -276,8 +287,9 @@ impl Onboarding {
         flow: Option<&str>,
         browser_cookie: &str,
     ) -> Result<Started, StartError> {
-        let (p, account) = self.target(provider, account, true)?;
-        let oauth = p.oauth().expect("checked by target");
+        let Connectable { provider: p, account, oauth, url: authorize_url } =
+            self.target(provider, account, true)?;
+        let oauth = &oauth;
         let now = OffsetDateTime::now_utc();
         let code_verifier = oauth.pkce.then(crate::secrets::random_token);
         let pending = Pending {
@@ -312,7 +324,7 @@ impl Onboarding {
         for (k, v) in &oauth.authorize_params {
             params.push((k, v));
         }
-        let base = oauth.authorize_url.as_ref().expect("checked by target").to_string();
+        let base = authorize_url.to_string();
         let query: Vec<String> = params.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect();
         let separator = if base.contains('?') { '&' } else { '?' };
         tracing::info!(

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use time::OffsetDateTime;
 
 use super::credential::{FileStatus, Held, PendingWrite};
+use super::endpoint::TokenEndpoint;
 use super::file;
 use super::store::{Fields, Loaded, SaveError};
 use super::{Basis, Credential, Freshness, Provider, Reload, Token};
@@ -123,6 +124,13 @@ pub fn jitter(max: Duration) -> Duration {
     max.mul_f64(unit)
 }
 
+fn no_token_endpoint() -> RefreshError {
+    RefreshError::new(
+        RefreshErrorKind::BadResponse,
+        "no [oauth] section: tokenproxy cannot refresh this token; update the token file",
+    )
+}
+
 fn backoff(attempt: u32) -> Duration {
     jitter(BACKOFF_BASE.saturating_mul(2u32.saturating_pow(attempt)).min(BACKOFF_CAP))
 }
@@ -159,15 +167,12 @@ impl Provider {
         seen: Option<u64>,
         force: bool,
     ) -> Result<Arc<Token>, RefreshError> {
-        if self.config.oauth.is_none() || self.endpoint.is_none() {
+        if self.token_endpoint().is_err() {
             // No token endpoint: the store is all there is. Read it again in case it changed.
             self.reload(cred).await;
             return match cred.current() {
                 Some(t) if seen.is_none_or(|g| t.generation > g) => Ok(t),
-                _ => Err(RefreshError::new(
-                    RefreshErrorKind::BadResponse,
-                    "no [oauth] section: tokenproxy cannot refresh this token; update the token file",
-                )),
+                _ => Err(no_token_endpoint()),
             };
         }
         if cred.account().is_some() && cred.current().is_none() && !self.creates_token_files() {
@@ -221,6 +226,14 @@ impl Provider {
         cred.refreshing.store(false, Ordering::Relaxed);
         self.record(cred, trigger, started.elapsed(), &result);
         result
+    }
+
+    /// The provider's `[oauth]` settings and where its tokens come from.
+    fn token_endpoint(&self) -> Result<(&crate::config::OAuthConfig, &dyn TokenEndpoint), RefreshError> {
+        match (&self.config.oauth, &self.endpoint) {
+            (Some(oauth), Some(endpoint)) => Ok((oauth, endpoint.as_ref())),
+            _ => Err(no_token_endpoint()),
+        }
     }
 
     /// Whether `token` is still what the trigger complains about.
@@ -294,8 +307,7 @@ impl Provider {
             return Ok(token);
         }
 
-        let oauth = self.config.oauth.as_ref().expect("checked by refresh");
-        let client = self.endpoint.as_ref().expect("checked by refresh");
+        let (oauth, client) = self.token_endpoint()?;
         // The refresh token in memory, which may be newer than the stored one (a write failed).
         let refresh_token = cred.status().refresh_token.as_deref().map(str::to_string);
         if let Some(refresh_token) = &refresh_token {

@@ -85,12 +85,13 @@ impl Sealer {
                 &base64::engine::general_purpose::STANDARD_NO_PAD,
                 &base64::engine::general_purpose::URL_SAFE_NO_PAD,
             ];
-            engines.iter().find_map(|engine| engine.decode(text).ok().filter(|k| k.len() == 32))
+            engines.iter().find_map(|engine| <[u8; 32]>::try_from(engine.decode(text).ok()?).ok())
         });
-        let key: [u8; 32] = match (bytes.len(), decoded) {
-            (_, Some(decoded)) => decoded.try_into().expect("filtered to 32 bytes"),
-            (32, None) => bytes.try_into().expect("checked to be 32 bytes"),
-            (n, None) => {
+        let key: [u8; 32] = match (decoded, <[u8; 32]>::try_from(bytes)) {
+            (Some(decoded), _) => decoded,
+            (None, Ok(raw)) => raw,
+            (None, Err(_)) => {
+                let n = bytes.len();
                 return Err(format!(
                     "{what}: holds {n} bytes, not a key: expected 32 random bytes, raw or base64 \
                      (e.g. `head -c 32 /dev/urandom | base64`)"
