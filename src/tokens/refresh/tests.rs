@@ -360,3 +360,57 @@ async fn a_failed_background_refresh_waits_its_backoff_and_then_succeeds() {
     assert_eq!(rig.current(), fingerprint("a1"));
     task.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_be_locked_spends_nothing_and_is_asked_again_after_a_second() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rig = rig(expired()).await;
+    rig.store.failing_locks.store(true, Relaxed);
+    let error = rig.refresh(Trigger::Expired).await.unwrap_err();
+    assert_eq!(error.kind.label(), "store_unavailable");
+    assert!(error.message.contains("cannot take the refresh lock"), "{}", error.message);
+    // Within the second, callers get the failure without asking the store again.
+    let locks = rig.store.locks.load(Relaxed);
+    assert!(rig.refresh(Trigger::Expired).await.unwrap_err().message.contains("backing off"));
+    assert_eq!(rig.store.locks.load(Relaxed), locks);
+    // The store is back; after the second, the refresh goes on, and r1 was never spent before.
+    rig.store.failing_locks.store(false, Relaxed);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    rig.endpoint.script([issue("a1", Some("r2"))]);
+    assert_eq!(rig.refresh(Trigger::Expired).await.unwrap(), fingerprint("a1"));
+    assert_eq!(rig.endpoint.sent(), [Some("r1".to_string())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_fails_keeps_the_new_token_in_use_and_its_refresh_token_for_the_next_refresh() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rig = rig(expired()).await;
+    rig.store.failing_writes.store(true, Relaxed);
+    rig.endpoint.script([issue("a1", Some("r2")), issue("a2", Some("r3"))]);
+    // The refreshed token is used though it could not be stored (FIELD-NOTES #3)...
+    assert_eq!(rig.refresh(Trigger::Expired).await.unwrap(), fingerprint("a1"));
+    assert_eq!(rig.stored("refresh_token").as_deref(), Some("r1"));
+    assert!(rig.cred.status().write_error.as_deref().is_some_and(|e| e.contains("could not be written")));
+    // ...and the next refresh spends r2, held in memory, never the spent r1 the store still has.
+    rig.store.failing_writes.store(false, Relaxed);
+    let seen = rig.cred.current().unwrap().generation;
+    rig.provider.refresh(&rig.cred, Trigger::Manual, Some(seen)).await.unwrap();
+    assert_eq!(rig.endpoint.sent(), [Some("r1".into()), Some("r2".into())]);
+    assert_eq!(
+        (rig.stored("access_token"), rig.stored("refresh_token")),
+        (Some("a2".into()), Some("r3".into()))
+    );
+    assert!(rig.cred.status().write_error.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_that_find_the_token_expiring_start_one_background_refresh() {
+    let rig = rig(time::Duration::minutes(2)).await;
+    rig.endpoint.script([issue("a1", None)]);
+    for _ in 0..50 {
+        rig.provider.refresh_ahead(&rig.cred);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rig.endpoint.calls().len(), 1);
+    assert_eq!(rig.current(), fingerprint("a1"));
+}

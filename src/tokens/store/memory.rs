@@ -22,6 +22,9 @@ pub struct MemoryStore {
     pub saves: std::sync::atomic::AtomicUsize,
     /// How many times its lock was taken.
     pub locks: std::sync::atomic::AtomicUsize,
+    /// Faults to inject: a lock or a write that fails as a store that is down does.
+    pub failing_locks: std::sync::atomic::AtomicBool,
+    pub failing_writes: std::sync::atomic::AtomicBool,
 }
 
 fn owned(key: Key<'_>) -> Owned {
@@ -65,6 +68,11 @@ impl TokenStore for MemoryStore {
         expected: Option<Version>,
     ) -> StoreFuture<'a, Result<Version, SaveError>> {
         Box::pin(async move {
+            if self.failing_writes.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(SaveError::Failed(StoreError::unavailable(
+                    "the memory store refuses writes (test)",
+                )));
+            }
             let stored = self.documents.lock().unwrap().get(&owned(key)).map(|(v, _)| *v);
             if stored != expected {
                 return Err(SaveError::Conflict(Box::new(self.loaded(key))));
@@ -76,7 +84,12 @@ impl TokenStore for MemoryStore {
 
     fn lock<'a>(&'a self, _key: Key<'a>) -> StoreFuture<'a, Result<StoreLock, StoreError>> {
         self.locks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Box::pin(async move { Ok(StoreLock::new(self.lock.clone().lock_owned().await)) })
+        Box::pin(async move {
+            if self.failing_locks.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::unavailable("the memory store is down (test)"));
+            }
+            Ok(StoreLock::new(self.lock.clone().lock_owned().await))
+        })
     }
 
     fn probe<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Option<u64>> {
