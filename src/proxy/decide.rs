@@ -63,6 +63,15 @@ pub(crate) struct Injected {
     pub token: Arc<Token>,
 }
 
+/// What [`Proxy::decide_at_once`] found.
+pub(crate) enum AtOnce {
+    Decided(Result<Decision, ProxyError>),
+    /// An account not in memory yet: read it ([`Provider::load_named`]), then ask again.
+    Load(Arc<Provider>, String),
+    /// A refresh to wait for, or a target that changed scheme: [`Proxy::decide`]'s to do.
+    Wait,
+}
+
 /// How far the rules got without waiting.
 enum Step<'a> {
     Done(Decision),
@@ -94,25 +103,26 @@ impl Proxy {
         Ok(Decision::Inject(Injected { provider: provider.clone(), credential, token }))
     }
 
-    /// [`Proxy::decide`] when it needs no wait and keeps the target; `None` otherwise.
-    pub(crate) fn decide_at_once(
-        &self,
-        ex: &mut Exchange<'_>,
-        asked: &Asked<'_>,
-    ) -> Option<Result<Decision, ProxyError>> {
+    /// [`Proxy::decide`] without its waits: decided, or the account to read first, or a wait
+    /// (a refresh, a changed target) for `decide` to do.
+    pub(crate) fn decide_at_once(&self, ex: &mut Exchange<'_>, asked: &Asked<'_>) -> AtOnce {
         let scheme = ex.target.scheme.clone();
         let step = self.step(ex, asked);
         if ex.target.scheme != scheme {
-            return None;
+            return AtOnce::Wait;
         }
         match step {
-            Ok(Step::Done(decision)) => Some(Ok(decision)),
-            Ok(Step::Credential(provider, credential)) => {
-                let token = self.token_at_once(provider, &credential)?;
-                Some(Ok(Decision::Inject(Injected { provider: provider.clone(), credential, token })))
-            }
-            Ok(Step::Load(..)) => None,
-            Err(e) => Some(Err(e)),
+            Ok(Step::Done(decision)) => AtOnce::Decided(Ok(decision)),
+            Ok(Step::Credential(provider, credential)) => match self.token_at_once(provider, &credential) {
+                Some(token) => AtOnce::Decided(Ok(Decision::Inject(Injected {
+                    provider: provider.clone(),
+                    credential,
+                    token,
+                }))),
+                None => AtOnce::Wait,
+            },
+            Ok(Step::Load(provider, name)) => AtOnce::Load(provider.clone(), name),
+            Err(e) => AtOnce::Decided(Err(e)),
         }
     }
 

@@ -50,7 +50,7 @@ use crate::errors::ProxyError;
 use crate::proxy::{Proxy, Target, access, dial_error};
 use answer::{Body, BrokenChunks, Head, parse_answer, whole_in};
 use pool::Held;
-use request::{Request, Resolved, head_end, push_header};
+use request::{Reading, Request, Resolved, head_end, push_header};
 
 /// Header lines a request or response head may have (hyper's limit too).
 pub(crate) const MAX_HEADERS: usize = 100;
@@ -231,9 +231,15 @@ impl PlainRelay {
         last: &mut Option<Resolved>,
     ) -> Next {
         let mut head = Vec::with_capacity(512);
-        let Some(request) = self.read_request(&client.unread()[..head_len], &mut head, last) else {
-            return Next::HandOff;
-        };
+        let mut read = self.read_request(&client.unread()[..head_len], &mut head, last);
+        if let Reading::LoadFirst(provider, name) = read {
+            // An account's first request waits for its one read from the store, here as on
+            // hyper's path, and keeps the connection on the relay.
+            provider.load_named(&name).await;
+            head.clear();
+            read = self.read_request(&client.unread()[..head_len], &mut head, last);
+        }
+        let Reading::Request(request) = read else { return Next::HandOff };
         let mut out = Outgoing { token_line_at: head.len(), head };
         out.end_with_token(request.injected.as_ref().map(|i| (&i.provider.config.header, &*i.token)));
         client.consume(head_len);

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue};
 use super::{Listen, MAX_HEADERS, PlainRelay};
 use crate::proxy::Target;
 use crate::proxy::access::Access;
-use crate::proxy::decide::{Asked, Decision, Entry, Exchange, Injected};
+use crate::proxy::decide::{Asked, AtOnce, Decision, Entry, Exchange, Injected};
 use crate::proxy::headers::{self, Kind};
 use crate::tokens::Provider;
 
@@ -27,6 +27,15 @@ pub(super) struct Request {
     pub(super) access: Access,
 }
 
+/// What became of a request head.
+pub(super) enum Reading {
+    Request(Request),
+    /// Its account must be read from the store first (once per account); then it is read again.
+    LoadFirst(Arc<Provider>, String),
+    /// Not one this module relays: hyper's path serves it.
+    HandOff,
+}
+
 /// A target as a client wrote it, resolved: kept for the connection's next request.
 pub(super) struct Resolved {
     written: Box<[u8]>,
@@ -35,15 +44,27 @@ pub(super) struct Resolved {
 }
 
 impl PlainRelay {
-    /// Reads a request head; `None` when it is not one this module relays. Writes the upstream's
-    /// head into `out`, all but the token line and the blank line that ends it. `last` is the
-    /// connection's last target: a client connection mostly sends to one host.
+    /// Reads a request head and writes the upstream's into `out`, all but the token line and the
+    /// blank line that ends it. `last` is the connection's last target: a client connection
+    /// mostly sends to one host.
     pub(super) fn read_request(
         &self,
         head: &[u8],
         out: &mut Vec<u8>,
         last: &mut Option<Resolved>,
-    ) -> Option<Request> {
+    ) -> Reading {
+        match self.try_read_request(head, out, last) {
+            Some(read) => read,
+            None => Reading::HandOff,
+        }
+    }
+
+    fn try_read_request(
+        &self,
+        head: &[u8],
+        out: &mut Vec<u8>,
+        last: &mut Option<Resolved>,
+    ) -> Option<Reading> {
         let mut storage = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let Parsed {
             method,
@@ -94,9 +115,11 @@ impl PlainRelay {
         };
         let asked = Asked { account: Ok(named_account.as_ref()), carries: &carries };
         // A request that must wait, or is refused, goes to hyper's path, which asks the same rules.
-        let injected = match self.proxy.decide_at_once(&mut ex, &asked)?.ok()? {
-            Decision::Pass => None,
-            Decision::Inject(injected) => Some(injected),
+        let injected = match self.proxy.decide_at_once(&mut ex, &asked) {
+            AtOnce::Decided(Ok(Decision::Pass)) => None,
+            AtOnce::Decided(Ok(Decision::Inject(injected))) => Some(injected),
+            AtOnce::Load(provider, name) => return Some(Reading::LoadFirst(provider, name)),
+            AtOnce::Decided(Err(_)) | AtOnce::Wait => return None,
         };
         let target = ex.target;
 
@@ -119,7 +142,7 @@ impl PlainRelay {
         let mut access =
             Access::begin(self.proxy.settings.access_log, method, || path_only(written, &self.listen));
         access.host(&target);
-        Some(Request {
+        Some(Reading::Request(Request {
             target,
             provider,
             injected,
@@ -127,7 +150,7 @@ impl PlainRelay {
             idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"),
             client_close,
             access,
-        })
+        }))
     }
 
     /// The target and provider for an authority as a client wrote it (the route's, on a route).
