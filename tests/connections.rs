@@ -1,5 +1,5 @@
-//! Plain-HTTP/1.1 through the hand-written relay (`src/proxy/plain_relay.rs`): what a client
-//! connection borrows, keeps and gives back (SPEC §4 `max_idle_per_host`, `src/proxy/plain_pool.rs`),
+//! Plain-HTTP/1.1 through the hand-written relay (`src/proxy/h1/`): what a client connection
+//! borrows, keeps and gives back (SPEC §4 `max_idle_per_host`, `src/proxy/h1/pool.rs`),
 //! every framing of an answer, header hygiene both ways, and the hand-over to hyper of what the
 //! relay does not serve, against an upstream that numbers its connections and reports when each
 //! one closes.
@@ -566,6 +566,36 @@ async fn requests_the_relay_does_not_serve_go_to_hyper_in_order_on_the_same_conn
     fresh.stream.write_all(closing.as_bytes()).await.unwrap();
     let rest = fresh.last_answer().await;
     assert!(rest.ends_with("path=/last"), "{rest}");
+}
+
+#[tokio::test]
+async fn an_accounts_first_request_is_relayed_after_its_read_and_the_connection_stays_on_the_relay() {
+    // The relay copies a header line as the client wrote it; hyper's client writes names in
+    // lower case. So the upstream tells which path served each request.
+    let upstream = Upstream::start().await;
+    let dir = tempdir();
+    std::fs::create_dir(dir.path().join("users")).unwrap();
+    std::fs::write(dir.path().join("users/alice.json"), token_json("tok-alice-5e1f")).unwrap();
+    let template = dir.path().join("users/{account}.json");
+    let tp = TokenProxy::start(dir.path(), &plain_config(&upstream.addr.to_string(), &template, ""));
+    let mut client = Client::connect(&tp).await;
+    for path in ["/first", "/second"] {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nTokenproxy-Account: alice\r\nX-Mixed-Case: 1\r\n\r\n",
+            upstream.url(path),
+            upstream.addr
+        );
+        client.stream.write_all(request.as_bytes()).await.unwrap();
+        let (status, body) = client.response().await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}: {body}");
+        let (head, _) = upstream.request_to(path);
+        assert!(head.contains("X-Mixed-Case: 1"), "{path} did not go through the relay: {head}");
+    }
+    let requests = upstream.requests();
+    assert!(
+        requests.iter().all(|(_, _, auth)| auth.as_deref() == Some("Bearer tok-alice-5e1f")),
+        "{requests:?}"
+    );
 }
 
 #[tokio::test]
