@@ -39,14 +39,32 @@ pub enum RefreshErrorKind {
     NoToken,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{}: {message}", .kind.label())]
+/// Shown as `class: message`, then the cause when there is one; the cause is also the
+/// [`std::error::Error::source`], so code can act on it (a store's error and its class).
+#[derive(Debug, Clone)]
 pub struct RefreshError {
     pub kind: RefreshErrorKind,
     pub message: String,
     /// The OAuth `error` code the endpoint answered, when it gave one (the device flow acts on
     /// `authorization_pending`, `slow_down`, `access_denied` and `expired_token`).
     pub code: Option<String>,
+    cause: Option<Arc<crate::tokens::store::StoreError>>,
+}
+
+impl std::fmt::Display for RefreshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.label(), self.message)?;
+        match &self.cause {
+            Some(cause) => write!(f, ": {}", crate::errors::report(cause.as_ref())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for RefreshError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|cause| cause as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl RefreshErrorKind {
@@ -76,7 +94,13 @@ impl RefreshErrorKind {
 
 impl RefreshError {
     pub fn new(kind: RefreshErrorKind, message: impl Into<String>) -> RefreshError {
-        RefreshError { kind, message: message.into(), code: None }
+        RefreshError { kind, message: message.into(), code: None, cause: None }
+    }
+
+    /// The token store's failure behind this one.
+    pub fn caused_by(mut self, cause: crate::tokens::store::StoreError) -> RefreshError {
+        self.cause = Some(Arc::new(cause));
+        self
     }
 
     /// What a person should do about it: the `action` of the 502 body. `location` is where the

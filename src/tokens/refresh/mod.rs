@@ -262,10 +262,8 @@ impl Provider {
             self.store.lock(self.key(cred)).await.map_err(|e| {
                 // Nothing was spent; try again soon rather than on every request meanwhile.
                 cred.status().retry_not_before = Some(Instant::now() + STORE_RETRY);
-                RefreshError::new(
-                    RefreshErrorKind::StoreUnavailable,
-                    format!("{}: cannot take the refresh lock: {}", self.shown_location(cred), report(&e)),
-                )
+                let what = format!("{}: cannot take the refresh lock", self.shown_location(cred));
+                RefreshError::new(RefreshErrorKind::StoreUnavailable, what).caused_by(e)
             })
         };
         let mut lock = take_lock().await?;

@@ -369,6 +369,11 @@ async fn a_store_that_cannot_be_locked_spends_nothing_and_is_asked_again_after_a
     let error = rig.refresh(Trigger::Expired).await.unwrap_err();
     assert_eq!(error.kind.label(), "store_unavailable");
     assert!(error.message.contains("cannot take the refresh lock"), "{}", error.message);
+    // The store's own error is the source, with its class; a person reads both.
+    let cause =
+        std::error::Error::source(&error).and_then(|s| s.downcast_ref::<crate::tokens::store::StoreError>());
+    assert_eq!(cause.map(|c| c.class), Some(crate::tokens::store::StoreErrorClass::Unavailable));
+    assert!(error.to_string().ends_with("the memory store is down (test)"), "{error}");
     // Within the second, callers get the failure without asking the store again.
     let locks = rig.store.locks.load(Relaxed);
     assert!(rig.refresh(Trigger::Expired).await.unwrap_err().message.contains("backing off"));
