@@ -4,8 +4,9 @@
 //! request, fill in an [`Exchange`], and ask here; neither knows the rules.
 //!
 //! A decision is one call: [`Proxy::decide`], which may wait (an account's first read, the
-//! refresh of an expired token), or [`Proxy::decide_at_once`], the same rules without the wait,
-//! for the relay, which hands a request that must wait to hyper's path.
+//! refresh of an expired token), or [`Proxy::decide_at_once`], the same rules without the waits,
+//! for the relay: it reads an account itself when told to ([`AtOnce::Load`]) and hands a request
+//! that must wait for a refresh to hyper's path.
 
 use std::sync::Arc;
 
