@@ -73,7 +73,7 @@ async fn a_port_that_is_not_a_port_is_refused_never_read_as_port_80() {
     for port in ["99999", "8o", "+80", "0"] {
         for request in [
             get(&format!("http://127.0.0.1:{port}/v1/me")),
-            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes(),
         ] {
             let answer = exchange(tp.proxy, &request).await;
             assert!(answer.starts_with("HTTP/1.1 400"), "{port}: {answer}");

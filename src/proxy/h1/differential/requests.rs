@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Rng, mutate};
-use crate::proxy::h1::request::{forward_target, head_end, parse};
+use crate::proxy::h1::request::{forward_target, head_end, parse, tokens};
 use crate::proxy::h1::{Listen, MAX_HEADERS};
 
 /// The bytes mutations insert: the request grammar's delimiters and bytes it must refuse.
@@ -233,8 +233,7 @@ pub async fn run(seed: u64, cases: usize) -> (Vec<String>, [usize; 3]) {
         let hyper = hyper_serves(served).await;
         // After `Connection: close` no request follows, for either.
         let closes = relay.headers.iter().any(|(name, value)| {
-            name == "connection"
-                && value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            name == "connection" && tokens(value).any(|t| t.eq_ignore_ascii_case(b"close"))
         });
         let marker_next = hyper.get(1).is_some_and(|s| s.path == "/marker") || (closes && hyper.len() == 1);
         if hyper.first() != Some(&relay) || !marker_next {
