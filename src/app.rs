@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use crate::admin::Admin;
 use crate::admin::doors::Doors;
+use crate::audit::Audit;
+use crate::callers::{Callers, Table};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::egress::Egress;
@@ -90,6 +92,21 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => Egress::new(config.egress_deny.clone()),
     };
     let egress = Arc::new(egress);
+    let (table, problems) = Table::build(&config.callers);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
+    }
+    if !table.is_open() {
+        tracing::info!(
+            callers = config.callers.len(),
+            "callers configured: every request must belong to one"
+        );
+    }
+    let callers = Arc::new(Callers::new(table));
+    let audit = match &config.audit {
+        Some(target) => Some(Audit::start(target)?),
+        None => None,
+    };
     let mut own_listeners = vec![proxy_listener.local_addr()?, admin_listener.local_addr()?];
     for listener in &route_listeners {
         own_listeners.push(listener.local_addr()?);
@@ -113,6 +130,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         allow_unmatched: config.allow_unmatched,
         leaves,
         drain: drain.handle(),
+        callers: callers.clone(),
+        audit,
     });
     let doors = Doors::new(admin_listener.local_addr()?, config.admin_access.clone());
     let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone(), onboarding.clone(), doors));
@@ -123,6 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     background.push(watch::spawn(providers.clone()));
+    background.push(tokio::spawn(crate::callers::reload::keep_current(callers, config.source.clone())));
     background.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(SWEEP_PENDING_EVERY);
         loop {
@@ -147,9 +167,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(listener = "proxy", addr = %proxy_addr, "listening");
     let handler = {
         let proxy = proxy.clone();
-        move |req, _peer| {
+        move |req, peer| {
             let proxy = proxy.clone();
-            async move { proxy.handle_forward(req).await }
+            async move { proxy.handle_forward(req, peer).await }
         }
     };
     let relay = |listen| {
@@ -180,10 +200,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let proxy = proxy.clone();
         let route = Arc::new(route.clone());
         let relay = relay(Listen::Route(route.clone()));
-        let handler = move |req, _peer| {
+        let handler = move |req, peer| {
             let proxy = proxy.clone();
             let route = route.clone();
-            async move { proxy.handle_route(&route, req).await }
+            async move { proxy.handle_route(&route, req, peer).await }
         };
         tokio::spawn(server::serve("route", listener, limits.clone(), drain.watch(), relay, handler));
     }
@@ -194,9 +214,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
 
     tracing::info!(listener = "admin", addr = %admin_listener.local_addr()?, "listening");
-    let handler = move |req, peer| {
+    let handler = move |req, peer: Arc<crate::callers::Peer>| {
         let admin = admin.clone();
-        async move { admin.handle(req, peer).await }
+        async move { admin.handle(req, peer.addr).await }
     };
     tokio::spawn(server::serve("admin", admin_listener, limits, drain.watch(), None, handler));
 

@@ -17,6 +17,7 @@ use http::HeaderName;
 use http::uri::{Authority, Scheme, Uri};
 use serde::Deserialize;
 
+use crate::callers::config::{AuditTarget, CallerConfig};
 use crate::hosts::HostPattern;
 
 /// Where the config file is looked for when neither `--config` nor `TOKENPROXY_CONFIG` names one.
@@ -60,6 +61,10 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     transparent: RawTransparent,
+    #[serde(default)]
+    callers: BTreeMap<String, crate::callers::config::RawCaller>,
+    #[serde(default)]
+    audit: crate::callers::config::RawAudit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -505,6 +510,10 @@ pub struct Config {
     /// Where the key that seals token data at rest comes from (SPEC §11), when one is
     /// configured. The store opens it: a config says where things are, not what is in them.
     pub sealing_key: Option<SealingKey>,
+    /// `[callers.*]` (SPEC §13): none means every client that reaches the proxy is trusted.
+    pub callers: Vec<CallerConfig>,
+    /// `[audit] file`: one line per decision.
+    pub audit: Option<AuditTarget>,
 }
 
 /// `[store] encryption_key_file` or `encryption_key_env`.
@@ -645,6 +654,14 @@ impl Config {
             }
             if let Some(OAuthConfig { client_secret: SecretSource::File(f), .. }) = &p.oauth {
                 files.push((format!("providers.{} client secret file", p.name), f.clone(), true));
+            }
+        }
+        for caller in &self.callers {
+            if let Some(file) = &caller.secret_file {
+                files.push((format!("callers.{} secret file", caller.name), file.clone(), true));
+            }
+            if let Some(jwt) = &caller.jwt {
+                files.push((format!("callers.{} JWKS file", caller.name), jwt.jwks_file.clone(), true));
             }
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -788,7 +805,7 @@ fn parse_listen(what: &str, value: &str, problems: &mut Vec<String>) -> SocketAd
     })
 }
 
-fn resolve(base: &Path, p: &Path) -> PathBuf {
+pub(crate) fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
@@ -911,6 +928,10 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         });
     }
 
+    let provider_names: Vec<&str> = providers.iter().map(|pv| pv.name.as_str()).collect();
+    let callers = crate::callers::config::validate_callers(raw.callers, &provider_names, base, p);
+    let audit = crate::callers::config::validate_audit(&raw.audit, base);
+
     if problems.is_empty() {
         Ok(Config {
             source: source.to_path_buf(),
@@ -927,6 +948,8 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
             store,
             transparent_listen,
             sealing_key,
+            callers,
+            audit,
         })
     } else {
         Err(ConfigError { problems })

@@ -94,6 +94,29 @@ pub enum ProxyError {
     /// tokenproxy could not set up TLS for an intercepted host.
     #[error("cannot intercept {host}: {reason}")]
     Interception { host: String, reason: String },
+    /// With callers configured, the request belongs to none (SPEC §13). `route`: it came in on a
+    /// route listener, which answers `401` rather than a proxy's `407`.
+    #[error("the request belongs to no caller: {why}")]
+    CallerUnknown { why: crate::callers::Unknown, route: bool },
+    /// A caller's request that no rule allows (SPEC §13).
+    #[error("caller {caller:?} may not {}", forbidden_what(.provider.as_deref(), .denial))]
+    Forbidden { caller: String, provider: Option<String>, account: Option<String>, denial: Forbidden },
+}
+
+/// What a caller was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forbidden {
+    /// A host that matches no provider, for a caller with `egress = false`.
+    Egress,
+    Rule(crate::callers::Denial),
+}
+
+fn forbidden_what(provider: Option<&str>, denial: &Forbidden) -> String {
+    match (denial, provider) {
+        (Forbidden::Egress, _) => "reach hosts that match no provider (egress = false)".into(),
+        (Forbidden::Rule(d), Some(p)) => format!("use provider {p:?}: {}", d.describe()),
+        (Forbidden::Rule(d), None) => d.describe().into(),
+    }
 }
 
 impl ProxyError {
@@ -112,6 +135,9 @@ impl ProxyError {
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED
             }
             ProxyError::AccountRequired { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::CallerUnknown { route: false, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::CallerUnknown { route: true, .. } => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::TokenUnavailable { .. }
             | ProxyError::UpstreamUnreachable { .. }
@@ -133,6 +159,8 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Interception { .. } => "interception_failed",
+            ProxyError::CallerUnknown { .. } => "caller_unknown",
+            ProxyError::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -168,6 +196,23 @@ impl ProxyError {
                 "action": "point the application at this port as its HTTP proxy \
                            (curl -x http://HOST:PORT http://api.example.com/..., HTTP_PROXY=http://HOST:PORT), \
                            or give the provider a [[routes]] listener to use as a base URL",
+            }),
+            ProxyError::CallerUnknown { .. } => json!({
+                "error": self.code(),
+                "reason": self.to_string(),
+                "action": "send the proxy credentials of a caller (HTTP_PROXY=http://NAME:SECRET@HOST:PORT, \
+                           or a JWT as the password or as Proxy-Authorization: Bearer), or run as a uid a caller has",
+            }),
+            ProxyError::Forbidden { caller, provider, account, denial } => json!({
+                "error": self.code(),
+                "caller": caller,
+                "provider": provider,
+                "account": account,
+                "not_allowed": match denial {
+                    Forbidden::Egress => "egress",
+                    Forbidden::Rule(d) => d.code(),
+                },
+                "reason": self.to_string(),
             }),
             _ => json!({ "error": self.code(), "reason": self.to_string() }),
         }

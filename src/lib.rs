@@ -5,7 +5,9 @@
 pub mod accounts;
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod body;
+pub mod callers;
 pub mod cli;
 pub mod config;
 pub mod demo;

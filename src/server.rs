@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ProxyBody;
+use crate::callers::Peer;
 use crate::drain::DrainWatch;
 use crate::drain::until_drained;
 use crate::proxy::h1::{PlainRelay, Served};
@@ -159,7 +160,8 @@ pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request with the
-/// client's address (the admin API decides by it who may do what). With a
+/// client's connection (the admin API decides by its address who may do what; the proxy finds
+/// callers by it). With a
 /// `relay` (the proxy's listeners), each connection is served by it first, and by hyper and
 /// `handler` from the first request the relay hands over.
 pub async fn serve<H, F>(
@@ -170,7 +172,7 @@ pub async fn serve<H, F>(
     relay: Option<Arc<PlainRelay>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -183,6 +185,9 @@ pub async fn serve<H, F>(
     let mut acceptor = Acceptor::new(name, listener, limits.max_connections);
     loop {
         let Some((stream, peer, place)) = acceptor.next(&mut drain).await else { break };
+        // The address the client dialled: with its own, it finds the client's socket (uids).
+        let local = stream.local_addr().unwrap_or(peer);
+        let peer = Arc::new(Peer::new(peer, local, name));
         let builder = builder.clone();
         let handler = handler.clone();
         let conn_drain = drain.clone();
@@ -191,7 +196,7 @@ pub async fn serve<H, F>(
         tokio::spawn(async move {
             let mut drain = conn_drain;
             let (stream, read) = match relay {
-                Some(relay) => match relay.serve(stream, &mut drain).await {
+                Some(relay) => match relay.serve(stream, &peer, &mut drain).await {
                     Served::Closed => return,
                     Served::HandOff { stream, read } => (stream, read),
                 },
@@ -205,6 +210,7 @@ pub async fn serve<H, F>(
                     req.extensions_mut().insert(permit.clone());
                 }
                 let handler = handler.clone();
+                let peer = peer.clone();
                 // Boxed per request: hyper otherwise keeps room for this future in every
                 // connection, idle or not, and an allocation per request is cheaper than that
                 // much memory per idle connection.

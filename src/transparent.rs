@@ -22,8 +22,10 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::callers::Peer;
 use crate::drain::DrainWatch;
-use crate::proxy::{InterceptedHost, Proxy, Target};
+use crate::proxy::access::Access;
+use crate::proxy::{Entry, Exchange, InterceptedHost, Proxy, Target, Verdict};
 use crate::relay;
 use crate::server::Acceptor;
 
@@ -62,7 +64,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, own: Vec<SocketAddr
         let drain = drain.clone();
         tokio::spawn(async move {
             let _place = place;
-            if let Err(reason) = handle(proxy, stream, &own, drain).await {
+            if let Err(reason) = handle(proxy, stream, peer, &own, drain).await {
                 tracing::debug!(peer = %peer, reason, "transparent connection closed");
             }
         });
@@ -72,6 +74,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, own: Vec<SocketAddr
 async fn handle(
     proxy: Arc<Proxy>,
     stream: TcpStream,
+    peer: SocketAddr,
     own: &[SocketAddr],
     drain: DrainWatch,
 ) -> Result<(), String> {
@@ -79,6 +82,8 @@ async fn handle(
     if own.iter().any(|listener| same_endpoint(*listener, original)) {
         return Err(format!("{original} is tokenproxy's own listener: a redirect loop"));
     }
+    // The client's socket is connected to where it was going: that is its remote end.
+    let peer = Arc::new(Peer::new(peer, original, "transparent"));
     let deadline = tokio::time::Instant::now() + proxy.settings.header_read_timeout;
     let opening = peek_opening(&stream, deadline).await?;
     let port = original.port();
@@ -98,11 +103,28 @@ async fn handle(
         let target = Target::new(scheme, &authority).map_err(|e| e.to_string())?;
         let tls = proxy.leaves.server_config(target.host()).await.map_err(|e| format!("{e:#}"))?;
         tracing::debug!(host = %authority, original = %original, "transparent connection: intercepted");
-        InterceptedHost::new(proxy, target, provider).serve(stream, tls, drain).await;
+        InterceptedHost::new(proxy, target, provider, peer).serve(stream, tls, drain).await;
         return Ok(());
     }
-    if !proxy.allow_unmatched {
-        return Err(format!("{original} matches no provider and egress.allow_unmatched is false"));
+    // Bytes to a host of no provider: admitted (the caller, `[egress]`) before any is relayed.
+    let target =
+        Target::new(Scheme::HTTPS, &Authority::try_from(original.to_string()).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    let mut ex = Exchange {
+        target,
+        provider: None,
+        credentials: None,
+        peer: &peer,
+        method: "CONNECT",
+        path: "-",
+        entry: Entry::Connect,
+        verdict: Verdict::default(),
+    };
+    if let Err(e) = proxy.admit(&mut ex) {
+        let mut access = Access::begin(proxy.keeps_lines(), "CONNECT", || "-", peer.listener);
+        access.host(&ex.target);
+        let _answer = proxy.finish(None, access, &ex.verdict, Err(e));
+        return Err(format!("{original}: refused"));
     }
     // Untouched, to where it was going (the deny list still applies to the address).
     let upstream = proxy

@@ -23,23 +23,44 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::access::finish;
-use super::{Entry, Exchange, Proxy, Target, dial_error, headers};
+use super::{Entry, Exchange, Proxy, Target, Verdict, dial_error};
 use crate::body::{BoxError, ProxyBody};
+use crate::callers::Peer;
 use crate::errors::ProxyError;
 use crate::relay::{self, Activity, InFlightBody, Tracked};
 use crate::server::ConnectionPermit;
 use crate::tokens::Provider;
 
 impl Proxy {
-    pub(super) async fn handle_connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let mut access = self.access(&req);
+    pub(super) async fn handle_connect(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<ProxyBody> {
+        let mut access = self.access(&req, &peer);
         let target = match connect_target(&req) {
             Ok(target) => target,
-            Err(e) => return finish(None, access, Err(e)),
+            Err(e) => return self.finish(None, access, &Verdict::default(), Err(e)),
         };
         access.host(&target);
         let provider = self.providers.for_host(target.host(), target.port).cloned();
+        // The proxy credentials hold for every request in the tunnel: each is decided with them.
+        let credentials: Option<Box<[u8]>> =
+            req.headers().get(http::header::PROXY_AUTHORIZATION).map(|v| v.as_bytes().into());
+        let mut ex = Exchange {
+            target: target.clone(),
+            provider: provider.as_ref(),
+            credentials: credentials.as_deref(),
+            peer: &peer,
+            method: "CONNECT",
+            path: "-",
+            entry: Entry::Connect,
+            verdict: Verdict::default(),
+        };
+        if let Err(e) = self.admit(&mut ex) {
+            return self.finish(provider.as_deref(), access, &ex.verdict, Err(e));
+        }
+        let verdict = ex.verdict;
         match provider {
             Some(provider) => {
                 let tls = match self.leaves.server_config(target.host()).await {
@@ -49,27 +70,21 @@ impl Proxy {
                             host: target.authority.to_string(),
                             reason: format!("{e:#}"),
                         };
-                        return finish(Some(&provider), access, Err(e));
+                        return self.finish(Some(&provider), access, &verdict, Err(e));
                     }
                 };
                 let upgrade = hyper::upgrade::on(&mut req);
                 let place = req.extensions().get::<ConnectionPermit>().cloned();
-                // The proxy credentials' user name names the account for the whole tunnel.
-                let proxy_user = headers::proxy_user(req.headers()).map(String::into_boxed_str);
-                let host = InterceptedHost { proxy: self.clone(), target, provider, proxy_user };
+                let host = InterceptedHost { proxy: self.clone(), target, provider, credentials, peer };
                 tokio::spawn(host.intercept(upgrade, tls, place));
                 // Not counted as a request: the requests inside the tunnel are.
                 connection_established()
-            }
-            None if !self.allow_unmatched => {
-                let e = ProxyError::unmatched_host(target.authority.to_string());
-                finish(None, access, Err(e))
             }
             None => {
                 let dialled = self.egress.connect(target.host(), target.port, self.settings.upstream_timeout);
                 let upstream = match dialled.await {
                     Ok(upstream) => upstream,
-                    Err(e) => return finish(None, access, Err(dial_error(&target, e))),
+                    Err(e) => return self.finish(None, access, &verdict, Err(dial_error(&target, e))),
                 };
                 let upgrade = hyper::upgrade::on(&mut req);
                 let place = req.extensions().get::<ConnectionPermit>().cloned();
@@ -80,26 +95,32 @@ impl Proxy {
                     self.drain.clone(),
                     place,
                 ));
-                finish(None, access, Ok(connection_established()))
+                self.finish(None, access, &verdict, Ok(connection_established()))
             }
         }
     }
 }
 
 /// What every request inside one interception shares: it goes to the CONNECT's host with its
-/// provider's token (of the account the CONNECT's proxy credentials named, if any), whatever its
-/// own Host header says.
+/// provider's token, whatever its own Host header says, decided with the CONNECT's proxy
+/// credentials (the caller, or the account without callers) on the client's connection.
 pub(crate) struct InterceptedHost {
     proxy: Arc<Proxy>,
     target: Target,
     provider: Arc<Provider>,
-    proxy_user: Option<Box<str>>,
+    credentials: Option<Box<[u8]>>,
+    peer: Arc<Peer>,
 }
 
 impl InterceptedHost {
     /// What a transparent connection (SPEC §12) is served as: the same interception as CONNECT.
-    pub(crate) fn new(proxy: Arc<Proxy>, target: Target, provider: Arc<Provider>) -> InterceptedHost {
-        InterceptedHost { proxy, target, provider, proxy_user: None }
+    pub(crate) fn new(
+        proxy: Arc<Proxy>,
+        target: Target,
+        provider: Arc<Provider>,
+        peer: Arc<Peer>,
+    ) -> InterceptedHost {
+        InterceptedHost { proxy, target, provider, credentials: None, peer }
     }
 
     /// Terminates the client's TLS with a leaf for the host and serves the requests inside,
@@ -230,16 +251,21 @@ impl InterceptedHost {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         tracing::debug!(method = %req.method(), path = req.uri().path(), "intercepted request");
-        let mut access = self.proxy.access(&req);
+        let mut access = self.proxy.access(&req, &self.peer);
         access.host(&self.target);
-        let exchange = Exchange {
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let mut ex = Exchange {
             target: self.target.clone(),
             provider: Some(&self.provider),
-            proxy_user: self.proxy_user.as_deref(),
+            credentials: self.credentials.as_deref(),
+            peer: &self.peer,
+            method: method.as_str(),
+            path: uri.path(),
             entry: Entry::Tunnel,
+            verdict: Verdict::default(),
         };
-        let result = self.proxy.forward(req, exchange).await;
-        finish(Some(self.provider.as_ref()), access, result)
+        let result = self.proxy.forward(req, &mut ex).await;
+        self.proxy.finish(Some(self.provider.as_ref()), access, &ex.verdict, result)
     }
 }
 

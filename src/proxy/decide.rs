@@ -13,10 +13,12 @@ use std::sync::Arc;
 use http::uri::Scheme;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::{Proxy, Target};
+use super::{Proxy, Target, headers};
 use crate::accounts::BadAccount;
+use crate::callers::policy::Ask;
+use crate::callers::{Allowed, Caller, Peer};
 use crate::config::{ClientHeader, UpstreamScheme};
-use crate::errors::{AccountAsk, ProxyError};
+use crate::errors::{AccountAsk, Forbidden, ProxyError};
 use crate::metrics;
 use crate::tokens::refresh::Trigger;
 use crate::tokens::{AccountError, Credential, Found, Provider, Token, Unavailable};
@@ -27,19 +29,52 @@ use crate::tokens::{AccountError, Credential, Found, Provider, Token, Unavailabl
 pub(crate) struct Exchange<'a> {
     pub target: Target,
     pub provider: Option<&'a Arc<Provider>>,
-    /// The account the connection named: the user name of the proxy credentials, on this
-    /// request or on the CONNECT of its tunnel (SPEC §8, second in the selection order).
-    pub proxy_user: Option<&'a str>,
+    /// The `Proxy-Authorization` value: of this request, or of the CONNECT of its tunnel. It names
+    /// the caller when callers are configured (SPEC §13), else the account (SPEC §8, second in
+    /// the selection order).
+    pub credentials: Option<&'a [u8]>,
+    /// The client connection the request came on.
+    pub peer: &'a Peer,
+    pub method: &'a str,
+    /// The path the upstream gets, without the query.
+    pub path: &'a str,
     pub entry: Entry,
+    /// What the rules decided, for the audit line: filled in as they go.
+    pub verdict: Verdict,
 }
 
 /// Where a request entered: on the forward port, proxy credentials can still name an account
-/// (`407`); in a tunnel or on a route they cannot (`400`).
+/// (`407`); in a tunnel or on a route they cannot (`400`). A CONNECT is admitted (its caller,
+/// the host) and its requests are decided one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Entry {
     Forward,
+    Connect,
     Tunnel,
     Route,
+}
+
+/// Who asked and what the rules made of it.
+#[derive(Default)]
+pub(crate) struct Verdict {
+    /// The caller the request belongs to (with callers configured).
+    pub caller: Option<Arc<Caller>>,
+    /// Whether the rules let it use what it asked for.
+    pub allowed: bool,
+    /// The rule that allowed it, or why it was decided without one.
+    pub rule: Option<Ruled>,
+    /// The account the caller's rule chose.
+    pub account: Option<Box<str>>,
+    /// Callers are configured and the request belongs to none.
+    pub unknown: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ruled {
+    /// The index of the caller's `allow` rule.
+    Rule(usize),
+    /// No rule was asked: `open` (no callers), `egress` (a host of no provider), or why not.
+    Reason(&'static str),
 }
 
 /// What the request's own headers say to the rules.
@@ -129,6 +164,7 @@ impl Proxy {
 
     /// The rules up to the first wait.
     fn step<'a>(&self, ex: &mut Exchange<'a>, asked: &Asked<'_>) -> Result<Step<'a>, ProxyError> {
+        self.admit(ex)?;
         let Some(provider) = ex.provider else { return Ok(Step::Done(Decision::Pass)) };
         let config = &provider.config;
         if ex.target.scheme == Scheme::HTTP && config.upstream_scheme == UpstreamScheme::Https {
@@ -137,36 +173,129 @@ impl Proxy {
         if ex.target.scheme == Scheme::HTTP && !config.allow_plaintext {
             return Err(ProxyError::PlaintextRefused { provider: provider.name().to_string() });
         }
+        let bad = |reason| ProxyError::BadAccount { provider: provider.name().to_string(), reason };
+        let header = match asked.account.map_err(bad)? {
+            Some(value) => Some(value.to_str().map_err(|_| bad(BadAccount::Character))?),
+            None => None,
+        };
+        let proxy_user;
+        let named = match ex.verdict.caller.clone() {
+            Some(caller) => {
+                let allowed = self.allowed(&caller, provider, header, ex)?;
+                ex.verdict.account = allowed.account;
+                ex.verdict.account.as_deref()
+            }
+            None => {
+                ex.verdict.allowed = true;
+                ex.verdict.rule = Some(Ruled::Reason("open"));
+                proxy_user = match (header, provider.single()) {
+                    (None, None) => ex.credentials.and_then(headers::proxy_user_of),
+                    _ => None,
+                };
+                header.or(proxy_user.as_deref())
+            }
+        };
         if config.client_header == ClientHeader::Keep && (asked.carries)(&config.header) {
             return Ok(Step::Done(Decision::Pass));
         }
-        Ok(match self.find_credential(provider, asked, ex)? {
+        Ok(match self.find_credential(provider, named, ex)? {
             Found::Ready(credential) => Step::Credential(provider, credential),
             Found::ToLoad(name) => Step::Load(provider, name),
         })
     }
 
+    /// The first of the rules, for every entry (a CONNECT too): who the request belongs to, when
+    /// callers are configured (SPEC §13), and whether it may go to a host that matches no
+    /// provider (`[egress]`, a caller's `egress`).
+    pub(crate) fn admit(&self, ex: &mut Exchange<'_>) -> Result<(), ProxyError> {
+        let table = self.callers.current();
+        if !table.is_open() {
+            match table.identify(ex.credentials, ex.peer) {
+                Ok(caller) => ex.verdict.caller = Some(caller),
+                Err(why) => {
+                    ex.verdict.unknown = true;
+                    ex.verdict.rule = Some(Ruled::Reason(why.code()));
+                    return Err(ProxyError::CallerUnknown { why, route: ex.entry == Entry::Route });
+                }
+            }
+        }
+        if ex.provider.is_some() {
+            return Ok(());
+        }
+        if !self.allow_unmatched {
+            return Err(ProxyError::unmatched_host(ex.target.authority.to_string()));
+        }
+        if let Some(caller) = &ex.verdict.caller
+            && !caller.egress
+        {
+            ex.verdict.rule = Some(Ruled::Reason("egress_forbidden"));
+            return Err(ProxyError::Forbidden {
+                caller: caller.name.to_string(),
+                provider: None,
+                account: None,
+                denial: Forbidden::Egress,
+            });
+        }
+        ex.verdict.allowed = true;
+        ex.verdict.rule = Some(Ruled::Reason("egress"));
+        Ok(())
+    }
+
+    /// The caller's rules for a request to `provider` (SPEC §13): the rule that allows it and
+    /// the account it uses, or `403`.
+    fn allowed(
+        &self,
+        caller: &Caller,
+        provider: &Provider,
+        named: Option<&str>,
+        ex: &mut Exchange<'_>,
+    ) -> Result<Allowed, ProxyError> {
+        let ask = Ask {
+            provider: provider.name(),
+            multi_account: provider.single().is_none(),
+            provider_default: provider.config.default_account.as_deref(),
+            method: ex.method,
+            path: ex.path,
+            named,
+        };
+        match caller.allow(&ask) {
+            Ok(allowed) => {
+                ex.verdict.allowed = true;
+                ex.verdict.rule = Some(Ruled::Rule(allowed.rule));
+                Ok(allowed)
+            }
+            Err(denial) => {
+                ex.verdict.rule = Some(Ruled::Reason(denial.code()));
+                let account = named.or(provider.config.default_account.as_deref()).map(str::to_string);
+                ex.verdict.account = account.as_deref().map(Into::into);
+                Err(ProxyError::Forbidden {
+                    caller: caller.name.to_string(),
+                    provider: Some(provider.name().to_string()),
+                    account,
+                    denial: Forbidden::Rule(denial),
+                })
+            }
+        }
+    }
+
     /// Whose token the request carries (SPEC §8): a single-account provider's one credential;
-    /// for a multi-account provider the account named by the `Tokenproxy-Account` header, else
-    /// by the proxy credentials' user name, else the provider's `default_account`.
+    /// for a multi-account provider the account `named` (by the `Tokenproxy-Account` header, the
+    /// proxy credentials' user name or a caller's rule), else the provider's `default_account`.
     fn find_credential(
         &self,
         provider: &Provider,
-        asked: &Asked<'_>,
+        named: Option<&str>,
         ex: &Exchange<'_>,
     ) -> Result<Found, ProxyError> {
         if let Some(single) = provider.single() {
             return Ok(Found::Ready(single.clone()));
         }
         let bad = |reason| ProxyError::BadAccount { provider: provider.name().to_string(), reason };
-        let named = match asked.account.map_err(bad)? {
-            Some(value) => Some(value.to_str().map_err(|_| bad(BadAccount::Character))?),
-            None => ex.proxy_user,
-        };
         provider.find_credential(named).map_err(|e| match e {
             AccountError::Required => ProxyError::AccountRequired {
                 provider: provider.name().to_string(),
-                asked_on: if ex.entry == Entry::Forward {
+                // With callers, the proxy credentials name the caller: only the header is left.
+                asked_on: if ex.entry == Entry::Forward && ex.verdict.caller.is_none() {
                     AccountAsk::ForwardPort
                 } else {
                     AccountAsk::Request

@@ -5,15 +5,16 @@
 use std::sync::Arc;
 
 use http::uri::{PathAndQuery, Scheme, Uri};
-use http::{Method, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::access::{Access, AccountUsed, Retried, finish};
-use super::decide::{Asked, Decision, Entry, Exchange, Injected};
+use super::access::{AccountUsed, Retried};
+use super::decide::{Asked, Decision, Entry, Exchange, Injected, Verdict};
 use super::{Proxy, Target, dial_error_ref, headers, replay, upstream};
 use crate::body::{BoxError, ProxyBody};
+use crate::callers::Peer;
 use crate::config::RouteConfig;
 use crate::errors::ProxyError;
 use crate::relay;
@@ -22,35 +23,38 @@ use crate::tokens::Provider;
 
 impl Proxy {
     /// A request on the forward-proxy port: absolute form, or CONNECT.
-    pub async fn handle_forward(self: &Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle_forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
             // Boxed, like every path that is not the common one: hyper keeps room for the
             // request future in every connection, idle or not, so its size is memory per
             // connection.
-            return Box::pin(self.handle_connect(req)).await;
+            return Box::pin(self.handle_connect(req, peer)).await;
         }
-        let mut access = self.access(&req);
-        let (provider, result) = match self.forward_target(&req) {
+        let mut access = self.access(&req, &peer);
+        let (method, uri) = (req.method().clone(), req.uri().clone());
+        let credentials = req.headers().get(http::header::PROXY_AUTHORIZATION).cloned();
+        match self.forward_target(&req) {
             Ok((target, provider)) => {
                 access.host(&target);
-                let proxy_user = headers::proxy_user(req.headers());
-                let ex = Exchange {
+                let mut ex = Exchange {
                     target,
                     provider: provider.as_ref(),
-                    proxy_user: proxy_user.as_deref(),
+                    credentials: credentials.as_ref().map(HeaderValue::as_bytes),
+                    peer: &peer,
+                    method: method.as_str(),
+                    path: uri.path(),
                     entry: Entry::Forward,
+                    verdict: Verdict::default(),
                 };
-                let result = self.forward(req, ex).await;
-                (provider, result)
+                let result = self.forward(req, &mut ex).await;
+                self.finish(provider.as_deref(), access, &ex.verdict, result)
             }
-            Err(e) => (None, Err(e)),
-        };
-        finish(provider.as_deref(), access, result)
-    }
-
-    /// The start of a request's access record; see [`Access`].
-    pub(super) fn access<B>(&self, req: &Request<B>) -> Access {
-        Access::start(self.settings.access_log, req)
+            Err(e) => self.finish(None, access, &Verdict::default(), Err(e)),
+        }
     }
 
     fn forward_target(&self, req: &Request<Incoming>) -> Result<(Target, Option<Arc<Provider>>), ProxyError> {
@@ -63,16 +67,19 @@ impl Proxy {
         }
         let target = Target::new(scheme.clone(), authority)?;
         let provider = self.providers.for_host(target.host(), target.port).cloned();
-        if provider.is_none() && !self.allow_unmatched {
-            return Err(ProxyError::unmatched_host(target.authority.to_string()));
-        }
         Ok((target, provider))
     }
 
     /// A request on a `[[routes]]` listener: it goes to the route's upstream whatever its form.
-    pub async fn handle_route(&self, route: &RouteConfig, req: Request<Incoming>) -> Response<ProxyBody> {
-        let mut access = self.access(&req);
+    pub async fn handle_route(
+        &self,
+        route: &RouteConfig,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<ProxyBody> {
+        let mut access = self.access(&req, &peer);
         let provider = self.providers.get(&route.provider).cloned();
+        let mut verdict = Verdict::default();
         let result = match Target::new(route.upstream_scheme.clone(), &route.upstream_authority) {
             Ok(target) => {
                 access.host(&target);
@@ -81,15 +88,23 @@ impl Proxy {
                 let joined = format!("{}{}", route.upstream_base_path, path);
                 match joined.parse::<PathAndQuery>() {
                     Ok(pq) => {
-                        parts.uri = Uri::from(pq);
+                        parts.uri = Uri::from(pq.clone());
+                        let credentials = parts.headers.get(http::header::PROXY_AUTHORIZATION).cloned();
+                        let method = parts.method.clone();
                         let req = Request::from_parts(parts, body);
-                        let ex = Exchange {
+                        let mut ex = Exchange {
                             target,
                             provider: provider.as_ref(),
-                            proxy_user: None,
+                            credentials: credentials.as_ref().map(HeaderValue::as_bytes),
+                            peer: &peer,
+                            method: method.as_str(),
+                            path: pq.path(),
                             entry: Entry::Route,
+                            verdict: Verdict::default(),
                         };
-                        self.forward(req, ex).await
+                        let result = self.forward(req, &mut ex).await;
+                        verdict = ex.verdict;
+                        result
                     }
                     // The path is not repeated: its query may hold a secret.
                     Err(_) => Err(ProxyError::BadTarget("the request path is not valid".into())),
@@ -97,7 +112,7 @@ impl Proxy {
             }
             Err(e) => Err(e),
         };
-        finish(provider.as_deref(), access, result)
+        self.finish(provider.as_deref(), access, &verdict, result)
     }
 
     /// The one forwarding path: inject the provider's token if there is one, relay, and after a
@@ -105,7 +120,7 @@ impl Proxy {
     pub(super) async fn forward(
         &self,
         req: Request<Incoming>,
-        ex: Exchange<'_>,
+        ex: &mut Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         match headers::upgrade_protocol(&req) {
             None => self.forward_message(req, None, ex).await,
@@ -120,7 +135,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         protocol: http::HeaderValue,
-        ex: Exchange<'_>,
+        ex: &mut Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let client_side = hyper::upgrade::on(&mut req);
         // The joined connection keeps the client connection's place under max_connections.
@@ -148,13 +163,11 @@ impl Proxy {
 
     /// Forwards one request and its response. `upgrade` is the protocol of an `Upgrade`
     /// request, whose hop-by-hop headers are re-created for the upstream.
-    /// Forwards one request and its response. `upgrade` is the protocol of an `Upgrade`
-    /// request, whose hop-by-hop headers are re-created for the upstream.
     async fn forward_message(
         &self,
         req: Request<Incoming>,
         upgrade: Option<http::HeaderValue>,
-        mut ex: Exchange<'_>,
+        ex: &mut Exchange<'_>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // Removed whoever the request goes to: it is tokenproxy's, not the upstream's.
@@ -170,7 +183,7 @@ impl Proxy {
             account: named_account.as_ref().map(Option::as_ref).map_err(|e| *e),
             carries: &|name| parts.headers.contains_key(name),
         };
-        let decision = self.decide(&mut ex, &asked).await?;
+        let decision = self.decide(ex, &asked).await?;
         let injected = match decision {
             Decision::Pass => None,
             Decision::Inject(injected) => {
@@ -192,18 +205,18 @@ impl Proxy {
 
         let Some(injected) = injected else {
             let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
-            return self.send(request, &ex).await;
+            return self.send(request, ex).await;
         };
         // What a retry needs: the head, and the body kept as it streams out (up to the limit).
         let head = clone_head(&parts);
         let (body, replay) = replay::tee(body, self.settings.max_replay_body, &self.replay_budget);
-        let mut response = self.send(Request::from_parts(parts, body.boxed()), &ex).await?;
+        let mut response = self.send(Request::from_parts(parts, body.boxed()), ex).await?;
         let status = response.status();
         if injected.provider.config.refresh_on_status.contains(&status) {
-            response = Box::pin(self.retry_with_fresh_token(&ex, &injected, head, replay, response)).await?;
+            response = Box::pin(self.retry_with_fresh_token(ex, &injected, head, replay, response)).await?;
         }
-        if self.settings.access_log {
-            // For the access log line, which names the account by its fingerprint.
+        if self.keeps_lines() {
+            // For the access log and audit lines, which name the account by its fingerprint.
             response.extensions_mut().insert(AccountUsed(injected.credential));
         }
         Ok(response)

@@ -21,13 +21,15 @@ pub mod upstream;
 
 use std::sync::Arc;
 
+use crate::audit::Audit;
+use crate::callers::Callers;
 use crate::config::ProxySettings;
 use crate::drain::DrainHandle;
 use crate::egress::{DialError, Egress};
 use crate::errors::ProxyError;
 use crate::tls::leaf::LeafCache;
 use crate::tokens::Providers;
-pub(crate) use decide::{Entry, Exchange};
+pub(crate) use decide::{Entry, Exchange, Verdict};
 use h1::pool::PlainPool;
 pub use target::Target;
 
@@ -50,6 +52,10 @@ pub struct Proxy {
     pub egress: Arc<Egress>,
     /// The bytes all replay copies may hold at once (`proxy.max_replay_total`).
     pub replay_budget: replay::ReplayBudget,
+    /// Who may use which credential (SPEC §13); none configured: every client is trusted.
+    pub callers: Arc<Callers>,
+    /// `[audit] file`, when set.
+    pub audit: Option<Audit>,
 }
 
 /// The answer for a connection that could not be made.

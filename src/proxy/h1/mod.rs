@@ -44,6 +44,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::callers::Peer;
 use crate::config::RouteConfig;
 use crate::drain::DrainWatch;
 use crate::errors::ProxyError;
@@ -165,7 +166,7 @@ impl Failure {
 
 impl PlainRelay {
     /// Serves `stream` until it closes, or until a request this module does not relay.
-    pub async fn serve(&self, stream: TcpStream, drain: &mut DrainWatch) -> Served {
+    pub async fn serve(&self, stream: TcpStream, peer: &Peer, drain: &mut DrainWatch) -> Served {
         let mut client = ClientSide { stream, buf: Vec::new(), start: 0 };
         let mut upstream = Held::new(self.proxy.plain.clone());
         let mut last = None;
@@ -175,7 +176,7 @@ impl PlainRelay {
                 HeadRead::Closed => return Served::Closed,
                 HeadRead::HandOff => return client.hand_off(),
             };
-            match self.exchange(&mut client, head_len, &mut upstream, &mut last).await {
+            match self.exchange(&mut client, peer, head_len, &mut upstream, &mut last).await {
                 Next::Serve if !drain.is_signaled() => {}
                 Next::Serve | Next::Close => return Served::Closed,
                 Next::HandOff => return client.hand_off(),
@@ -226,18 +227,19 @@ impl PlainRelay {
     async fn exchange(
         &self,
         client: &mut ClientSide,
+        peer: &Peer,
         head_len: usize,
         upstream: &mut Held,
         last: &mut Option<Resolved>,
     ) -> Next {
         let mut head = Vec::with_capacity(512);
-        let mut read = self.read_request(&client.unread()[..head_len], &mut head, last);
+        let mut read = self.read_request(&client.unread()[..head_len], peer, &mut head, last);
         if let Reading::LoadFirst(provider, name) = read {
             // An account's first request waits for its one read from the store, here as on
             // hyper's path, and keeps the connection on the relay.
             provider.load_named(&name).await;
             head.clear();
-            read = self.read_request(&client.unread()[..head_len], &mut head, last);
+            read = self.read_request(&client.unread()[..head_len], peer, &mut head, last);
         }
         let Reading::Request(request) = read else { return Next::HandOff };
         let mut out = Outgoing { token_line_at: head.len(), head };
@@ -245,11 +247,13 @@ impl PlainRelay {
         client.consume(head_len);
 
         let outcome = self.answer(client, upstream, &request, out).await;
+        let mut access = request.access;
         let (status, retried, next) = match outcome {
             Ok((status, retried, close)) => (status, retried, if close { Next::Close } else { Next::Serve }),
             Err(Failure::Refused(e)) => {
                 let status = e.status();
                 access::log_refusal(request.provider.as_deref(), &e);
+                access.refused(&e);
                 let sent = write_answer(&mut client.stream, e.into_response(), request.client_close).await;
                 (status, false, if sent && !request.client_close { Next::Serve } else { Next::Close })
             }
@@ -259,7 +263,8 @@ impl PlainRelay {
             Err(Failure::ClientGone) => return Next::Close,
         };
         let account = request.injected.as_ref().map(|i| i.credential.as_ref());
-        access::record(request.provider.as_deref(), request.access, status, account, retried);
+        let provider = request.provider.as_deref();
+        self.proxy.record(provider, access, &request.verdict, status, account, retried);
         next
     }
 

@@ -7,10 +7,11 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue};
 
 use super::{Listen, MAX_HEADERS, PlainRelay};
+use crate::callers::Peer;
 use crate::proxy::Target;
 use crate::proxy::access::Access;
-use crate::proxy::decide::{Asked, AtOnce, Decision, Entry, Exchange, Injected};
-use crate::proxy::headers::{self, Kind};
+use crate::proxy::decide::{Asked, AtOnce, Decision, Entry, Exchange, Injected, Verdict};
+use crate::proxy::headers::Kind;
 use crate::tokens::Provider;
 
 /// A request head this module relays, read and checked; the head for the upstream is in
@@ -25,9 +26,14 @@ pub(super) struct Request {
     pub(super) idempotent: bool,
     pub(super) client_close: bool,
     pub(super) access: Access,
+    /// What the rules decided, for the audit line.
+    pub(super) verdict: Verdict,
 }
 
 /// What became of a request head.
+// Not boxed: a `Request` is made for every relayed request and moved once; a box would be an
+// allocation each.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Reading {
     Request(Request),
     /// Its account must be read from the store first (once per account); then it is read again.
@@ -50,10 +56,11 @@ impl PlainRelay {
     pub(super) fn read_request(
         &self,
         head: &[u8],
+        peer: &Peer,
         out: &mut Vec<u8>,
         last: &mut Option<Resolved>,
     ) -> Reading {
-        match self.try_read_request(head, out, last) {
+        match self.try_read_request(head, peer, out, last) {
             Some(read) => read,
             None => Reading::HandOff,
         }
@@ -62,6 +69,7 @@ impl PlainRelay {
     fn try_read_request(
         &self,
         head: &[u8],
+        peer: &Peer,
         out: &mut Vec<u8>,
         last: &mut Option<Resolved>,
     ) -> Option<Reading> {
@@ -75,7 +83,7 @@ impl PlainRelay {
             kinds: names,
             connection,
             named_account,
-            proxy_user,
+            credentials,
         } = parse(head, &self.listen, &mut storage)?;
         let (target, provider) = match last {
             Some(resolved) if *resolved.written == *authority.as_bytes() => {
@@ -97,14 +105,26 @@ impl PlainRelay {
             Kind::Te => h.value.trim_ascii().eq_ignore_ascii_case(b"trailers"),
             _ => false,
         };
+        // The rules see the path the upstream gets (a route's base path first), without the query.
+        let path_only = path_only(written, &self.listen);
+        let rules_path: std::borrow::Cow<'_, str> = match &self.listen {
+            Listen::Route(route) if !route.upstream_base_path.is_empty() => {
+                format!("{}{path_only}", route.upstream_base_path).into()
+            }
+            _ => path_only.into(),
+        };
         let mut ex = Exchange {
             target,
             provider: provider.as_ref(),
-            proxy_user: proxy_user.as_deref(),
+            credentials,
+            peer,
+            method,
+            path: &rules_path,
             entry: match self.listen {
                 Listen::Forward => Entry::Forward,
                 Listen::Route(_) => Entry::Route,
             },
+            verdict: Verdict::default(),
         };
         let carries = |name: &HeaderName| {
             let name = name.as_str().as_bytes();
@@ -121,7 +141,7 @@ impl PlainRelay {
             AtOnce::Load(provider, name) => return Some(Reading::LoadFirst(provider, name)),
             AtOnce::Decided(Err(_)) | AtOnce::Wait => return None,
         };
-        let target = ex.target;
+        let (target, verdict) = (ex.target, ex.verdict);
 
         // The upstream's head: origin form, `Host` from the target, the end-to-end headers.
         out.extend_from_slice(method.as_bytes());
@@ -139,8 +159,7 @@ impl PlainRelay {
         }
 
         let client_close = tokens(connection).any(|t| t.eq_ignore_ascii_case(b"close"));
-        let mut access =
-            Access::begin(self.proxy.settings.access_log, method, || path_only(written, &self.listen));
+        let mut access = Access::begin(self.proxy.keeps_lines(), method, || path_only, peer.listener);
         access.host(&target);
         Some(Reading::Request(Request {
             target,
@@ -150,6 +169,7 @@ impl PlainRelay {
             idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"),
             client_close,
             access,
+            verdict,
         }))
     }
 
@@ -159,9 +179,6 @@ impl PlainRelay {
             Listen::Forward => {
                 let target = forward_target(written)?;
                 let provider = self.proxy.providers.for_host(target.host(), target.port).cloned();
-                if provider.is_none() && !self.proxy.allow_unmatched {
-                    return None;
-                }
                 (target, provider)
             }
             Listen::Route(route) => {
@@ -188,7 +205,8 @@ pub(super) struct Parsed<'h> {
     /// The `Connection` header's value (empty without one).
     pub(super) connection: &'h [u8],
     pub(super) named_account: Option<HeaderValue>,
-    pub(super) proxy_user: Option<String>,
+    /// The `Proxy-Authorization` value.
+    pub(super) credentials: Option<&'h [u8]>,
 }
 
 /// Reads a request head the relay may serve: HTTP/1.1, no body, no upgrade or `Expect`, one
@@ -218,7 +236,7 @@ pub(super) fn parse<'h>(
     // The message's framing and tokenproxy's own headers, in one pass.
     let mut connection: &[u8] = b"";
     let mut named_account = None;
-    let mut proxy_user = None;
+    let mut credentials = None;
     let mut length = false;
     let mut kinds = [Kind::Other; MAX_HEADERS];
     for (h, kind) in parsed.headers.iter().zip(&mut kinds) {
@@ -233,7 +251,9 @@ pub(super) fn parse<'h>(
             // Two: hyper's path answers them, so both codecs decide alike (SPEC §5).
             Kind::Account if named_account.is_some() => return None,
             Kind::Account => named_account = Some(HeaderValue::from_bytes(h.value).ok()?),
-            Kind::ProxyAuthorization => proxy_user = headers::proxy_user_of(h.value),
+            // Two: hyper's path reads the first, as `HeaderMap::get` does.
+            Kind::ProxyAuthorization if credentials.is_some() => return None,
+            Kind::ProxyAuthorization => credentials = Some(h.value),
             _ => {}
         }
     }
@@ -251,7 +271,7 @@ pub(super) fn parse<'h>(
         }
     };
     let headers: &'h [httparse::Header<'h>] = parsed.headers;
-    Some(Parsed { method, written, authority, path, headers, kinds, connection, named_account, proxy_user })
+    Some(Parsed { method, written, authority, path, headers, kinds, connection, named_account, credentials })
 }
 
 /// The bytes of a request target the relay passes on as written: RFC 3986's unreserved and

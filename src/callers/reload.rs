@@ -1,0 +1,95 @@
+//! Edits take effect without a restart, within a second (SPEC §13): the config file and every
+//! caller's secret and JWKS file are looked at four times a second (their metadata only), and
+//! when one changed, the callers are read again and the table replaced whole.
+//!
+//! A config that no longer loads keeps the callers in force (a half-saved edit must not open the
+//! proxy to everyone or shut it for everyone), with an error in the log until it is mended. A
+//! secret or JWKS file that cannot be used closes that identity: deleting a caller's secret
+//! file revokes it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::{Callers, Table};
+use crate::config::Config;
+
+/// How often the files are looked at: a revocation is in force within this plus a rebuild.
+const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+/// What is known of a file without reading it; a change in any part is an edit (a rename over
+/// it changes the inode, a Kubernetes `..data` swap changes what the path leads to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    modified: Option<SystemTime>,
+    changed: i64,
+    len: u64,
+    inode: u64,
+}
+
+fn look(path: &Path) -> Option<Seen> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Seen {
+        modified: meta.modified().ok(),
+        changed: meta.ctime_nsec() + meta.ctime() * 1_000_000_000,
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+/// The files a table was built from: the config's and each caller's secret and JWKS file.
+fn files_of(source: &Path, table: &Table) -> Vec<PathBuf> {
+    let mut files = vec![source.to_path_buf()];
+    for config in &table.configs {
+        files.extend(config.secret_file.iter().cloned());
+        files.extend(config.jwt.iter().map(|j| j.jwks_file.clone()));
+    }
+    files
+}
+
+/// Watches for edits until the task is aborted.
+pub async fn keep_current(callers: Arc<Callers>, source: PathBuf) {
+    let mut files = files_of(&source, &callers.current());
+    let mut seen: Vec<Option<Seen>> = files.iter().map(|f| look(f)).collect();
+    let mut every = tokio::time::interval(LOOK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now: Vec<Option<Seen>> = files.iter().map(|f| look(f)).collect();
+        if now == seen {
+            continue;
+        }
+        let loaded = {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || reload(&source)).await
+        };
+        if let Ok(Some(table)) = loaded {
+            callers.replace(table);
+        }
+        // The new table may name other files; what they are now is the baseline.
+        files = files_of(&source, &callers.current());
+        seen = files.iter().map(|f| look(f)).collect();
+    }
+}
+
+/// The callers of the config as it is now, or `None` when it does not load.
+fn reload(source: &Path) -> Option<Table> {
+    let config = match Config::load(source) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(
+                config = %source.display(),
+                problems = %e.problems.join("; "),
+                "the config file changed but does not load: the callers in force stay as they were"
+            );
+            return None;
+        }
+    };
+    let (table, problems) = Table::build(&config.callers);
+    for problem in &problems {
+        tracing::warn!(problem = %problem, "caller identity closed until this is mended");
+    }
+    tracing::info!(callers = config.callers.len(), "callers reloaded");
+    Some(table)
+}
