@@ -144,6 +144,7 @@ pub async fn check(config: &Config) -> bool {
     if config.providers.is_empty() {
         println!("no providers configured: every request is forwarded untouched");
     }
+    check_callers(config, &mut problems);
     for warning in config.loose_permission_warnings(true) {
         println!("warning: {warning}");
     }
@@ -154,6 +155,39 @@ pub async fn check(config: &Config) -> bool {
         println!("config {} is valid", config.source.display());
     }
     problems.is_empty()
+}
+
+/// The callers (SPEC §13): each with its identities and rules, and the files they are read from
+/// (a problem each when one cannot be used). No secret is shown.
+fn check_callers(config: &Config, problems: &mut Vec<String>) {
+    if config.callers.is_empty() {
+        println!("no callers configured: every client that reaches the proxy is trusted");
+    }
+    for caller in &config.callers {
+        println!("caller {}", caller.name);
+        for identity in caller.identities() {
+            println!("  identity: {identity}");
+        }
+        for (i, rule) in caller.rules.iter().enumerate() {
+            println!("  allow[{i}]: {rule}");
+        }
+        if caller.rules.is_empty() {
+            println!("  no rules: it may use no provider's credential");
+        }
+        println!(
+            "  hosts of no provider: {}",
+            if caller.egress { "under [egress]" } else { "refused (egress = false)" }
+        );
+    }
+    let (_, file_problems) = crate::callers::Table::build(&config.callers);
+    problems.extend(file_problems);
+    match &config.audit {
+        Some(crate::callers::config::AuditTarget::File(path)) => {
+            println!("audit lines go to {}", path.display())
+        }
+        Some(crate::callers::config::AuditTarget::Stdout) => println!("audit lines go to standard output"),
+        None => {}
+    }
 }
 
 /// At most this many accounts are listed one per line by `check`.

@@ -203,6 +203,39 @@ async fn inside() {
     assert_eq!(api.last().path, "/v1/still");
     drop(proxy);
 
+    // With callers (SPEC §13), redirected connections are told apart by their socket's owner:
+    // the client's uid has a rule for some paths of the provider; root has none.
+    let with_callers = format!(
+        "{config}[callers.app]\nuids = [{CLIENT_UID}]\n[[callers.app.allow]]\nprovider = \"api\"\npaths = [\"/v1/allowed*\"]\n"
+    );
+    let proxy = TokenProxy::start_unprivileged(dir.path(), &with_callers);
+    client(curl(&["--cacert", &ca, "https://api.test/v1/allowed"]), vec![]).await.unwrap();
+    assert_eq!(
+        (api.last().path.as_str(), api.last().authorization()),
+        ("/v1/allowed", Some("Bearer at-transparent"))
+    );
+    let before = api.seen().len() + api_plain.seen().len();
+    for url in ["https://api.test/v1/denied", "http://api.test/v1/denied"] {
+        let denied = client(curl(&["--cacert", &ca, url]), vec![]).await;
+        assert!(denied.as_ref().is_err_and(|e| e.contains("403")), "{url}: {denied:?}");
+    }
+    let root = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "15",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://api.test/v1/allowed",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&root.stdout), "407", "a uid no caller has");
+    assert_eq!(api.seen().len() + api_plain.seen().len(), before, "a refused request reached the provider");
+    drop(proxy);
+
     // Rules that spare another user than tokenproxy's (`--uid` wrong): tokenproxy's own dial to
     // an unmatched host is redirected back to it. That loop is refused at once, not relayed again
     // (it went round 1,015 times in 0.1 s before), and tokenproxy stays up.

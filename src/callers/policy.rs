@@ -79,39 +79,53 @@ impl Denial {
     }
 }
 
+/// Why no rule allowed a request: what the closest one did not allow, and the account it would
+/// have used.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub denial: Denial,
+    pub account: Option<Box<str>>,
+}
+
 impl Caller {
     /// The first rule that allows `ask`, or what the closest one did not allow.
-    pub fn allow(&self, ask: &Ask<'_>) -> Result<Allowed, Denial> {
-        let mut closest = Denial::Provider;
+    pub fn allow(&self, ask: &Ask<'_>) -> Result<Allowed, Refusal> {
+        let mut closest = Refusal {
+            denial: Denial::Provider,
+            account: ask.multi_account.then(|| ask.named.or(ask.provider_default)).flatten().map(Into::into),
+        };
         for (i, rule) in self.rules.iter().enumerate() {
             if *rule.provider != *ask.provider {
                 continue;
             }
-            if let Some(methods) = &rule.methods
-                && !methods.iter().any(|m| m.as_str() == ask.method)
-            {
-                closest = closest.max(Denial::Method);
-                continue;
-            }
-            if let Some(paths) = &rule.paths
-                && !(plain_path(ask.path) && paths.iter().any(|p| glob(p, ask.path)))
-            {
-                closest = closest.max(Denial::Path);
-                continue;
-            }
-            if !ask.multi_account {
-                return Ok(Allowed { rule: i, account: None });
-            }
-            let account = ask.named.or(rule.default_account.as_deref()).or(ask.provider_default);
-            let fits = match (&rule.accounts, account) {
-                (None, _) => true,
-                (Some(patterns), Some(account)) => patterns.iter().any(|p| glob(p, account)),
-                (Some(_), None) => false,
+            let account = match ask.multi_account {
+                true => ask.named.or(rule.default_account.as_deref()).or(ask.provider_default),
+                false => None,
             };
-            if fits {
-                return Ok(Allowed { rule: i, account: account.map(Into::into) });
+            let denial = if rule.methods.as_ref().is_some_and(|m| !m.iter().any(|m| m.as_str() == ask.method))
+            {
+                Denial::Method
+            } else if rule
+                .paths
+                .as_ref()
+                .is_some_and(|p| !(plain_path(ask.path) && p.iter().any(|p| glob(p, ask.path))))
+            {
+                Denial::Path
+            } else {
+                let fits = match (&rule.accounts, account) {
+                    _ if !ask.multi_account => true,
+                    (None, _) => true,
+                    (Some(patterns), Some(account)) => patterns.iter().any(|p| glob(p, account)),
+                    (Some(_), None) => false,
+                };
+                if fits {
+                    return Ok(Allowed { rule: i, account: account.map(Into::into) });
+                }
+                Denial::Account
+            };
+            if denial > closest.denial {
+                closest = Refusal { denial, account: account.map(Into::into) };
             }
-            closest = closest.max(Denial::Account);
         }
         Err(closest)
     }
@@ -224,12 +238,15 @@ mod tests {
             Ok(Allowed { rule: 1, account: Some("billing".into()) })
         );
         assert_eq!(c.allow(&ask("POST", "/v1/x", Some("shop-eu"))).map(|a| a.rule), Ok(1));
-        assert_eq!(c.allow(&ask("POST", "/v1/x", Some("alice"))), Err(Denial::Account));
-        assert_eq!(c.allow(&ask("DELETE", "/v1/x", None)), Err(Denial::Method));
-        assert_eq!(c.allow(&ask("GET", "/v1/refunds", None)), Err(Denial::Path));
-        assert_eq!(c.allow(&ask("GET", "/v1/charges/../refunds", None)), Err(Denial::Path));
+        let refused =
+            |denial, account: Option<&str>| Err(Refusal { denial, account: account.map(Into::into) });
+        assert_eq!(c.allow(&ask("POST", "/v1/x", Some("alice"))), refused(Denial::Account, Some("alice")));
+        assert_eq!(c.allow(&ask("DELETE", "/v1/x", None)), refused(Denial::Method, None));
+        assert_eq!(c.allow(&ask("PUT", "/v1/x", None)), refused(Denial::Method, None));
+        assert_eq!(c.allow(&ask("GET", "/v1/refunds", None)), refused(Denial::Path, None));
+        assert_eq!(c.allow(&ask("GET", "/v1/charges/../refunds", None)), refused(Denial::Path, None));
         let other = Ask { provider: "github", ..ask("GET", "/", None) };
-        assert_eq!(c.allow(&other), Err(Denial::Provider));
+        assert_eq!(c.allow(&other), refused(Denial::Provider, None));
     }
 
     #[test]
@@ -242,6 +259,6 @@ mod tests {
         let single = Ask { multi_account: false, ..ask("GET", "/", Some("alice")) };
         assert_eq!(c.allow(&single), Ok(Allowed { rule: 0, account: None }));
         let lower = Ask { multi_account: false, ..ask("get", "/", None) };
-        assert_eq!(c.allow(&lower), Err(Denial::Method));
+        assert_eq!(c.allow(&lower), Err(Refusal { denial: Denial::Method, account: None }));
     }
 }

@@ -2,6 +2,10 @@
 //! caller's secret and JWKS file are looked at four times a second (their metadata only), and
 //! when one changed, the callers are read again and the table replaced whole.
 //!
+//! An edit is best made by writing a new file and renaming it over the old one: a file read while
+//! it is being written is read again on the next look, but until then a half-written config or
+//! secret is what is in force.
+//!
 //! A config that no longer loads keeps the callers in force (a half-saved edit must not open the
 //! proxy to everyone or shut it for everyone), with an error in the log until it is mended. A
 //! secret or JWKS file that cannot be used closes that identity: deleting a caller's secret
@@ -67,9 +71,18 @@ pub async fn keep_current(callers: Arc<Callers>, source: PathBuf) {
         if let Ok(Some(table)) = loaded {
             callers.replace(table);
         }
-        // The new table may name other files; what they are now is the baseline.
+        // What the files were before they were read is the baseline: one written again while
+        // it was being read (a half-written edit) is read once more on the next look. A file the
+        // new table names for the first time is taken as it is now.
+        let before: Vec<(PathBuf, Option<Seen>)> = files.into_iter().zip(now).collect();
         files = files_of(&source, &callers.current());
-        seen = files.iter().map(|f| look(f)).collect();
+        seen = files
+            .iter()
+            .map(|f| match before.iter().find(|(path, _)| path == f) {
+                Some((_, was)) => was.clone(),
+                None => look(f),
+            })
+            .collect();
     }
 }
 

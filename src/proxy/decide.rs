@@ -264,15 +264,15 @@ impl Proxy {
                 ex.verdict.rule = Some(Ruled::Rule(allowed.rule));
                 Ok(allowed)
             }
-            Err(denial) => {
-                ex.verdict.rule = Some(Ruled::Reason(denial.code()));
-                let account = named.or(provider.config.default_account.as_deref()).map(str::to_string);
-                ex.verdict.account = account.as_deref().map(Into::into);
+            Err(refusal) => {
+                ex.verdict.rule = Some(Ruled::Reason(refusal.denial.code()));
+                let account = refusal.account.as_deref().map(str::to_string);
+                ex.verdict.account = refusal.account;
                 Err(ProxyError::Forbidden {
                     caller: caller.name.to_string(),
                     provider: Some(provider.name().to_string()),
                     account,
-                    denial: Forbidden::Rule(denial),
+                    denial: Forbidden::Rule(refusal.denial),
                 })
             }
         }
