@@ -133,7 +133,11 @@ async fn handle(
         .await
         .map_err(|e| format!("relay to {original}: {e}"))?;
     tracing::debug!(original = %original, "transparent connection: relayed untouched");
-    relay::join(stream, upstream, proxy.settings.idle_timeout, drain).await;
+    let joined = relay::join(stream, upstream, proxy.settings.idle_timeout, drain);
+    tokio::select! {
+        _ = joined => {}
+        () = proxy.revoked(&ex.target, None, &peer) => {}
+    }
     Ok(())
 }
 

@@ -733,6 +733,32 @@ async fn a_secret_rotated_or_a_rule_removed_while_a_tunnel_is_open_refuses_its_n
     assert_eq!(answer.status, 403, "{}", answer.body);
     assert_eq!(answer.json()["not_allowed"], "no_rule_for_provider");
 
+    // An opaque tunnel to a host of no provider has no request to refuse: it is closed when a
+    // reload takes its caller's egress away.
+    let elsewhere = MockApi::start().await;
+    let mut opaque = TcpStream::connect(s.tp.proxy).await.unwrap();
+    let connect = format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
+        elsewhere.authority(),
+        basic("billing", "rotated-secret-Zk90")
+    );
+    opaque.write_all(connect.as_bytes()).await.unwrap();
+    assert!(read_head(&mut opaque).await.starts_with("HTTP/1.1 200"));
+    let inside = format!("GET /whoami HTTP/1.1\r\nHost: {}\r\n\r\n", elsewhere.authority());
+    opaque.write_all(inside.as_bytes()).await.unwrap();
+    assert_eq!(read_answer(&mut opaque).await.status, 200);
+    let config = std::fs::read_to_string(s.config_path()).unwrap();
+    std::fs::write(
+        s.config_path(),
+        config.replace("[callers.billing]\n", "[callers.billing]\negress = false\n"),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), opaque.read(&mut byte)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the tunnel is closed: {closed:?}");
+    assert_eq!(elsewhere.seen().len(), 1);
+
     // A config edit that does not load keeps the callers in force (and says so in the log).
     std::fs::write(s.config_path(), "[callers.billing\nbroken").unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -29,11 +29,19 @@ pub use policy::{Allowed, Denial};
 /// The callers in force, replaced whole on a reload.
 pub struct Callers {
     table: ArcSwap<Table>,
+    /// Told of every replacement: an opaque tunnel has no request to refuse, so it asks again
+    /// whether its caller may still hold it ([`Callers::replaced`]).
+    replacements: tokio::sync::watch::Sender<()>,
 }
 
 impl Callers {
     pub fn new(table: Table) -> Callers {
-        Callers { table: ArcSwap::from_pointee(table) }
+        Callers { table: ArcSwap::from_pointee(table), replacements: tokio::sync::watch::Sender::new(()) }
+    }
+
+    /// Resolves each time the table is replaced.
+    pub fn replaced(&self) -> tokio::sync::watch::Receiver<()> {
+        self.replacements.subscribe()
     }
 
     /// No callers: every client is trusted.
@@ -48,6 +56,7 @@ impl Callers {
 
     pub fn replace(&self, table: Table) {
         self.table.store(Arc::new(table));
+        self.replacements.send_replace(());
     }
 }
 

@@ -10,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -88,13 +87,8 @@ impl Proxy {
                 };
                 let upgrade = hyper::upgrade::on(&mut req);
                 let place = req.extensions().get::<ConnectionPermit>().cloned();
-                tokio::spawn(tunnel(
-                    upgrade,
-                    upstream,
-                    self.settings.idle_timeout,
-                    self.drain.clone(),
-                    place,
-                ));
+                let admitted = Admitted { proxy: self.clone(), target, credentials, peer };
+                tokio::spawn(admitted.tunnel(upgrade, upstream, place));
                 self.finish(None, access, &verdict, Ok(connection_established()))
             }
         }
@@ -284,20 +278,30 @@ fn connection_established() -> Response<ProxyBody> {
     Response::new(Empty::<Bytes>::new().map_err(|e| -> BoxError { match e {} }).boxed())
 }
 
-/// A blind tunnel: bytes both ways, untouched, until both sides are done, the tunnel has been
-/// idle for `idle_timeout`, or shutdown (a blind tunnel has no request boundary to wait for).
-async fn tunnel(
-    upgrade: OnUpgrade,
-    upstream: TcpStream,
-    idle_timeout: Duration,
-    drain: crate::drain::DrainHandle,
-    _place: Option<ConnectionPermit>,
-) {
-    let Some(drain) = drain.watch() else { return };
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
-    };
-    let end = relay::join(TokioIo::new(upgraded), upstream, idle_timeout, drain).await;
-    tracing::debug!(end = ?end, "tunnel closed");
+/// A CONNECT to a host of no provider, admitted: what it was admitted with, asked again after
+/// every reload of the callers.
+struct Admitted {
+    proxy: Arc<Proxy>,
+    target: Target,
+    credentials: Option<Box<[u8]>>,
+    peer: Arc<Peer>,
+}
+
+impl Admitted {
+    /// A blind tunnel: bytes both ways, untouched, until both sides are done, the tunnel has
+    /// been idle for `idle_timeout`, shutdown (a blind tunnel has no request boundary to wait
+    /// for), or its caller may no longer hold it.
+    async fn tunnel(self, upgrade: OnUpgrade, upstream: TcpStream, _place: Option<ConnectionPermit>) {
+        let Some(drain) = self.proxy.drain.watch() else { return };
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        };
+        let joined = relay::join(TokioIo::new(upgraded), upstream, self.proxy.settings.idle_timeout, drain);
+        let revoked = self.proxy.revoked(&self.target, self.credentials.as_deref(), &self.peer);
+        tokio::select! {
+            end = joined => tracing::debug!(end = ?end, "tunnel closed"),
+            () = revoked => {}
+        }
+    }
 }

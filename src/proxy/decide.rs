@@ -241,6 +241,37 @@ impl Proxy {
         Ok(())
     }
 
+    /// Resolves when a tunnel to a host of no provider may no longer be held: after a reload
+    /// (SPEC §13), its CONNECT is admitted again with what it was admitted with, and a refusal
+    /// ends it. An opaque tunnel has no request of its own to refuse.
+    pub(crate) async fn revoked(&self, target: &Target, credentials: Option<&[u8]>, peer: &Peer) {
+        let mut replaced = self.callers.replaced();
+        loop {
+            if replaced.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let mut ex = Exchange {
+                target: target.clone(),
+                provider: None,
+                credentials,
+                peer,
+                method: "CONNECT",
+                path: "-",
+                entry: Entry::Connect,
+                verdict: Verdict::default(),
+            };
+            if let Err(e) = self.admit(&mut ex) {
+                tracing::info!(
+                    host = %target.authority,
+                    caller = ex.verdict.caller.as_ref().map(|c| &*c.name),
+                    code = e.code(),
+                    "tunnel closed: its caller may no longer hold it"
+                );
+                return;
+            }
+        }
+    }
+
     /// The caller's rules for a request to `provider` (SPEC §13): the rule that allows it and
     /// the account it uses, or `403`.
     fn allowed(
