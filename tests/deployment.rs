@@ -264,10 +264,15 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
     for row in table.lines().filter(|l| l.starts_with("| `")) {
         let cell = row.split('|').nth(1).unwrap();
         let names: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
-        if let Some(routes) = names[0].strip_prefix("[[routes]] ") {
-            for key in routes.split(", ") {
-                documented.entry("routes".into()).or_default().insert(key.into());
+        for (array, section) in [("[[routes]] ", "routes"), ("[[callers.NAME.allow]] ", "callers.NAME.allow")]
+        {
+            if let Some(keys) = names[0].strip_prefix(array) {
+                for key in keys.split(", ") {
+                    documented.entry(section.into()).or_default().insert(key.into());
+                }
             }
+        }
+        if names[0].starts_with("[[") {
             continue;
         }
         let (section, first) = names[0].rsplit_once('.').unwrap();
@@ -287,6 +292,10 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
         ("onboarding", "[onboarding]\nzz_probe = 1\n"),
         ("store", "[store]\nzz_probe = 1\n"),
         ("transparent", "[transparent]\nzz_probe = 1\n"),
+        ("callers.NAME", "[callers.x]\nzz_probe = 1\n"),
+        ("callers.NAME.jwt", "[callers.x.jwt]\nzz_probe = 1\n"),
+        ("callers.NAME.allow", "[[callers.x.allow]]\nzz_probe = 1\n"),
+        ("audit", "[audit]\nzz_probe = 1\n"),
     ];
     for (section, probe) in probes {
         let mut accepted = accepted_keys(probe);
