@@ -5,6 +5,7 @@
 #   bash bench/run.sh            # installs what it needs from Debian, builds tokenproxy (release)
 #   DURATION=10 bash bench/run.sh
 #   PEERS="tokenproxy mitmproxy" bash bench/run.sh   # a subset (direct is always measured)
+#   PEERS="tokenproxy tokenproxy-callers nginx" bash bench/run.sh   # with the callers rows (SPEC §13)
 #
 # Each proxy adds `Authorization: Bearer …` to a plain-HTTP absolute-form GET and forwards it to
 # one nginx upstream. Then the proxies that intercept TLS (tokenproxy, mitmproxy) do the same for
@@ -295,6 +296,67 @@ print(open(f"/proc/{sys.argv[1]}/status").read().split("VmRSS:")[1].split()[0])
 EOF
     rss_idle_after=$(cat "$WORK/tp/idle" 2>/dev/null || echo "")
     measure_https "tokenproxy" 18081 $TP_PID "$WORK/tp/ca/ca.pem"
+fi
+
+# tokenproxy with callers (SPEC §13), each against the plain tokenproxy above ("CPU vs
+# tokenproxy"): one caller with three rules (the third allows), 1,000 callers with ten rules each
+# (the client is the last caller, allowed by its tenth rule), the first with the audit log on; then
+# new connections (Connection: close, one request each) with no callers, a secret and a uid
+# (the socket table lookup). PEERS="tokenproxy tokenproxy-callers" runs just these.
+if want tokenproxy-callers && want tokenproxy; then
+    tp_callers() { # name callers rules identity(secret|uid) audit(on|off) lua
+        local name=$1 dir="$WORK/tpc-$1"
+        mkdir -p "$dir"
+        cp "$WORK/tp/token.json" "$dir/"
+        python3 - "$dir" "$2" "$3" "$4" "$5" "$UPSTREAM_PORT" "$(id -u)" <<'PY'
+import os, sys
+d, n, rules, identity, audit, port, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7]
+out = [f'[proxy]\nlisten = "127.0.0.1:18086"\n[admin]\nlisten = "127.0.0.1:18096"\n',
+       f'[providers.bench]\nhosts = ["127.0.0.1:{port}"]\ntoken_file = "token.json"\nallow_plaintext = true\n']
+if audit == "on":
+    out.append('[audit]\nfile = "audit.jsonl"\n')
+for i in range(n):
+    name = f"caller-{i:04d}"
+    if identity == "uid":
+        out.append(f'[callers.{name}]\nuids = [{int(uid) if i == n - 1 else 100000 + i}]\n')
+    else:
+        with open(f"{d}/{name}.secret", "w") as f:
+            f.write(f"secret-{name}-0123456789\n")
+        os.chmod(f"{d}/{name}.secret", 0o600)
+        out.append(f'[callers.{name}]\nsecret_file = "{name}.secret"\n')
+    for r in range(rules - 1):
+        # Rules the request passes over: another path, or another method.
+        out.append(f'[[callers.{name}.allow]]\nprovider = "bench"\n' + (f'paths = ["/v{r}/*"]\n' if r % 2 == 0 else 'methods = ["POST"]\n'))
+    out.append(f'[[callers.{name}.allow]]\nprovider = "bench"\nmethods = ["GET"]\npaths = ["/*"]\n')
+open(f"{d}/tokenproxy.toml", "w").write("".join(out))
+PY
+        RUST_LOG=warn taskset -c 0 "$TOKENPROXY" run --config "$dir/tokenproxy.toml" 2>"$dir/log" &
+        local pid=$!
+        PIDS+=($pid)
+        wait_port 18086 && measure "$name" 18086 $pid "$6"
+        kill "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    }
+    caller_lua() { # caller connection-close(yes|no): absolute form with the caller's credentials
+        local auth=""
+        [ -n "$1" ] && auth="wrk.headers[\"Proxy-Authorization\"] = \"Basic $(printf '%s:secret-%s-0123456789' "$1" "$1" | base64 -w0)\""
+        local close=""
+        [ "$2" = yes ] && close='wrk.headers["Connection"] = "close"'
+        printf 'wrk.path = "http://127.0.0.1:%s/"\nwrk.headers["Host"] = "127.0.0.1:%s"\n%s\n%s\n' \
+            "$UPSTREAM_PORT" "$UPSTREAM_PORT" "$auth" "$close"
+    }
+    caller_lua caller-0000 no > "$WORK/c1.lua"
+    caller_lua caller-0999 no > "$WORK/c1000.lua"
+    caller_lua caller-0000 yes > "$WORK/c1-close.lua"
+    caller_lua "" yes > "$WORK/open-close.lua"
+    caller_lua "" no > "$WORK/uid.lua"
+    tp_callers "tp 1 caller, 3 rules" 1 3 secret off "$WORK/c1.lua"
+    tp_callers "tp 1000/10000 rules" 1000 10 secret off "$WORK/c1000.lua"
+    tp_callers "tp 1 caller + audit" 1 3 secret on "$WORK/c1.lua"
+    tp_callers "tp 1 caller by uid" 1 3 uid off "$WORK/uid.lua"
+    tp_callers "tp new conn, open" 0 0 secret off "$WORK/open-close.lua"
+    tp_callers "tp new conn, secret" 1 3 secret off "$WORK/c1-close.lua"
+    tp_callers "tp new conn, uid" 1 3 uid off "$WORK/open-close.lua"
 fi
 
 # nginx as a reverse proxy: not a forward proxy (no CONNECT, no routing by the request's host),

@@ -161,15 +161,17 @@ impl Table {
         let caller = std::str::from_utf8(name).ok().and_then(|name| self.by_name.get(name));
         let looks_like_jwt = password.iter().filter(|&&b| b == b'.').count() == 2;
         match caller {
-            Some(caller) if caller.identity.secret.is_some() && !looks_like_jwt => {
+            Some(caller) => {
+                // The digest is made whether or not the caller has a secret: no timing tells.
                 let digest: [u8; 32] = Sha256::digest(password).into();
-                match caller.identity.secret {
-                    Some(secret) if constant_time_eq(&secret, &digest) => Ok(caller.clone()),
-                    _ => Err(Unknown::WrongSecret),
+                if caller.identity.secret.is_some_and(|secret| constant_time_eq(&secret, &digest)) {
+                    return Ok(caller.clone());
                 }
+                if caller.identity.jwt.is_some() && looks_like_jwt {
+                    return self.by_jwt(password, Some(caller));
+                }
+                Err(Unknown::WrongSecret)
             }
-            Some(caller) if looks_like_jwt => self.by_jwt(password, Some(caller)),
-            Some(_) => Err(Unknown::WrongSecret),
             None if looks_like_jwt => self.by_jwt(password, None),
             None => Err(Unknown::UnknownName),
         }
@@ -260,6 +262,65 @@ mod tests {
         b = a;
         b[0] ^= 0x80;
         assert!(!constant_time_eq(&a, &b));
+    }
+
+    fn basic(user: &str, password: &str) -> Vec<u8> {
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+            .into_bytes()
+    }
+
+    #[test]
+    fn proxy_credentials_prove_a_caller_only_with_its_own_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        // A secret may look like anything, a JWT's dots included.
+        std::fs::write(dir.path().join("a"), "sec.ret.with-dots\n").unwrap();
+        std::fs::write(dir.path().join("b"), "another-secret-b").unwrap();
+        let caller = |name: &str, file: &str| CallerConfig {
+            name: name.into(),
+            secret_file: Some(dir.path().join(file)),
+            uids: vec![],
+            jwt: None,
+            egress: true,
+            rules: vec![],
+        };
+        let (table, problems) = Table::build(&[caller("a", "a"), caller("b", "b")]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let who = |value: &[u8]| table.by_credentials(value).map(|c| c.name.to_string());
+        assert_eq!(who(&basic("a", "sec.ret.with-dots")), Ok("a".into()));
+        assert_eq!(who(&basic("b", "another-secret-b")), Ok("b".into()));
+        assert_eq!(who(&basic("a", "another-secret-b")), Err(Unknown::WrongSecret), "b's secret is not a's");
+        assert_eq!(who(&basic("a", "")), Err(Unknown::WrongSecret));
+        assert_eq!(who(&basic("c", "sec.ret.with-dots")), Err(Unknown::BadJwt), "no caller's JWT either");
+        assert_eq!(who(&basic("c", "whatever")), Err(Unknown::UnknownName));
+        assert_eq!(who(b"Digest abc"), Err(Unknown::Scheme));
+        assert_eq!(who(b"Basic !!!"), Err(Unknown::Scheme));
+        assert_eq!(who(b"Bearer a.b.c"), Err(Unknown::BadJwt));
+    }
+
+    #[test]
+    fn an_unusable_secret_or_jwks_file_is_a_problem_and_closes_that_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("short"), "abc").unwrap();
+        std::fs::write(dir.path().join("jwks.json"), r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#)
+            .unwrap();
+        let config = CallerConfig {
+            name: "x".into(),
+            secret_file: Some(dir.path().join("short")),
+            uids: vec![],
+            jwt: Some(super::super::config::JwtConfig {
+                jwks_file: dir.path().join("jwks.json"),
+                issuer: "i".into(),
+                audience: "a".into(),
+                subject: None,
+            }),
+            egress: true,
+            rules: vec![],
+        };
+        let (table, problems) = Table::build(&[config]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("no secret of at least 8 characters"), "{problems:?}");
+        assert!(problems[1].contains("no usable public key"), "a shared (oct) key is not used: {problems:?}");
+        assert_eq!(table.by_credentials(&basic("x", "abc")).map(|_| ()), Err(Unknown::WrongSecret));
     }
 
     #[test]
