@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::callers::Peer;
 use crate::drain::DrainWatch;
 use crate::proxy::access::Access;
-use crate::proxy::{Entry, Exchange, InterceptedHost, Proxy, Target, Verdict};
+use crate::proxy::{Exchange, InterceptedHost, Proxy, Target};
 use crate::relay;
 use crate::server::Acceptor;
 
@@ -110,16 +110,7 @@ async fn handle(
     let target =
         Target::new(Scheme::HTTPS, &Authority::try_from(original.to_string()).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
-    let mut ex = Exchange {
-        target,
-        provider: None,
-        credentials: None,
-        peer: &peer,
-        method: "CONNECT",
-        path: "-",
-        entry: Entry::Connect,
-        verdict: Verdict::default(),
-    };
+    let mut ex = Exchange::connect(target, None, None, &peer);
     if let Err(e) = proxy.admit(&mut ex) {
         let mut access = Access::begin(proxy.keeps_lines(), "CONNECT", || "-", peer.listener);
         access.host(&ex.target);

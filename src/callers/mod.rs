@@ -44,11 +44,6 @@ impl Callers {
         self.replacements.subscribe()
     }
 
-    /// No callers: every client is trusted.
-    pub fn none() -> Callers {
-        Callers::new(Table::default())
-    }
-
     /// The table for one decision.
     pub fn current(&self) -> arc_swap::Guard<Arc<Table>> {
         self.table.load()
@@ -145,9 +140,5 @@ impl Table {
                 None => Err(Unknown::NoIdentity),
             },
         }
-    }
-
-    pub fn callers(&self) -> impl Iterator<Item = &Arc<Caller>> {
-        self.by_name.values()
     }
 }

@@ -46,16 +46,7 @@ impl Proxy {
         // The proxy credentials hold for every request in the tunnel: each is decided with them.
         let credentials: Option<Box<[u8]>> =
             req.headers().get(http::header::PROXY_AUTHORIZATION).map(|v| v.as_bytes().into());
-        let mut ex = Exchange {
-            target: target.clone(),
-            provider: provider.as_ref(),
-            credentials: credentials.as_deref(),
-            peer: &peer,
-            method: "CONNECT",
-            path: "-",
-            entry: Entry::Connect,
-            verdict: Verdict::default(),
-        };
+        let mut ex = Exchange::connect(target.clone(), provider.as_ref(), credentials.as_deref(), &peer);
         if let Err(e) = self.admit(&mut ex) {
             return self.finish(provider.as_deref(), access, &ex.verdict, Err(e));
         }

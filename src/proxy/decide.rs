@@ -43,6 +43,28 @@ pub(crate) struct Exchange<'a> {
     pub verdict: Verdict,
 }
 
+impl<'a> Exchange<'a> {
+    /// A CONNECT (or a redirected connection) as [`Proxy::admit`] sees it: where it goes, who
+    /// sends it; its requests, if tokenproxy sees them, are exchanges of their own.
+    pub(crate) fn connect(
+        target: Target,
+        provider: Option<&'a Arc<Provider>>,
+        credentials: Option<&'a [u8]>,
+        peer: &'a Peer,
+    ) -> Exchange<'a> {
+        Exchange {
+            target,
+            provider,
+            credentials,
+            peer,
+            method: "CONNECT",
+            path: "-",
+            entry: Entry::Connect,
+            verdict: Verdict::default(),
+        }
+    }
+}
+
 /// Where a request entered: on the forward port, proxy credentials can still name an account
 /// (`407`); in a tunnel or on a route they cannot (`400`). A CONNECT is admitted (its caller,
 /// the host) and its requests are decided one by one.
@@ -250,16 +272,7 @@ impl Proxy {
             if replaced.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            let mut ex = Exchange {
-                target: target.clone(),
-                provider: None,
-                credentials,
-                peer,
-                method: "CONNECT",
-                path: "-",
-                entry: Entry::Connect,
-                verdict: Verdict::default(),
-            };
+            let mut ex = Exchange::connect(target.clone(), None, credentials, peer);
             if let Err(e) = self.admit(&mut ex) {
                 tracing::info!(
                     host = %target.authority,
