@@ -34,6 +34,8 @@ use crate::{metrics, tls};
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 /// How often expired pending authorizations are swept (each new flow also sweeps).
 const SWEEP_PENDING_EVERY: Duration = Duration::from_secs(600);
+/// How long the exit waits for the audit writer to write the lines still waiting.
+const AUDIT_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// A started proxy: every listener bound and serving.
 pub struct Running {
@@ -44,6 +46,7 @@ pub struct Running {
     shutdown_timeout: Duration,
     drain: Drain,
     background: Vec<tokio::task::JoinHandle<()>>,
+    audit: Option<Audit>,
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -107,6 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(target) => Some(Audit::start(target)?),
         None => None,
     };
+    let audit_at_exit = audit.clone();
     let mut own_listeners = vec![proxy_listener.local_addr()?, admin_listener.local_addr()?];
     for listener in &route_listeners {
         own_listeners.push(listener.local_addr()?);
@@ -228,6 +232,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         shutdown_timeout: config.proxy.shutdown_timeout,
         drain,
         background,
+        audit: audit_at_exit,
     })
 }
 
@@ -243,6 +248,12 @@ impl Running {
         let drained = self.drain.wait(self.shutdown_timeout).await;
         for task in self.background {
             task.abort();
+        }
+        if let Some(audit) = self.audit {
+            let flushed = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH_LIMIT)).await;
+            if !matches!(flushed, Ok(true)) {
+                tracing::warn!("audit lines still waiting at exit were not all written");
+            }
         }
         if drained {
             tracing::info!("all connections finished; bye");

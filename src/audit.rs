@@ -3,6 +3,10 @@
 //! and goes on; the writer appends, and reopens the file when it has been moved away (log
 //! rotation). A line that cannot be handed over or written is counted
 //! (`tokenproxy_audit_failures_total`) and logged, never retried at the request's expense.
+//!
+//! The writer wakes for the first line, then lets lines gather for a few milliseconds before it
+//! waits again: a writer woken for every line would cost every request a thread wake-up (most of
+//! the audit's cost, measured in bench/README.md). Shutdown flushes what is waiting.
 
 use std::fs::File;
 use std::io::Write;
@@ -18,12 +22,21 @@ use crate::callers::config::AuditTarget;
 const BACKLOG: usize = 64 * 1024;
 /// How often the writer checks, when idle, that its file is still the one at the path.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long lines gather after a write before the writer looks again: the most a line waits.
+const GATHER: Duration = Duration::from_millis(5);
 /// At most one log line about failures in this long.
 const COMPLAIN_EVERY: Duration = Duration::from_secs(10);
 
 /// Where a request's audit line goes.
+#[derive(Clone)]
 pub struct Audit {
-    lines: SyncSender<String>,
+    lines: SyncSender<Message>,
+}
+
+enum Message {
+    Line(String),
+    /// Answered once every line sent before it is written.
+    Flush(SyncSender<()>),
 }
 
 /// One decision, as its line says it. Never a token, secret or query.
@@ -73,20 +86,56 @@ impl Audit {
 
     /// Hands a line to the writer; never waits.
     pub fn record(&self, line: &Line<'_>) {
-        let Ok(mut text) = serde_json::to_string(line) else { return };
-        text.push('\n');
-        match self.lines.try_send(text) {
+        let mut text = Vec::with_capacity(256);
+        if serde_json::to_writer(&mut text, line).is_err() {
+            return;
+        }
+        text.push(b'\n');
+        // serde_json writes UTF-8 only.
+        let text = String::from_utf8(text).unwrap_or_default();
+        match self.lines.try_send(Message::Line(text)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => failed("backlog_full", 1),
             Err(TrySendError::Disconnected(_)) => failed("writer_gone", 1),
         }
     }
+
+    /// Waits (at most `limit`) until every line recorded so far is written: at shutdown.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        let mut flush = Message::Flush(done);
+        // A full backlog drains as the writer writes; a disk that hangs must not hold the exit.
+        loop {
+            match self.lines.try_send(flush) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    flush = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        written.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
+    }
 }
 
-/// The time of a line: RFC 3339, UTC, to the microsecond.
+/// The time of a line: RFC 3339, UTC, to the microsecond (`2026-12-05T12:00:00.123456Z`).
+/// The date and time of day are formatted once a second; the microseconds are appended.
 pub fn now() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
     let now = time::OffsetDateTime::now_utc();
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    SECOND.with_borrow_mut(|(second, prefix)| {
+        if *second != now.unix_timestamp() {
+            let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+            *prefix = now.format(&format).unwrap_or_default();
+            *second = now.unix_timestamp();
+        }
+        format!("{prefix}.{:06}Z", now.microsecond())
+    })
 }
 
 fn failed(reason: &'static str, lines: u64) {
@@ -119,11 +168,16 @@ fn still_at(file: &File, path: &Path) -> bool {
 }
 
 /// The writer: every line waiting is written at once; between lines, the file is checked.
-fn write_lines(mut sink: Sink, lines: Receiver<String>) {
+fn write_lines(mut sink: Sink, lines: Receiver<Message>) {
     let mut checked = Instant::now();
+    let mut flushed = Vec::new();
     loop {
         let first = match lines.recv_timeout(CHECK_EVERY) {
-            Ok(line) => Some(line),
+            Ok(Message::Line(line)) => Some(line),
+            Ok(Message::Flush(done)) => {
+                let _ = done.try_send(());
+                continue;
+            }
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return,
         };
@@ -147,7 +201,8 @@ fn write_lines(mut sink: Sink, lines: Receiver<String>) {
         let mut batch = first;
         while batch.len() < 256 * 1024 {
             match lines.try_recv() {
-                Ok(line) => batch.push_str(&line),
+                Ok(Message::Line(line)) => batch.push_str(&line),
+                Ok(Message::Flush(done)) => flushed.push(done),
                 Err(_) => break,
             }
         }
@@ -157,6 +212,12 @@ fn write_lines(mut sink: Sink, lines: Receiver<String>) {
         };
         if written.is_err() {
             failed("write", batch.matches('\n').count() as u64);
+        }
+        for done in flushed.drain(..) {
+            let _ = done.try_send(());
+        }
+        if batch.len() < 256 * 1024 {
+            std::thread::sleep(GATHER);
         }
     }
 }

@@ -894,6 +894,23 @@ async fn every_decision_has_an_audit_line_with_the_specs_fields_also_after_the_f
             assert!(!line.contains(secret), "a line holds {secret:?}: {line}");
         }
     }
+
+    // A burst, then SIGTERM at once: the exit writes every line still waiting for the writer.
+    let mut s = s;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(s.proxy_as("billing", BILLING_SECRET)).unwrap())
+        .build()
+        .unwrap();
+    const BURST: usize = 300;
+    for i in 0..BURST {
+        let r = client.get(s.url(&format!("/v1/charges/burst-{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    s.tp.signal("TERM");
+    assert_eq!(s.tp.wait_exit(Duration::from_secs(20)), Some(0), "a clean exit");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let burst = text.lines().filter(|l| l.contains("/v1/charges/burst-")).count();
+    assert_eq!(burst, BURST, "every line of the burst is in the file at exit");
 }
 
 #[tokio::test]
