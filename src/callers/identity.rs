@@ -143,12 +143,14 @@ struct Remembered {
 }
 
 impl Table {
-    pub(super) fn by_credentials(&self, value: &[u8]) -> Result<Arc<Caller>, Unknown> {
+    /// The caller `Proxy-Authorization` names, and what proved it.
+    pub(super) fn by_credentials(&self, value: &[u8]) -> Result<(Arc<Caller>, Proof), Unknown> {
+        let jwt = |caller| (caller, Proof::Jwt);
         let value = std::str::from_utf8(value).map_err(|_| Unknown::Scheme)?.trim();
         let (scheme, rest) = value.split_once(' ').ok_or(Unknown::Scheme)?;
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            return self.by_jwt(rest.as_bytes(), None);
+            return self.by_jwt(rest.as_bytes(), None).map(jwt);
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(Unknown::Scheme);
@@ -165,14 +167,14 @@ impl Table {
                 // The digest is made whether or not the caller has a secret: no timing tells.
                 let digest: [u8; 32] = Sha256::digest(password).into();
                 if caller.identity.secret.is_some_and(|secret| constant_time_eq(&secret, &digest)) {
-                    return Ok(caller.clone());
+                    return Ok((caller.clone(), Proof::Secret));
                 }
                 if caller.identity.jwt.is_some() && looks_like_jwt {
-                    return self.by_jwt(password, Some(caller));
+                    return self.by_jwt(password, Some(caller)).map(jwt);
                 }
                 Err(Unknown::WrongSecret)
             }
-            None if looks_like_jwt => self.by_jwt(password, None),
+            None if looks_like_jwt => self.by_jwt(password, None).map(jwt),
             None => Err(Unknown::UnknownName),
         }
     }
@@ -242,8 +244,23 @@ fn check_times(now: u64, exp: Option<u64>, nbf: Option<u64>) -> Result<(), Unkno
     Ok(())
 }
 
+/// What proved a caller: a secret holds for as long as the table; a JWT only until it expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proof {
+    Secret,
+    Jwt,
+}
+
 /// Equal digests, in time that does not depend on where they differ.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    equal_in_constant_time(a, b)
+}
+
+/// Equal byte strings, in time that depends on their lengths only.
+pub(super) fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }
@@ -285,7 +302,7 @@ mod tests {
         };
         let (table, problems) = Table::build(&[caller("a", "a"), caller("b", "b")]);
         assert!(problems.is_empty(), "{problems:?}");
-        let who = |value: &[u8]| table.by_credentials(value).map(|c| c.name.to_string());
+        let who = |value: &[u8]| table.by_credentials(value).map(|(c, _)| c.name.to_string());
         assert_eq!(who(&basic("a", "sec.ret.with-dots")), Ok("a".into()));
         assert_eq!(who(&basic("b", "another-secret-b")), Ok("b".into()));
         assert_eq!(who(&basic("a", "another-secret-b")), Err(Unknown::WrongSecret), "b's secret is not a's");
@@ -295,6 +312,25 @@ mod tests {
         assert_eq!(who(b"Digest abc"), Err(Unknown::Scheme));
         assert_eq!(who(b"Basic !!!"), Err(Unknown::Scheme));
         assert_eq!(who(b"Bearer a.b.c"), Err(Unknown::BadJwt));
+
+        // A connection remembers what its secret proved, for these credentials and this table.
+        let peer = super::super::Peer::new(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+            "proxy",
+        );
+        let name =
+            |table: &Table, value: &[u8]| table.identify(Some(value), &peer).map(|c| c.name.to_string());
+        assert_eq!(name(&table, &basic("a", "sec.ret.with-dots")), Ok("a".into()));
+        assert!(peer.remembered(table.generation, &basic("a", "sec.ret.with-dots")).is_some());
+        assert!(peer.remembered(table.generation, &basic("a", "sec.ret.with-dotz")).is_none());
+        assert_eq!(name(&table, &basic("a", "another-secret-b")), Err(Unknown::WrongSecret));
+        // A rotated secret is a new table: the old proof no longer holds.
+        std::fs::write(dir.path().join("a"), "rotated-secret-a").unwrap();
+        let (rotated, _) = Table::build(&[caller("a", "a"), caller("b", "b")]);
+        assert!(peer.remembered(rotated.generation, &basic("a", "sec.ret.with-dots")).is_none());
+        assert_eq!(name(&rotated, &basic("a", "sec.ret.with-dots")), Err(Unknown::WrongSecret));
+        assert_eq!(name(&rotated, &basic("a", "rotated-secret-a")), Ok("a".into()));
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct Table {
     verified: identity::Verified,
     /// What the table was built from, to tell whether a reload changed anything.
     pub(crate) configs: Vec<CallerConfig>,
+    /// Unique to this table: what a connection remembers of its caller holds only while the
+    /// table it was found in is in force ([`Peer::remembered`]).
+    generation: u64,
 }
 
 /// One caller: its identities, its rules, its decision counters.
@@ -100,7 +103,9 @@ impl Table {
     /// reload they are logged and that identity stays closed).
     pub fn build(configs: &[CallerConfig]) -> (Table, Vec<String>) {
         let mut problems = Vec::new();
-        let mut table = Table { configs: configs.to_vec(), ..Table::default() };
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut table = Table { configs: configs.to_vec(), generation, ..Table::default() };
         for config in configs {
             let name: Arc<str> = config.name.as_str().into();
             let identity = identity::Identities::load(config, &mut problems);
@@ -133,7 +138,18 @@ impl Table {
     /// socket. Credentials that prove no caller are refused, not passed over for the uid.
     pub fn identify(&self, credentials: Option<&[u8]>, peer: &Peer) -> Result<Arc<Caller>, Unknown> {
         match credentials {
-            Some(value) => self.by_credentials(value),
+            Some(value) => {
+                // A keep-alive connection sends the same credentials with every request: the
+                // caller its secret proved is remembered until the table is replaced.
+                if let Some(caller) = peer.remembered(self.generation, value) {
+                    return Ok(caller);
+                }
+                let (caller, proof) = self.by_credentials(value)?;
+                if proof == identity::Proof::Secret {
+                    peer.remember(self.generation, value, &caller);
+                }
+                Ok(caller)
+            }
             None if self.by_uid.is_empty() => Err(Unknown::NoIdentity),
             None => match peer.uid() {
                 Some(uid) => self.by_uid.get(&uid).cloned().ok_or(Unknown::Uid),
