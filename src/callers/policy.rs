@@ -94,6 +94,8 @@ impl Caller {
             denial: Denial::Provider,
             account: ask.multi_account.then(|| ask.named.or(ask.provider_default)).flatten().map(Into::into),
         };
+        // Whether the path can match a glob at all, found once for every rule that has paths.
+        let plain = std::cell::OnceCell::new();
         for (i, rule) in self.rules.iter().enumerate() {
             if *rule.provider != *ask.provider {
                 continue;
@@ -105,11 +107,9 @@ impl Caller {
             let denial = if rule.methods.as_ref().is_some_and(|m| !m.iter().any(|m| m.as_str() == ask.method))
             {
                 Denial::Method
-            } else if rule
-                .paths
-                .as_ref()
-                .is_some_and(|p| !(plain_path(ask.path) && p.iter().any(|p| glob(p, ask.path))))
-            {
+            } else if rule.paths.as_ref().is_some_and(|p| {
+                !(*plain.get_or_init(|| plain_path(ask.path)) && p.iter().any(|p| glob(p, ask.path)))
+            }) {
                 Denial::Path
             } else {
                 let fits = match (&rule.accounts, account) {
