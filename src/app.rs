@@ -54,7 +54,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Loads, binds and starts serving; returns once every listener accepts connections.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
+pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let metrics_handle = metrics::install()?;
     let tls = tls::client_config(&config.extra_roots)?;
     let ca = CertificateAuthority::load_or_create(&config.ca_dir)?;
@@ -77,6 +77,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
     let oauth_client = OAuthClient::new(tls.clone(), config.proxy.upstream_timeout)?;
+    crate::grants::discovery::fill_endpoints(&mut config.providers, &oauth_client).await?;
     let store = crate::tokens::store::for_config(&config)?;
     let providers = Arc::new(
         Providers::load(&config.providers, Some(oauth_client.clone()), config.proxy.upstream_timeout, store)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use time::OffsetDateTime;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH, Grant};
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::logging::LogFormat;
 use crate::tokens::store::TokenStore;
 use crate::tokens::{Provider, TokenState, TokenView};
@@ -129,6 +129,9 @@ pub async fn check(config: &Config) -> bool {
         {
             problems.push(format!("providers.{}.oauth: {e}", pc.name));
         }
+        if let Some(oauth) = &pc.oauth {
+            check_grant(&pc.name, oauth, &mut problems);
+        }
         let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO, store.clone());
         if provider.is_multi_account() {
             check_accounts(&provider, now, store.seals(), &mut problems).await;
@@ -155,6 +158,54 @@ pub async fn check(config: &Config) -> bool {
         println!("config {} is valid", config.source.display());
     }
     problems.is_empty()
+}
+
+/// How a provider's tokens are minted (SPEC §14): the grant, the key it signs with (parsed now:
+/// algorithm and key id, never the key) and endpoints left to discovery.
+fn check_grant(name: &str, oauth: &crate::config::OAuthConfig, problems: &mut Vec<String>) {
+    let grants = &oauth.grants;
+    let plain = grants.assertion.is_none()
+        && grants.client_assertion_file.is_none()
+        && grants.exchange.is_none()
+        && grants.github.is_none()
+        && grants.issuer.is_none();
+    if plain {
+        return;
+    }
+    let mut line = format!("providers.{name}: grant {}", oauth.grant.name());
+    if let Some(assertion) = &grants.assertion {
+        match crate::grants::config::signing_key(assertion) {
+            Ok(key) => line.push_str(&format!(
+                ", signs with {} from {}",
+                key.describe(),
+                assertion.key.path().display()
+            )),
+            Err(e) => {
+                problems.push(format!("providers.{name}.oauth: {}: {e}", assertion.key.path().display()))
+            }
+        }
+    }
+    if let Some(file) = &grants.client_assertion_file {
+        line.push_str(&format!(", client assertion read from {} at each token request", file.display()));
+        if let Err(e) = crate::grants::read_token_file(file, "client_assertion_file") {
+            problems.push(format!("providers.{name}.oauth: {}", e.message));
+        }
+    } else if oauth.client_auth != crate::config::ClientAuth::Basic && grants.github.is_none() {
+        line.push_str(&format!(", client_auth {}", oauth.client_auth.name()));
+    }
+    if let Some(exchange) = &grants.exchange {
+        line.push_str(&format!(", subject token read from {}", exchange.subject_token_file.display()));
+        if let Err(e) = crate::grants::read_token_file(&exchange.subject_token_file, "subject_token_file") {
+            problems.push(format!("providers.{name}.oauth: {}", e.message));
+        }
+    }
+    if let Some(app) = &grants.github {
+        line.push_str(&format!(", app {} at {}", app.app_id, app.api_url));
+    }
+    if let Some(issuer) = &grants.issuer {
+        line.push_str(&format!(", endpoints not set are discovered from {issuer} at start"));
+    }
+    println!("{line}");
 }
 
 /// The callers (SPEC §13): each with its identities and rules, and the files they are read from
@@ -282,9 +333,9 @@ fn check_view(provider: &Provider, view: &TokenView, location: &str, problems: &
         Some(account) => format!("providers.{} account {account}", pc.name),
         None => format!("providers.{}", pc.name),
     };
-    // Only a client_credentials grant can create its token file; every other provider
-    // cannot serve a single request without one.
-    let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant == Grant::ClientCredentials);
+    // Only a grant that mints (client_credentials, jwt_bearer, …) can create its token file;
+    // every other provider cannot serve a single request without one.
+    let creates_its_file = pc.oauth.as_ref().is_some_and(|o| o.grant.mints());
     match view.state {
         TokenState::Missing if !creates_its_file => {
             let connect = pc
@@ -374,11 +425,11 @@ pub async fn status(admin: &str) -> anyhow::Result<bool> {
 pub fn presets(name: Option<&str>) -> bool {
     use crate::presets::Preset;
     let Some(name) = name else {
-        println!("{:<12} {:<24} {:<8} {:<44} DESCRIPTION", "NAME", "FLOWS", "PARAMS", "HOSTS");
+        println!("{:<24} {:<24} {:<8} {:<44} DESCRIPTION", "NAME", "FLOWS", "PARAMS", "HOSTS");
         for preset in Preset::all() {
             let params = preset.params();
             println!(
-                "{:<12} {:<24} {:<8} {:<44} {}",
+                "{:<24} {:<24} {:<8} {:<44} {}",
                 preset.name,
                 preset.flows().join(","),
                 if params.is_empty() { "-".to_string() } else { params.join(",") },

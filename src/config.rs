@@ -234,15 +234,16 @@ fn default_refresh_on_status() -> Vec<u16> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOAuth {
+    #[serde(default)]
     token_url: String,
     #[serde(default)]
     grant: Grant,
+    #[serde(default)]
     client_id: String,
     client_secret_file: Option<PathBuf>,
     client_secret_env: Option<String>,
     client_secret: Option<String>,
-    #[serde(default)]
-    client_auth: ClientAuth,
+    client_auth: Option<ClientAuth>,
     #[serde(default)]
     scope: String,
     #[serde(default)]
@@ -261,6 +262,22 @@ struct RawOAuth {
     pkce: bool,
     #[serde(default)]
     redirect_uri: String,
+    // The grants that sign or exchange (SPEC §14); see `crate::grants::config`.
+    private_key_file: Option<PathBuf>,
+    key_id: Option<String>,
+    assertion_ttl: Option<String>,
+    #[serde(default)]
+    assertion_claims: serde_json::Map<String, serde_json::Value>,
+    service_account_file: Option<PathBuf>,
+    app_id: Option<String>,
+    api_url: Option<String>,
+    client_assertion_file: Option<PathBuf>,
+    subject_token_file: Option<PathBuf>,
+    subject_token_type: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
+    requested_token_type: Option<String>,
+    issuer: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -330,6 +347,31 @@ pub enum Grant {
     #[default]
     RefreshToken,
     ClientCredentials,
+    /// RFC 7523 §2.1: a JWT signed with the provider's key (service accounts).
+    JwtBearer,
+    /// A GitHub App's installation token, per installation (the account).
+    GithubApp,
+    /// RFC 8693: a subject token from a file exchanged for an access token.
+    TokenExchange,
+}
+
+impl Grant {
+    /// Whether a token is minted from configuration alone, with no refresh token: such a
+    /// provider creates its token files itself and needs no person's consent.
+    pub fn mints(self) -> bool {
+        !matches!(self, Grant::RefreshToken)
+    }
+
+    /// As the config writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+            Grant::JwtBearer => "jwt_bearer",
+            Grant::GithubApp => "github_app",
+            Grant::TokenExchange => "token_exchange",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -340,8 +382,27 @@ pub enum ClientAuth {
     Basic,
     /// `client_id` and `client_secret` as form fields.
     Post,
-    /// `client_id` as a form field, no secret (public clients).
+    /// `client_id` as a form field (when set), no secret (public clients, and the grants
+    /// that prove themselves with a signed or exchanged token).
     None,
+    /// RFC 7523 §2.2: a client assertion signed with `private_key_file`.
+    PrivateKeyJwt,
+    /// A client assertion read from `client_assertion_file` on every token request (a projected
+    /// service-account token for workload identity federation).
+    ClientAssertionFile,
+}
+
+impl ClientAuth {
+    /// As the config writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientAuth::Basic => "basic",
+            ClientAuth::Post => "post",
+            ClientAuth::None => "none",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientAssertionFile => "client_assertion_file",
+        }
+    }
 }
 
 /// Where the OAuth client secret comes from. The secret itself is read when it is needed, so it
@@ -373,7 +434,9 @@ impl std::fmt::Debug for Secret {
 
 #[derive(Debug, Clone)]
 pub struct OAuthConfig {
-    pub token_url: Uri,
+    /// `None` only until issuer discovery fills it at start (and for `github_app`, which asks
+    /// the GitHub API instead).
+    pub token_url: Option<Uri>,
     pub grant: Grant,
     pub client_id: String,
     pub client_secret: SecretSource,
@@ -393,6 +456,8 @@ pub struct OAuthConfig {
     /// Where the provider sends the person back; defaults to the admin listener's
     /// `/oauth/callback`.
     pub redirect_uri: String,
+    /// Keys, assertions, exchange and discovery (SPEC §14).
+    pub grants: crate::grants::config::GrantConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -654,6 +719,13 @@ impl Config {
             }
             if let Some(OAuthConfig { client_secret: SecretSource::File(f), .. }) = &p.oauth {
                 files.push((format!("providers.{} client secret file", p.name), f.clone(), true));
+            }
+            if let Some(assertion) = p.oauth.as_ref().and_then(|o| o.grants.assertion.as_ref()) {
+                files.push((
+                    format!("providers.{} private key", p.name),
+                    assertion.key.path().to_path_buf(),
+                    true,
+                ));
             }
         }
         for caller in &self.callers {
@@ -1053,6 +1125,16 @@ fn validate_provider(
         ));
     }
     let default_account = validate_accounts(&what, &rp.token_file, rp.default_account, p);
+    let per_installation =
+        rp.token_file.file_name().is_some_and(|n| n.to_string_lossy().contains("{account}"));
+    if oauth.as_ref().is_some_and(|o| o.as_ref().is_some_and(|o| o.grant == Grant::GithubApp))
+        && !per_installation
+    {
+        p.push(format!(
+            "{what}.token_file: a GitHub App's token is per installation: name {{account}} in the file name \
+             (the installation id), and set default_account to the one installation requests use"
+        ));
+    }
     (p.len() == before).then(|| ProviderConfig {
         name: name.to_string(),
         hosts,
@@ -1102,10 +1184,6 @@ fn validate_accounts(
 
 fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> Option<OAuthConfig> {
     let what = format!("{what}.oauth");
-    let token_url = http_url(&o.token_url);
-    if token_url.is_none() {
-        p.push(format!("{what}.token_url: {:?} is not an http(s) URL", o.token_url));
-    }
     let sources = [o.client_secret_file.is_some(), o.client_secret_env.is_some(), o.client_secret.is_some()];
     let client_secret = match (o.client_secret_file, o.client_secret_env, o.client_secret) {
         _ if sources.iter().filter(|s| **s).count() > 1 => {
@@ -1117,12 +1195,65 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
         (_, _, Some(s)) => SecretSource::Inline(Secret(s)),
         _ => SecretSource::None,
     };
-    if client_secret == SecretSource::None && o.client_auth != ClientAuth::None {
+    // Unset: Basic with a secret; no client authentication for the grants that prove
+    // themselves otherwise (a signed or exchanged token).
+    let client_auth = match o.client_auth {
+        Some(auth) => auth,
+        None if client_secret == SecretSource::None
+            && o.grant.mints()
+            && o.grant != Grant::ClientCredentials =>
+        {
+            ClientAuth::None
+        }
+        None => ClientAuth::Basic,
+    };
+    let needs_secret = matches!(client_auth, ClientAuth::Basic | ClientAuth::Post);
+    if client_secret == SecretSource::None && needs_secret {
         p.push(format!(
             "{what}: client_auth = {:?} needs a client secret (client_secret_file, client_secret_env \
              or client_secret), or set client_auth = \"none\"",
-            format!("{:?}", o.client_auth).to_lowercase()
+            client_auth.name()
         ));
+    }
+    if client_secret != SecretSource::None && !needs_secret {
+        p.push(format!("{what}: a client secret is set but client_auth does not send one"));
+    }
+    let client_id_needed = matches!(o.grant, Grant::RefreshToken | Grant::ClientCredentials)
+        || matches!(client_auth, ClientAuth::PrivateKeyJwt | ClientAuth::ClientAssertionFile);
+    if o.client_id.trim().is_empty() && client_id_needed {
+        p.push(format!("{what}.client_id is required"));
+    }
+    let raw_grant = crate::grants::config::RawGrant {
+        private_key_file: o.private_key_file,
+        key_id: o.key_id,
+        assertion_ttl: o.assertion_ttl,
+        assertion_claims: o.assertion_claims,
+        service_account_file: o.service_account_file,
+        app_id: o.app_id,
+        api_url: o.api_url,
+        client_assertion_file: o.client_assertion_file,
+        subject_token_file: o.subject_token_file,
+        subject_token_type: o.subject_token_type,
+        audience: o.audience,
+        resource: o.resource,
+        requested_token_type: o.requested_token_type,
+        issuer: o.issuer,
+    };
+    let grants =
+        crate::grants::config::validate(&what, raw_grant, o.grant, client_auth, &o.client_id, base, p);
+    let token_url = match o.token_url.as_str() {
+        "" => grants.token_uri.clone(),
+        url => {
+            let uri = http_url(url);
+            if uri.is_none() {
+                p.push(format!("{what}.token_url: {url:?} is not an http(s) URL"));
+            }
+            uri
+        }
+    };
+    if token_url.is_none() && o.token_url.is_empty() && grants.issuer.is_none() && o.grant != Grant::GithubApp
+    {
+        p.push(format!("{what}.token_url is required (or issuer, to discover it)"));
     }
     if !o.response_pointer.is_empty() && !o.response_pointer.starts_with('/') {
         p.push(format!("{what}.response_pointer: {:?} must start with '/'", o.response_pointer));
@@ -1147,11 +1278,11 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
         }
     }
     Some(OAuthConfig {
-        token_url: token_url?,
+        token_url,
         grant: o.grant,
         client_id: o.client_id,
         client_secret,
-        client_auth: o.client_auth,
+        client_auth,
         scope: o.scope,
         extra_params: o.extra_params,
         response_pointer: o.response_pointer,
@@ -1161,6 +1292,7 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
         authorize_params: o.authorize_params,
         pkce: o.pkce,
         redirect_uri: o.redirect_uri,
+        grants,
     })
 }
 
@@ -1242,7 +1374,7 @@ const AUTHORIZE_PARAMS_OWNED: [&str; 6] =
     ["response_type", "client_id", "redirect_uri", "state", "code_challenge", "code_challenge_method"];
 
 /// `value` as an absolute http(s) URL with a host.
-fn http_url(value: &str) -> Option<Uri> {
+pub(crate) fn http_url(value: &str) -> Option<Uri> {
     value
         .parse::<Uri>()
         .ok()

@@ -15,6 +15,7 @@ pub mod drain;
 pub mod egress;
 pub mod errors;
 pub mod fsutil;
+pub mod grants;
 pub mod hosts;
 pub mod logging;
 pub mod metrics;

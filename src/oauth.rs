@@ -112,7 +112,7 @@ impl RefreshError {
                 location
             ),
             RefreshErrorKind::InvalidClient => {
-                "check the provider's [oauth] client_id, client secret, scope and grant in the config".into()
+                "check the provider's [oauth] client_id, client secret or signing key, scope and grant in the config".into()
             }
             // Nothing was spent: what to check depends on where tokens are kept.
             RefreshErrorKind::StoreUnavailable if location.starts_with("token file") => format!(
@@ -171,20 +171,47 @@ impl OAuthClient {
         Ok(OAuthClient { http })
     }
 
-    /// One request to the token endpoint with the configured grant. `refresh_token` is needed
-    /// for the `refresh_token` grant.
+    /// One request for a token with the configured grant, for `account` (a multi-account
+    /// provider's; a service account's `sub`, a GitHub App's installation). `refresh_token` is
+    /// needed for the `refresh_token` grant.
     pub async fn request_token(
         &self,
         config: &OAuthConfig,
+        account: Option<&str>,
         refresh_token: Option<&str>,
     ) -> Result<IssuedToken, RefreshError> {
+        let grants = &config.grants;
+        let owned;
         let grant = match config.grant {
             Grant::RefreshToken => TokenGrant::RefreshToken(refresh_token.ok_or_else(|| {
                 RefreshError::new(RefreshErrorKind::InvalidGrant, "the token file holds no refresh_token")
             })?),
             Grant::ClientCredentials => TokenGrant::ClientCredentials,
+            Grant::JwtBearer => {
+                let assertion = grants.assertion.as_ref().ok_or_else(|| no_key("jwt_bearer"))?;
+                owned = crate::grants::bearer_assertion(
+                    assertion,
+                    &token_url(config)?.to_string(),
+                    &config.scope,
+                    account,
+                )?;
+                TokenGrant::JwtBearer(&owned)
+            }
+            Grant::TokenExchange => {
+                let exchange = grants.exchange.as_ref().ok_or_else(|| no_key("token_exchange"))?;
+                owned = crate::grants::read_token_file(&exchange.subject_token_file, "subject_token_file")?;
+                TokenGrant::TokenExchange(&owned)
+            }
+            Grant::GithubApp => {
+                return crate::grants::github::installation_token(&self.http, config, account).await;
+            }
         };
         self.token_request(config, grant).await
+    }
+
+    /// The issuer's metadata (SPEC §14 `issuer`).
+    pub async fn discover(&self, issuer: &http::Uri) -> Result<crate::grants::discovery::Metadata, String> {
+        crate::grants::discovery::discover(&self.http, issuer).await
     }
 
     /// One request to the token endpoint for `grant`, with the configured client authentication
@@ -213,13 +240,38 @@ impl OAuthClient {
                 form.push(("grant_type", DEVICE_CODE_GRANT.into()));
                 form.push(("device_code", device_code.into()));
             }
+            TokenGrant::JwtBearer(assertion) => {
+                form.push(("grant_type", crate::grants::JWT_BEARER_GRANT.into()));
+                form.push(("assertion", assertion.into()));
+            }
+            TokenGrant::TokenExchange(subject_token) => {
+                form.push(("grant_type", crate::grants::TOKEN_EXCHANGE_GRANT.into()));
+                form.push(("subject_token", subject_token.into()));
+                if let Some(exchange) = &config.grants.exchange {
+                    form.push(("subject_token_type", exchange.subject_token_type.clone()));
+                    let optional = [
+                        ("audience", &exchange.audience),
+                        ("resource", &exchange.resource),
+                        ("requested_token_type", &exchange.requested_token_type),
+                    ];
+                    for (name, value) in optional {
+                        if let Some(value) = value {
+                            form.push((name, value.clone()));
+                        }
+                    }
+                }
+            }
         }
+        // A jwt_bearer assertion carries its scope inside.
         if !config.scope.is_empty()
-            && matches!(grant, TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials)
+            && matches!(
+                grant,
+                TokenGrant::RefreshToken(_) | TokenGrant::ClientCredentials | TokenGrant::TokenExchange(_)
+            )
         {
             form.push(("scope", config.scope.clone()));
         }
-        let (status, retry_after, json) = self.post_form(config, &config.token_url, form).await?;
+        let (status, retry_after, json) = self.post_form(config, token_url(config)?, form).await?;
         classify(config, status, retry_after, json)
     }
 
@@ -274,13 +326,28 @@ impl OAuthClient {
         }
         let secret = read_secret(&config.client_secret)?;
         let mut request = self.http.post(url.to_string()).header("accept", "application/json");
+        let client_id = Some(config.client_id.clone()).filter(|id| !id.is_empty());
         match config.client_auth {
             ClientAuth::Basic => request = request.basic_auth(&config.client_id, secret.as_deref()),
             ClientAuth::Post => {
                 form.push(("client_id", config.client_id.clone()));
                 form.push(("client_secret", secret.unwrap_or_default()));
             }
-            ClientAuth::None => form.push(("client_id", config.client_id.clone())),
+            ClientAuth::None => form.extend(client_id.map(|id| ("client_id", id))),
+            ClientAuth::PrivateKeyJwt | ClientAuth::ClientAssertionFile => {
+                let assertion = match (&config.grants.assertion, &config.grants.client_assertion_file) {
+                    (_, Some(file)) if config.client_auth == ClientAuth::ClientAssertionFile => {
+                        crate::grants::read_token_file(file, "client_assertion_file")?
+                    }
+                    (Some(key), _) => {
+                        crate::grants::client_assertion(key, &config.client_id, &url.to_string())?
+                    }
+                    _ => return Err(no_key("private_key_jwt")),
+                };
+                form.extend(client_id.map(|id| ("client_id", id)));
+                form.push(("client_assertion_type", crate::grants::CLIENT_ASSERTION_TYPE.into()));
+                form.push(("client_assertion", assertion));
+            }
         }
         let response = request.form(&form).send().await.map_err(|e| {
             RefreshError::new(
@@ -301,8 +368,22 @@ impl OAuthClient {
     }
 }
 
+/// The token URL, which discovery fills at start when only `issuer` is set.
+fn token_url(config: &OAuthConfig) -> Result<&http::Uri, RefreshError> {
+    config.token_url.as_ref().ok_or_else(|| {
+        RefreshError::new(RefreshErrorKind::InvalidClient, "no token_url: the issuer's metadata named none")
+    })
+}
+
+fn no_key(what: &str) -> RefreshError {
+    RefreshError::new(
+        RefreshErrorKind::InvalidClient,
+        format!("{what} is configured without its key or file"),
+    )
+}
+
 /// The grant of a token request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub enum TokenGrant<'a> {
     RefreshToken(&'a str),
     ClientCredentials,
@@ -314,6 +395,10 @@ pub enum TokenGrant<'a> {
     },
     /// RFC 8628 §3.4.
     DeviceCode(&'a str),
+    /// RFC 7523 §2.1: the signed assertion.
+    JwtBearer(&'a str),
+    /// RFC 8693: the subject token.
+    TokenExchange(&'a str),
 }
 
 /// RFC 8628's grant type.
@@ -470,7 +555,7 @@ mod tests {
 
     fn config(pointer: &str) -> OAuthConfig {
         OAuthConfig {
-            token_url: "https://auth.example.com/token".parse().unwrap(),
+            token_url: Some("https://auth.example.com/token".parse().unwrap()),
             grant: Grant::RefreshToken,
             client_id: "id".into(),
             client_secret: SecretSource::None,
@@ -484,6 +569,7 @@ mod tests {
             authorize_params: Default::default(),
             pkce: true,
             redirect_uri: String::new(),
+            grants: Default::default(),
         }
     }
 

@@ -110,11 +110,17 @@ impl Preset {
     }
 
     /// The flows it supports: `refresh` always, `browser` with an authorization endpoint,
-    /// `device` with a device endpoint.
+    /// `device` with a device endpoint; a grant that mints (SPEC §14) is named instead.
     pub fn flows(&self) -> Vec<&'static str> {
         let settings = self.raw_settings();
         let oauth = settings.find_ref("oauth");
         let has = |key: &str| oauth.and_then(|o| o.find_ref(key)).is_some();
+        let grant = oauth.and_then(|o| o.find_ref("grant")).and_then(Value::as_str);
+        for minted in ["jwt_bearer", "github_app", "token_exchange", "client_credentials"] {
+            if grant == Some(minted) {
+                return vec![minted];
+            }
+        }
         let mut flows = vec!["refresh"];
         if has("authorize_url") {
             flows.push("browser");

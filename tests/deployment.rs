@@ -309,7 +309,7 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
 
 #[test]
 fn the_readme_defaults_are_the_codes_defaults() {
-    use tokenproxy::config::{ClientAuth, ClientHeader, Grant, UpstreamScheme};
+    use tokenproxy::config::{ClientHeader, UpstreamScheme};
     let dir = tempdir();
     let path = dir.path().join("minimal.toml");
     std::fs::write(
@@ -362,23 +362,8 @@ fn the_readme_defaults_are_the_codes_defaults() {
             "providers.NAME.refresh_on_status",
             format!("{:?}", p.refresh_on_status.iter().map(|s| s.as_u16()).collect::<Vec<_>>()),
         ),
-        (
-            "providers.NAME.oauth.grant",
-            match o.grant {
-                Grant::RefreshToken => "refresh_token",
-                Grant::ClientCredentials => "client_credentials",
-            }
-            .into(),
-        ),
-        (
-            "providers.NAME.oauth.client_auth",
-            match o.client_auth {
-                ClientAuth::Basic => "basic",
-                ClientAuth::Post => "post",
-                ClientAuth::None => "none",
-            }
-            .into(),
-        ),
+        ("providers.NAME.oauth.grant", o.grant.name().into()),
+        ("providers.NAME.oauth.client_auth", o.client_auth.name().into()),
         ("providers.NAME.oauth.scope", format!("{:?}", o.scope)),
         (
             "providers.NAME.oauth.extra_params",
@@ -546,4 +531,63 @@ async fn status_finds_the_admin_listener_in_the_config_it_is_given() {
     let broken = broken.display().to_string();
     let (_, out) = tokio::task::spawn_blocking(move || run(&["status", "--config", &broken])).await.unwrap();
     assert!(out.contains("could not be read from") && out.contains("--admin URL"), "{out}");
+}
+
+/// The workload-identity sidecar (SPEC §14): no Secret anywhere, the projected token for the
+/// Entra audience mounted into the sidecar only, and a config that `check` passes once that
+/// token is in place.
+#[test]
+fn the_workload_identity_example_has_no_secret_and_reads_the_projected_token() {
+    use serde::Deserialize;
+    let text =
+        std::fs::read_to_string(repo("examples/kubernetes/workload-identity/deployment.yaml")).unwrap();
+    let docs: Vec<serde_norway::Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
+        .collect();
+    let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, BTreeSet::from(["ConfigMap", "Deployment", "ServiceAccount"]), "no Secret");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "my-app");
+    let volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == "azure-token").unwrap();
+    let projected = &volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(projected["audience"], "api://AzureADTokenExchange");
+    let containers = pod["containers"].as_sequence().unwrap();
+    let mounts = |name: &str| -> Vec<String> {
+        let container = containers.iter().find(|c| c["name"] == name).unwrap();
+        container["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(mounts("tokenproxy").contains(&"azure-token".to_string()));
+    assert!(!mounts("app").contains(&"azure-token".to_string()), "the app never sees the identity token");
+    let mount_path = containers.iter().find(|c| c["name"] == "tokenproxy").unwrap()["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "azure-token")
+        .unwrap()["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let config = configmap["data"]["tokenproxy.toml"].as_str().unwrap();
+    assert!(config.contains(&format!("client_assertion_file = \"{mount_path}/token\"")), "{config}");
+    let dir = tempdir();
+    std::fs::create_dir_all(dir.path().join("tokens")).unwrap();
+    std::fs::create_dir_all(dir.path().join("azure")).unwrap();
+    std::fs::write(dir.path().join("azure/token"), "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln").unwrap();
+    let config = config
+        .replace(&mount_path, &dir.path().join("azure").display().to_string())
+        .replace("/var/lib/tokenproxy/", &format!("{}/", dir.path().display()))
+        .replace("0.0.0.0:9090", "127.0.0.1:0");
+    let path = dir.path().join("tokenproxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let (code, out) = run(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("providers.graph: grant client_credentials, client assertion read from"), "{out}");
 }

@@ -1,16 +1,18 @@
-//! Provider presets (SPEC §10): every preset loads and passes `check` with a client id and
-//! secret; what the config sets wins over the preset; templated presets name a missing
+//! Provider presets (SPEC §10): every preset loads and passes `check` with the user's own keys
+//! (a client id and secret, or a key and files for the grants of SPEC §14); what the config sets wins over the preset; templated presets name a missing
 //! parameter; `tokenproxy presets NAME` prints a config that loads; and one preset (Withings,
 //! the one with the most quirks) driven end to end against a local mock through onboarding and
 //! refresh.
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
+use figment::value::Value;
 use http::StatusCode;
 use support::*;
-use tokenproxy::config::{ClientAuth, Config};
+use tokenproxy::config::{ClientAuth, Config, Grant};
 use tokenproxy::presets::Preset;
 
 /// A parameter value for templated presets.
@@ -26,6 +28,70 @@ fn preset_params(preset: &Preset) -> String {
     let params: Vec<String> =
         preset.params().iter().map(|p| format!("{p} = \"{}\"", param_value(p))).collect();
     if params.is_empty() { String::new() } else { format!("preset_params = {{ {} }}\n", params.join(", ")) }
+}
+
+/// What a user adds to a preset, by its grant: a client id and secret, or (SPEC §14) a key, an
+/// app id, the files a cluster projects. Returns the provider's keys (the token file among them)
+/// and the `[oauth]` keys. Keys and files are made in `dir`.
+fn own_keys(preset: &Preset, dir: &Path) -> (String, String) {
+    let settings = preset.raw_settings();
+    let oauth = |key: &str| {
+        settings.find_ref("oauth").and_then(|o| o.find_ref(key)).and_then(Value::as_str).map(str::to_string)
+    };
+    let name = preset.name;
+    let token_file = format!("token_file = \"tokens/{name}.json\"\n");
+    let rsa_key = || {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let path = dir.join(format!("{name}.pem"));
+        write_private(&path, &key.serialize_pem());
+        toml_path(&path)
+    };
+    let projected = || {
+        let path = dir.join(format!("{name}.projected-token"));
+        std::fs::write(&path, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln").unwrap();
+        toml_path(&path)
+    };
+    match (oauth("grant").as_deref(), oauth("client_auth").as_deref()) {
+        (Some("jwt_bearer"), _) => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+            let account = serde_json::json!({
+                "type": "service_account",
+                "client_email": "sa@proj.iam.gserviceaccount.com",
+                "private_key": key.serialize_pem(),
+                "private_key_id": "kid-1",
+                "token_uri": "https://oauth2.googleapis.com/token",
+            });
+            let path = dir.join(format!("{name}.json"));
+            write_private(&path, &account.to_string());
+            (token_file, format!("service_account_file = {}\n", toml_path(&path)))
+        }
+        (Some("github_app"), _) => {
+            // Installation 1's token, so that `check` has an account to show.
+            std::fs::create_dir_all(dir.join(format!("tokens/{name}"))).unwrap();
+            std::fs::write(dir.join(format!("tokens/{name}/1.json")), token_json("at-1")).unwrap();
+            (
+                format!("token_file = \"tokens/{name}/{{account}}.json\"\ndefault_account = \"1\"\n"),
+                format!("app_id = \"1\"\nprivate_key_file = {}\n", rsa_key()),
+            )
+        }
+        (Some("token_exchange"), _) => (
+            token_file,
+            format!(
+                "audience = \"//iam.googleapis.com/projects/1/x\"\nsubject_token_file = {}\n",
+                projected()
+            ),
+        ),
+        (_, Some("client_assertion_file")) => {
+            (token_file, format!("client_id = \"my-client\"\nclient_assertion_file = {}\n", projected()))
+        }
+        _ => (token_file, "client_id = \"my-client\"\nclient_secret = \"my-secret\"\n".to_string()),
+    }
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
@@ -46,9 +112,10 @@ fn every_preset_loads_has_https_endpoints_and_hosts_and_passes_check() {
     for preset in Preset::all() {
         names.push(preset.name);
         std::fs::write(dir.path().join(format!("tokens/{}.json", preset.name)), token_json("at-1")).unwrap();
+        let (provider_keys, oauth_keys) = own_keys(&preset, dir.path());
         config += &format!(
-            "[providers.{name}]\npreset = \"{name}\"\n{params}token_file = \"tokens/{name}.json\"\n\
-             [providers.{name}.oauth]\nclient_id = \"my-client\"\nclient_secret = \"my-secret\"\n",
+            "[providers.{name}]\npreset = \"{name}\"\n{params}{provider_keys}\
+             [providers.{name}.oauth]\n{oauth_keys}",
             name = preset.name,
             params = preset_params(&preset),
         );
@@ -60,8 +127,11 @@ fn every_preset_loads_has_https_endpoints_and_hosts_and_passes_check() {
     for provider in &loaded.providers {
         assert!(!provider.hosts.is_empty(), "{}: no hosts", provider.name);
         let oauth = provider.oauth.as_ref().unwrap();
-        assert_eq!(oauth.client_id, "my-client", "{}: the client id is the user's", provider.name);
-        let mut urls = vec![oauth.token_url.clone()];
+        if matches!(oauth.grant, Grant::RefreshToken | Grant::ClientCredentials) {
+            assert_eq!(oauth.client_id, "my-client", "{}: the client id is the user's", provider.name);
+        }
+        let mut urls: Vec<_> = oauth.token_url.iter().cloned().collect();
+        urls.extend(oauth.grants.github.as_ref().map(|g| g.api_url.clone()));
         urls.extend(oauth.authorize_url.clone());
         urls.extend(oauth.device_authorization_url.clone());
         for url in urls {
@@ -99,7 +169,11 @@ scope = "user-read-email"
     let music = &config.providers[0];
     assert_eq!(music.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(), ["127.0.0.1:4444"]);
     let oauth = music.oauth.as_ref().unwrap();
-    assert_eq!(oauth.token_url.to_string(), "http://127.0.0.1:4444/token", "the config's token_url");
+    assert_eq!(
+        oauth.token_url.as_ref().unwrap().to_string(),
+        "http://127.0.0.1:4444/token",
+        "the config's token_url"
+    );
     assert_eq!(oauth.scope, "user-read-email");
     // What the config leaves out comes from the preset.
     assert_eq!(oauth.authorize_url.as_ref().unwrap().to_string(), "https://accounts.spotify.com/authorize");
@@ -142,7 +216,7 @@ fn a_templated_preset_names_its_missing_parameter_and_uses_a_given_one() {
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let oauth = config.providers[0].oauth.as_ref().unwrap();
     assert_eq!(
-        oauth.token_url.to_string(),
+        oauth.token_url.as_ref().unwrap().to_string(),
         "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
     );
     assert!(oauth.scope.contains("offline_access"));
@@ -167,7 +241,7 @@ fn the_presets_command_lists_them_and_prints_each_as_a_config_that_loads() {
     for preset in Preset::all() {
         let line = list.lines().find(|l| l.split_whitespace().next() == Some(preset.name));
         let line = line.unwrap_or_else(|| panic!("{} not listed:\n{list}", preset.name));
-        assert!(line.contains(&preset.hosts()[0]) && line.contains("refresh"), "{line}");
+        assert!(line.contains(&preset.hosts()[0]) && line.contains(preset.flows()[0]), "{line}");
     }
     assert!(list.lines().any(|l| l.starts_with("google ") && l.contains("browser,device")), "{list}");
 
@@ -178,10 +252,21 @@ fn the_presets_command_lists_them_and_prints_each_as_a_config_that_loads() {
         assert!(text.contains("# docs: https://"), "{}: {text}", preset.name);
         // The user's own keys, added where the printed comment says.
         let oauth_header = format!("[providers.{}.oauth]", preset.name);
-        let mine = format!(
-            "{}token_file = \"t.json\"\n{oauth_header}\nclient_id = \"c\"\nclient_secret = \"s\"\n",
-            preset_params(&preset)
-        );
+        let (provider_keys, oauth_keys) = own_keys(&preset, dir.path());
+        // A key the preset sets too (a default path) is changed where it stands.
+        let mut text = text.clone();
+        let mut added = String::new();
+        for line in oauth_keys.lines() {
+            let key = format!("\n{} = ", line.split(" = ").next().unwrap());
+            match text.find(&key) {
+                Some(at) => {
+                    let end = text[at + 1..].find('\n').map_or(text.len(), |e| at + 1 + e);
+                    text.replace_range(at + 1..end, line);
+                }
+                None => added += &format!("{line}\n"),
+            }
+        }
+        let mine = format!("{}{provider_keys}{oauth_header}\n{added}", preset_params(&preset));
         let mut filled = text.replacen(&format!("{oauth_header}\n"), &mine, 1);
         for param in preset.params() {
             filled = filled.replace(&format!("{{{param}}}"), param_value(param));
@@ -192,7 +277,7 @@ fn the_presets_command_lists_them_and_prints_each_as_a_config_that_loads() {
         std::fs::write(&path, &filled).unwrap();
         let written = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}\n{filled}", preset.name));
         let by_preset_text = format!(
-            "[providers.{n}]\npreset = \"{n}\"\n{p}token_file = \"t.json\"\n[providers.{n}.oauth]\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+            "[providers.{n}]\npreset = \"{n}\"\n{p}{provider_keys}[providers.{n}.oauth]\n{oauth_keys}",
             n = preset.name,
             p = preset_params(&preset)
         );

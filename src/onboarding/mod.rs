@@ -248,9 +248,10 @@ impl Onboarding {
                 "provider {provider:?} has no [oauth] section: its token is kept by something else"
             )));
         };
-        if oauth.grant == crate::config::Grant::ClientCredentials {
+        if oauth.grant.mints() {
             return Err(StartError::NotConnectable(format!(
-                "provider {provider:?} uses the client_credentials grant: it needs no person's consent"
+                "provider {provider:?} uses the {} grant: it needs no person's consent",
+                oauth.grant.name()
             )));
         }
         let (key, url) = if browser {

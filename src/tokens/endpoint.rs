@@ -12,14 +12,25 @@ use crate::oauth::{IssuedToken, OAuthClient, RefreshError};
 pub type Issuing<'a> = Pin<Box<dyn Future<Output = Result<IssuedToken, RefreshError>> + Send + 'a>>;
 
 pub trait TokenEndpoint: Send + Sync {
-    /// One token request with the provider's grant; `refresh_token` is the one held now (for
-    /// the `refresh_token` grant). A failure is classed ([`crate::oauth::RefreshErrorKind`]):
-    /// the class decides whether the refresher retries, backs off or stops.
-    fn issue<'a>(&'a self, oauth: &'a OAuthConfig, refresh_token: Option<&'a str>) -> Issuing<'a>;
+    /// One token request with the provider's grant, for `account` (of a multi-account
+    /// provider); `refresh_token` is the one held now (for the `refresh_token` grant). A failure
+    /// is classed ([`crate::oauth::RefreshErrorKind`]): the class decides whether the refresher
+    /// retries, backs off or stops.
+    fn issue<'a>(
+        &'a self,
+        oauth: &'a OAuthConfig,
+        account: Option<&'a str>,
+        refresh_token: Option<&'a str>,
+    ) -> Issuing<'a>;
 }
 
 impl TokenEndpoint for OAuthClient {
-    fn issue<'a>(&'a self, oauth: &'a OAuthConfig, refresh_token: Option<&'a str>) -> Issuing<'a> {
-        Box::pin(self.request_token(oauth, refresh_token))
+    fn issue<'a>(
+        &'a self,
+        oauth: &'a OAuthConfig,
+        account: Option<&'a str>,
+        refresh_token: Option<&'a str>,
+    ) -> Issuing<'a> {
+        Box::pin(self.request_token(oauth, account, refresh_token))
     }
 }

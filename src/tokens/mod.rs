@@ -424,11 +424,10 @@ impl Provider {
         }
     }
 
-    /// Whether a refresh can create a missing token file (a `client_credentials` grant needs no
-    /// refresh token).
+    /// Whether a refresh can create a missing token file (a grant that mints, like
+    /// `client_credentials`, needs no refresh token).
     pub fn creates_token_files(&self) -> bool {
-        self.can_refresh()
-            && self.config.oauth.as_ref().is_some_and(|o| o.grant == crate::config::Grant::ClientCredentials)
+        self.can_refresh() && self.config.oauth.as_ref().is_some_and(|o| o.grant.mints())
     }
 
     /// A problem of the provider itself, not of one account: `invalid_client`, or a store that

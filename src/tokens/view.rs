@@ -91,6 +91,18 @@ impl Provider {
         let browser = oauth.is_some_and(|o| o.authorize_url.is_some());
         let device = oauth.is_some_and(|o| o.device_authorization_url.is_some());
         let name = self.name();
+        if let Some(grant) =
+            oauth.map(|o| o.grant).filter(|g| g.mints() && *g != crate::config::Grant::ClientCredentials)
+        {
+            // No person to ask: what the endpoint refused is the key, the assertion's subject or
+            // the installation, which the provider's settings name.
+            return format!(
+                "the token endpoint refused the {} grant: check the key registered with the provider, \
+                 the account (a delegated user, an installation id) and [providers.{name}.oauth]; \
+                 then POST /tokens/{name}/refresh (no restart needed)",
+                grant.name()
+            );
+        }
         if cred.account().is_none() && !browser && !device {
             return format!(
                 "re-authorize: put a new refresh_token (or token) into {location}; tokenproxy picks it up \

@@ -313,7 +313,7 @@ impl Provider {
         }
         let mut attempt = 0;
         let issued = loop {
-            match client.issue(oauth, refresh_token.as_deref()).await {
+            match client.issue(oauth, cred.account(), refresh_token.as_deref()).await {
                 Ok(issued) => break issued,
                 Err(e) if e.kind.is_transient() && attempt + 1 < MAX_ATTEMPTS => {
                     let delay = match e.kind {

@@ -60,7 +60,12 @@ impl Scripted {
 }
 
 impl TokenEndpoint for Scripted {
-    fn issue<'a>(&'a self, _: &'a crate::config::OAuthConfig, refresh: Option<&'a str>) -> Issuing<'a> {
+    fn issue<'a>(
+        &'a self,
+        _: &'a crate::config::OAuthConfig,
+        _account: Option<&'a str>,
+        refresh: Option<&'a str>,
+    ) -> Issuing<'a> {
         Box::pin(async move {
             self.calls.lock().unwrap().push((Instant::now(), refresh.map(str::to_string)));
             tokio::time::sleep(self.latency).await;
