@@ -527,3 +527,30 @@ async fn check_says_what_each_key_signs_with_and_flags_bad_or_loose_keys_without
     assert!(text.contains("grant = \"token_exchange\" needs subject_token_file"), "{text}");
     assert!(text.contains("grant = \"github_app\" needs app_id"), "{text}");
 }
+
+/// Discovery fills only what the config leaves unset: a token_url written in the config wins,
+/// the authorization endpoint comes from the metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_set_in_the_config_win_over_the_issuers_metadata() {
+    let dir = tempdir();
+    let Some(endpoint) = Endpoint::start(dir.path()).await else { return };
+    let path = dir.path().join("tokenproxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[providers.p]\nhosts = [\"api.example.com\"]\ntoken_file = \"p.json\"\n[providers.p.oauth]\n\
+             issuer = \"{}\"\ntoken_url = \"https://mine.example/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+            endpoint.url("/oidc")
+        ),
+    )
+    .unwrap();
+    let mut config = tokenproxy::config::Config::load(&path).unwrap();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tls = tokenproxy::tls::client_config(&[]).unwrap();
+    let client = tokenproxy::oauth::OAuthClient::new(tls, Duration::from_secs(5)).unwrap();
+    tokenproxy::grants::discovery::fill_endpoints(&mut config.providers, &client).await.unwrap();
+    let oauth = config.providers[0].oauth.as_ref().unwrap();
+    assert_eq!(oauth.token_url.as_ref().unwrap().to_string(), "https://mine.example/token");
+    assert_eq!(oauth.authorize_url.as_ref().unwrap().to_string(), endpoint.url("/authorize"));
+    assert!(oauth.device_authorization_url.is_none(), "the metadata names none");
+}
