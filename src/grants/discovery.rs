@@ -102,11 +102,8 @@ pub async fn fill_endpoints(
 }
 
 /// `value` as an endpoint: an absolute http(s) URL.
-pub fn endpoint(value: Option<&str>) -> Option<Uri> {
-    value?
-        .parse::<Uri>()
-        .ok()
-        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some())
+fn endpoint(value: Option<&str>) -> Option<Uri> {
+    crate::config::http_url(value?)
 }
 
 #[cfg(test)]
