@@ -34,7 +34,8 @@ pub struct Audit {
 }
 
 enum Message {
-    Line(String),
+    /// One JSON line, newline included (serde_json writes UTF-8 only).
+    Line(Vec<u8>),
     /// Answered once every line sent before it is written.
     Flush(SyncSender<()>),
 }
@@ -91,8 +92,6 @@ impl Audit {
             return;
         }
         text.push(b'\n');
-        // serde_json writes UTF-8 only.
-        let text = String::from_utf8(text).unwrap_or_default();
         match self.lines.try_send(Message::Line(text)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => failed("backlog_full", 1),
@@ -201,17 +200,17 @@ fn write_lines(mut sink: Sink, lines: Receiver<Message>) {
         let mut batch = first;
         while batch.len() < 256 * 1024 {
             match lines.try_recv() {
-                Ok(Message::Line(line)) => batch.push_str(&line),
+                Ok(Message::Line(line)) => batch.extend_from_slice(&line),
                 Ok(Message::Flush(done)) => flushed.push(done),
                 Err(_) => break,
             }
         }
         let written = match &mut sink {
-            Sink::Stdout => std::io::stdout().lock().write_all(batch.as_bytes()),
-            Sink::File { file, .. } => file.write_all(batch.as_bytes()),
+            Sink::Stdout => std::io::stdout().lock().write_all(&batch),
+            Sink::File { file, .. } => file.write_all(&batch),
         };
         if written.is_err() {
-            failed("write", batch.matches('\n').count() as u64);
+            failed("write", batch.iter().filter(|&&b| b == b'\n').count() as u64);
         }
         for done in flushed.drain(..) {
             let _ = done.try_send(());

@@ -362,6 +362,13 @@ impl Grant {
         !matches!(self, Grant::RefreshToken)
     }
 
+    /// Whether the grant proves itself with a signed or exchanged token rather than a client
+    /// secret: it needs no client authentication, and its refusal is the key's or the
+    /// account's, not a person's consent.
+    pub fn proves_itself(self) -> bool {
+        matches!(self, Grant::JwtBearer | Grant::GithubApp | Grant::TokenExchange)
+    }
+
     /// As the config writes it.
     pub fn name(self) -> &'static str {
         match self {
@@ -1199,12 +1206,7 @@ fn validate_oauth(what: &str, o: RawOAuth, base: &Path, p: &mut Vec<String>) -> 
     // themselves otherwise (a signed or exchanged token).
     let client_auth = match o.client_auth {
         Some(auth) => auth,
-        None if client_secret == SecretSource::None
-            && o.grant.mints()
-            && o.grant != Grant::ClientCredentials =>
-        {
-            ClientAuth::None
-        }
+        None if client_secret == SecretSource::None && o.grant.proves_itself() => ClientAuth::None,
         None => ClientAuth::Basic,
     };
     let needs_secret = matches!(client_auth, ClientAuth::Basic | ClientAuth::Post);

@@ -181,14 +181,12 @@ pub fn validate(
     }
     match (&key, signs) {
         (Some(key), true) => {
-            let parsed = signing_key(&AssertionConfig {
-                key: key.clone(),
-                key_id: raw.key_id.clone(),
-                ttl,
-                claims: Map::new(),
-                issuer: String::new(),
-            });
-            match parsed {
+            if issuer.is_empty() && !raw.assertion_claims.contains_key("iss") && grant != Grant::GithubApp {
+                p.push(format!("{what}: the assertion needs an issuer: set client_id (or assertion_claims.iss)"));
+            }
+            let assertion =
+                AssertionConfig { key: key.clone(), key_id: raw.key_id.clone(), ttl, claims: raw.assertion_claims.clone(), issuer };
+            match signing_key(&assertion) {
                 Err(e) => p.push(format!("{what}: {}: {e}", key.path().display())),
                 Ok(parsed) if grant == Grant::GithubApp && parsed.algorithm() != "RS256" => p.push(format!(
                     "{what}: {}: GitHub Apps sign with RSA (RS256), and this is an {} key",
@@ -197,16 +195,7 @@ pub fn validate(
                 )),
                 Ok(_) => {}
             }
-            if issuer.is_empty() && !raw.assertion_claims.contains_key("iss") && grant != Grant::GithubApp {
-                p.push(format!("{what}: the assertion needs an issuer: set client_id (or assertion_claims.iss)"));
-            }
-            out.assertion = Some(AssertionConfig {
-                key: key.clone(),
-                key_id: raw.key_id.clone(),
-                ttl,
-                claims: raw.assertion_claims.clone(),
-                issuer,
-            });
+            out.assertion = Some(assertion);
         }
         (None, true) => p.push(format!(
             "{what}: {} signs with a private key: set private_key_file{}",

@@ -91,9 +91,7 @@ impl Provider {
         let browser = oauth.is_some_and(|o| o.authorize_url.is_some());
         let device = oauth.is_some_and(|o| o.device_authorization_url.is_some());
         let name = self.name();
-        if let Some(grant) =
-            oauth.map(|o| o.grant).filter(|g| g.mints() && *g != crate::config::Grant::ClientCredentials)
-        {
+        if let Some(grant) = oauth.map(|o| o.grant).filter(|g| g.proves_itself()) {
             // No person to ask: what the endpoint refused is the key, the assertion's subject or
             // the installation, which the provider's settings name.
             return format!(
