@@ -295,6 +295,19 @@ async fn service_accounts_sign_assertions_the_token_endpoint_verifies_with_pyjwt
         assert!(seen["kid"].is_null());
     }
 
+    // A 401 for a minted token: one new assertion, one new token, the request sent again; and
+    // /tokens shows it like any other token.
+    let first = s.token_of("ec1", None).await;
+    let n: u64 = first.rsplit('-').next().unwrap().parse().unwrap();
+    let next: Vec<String> = (n + 1..n + 10).map(|i| format!("at-svc-ec1-{i}")).collect();
+    s.apis["ec1"].accept_only(&next.iter().map(String::as_str).collect::<Vec<_>>());
+    let retried = s.token_of("ec1", None).await;
+    assert!(next.contains(&retried), "{retried} after {first}");
+    assert_eq!(s.endpoint.issued(&retried).await["alg"], "ES256", "a fresh assertion the endpoint verified");
+    let view = s.tp.token_view("ec1").await;
+    assert_eq!(view["state"], "valid", "{view}");
+    assert_eq!(view["fingerprint"], tokenproxy::secrets::fingerprint(&retried), "{view}");
+
     // A key the endpoint does not trust: refused there, 502 here, and nothing of the key shown.
     let (status, body) = s.bearer("stranger", None).await;
     assert_eq!(status, 502, "{body}");

@@ -114,3 +114,37 @@ pub fn read_token_file(path: &Path, what: &str) -> Result<String, RefreshError> 
     }
     Ok(token.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    #[test]
+    fn assertion_claims_override_iss_sub_and_aud() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
+        let mut claims = Map::new();
+        claims.insert("aud".into(), "https://audience.example".into());
+        claims.insert("sub".into(), "someone".into());
+        let assertion = AssertionConfig {
+            key: config::KeyFile::Pem(dir.path().join("k.pem")),
+            key_id: None,
+            ttl: Duration::from_secs(600),
+            claims,
+            issuer: "svc".into(),
+        };
+        let jwt = bearer_assertion(&assertion, "https://token.example/", "s1", Some("alice")).unwrap();
+        let payload = jwt.split('.').nth(1).unwrap();
+        let payload: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(payload["aud"], "https://audience.example");
+        assert_eq!(payload["sub"], "someone");
+        assert_eq!(payload["iss"], "svc");
+        assert_eq!(payload["scope"], "s1");
+        assert_eq!(payload["exp"].as_u64().unwrap() - payload["iat"].as_u64().unwrap(), 600);
+    }
+}
