@@ -35,7 +35,7 @@ DIR = sys.argv[1]
 LOG = []
 LOCK = threading.Lock()
 SEEN_JTI = set()
-COUNT = {"n": 0}
+COUNT = {}  # tokens issued so far, per client: a test can tell which one comes next
 
 
 def write(name, data, mode=0o600):
@@ -112,8 +112,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def issue(self, who, **extra):
         with LOCK:
-            COUNT["n"] += 1
-            n = COUNT["n"]
+            COUNT[who] = n = COUNT.get(who, 0) + 1
         token = f"at-{who}-{n}"
         self.record(path=self.path, ok=True, token=token, **extra)
         self.answer(200, {"access_token": token, "token_type": "Bearer", "expires_in": 3600})
@@ -239,8 +238,7 @@ class Handler(BaseHTTPRequestHandler):
             self.record(path=self.path, ok=False, why="no such installation")
             return self.answer(404, {"message": "Not Found"})
         with LOCK:
-            COUNT["n"] += 1
-            n = COUNT["n"]
+            COUNT[installation] = n = COUNT.get(installation, 0) + 1
         token = f"ghs_{installation}_{n}"
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
         self.record(path=self.path, ok=True, token=token, app=claims["iss"], life=claims["exp"] - claims["iat"])
