@@ -132,6 +132,10 @@ pub async fn check(config: &Config) -> bool {
         if let Some(oauth) = &pc.oauth {
             check_grant(&pc.name, oauth, &mut problems);
         }
+        if let Some(sigv4) = &pc.sigv4 {
+            check_sigv4(&pc.name, sigv4, &mut problems);
+            continue;
+        }
         let provider = Provider::new(pc.clone(), None, std::time::Duration::ZERO, store.clone());
         if provider.is_multi_account() {
             check_accounts(&provider, now, store.seals(), &mut problems).await;
@@ -206,6 +210,37 @@ fn check_grant(name: &str, oauth: &crate::config::OAuthConfig, problems: &mut Ve
         line.push_str(&format!(", endpoints not set are discovered from {issuer} at start"));
     }
     println!("{line}");
+}
+
+/// A provider that signs (SPEC §14 `sigv4`): the region, service and where credentials come
+/// from; each file read now (a problem when it cannot be), STS not called.
+fn check_sigv4(name: &str, sigv4: &crate::sigv4::SigV4Config, problems: &mut Vec<String>) {
+    use crate::sigv4::CredentialSource;
+    let mut files = Vec::new();
+    let source = match &sigv4.source {
+        CredentialSource::Files { access_key_id, secret_access_key, session_token } => {
+            files.push((access_key_id, "access_key_id_file"));
+            files.push((secret_access_key, "secret_access_key_file"));
+            files.extend(session_token.iter().map(|t| (t, "session_token_file")));
+            format!("keys read from {} and {}", access_key_id.display(), secret_access_key.display())
+        }
+        CredentialSource::WebIdentity { role_arn, token_file, sts_url, .. } => {
+            files.push((token_file, "web_identity_token_file"));
+            format!("role {role_arn} assumed at {sts_url} with the token in {}", token_file.display())
+        }
+    };
+    println!(
+        "{name:<16} {:<12} SigV4 for {} in {}{}, {source}",
+        "signs",
+        sigv4.service,
+        sigv4.region,
+        if crate::sigv4::is_s3(&sigv4.service) { " (larger bodies UNSIGNED-PAYLOAD)" } else { "" }
+    );
+    for (file, what) in files {
+        if let Err(e) = crate::grants::read_token_file(file, what) {
+            problems.push(format!("providers.{name}.sigv4: {}", e.message));
+        }
+    }
 }
 
 /// The callers (SPEC §13): each with its identities and rules, and the files they are read from

@@ -196,7 +196,7 @@ impl Default for RawEgress {
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     hosts: Vec<String>,
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
     #[serde(default = "default_header")]
     header: String,
     #[serde(default = "default_format")]
@@ -219,6 +219,7 @@ struct RawProvider {
     #[allow(dead_code)]
     preset_params: BTreeMap<String, String>,
     oauth: Option<RawOAuth>,
+    sigv4: Option<crate::sigv4::RawSigV4>,
 }
 
 fn default_header() -> String {
@@ -485,6 +486,9 @@ pub struct ProviderConfig {
     pub allow_plaintext: bool,
     pub refresh_on_status: Vec<http::StatusCode>,
     pub oauth: Option<OAuthConfig>,
+    /// Requests are signed (AWS SigV4) instead of carrying a token; such a provider has no
+    /// token file (its `token_file` is empty) and no `oauth`.
+    pub sigv4: Option<crate::sigv4::SigV4Config>,
 }
 
 impl ProviderConfig {
@@ -721,6 +725,13 @@ impl Config {
                     };
                     files.push((what, file, name_accounts));
                 }
+            } else if let Some(sigv4) = &p.sigv4 {
+                if let crate::sigv4::CredentialSource::Files { secret_access_key, session_token, .. } = &sigv4.source {
+                    files.push((format!("providers.{} secret access key file", p.name), secret_access_key.clone(), true));
+                    if let Some(token) = session_token {
+                        files.push((format!("providers.{} session token file", p.name), token.clone(), true));
+                    }
+                }
             } else {
                 files.push((format!("providers.{} token file", p.name), p.token_file.clone(), true));
             }
@@ -863,7 +874,7 @@ fn describe_figment_error(path: &Path, e: &figment::Error) -> String {
 }
 
 /// A duration that must be positive; a problem is recorded (once) otherwise.
-fn parse_duration(what: &str, value: &str, problems: &mut Vec<String>) -> Duration {
+pub(crate) fn parse_duration(what: &str, value: &str, problems: &mut Vec<String>) -> Duration {
     match humantime::parse_duration(value) {
         Ok(d) if !d.is_zero() => d,
         Ok(_) => {
@@ -1124,16 +1135,37 @@ fn validate_provider(
             }
         })
         .collect();
+    let sigv4 = rp.sigv4.map(|s| crate::sigv4::validate(&what, s, base, p));
+    let token_file = match (rp.token_file, &sigv4) {
+        (None, None) => {
+            p.push(format!(
+                "{what}.token_file: needed (where the token is kept), unless the provider signs with [providers.{name}.sigv4]"
+            ));
+            PathBuf::new()
+        }
+        (Some(_), Some(_)) => {
+            p.push(format!("{what}.token_file: a provider with [providers.{name}.sigv4] signs requests and keeps no token file"));
+            PathBuf::new()
+        }
+        (Some(file), None) => file,
+        (None, Some(_)) => PathBuf::new(),
+    };
+    if sigv4.is_some() && rp.oauth.is_some() {
+        p.push(format!("{what}: a provider with [providers.{name}.sigv4] has no [oauth]: it signs requests instead of fetching tokens"));
+    }
+    if sigv4.is_some() && !rp.default_account.is_empty() {
+        p.push(format!("{what}.default_account: a [providers.{name}.sigv4] provider has no accounts"));
+    }
     let oauth = rp.oauth.map(|o| validate_oauth(&what, o, base, p));
-    if oauth.is_some() && FileFormat::of(&rp.token_file) == FileFormat::Raw {
+    if oauth.is_some() && FileFormat::of(&token_file) == FileFormat::Raw {
         p.push(format!(
             "{what}.token_file: a provider with [oauth] needs a .json, .yaml or .yml token file \
              (a raw file cannot hold a refresh token or an expiry, and is never written)"
         ));
     }
-    let default_account = validate_accounts(&what, &rp.token_file, rp.default_account, p);
+    let default_account = validate_accounts(&what, &token_file, rp.default_account, p);
     let per_installation =
-        rp.token_file.file_name().is_some_and(|n| n.to_string_lossy().contains("{account}"));
+        token_file.file_name().is_some_and(|n| n.to_string_lossy().contains("{account}"));
     if oauth.as_ref().is_some_and(|o| o.as_ref().is_some_and(|o| o.grant == Grant::GithubApp))
         && !per_installation
     {
@@ -1145,7 +1177,7 @@ fn validate_provider(
     (p.len() == before).then(|| ProviderConfig {
         name: name.to_string(),
         hosts,
-        token_file: resolve(base, &rp.token_file),
+        token_file: if sigv4.is_some() { token_file } else { resolve(base, &token_file) },
         default_account,
         header,
         format_prefix,
@@ -1155,6 +1187,7 @@ fn validate_provider(
         allow_plaintext: rp.allow_plaintext,
         refresh_on_status,
         oauth: oauth.flatten(),
+        sigv4: sigv4.flatten(),
     })
 }
 

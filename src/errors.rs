@@ -98,6 +98,17 @@ pub enum ProxyError {
     /// route listener, which answers `401` rather than a proxy's `407`.
     #[error("the request belongs to no caller: {why}")]
     CallerUnknown { why: crate::callers::Unknown, route: bool },
+    /// A request to a provider that signs bodies (SPEC §14 `sigv4`) whose body is larger than
+    /// `max_replay_body`, for a service that does not take `UNSIGNED-PAYLOAD` (or of no declared
+    /// length).
+    #[error(
+        "provider {provider:?} signs request bodies (AWS SigV4) and this one is larger than [proxy] \
+         max_replay_body ({limit} bytes)"
+    )]
+    BodyTooLarge { provider: String, limit: u64 },
+    /// The memory for held request bodies is all in use: try again shortly.
+    #[error("too many request bodies are held at once; try again")]
+    Busy,
     /// A caller's request that no rule allows (SPEC §13).
     #[error("caller {caller:?} may not {}", forbidden_what(.provider.as_deref(), .denial))]
     Forbidden { caller: String, provider: Option<String>, account: Option<String>, denial: Forbidden },
@@ -138,6 +149,8 @@ impl ProxyError {
             ProxyError::CallerUnknown { route: false, .. } => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::CallerUnknown { route: true, .. } => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::EgressDenied { .. } | ProxyError::PlaintextRefused { .. } => StatusCode::FORBIDDEN,
             ProxyError::TokenUnavailable { .. }
             | ProxyError::UpstreamUnreachable { .. }
@@ -161,6 +174,8 @@ impl ProxyError {
             ProxyError::Interception { .. } => "interception_failed",
             ProxyError::CallerUnknown { .. } => "caller_unknown",
             ProxyError::Forbidden { .. } => "forbidden",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::Busy => "busy",
         }
     }
 
@@ -186,6 +201,13 @@ impl ProxyError {
                 "provider": provider,
                 "reason": reason.to_string(),
                 "action": "account names are 1-128 characters from A-Z a-z 0-9 . _ @ + - and do not start with '.'",
+            }),
+            ProxyError::BodyTooLarge { provider, .. } => json!({
+                "error": self.code(),
+                "provider": provider,
+                "reason": self.to_string(),
+                "action": "raise [proxy] max_replay_body, or send smaller bodies (S3 takes a larger body \
+                           unsigned when it declares its Content-Length)",
             }),
             ProxyError::PlaintextRefused { provider } => json!({
                 "error": self.code(), "provider": provider, "reason": self.to_string(),

@@ -171,6 +171,11 @@ impl OAuthClient {
         Ok(OAuthClient { http })
     }
 
+    /// The HTTP client itself, for the other services that issue credentials (STS).
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
     /// One request for a token with the configured grant, for `account` (a multi-account
     /// provider's; a service account's `sub`, a GitHub App's installation). `refresh_token` is
     /// needed for the `refresh_token` grant.

@@ -113,6 +113,9 @@ impl Preset {
     /// `device` with a device endpoint; a grant that mints (SPEC §14) is named instead.
     pub fn flows(&self) -> Vec<&'static str> {
         let settings = self.raw_settings();
+        if settings.find_ref("sigv4").is_some() {
+            return vec!["sigv4"];
+        }
         let oauth = settings.find_ref("oauth");
         let has = |key: &str| oauth.and_then(|o| o.find_ref(key)).is_some();
         let grant = oauth.and_then(|o| o.find_ref("grant")).and_then(Value::as_str);
@@ -170,7 +173,15 @@ mod tests {
                 "{}: the token file is the user's",
                 preset.name
             );
-            let oauth = settings.find_ref("oauth").unwrap_or_else(|| panic!("{}: no [oauth]", preset.name));
+            if let Some(sigv4) = settings.find_ref("sigv4") {
+                // A signing provider: region and service are the user's parameters, keys their own.
+                assert!(settings.find_ref("oauth").is_none(), "{}: [sigv4] and [oauth]", preset.name);
+                for key in ["access_key_id_file", "secret_access_key_file", "role_arn"] {
+                    assert!(sigv4.find_ref(key).is_none(), "{}: {key} is always the user's own", preset.name);
+                }
+                continue;
+            }
+            let oauth = settings.find_ref("oauth").unwrap_or_else(|| panic!("{}: no [oauth] or [sigv4]", preset.name));
             for key in ["client_id", "client_secret", "client_secret_file", "client_secret_env"] {
                 assert!(oauth.find_ref(key).is_none(), "{}: {key} is always the user's own", preset.name);
             }

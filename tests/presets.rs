@@ -20,6 +20,8 @@ fn param_value(param: &str) -> &'static str {
     match param {
         "tenant" => "contoso.onmicrosoft.com",
         "domain" => "example.okta.com",
+        "region" => "eu-west-1",
+        "service" => "s3",
         _ => "value",
     }
 }
@@ -30,10 +32,26 @@ fn preset_params(preset: &Preset) -> String {
     if params.is_empty() { String::new() } else { format!("preset_params = {{ {} }}\n", params.join(", ")) }
 }
 
-/// What a user adds to a preset, by its grant: a client id and secret, or (SPEC §14) a key, an
-/// app id, the files a cluster projects. Returns the provider's keys (the token file among them)
-/// and the `[oauth]` keys. Keys and files are made in `dir`.
-fn own_keys(preset: &Preset, dir: &Path) -> (String, String) {
+/// What a user adds to a preset: the provider's keys, and the table (`oauth`, or `sigv4` for a
+/// provider that signs) with the user's own keys in it. Keys and files are made in `dir`.
+fn own_keys(preset: &Preset, dir: &Path) -> (String, &'static str, String) {
+    let settings = preset.raw_settings();
+    if settings.find_ref("sigv4").is_some() {
+        let id = dir.join(format!("{}.key-id", preset.name));
+        let secret = dir.join(format!("{}.secret", preset.name));
+        write_private(&id, "AKIDEXAMPLE");
+        write_private(&secret, "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+        let keys =
+            format!("access_key_id_file = {}\nsecret_access_key_file = {}\n", toml_path(&id), toml_path(&secret));
+        return (String::new(), "sigv4", keys);
+    }
+    let (provider_keys, oauth_keys) = oauth_keys(preset, dir);
+    (provider_keys, "oauth", oauth_keys)
+}
+
+/// By its grant: a client id and secret, or (SPEC §14) a key, an app id, the files a cluster
+/// projects. Returns the provider's keys (the token file among them) and the `[oauth]` keys.
+fn oauth_keys(preset: &Preset, dir: &Path) -> (String, String) {
     let settings = preset.raw_settings();
     let oauth = |key: &str| {
         settings.find_ref("oauth").and_then(|o| o.find_ref(key)).and_then(Value::as_str).map(str::to_string)
@@ -112,10 +130,10 @@ fn every_preset_loads_has_https_endpoints_and_hosts_and_passes_check() {
     for preset in Preset::all() {
         names.push(preset.name);
         std::fs::write(dir.path().join(format!("tokens/{}.json", preset.name)), token_json("at-1")).unwrap();
-        let (provider_keys, oauth_keys) = own_keys(&preset, dir.path());
+        let (provider_keys, table, own) = own_keys(&preset, dir.path());
         config += &format!(
             "[providers.{name}]\npreset = \"{name}\"\n{params}{provider_keys}\
-             [providers.{name}.oauth]\n{oauth_keys}",
+             [providers.{name}.{table}]\n{own}",
             name = preset.name,
             params = preset_params(&preset),
         );
@@ -126,6 +144,10 @@ fn every_preset_loads_has_https_endpoints_and_hosts_and_passes_check() {
     let loaded = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     for provider in &loaded.providers {
         assert!(!provider.hosts.is_empty(), "{}: no hosts", provider.name);
+        if let Some(sigv4) = &provider.sigv4 {
+            assert!(!sigv4.region.contains('{') && !sigv4.service.contains('{'), "{}", provider.name);
+            continue;
+        }
         let oauth = provider.oauth.as_ref().unwrap();
         if matches!(oauth.grant, Grant::RefreshToken | Grant::ClientCredentials) {
             assert_eq!(oauth.client_id, "my-client", "{}: the client id is the user's", provider.name);
@@ -142,7 +164,8 @@ fn every_preset_loads_has_https_endpoints_and_hosts_and_passes_check() {
     let (code, out) = run(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}");
     for name in names {
-        assert!(out.lines().any(|l| l.starts_with(name) && l.contains("valid")), "{name} in:\n{out}");
+        let ready = |l: &str| l.contains("valid") || l.contains("SigV4");
+        assert!(out.lines().any(|l| l.starts_with(name) && ready(l)), "{name} in:\n{out}");
     }
 }
 
@@ -251,8 +274,8 @@ fn the_presets_command_lists_them_and_prints_each_as_a_config_that_loads() {
         assert_eq!(code, Some(0), "{text}");
         assert!(text.contains("# docs: https://"), "{}: {text}", preset.name);
         // The user's own keys, added where the printed comment says.
-        let oauth_header = format!("[providers.{}.oauth]", preset.name);
-        let (provider_keys, oauth_keys) = own_keys(&preset, dir.path());
+        let (provider_keys, table, oauth_keys) = own_keys(&preset, dir.path());
+        let oauth_header = format!("[providers.{}.{table}]", preset.name);
         // A key the preset sets too (a default path) is changed where it stands.
         let mut text = text.clone();
         let mut added = String::new();
@@ -277,7 +300,7 @@ fn the_presets_command_lists_them_and_prints_each_as_a_config_that_loads() {
         std::fs::write(&path, &filled).unwrap();
         let written = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}\n{filled}", preset.name));
         let by_preset_text = format!(
-            "[providers.{n}]\npreset = \"{n}\"\n{p}{provider_keys}[providers.{n}.oauth]\n{oauth_keys}",
+            "[providers.{n}]\npreset = \"{n}\"\n{p}{provider_keys}[providers.{n}.{table}]\n{oauth_keys}",
             n = preset.name,
             p = preset_params(&preset)
         );
@@ -286,6 +309,7 @@ fn the_presets_command_lists_them_and_prints_each_as_a_config_that_loads() {
         let (a, b) = (&written.providers[0], &by_preset.providers[0]);
         assert_eq!(format!("{:?}", a.hosts), format!("{:?}", b.hosts), "{}", preset.name);
         assert_eq!(format!("{:?}", a.oauth), format!("{:?}", b.oauth), "{}", preset.name);
+        assert_eq!(format!("{:?}", a.sigv4), format!("{:?}", b.sigv4), "{}", preset.name);
     }
     let (code, out) = run(&["presets", "nope"]);
     assert_eq!(code, Some(1));

@@ -106,6 +106,18 @@ impl Admin {
     /// `force`.
     async fn manual_refresh(&self, name: &str, account: Option<&str>, force: bool) -> Response<ProxyBody> {
         let Some(provider) = self.providers.get(name) else { return unknown_provider(name) };
+        if let Some(signer) = &provider.signer {
+            return match signer.renew().await {
+                Ok(_) => json_response(StatusCode::OK, &json!(signer.view(OffsetDateTime::now_utc()))),
+                Err(()) => ProxyError::TokenUnavailable {
+                    provider: name.to_string(),
+                    account: None,
+                    reason: signer.last_error().unwrap_or_else(|| "renewal failed".into()),
+                    action: signer.action(),
+                }
+                .into_response(),
+            };
+        }
         let credential = match provider.credential_for(account).await {
             Ok(credential) => credential,
             Err(AccountError::Required) => {

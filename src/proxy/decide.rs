@@ -112,6 +112,15 @@ pub(crate) enum Decision {
     /// Nothing of tokenproxy's: no provider, or the client's own header is kept.
     Pass,
     Inject(Injected),
+    /// A signature over the request as it leaves (SPEC §14 `sigv4`): made by the codec that holds
+    /// the body, hyper's.
+    Sign(Signing),
+}
+
+/// The credentials a request is signed with, and whose they are.
+pub(crate) struct Signing {
+    pub provider: Arc<Provider>,
+    pub session: Arc<crate::sigv4::Session>,
 }
 
 /// The token a request carries, and whose it is.
@@ -219,6 +228,15 @@ impl Proxy {
         };
         if config.client_header == ClientHeader::Keep && (asked.carries)(&config.header) {
             return Ok(Step::Done(Decision::Pass));
+        }
+        if let Some(signer) = &provider.signer {
+            let session = signer.session(provider.clock.now()).map_err(|reason| ProxyError::TokenUnavailable {
+                provider: provider.name().to_string(),
+                account: None,
+                reason,
+                action: signer.action(),
+            })?;
+            return Ok(Step::Done(Decision::Sign(Signing { provider: provider.clone(), session })));
         }
         Ok(match self.find_credential(provider, named, ex)? {
             Found::Ready(credential) => Step::Credential(provider, credential),

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::access::{AccountUsed, Retried};
-use super::decide::{Asked, Decision, Entry, Exchange, Injected, Verdict};
+use super::decide::{Asked, Decision, Entry, Exchange, Injected, Signing, Verdict};
 use super::{Proxy, Target, dial_error_ref, headers, replay, upstream};
 use crate::body::{BoxError, ProxyBody};
 use crate::callers::Peer;
@@ -19,6 +19,7 @@ use crate::config::RouteConfig;
 use crate::errors::ProxyError;
 use crate::relay;
 use crate::server::ConnectionPermit;
+use crate::sigv4;
 use crate::tokens::Provider;
 
 impl Proxy {
@@ -184,13 +185,14 @@ impl Proxy {
             carries: &|name| parts.headers.contains_key(name),
         };
         let decision = self.decide(ex, &asked).await?;
-        let injected = match decision {
-            Decision::Pass => None,
+        let (injected, signing) = match decision {
+            Decision::Pass => (None, None),
             Decision::Inject(injected) => {
                 let header = injected.provider.config.header.clone();
                 parts.headers.insert(header, injected.token.header_value().clone());
-                Some(injected)
+                (Some(injected), None)
             }
+            Decision::Sign(signing) => (None, Some(signing)),
         };
 
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -203,6 +205,9 @@ impl Proxy {
         // The upstream connection decides the wire version; the client wants HTTP/1.1 here.
         parts.version = Version::HTTP_11;
 
+        if let Some(signing) = signing {
+            return Box::pin(self.send_signed(parts, body, &signing, ex)).await;
+        }
         let Some(injected) = injected else {
             let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
             return self.send(request, ex).await;
@@ -245,6 +250,57 @@ impl Proxy {
         let mut response = sent?;
         response.extensions_mut().insert(Retried);
         Ok(response)
+    }
+
+    /// A request to a provider that signs (SPEC §14 `sigv4`): the body is read first, within
+    /// `max_replay_body`, for its SHA-256; a larger one goes unsigned where the service takes that
+    /// (S3, which needs its declared length anyway), else `413`.
+    async fn send_signed(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        signing: &Signing,
+        ex: &Exchange<'_>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let provider = &signing.provider;
+        let Some(config) = provider.config.sigv4.as_ref() else {
+            return Err(ProxyError::BadTarget("internal: a signing decision without sigv4".into()));
+        };
+        let limit = self.settings.max_replay_body;
+        let too_large = || ProxyError::BodyTooLarge { provider: provider.name().to_string(), limit };
+        let held = replay::hold(body, limit, &self.replay_budget)
+            .await
+            .map_err(|e| ProxyError::BadTarget(format!("reading the request body: {e}")))?;
+        // The signature covers `Host`: set it as hyper will send it.
+        let host = HeaderValue::try_from(ex.target.host_header())
+            .map_err(|e| ProxyError::BadTarget(e.to_string()))?;
+        parts.headers.insert(http::header::HOST, host);
+        let mut request = Request::from_parts(parts, ());
+        let (whole, body) = match held {
+            replay::Hold::Whole(held) => {
+                let body = Full::new(held.bytes.clone()).map_err(|e| match e {}).boxed();
+                (Some(held), body)
+            }
+            replay::Hold::Declared(body, _) if sigv4::is_s3(&config.service) => {
+                (None, body.map_err(BoxError::from).boxed())
+            }
+            replay::Hold::Declared(..) | replay::Hold::Overflowed => return Err(too_large()),
+            replay::Hold::NoBudget => return Err(ProxyError::Busy),
+        };
+        let payload = match &whole {
+            Some(held) => sigv4::Payload::Bytes(&held.bytes),
+            None => sigv4::Payload::Unsigned,
+        };
+        let now = std::time::SystemTime::now();
+        sigv4::sign_request(&mut request, payload, &signing.session.credentials, &config.region, &config.service, now)
+            .map_err(|e| ProxyError::TokenUnavailable {
+                provider: provider.name().to_string(),
+                account: None,
+                reason: e.to_string(),
+                action: "report this: the request could not be signed".into(),
+            })?;
+        let (parts, ()) = request.into_parts();
+        self.send(Request::from_parts(parts, body), ex).await
     }
 
     /// Sends a request upstream within `upstream_timeout` (connect + response head).

@@ -160,6 +160,62 @@ where
     }
 }
 
+/// A body read whole before it is sent (a signature covers it): its bytes count against the
+/// budget until this is dropped.
+pub struct HeldBody {
+    pub bytes: Bytes,
+    held: u64,
+    budget: ReplayBudget,
+}
+
+impl Drop for HeldBody {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held);
+    }
+}
+
+/// What [`hold`] made of a body.
+pub enum Hold<B> {
+    Whole(HeldBody),
+    /// Its declared length is above the limit: not read at all.
+    Declared(B, u64),
+    /// No length was declared and it went past the limit: what was read is lost.
+    Overflowed,
+    /// The budget has no room for it now.
+    NoBudget,
+}
+
+/// Reads `body` whole when it fits in `limit` and in the budget.
+pub async fn hold<B>(mut body: B, limit: u64, budget: &ReplayBudget) -> Result<Hold<B>, BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    if let Some(declared) = body.size_hint().exact()
+        && declared > limit
+    {
+        return Ok(Hold::Declared(body, declared));
+    }
+    let mut all = BytesMut::new();
+    // Whatever happens below, the bytes taken from the budget go back when this is dropped.
+    let mut held = HeldBody { bytes: Bytes::new(), held: 0, budget: budget.clone() };
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(Into::into)?.into_data() else { continue };
+        let n = data.len() as u64;
+        if held.held + n > limit {
+            return Ok(Hold::Overflowed);
+        }
+        if !budget.take(n) {
+            return Ok(Hold::NoBudget);
+        }
+        held.held += n;
+        all.extend_from_slice(&data);
+    }
+    held.bytes = all.freeze();
+    Ok(Hold::Whole(held))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +252,29 @@ mod tests {
         assert_eq!(budget.left(), 3);
         drop(first_replay);
         assert_eq!(budget.left(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_held_body_takes_the_budget_until_dropped_and_an_overflow_gives_it_back() {
+        let budget = ReplayBudget::new(100);
+        let Hold::Whole(held) = hold(Full::new(Bytes::from_static(b"hello")), 10, &budget).await.unwrap() else {
+            panic!("five bytes fit")
+        };
+        assert_eq!((&held.bytes[..], budget.left()), (&b"hello"[..], 95));
+        drop(held);
+        assert_eq!(budget.left(), 100);
+        assert!(matches!(
+            hold(Full::new(Bytes::from_static(b"0123456789ab")), 10, &budget).await.unwrap(),
+            Hold::Declared(_, 12)
+        ));
+        let chunks =
+            (0..4).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abcd"))));
+        let unknown = StreamBody::new(futures_util::stream::iter(chunks));
+        assert!(matches!(hold(unknown, 10, &budget).await.unwrap(), Hold::Overflowed));
+        assert_eq!(budget.left(), 100);
+        let small = ReplayBudget::new(3);
+        assert!(matches!(hold(Full::new(Bytes::from_static(b"hello")), 10, &small).await.unwrap(), Hold::NoBudget));
+        assert_eq!(small.left(), 3);
     }
 
     #[tokio::test]

@@ -161,6 +161,9 @@ pub struct Provider {
     pub request_metrics: metrics::RequestMetrics,
     /// Where the tokens are kept.
     store: Arc<dyn TokenStore>,
+    /// A provider that signs its requests (AWS SigV4) instead of injecting a token: its
+    /// credentials. Such a provider has one credential that never holds a token.
+    pub signer: Option<Arc<crate::sigv4::Signer>>,
     /// Accounts of a grant that needs no person (`client_credentials`) whose first token call
     /// failed, with when and why: such a name is not kept, and for a minute it costs no token
     /// call (names that requests make up must not each cost one, nor leave files behind).
@@ -218,8 +221,10 @@ impl Provider {
         } else {
             Accounts::One(Arc::new(Credential::new(None)))
         };
+        let signer = config.sigv4.clone().map(|c| Arc::new(crate::sigv4::Signer::new(&config.name, c)));
         Provider {
             request_metrics: metrics::RequestMetrics::new(&config.name),
+            signer,
             config,
             accounts,
             provider_error: Mutex::new(None),
@@ -572,7 +577,11 @@ impl Providers {
             })
             .collect();
         for provider in &list {
-            provider.load_at_start().await;
+            match (&provider.signer, &oauth_client) {
+                (Some(signer), Some(client)) => signer.start(client.http()).await,
+                (Some(_), None) => {}
+                (None, _) => provider.load_at_start().await,
+            }
         }
         Providers { list, store }
     }

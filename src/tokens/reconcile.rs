@@ -12,6 +12,10 @@ impl Provider {
     /// A document that cannot be read or parsed never replaces a good token: the last good one
     /// stays in use and the problem shows as `last_error`.
     pub async fn reload(&self, cred: &Credential) -> Reload {
+        if self.signer.is_some() {
+            // Nothing stored: its credentials are the signer's (SPEC §14 `sigv4`).
+            return Reload::Unchanged;
+        }
         let read = self.read_store(cred).await;
         if let Some(fields) = read.write_back {
             let _lock = self.store.lock(self.key(cred)).await;

@@ -17,6 +17,9 @@ impl Provider {
     }
 
     pub fn state(&self, cred: &Credential, now: OffsetDateTime) -> TokenState {
+        if let Some(signer) = &self.signer {
+            return signer.state(now);
+        }
         let (file, reauth, config_error) = {
             let s = cred.status();
             (s.file.clone(), s.reauth_reason.is_some(), s.config_error.is_some())
@@ -124,6 +127,9 @@ impl Provider {
 
     /// A credential as `GET /tokens` shows it. Holds fingerprints only.
     pub fn view(&self, cred: &Credential, now: OffsetDateTime) -> TokenView {
+        if let Some(signer) = &self.signer {
+            return signer.view(now);
+        }
         let state = self.state(cred, now);
         let token = cred.current();
         let status = cred.status();
@@ -146,6 +152,7 @@ impl Provider {
                     self.shown_location(cred)
                 )
             }),
+            signs: None,
         }
     }
 }
@@ -170,4 +177,7 @@ pub struct TokenView {
     /// rest is configured (planted over a sealed one, or not written by tokenproxy yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// How a provider that signs rather than injects a token signs (SPEC §14 `sigv4`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signs: Option<String>,
 }

@@ -138,6 +138,8 @@ impl PlainRelay {
         let injected = match self.proxy.decide_at_once(&mut ex, &asked) {
             AtOnce::Decided(Ok(Decision::Pass)) => None,
             AtOnce::Decided(Ok(Decision::Inject(injected))) => Some(injected),
+            // A signature covers the whole body, which hyper's path holds before it sends.
+            AtOnce::Decided(Ok(Decision::Sign(_))) => return None,
             AtOnce::Load(provider, name) => return Some(Reading::LoadFirst(provider, name)),
             AtOnce::Decided(Err(_)) | AtOnce::Wait => return None,
         };

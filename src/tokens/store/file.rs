@@ -56,13 +56,15 @@ impl Owner {
 impl FileStore {
     /// Token files in plaintext.
     pub fn new(providers: &[ProviderConfig]) -> FileStore {
-        FileStore { providers: providers.to_vec(), sealer: None }
+        FileStore::sealed(providers, None)
     }
 
     /// Token files sealed with `sealer` when written (plaintext ones are still read, and sealed
     /// on their next write).
     pub fn sealed(providers: &[ProviderConfig], sealer: Option<Arc<Sealer>>) -> FileStore {
-        FileStore { providers: providers.to_vec(), sealer }
+        // A provider that signs (SPEC §14 `sigv4`) keeps no token file.
+        let providers = providers.iter().filter(|p| p.sigv4.is_none()).cloned().collect();
+        FileStore { providers, sealer }
     }
 
     fn config(&self, provider: &str) -> Result<&ProviderConfig, StoreError> {
