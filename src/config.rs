@@ -726,8 +726,14 @@ impl Config {
                     files.push((what, file, name_accounts));
                 }
             } else if let Some(sigv4) = &p.sigv4 {
-                if let crate::sigv4::CredentialSource::Files { secret_access_key, session_token, .. } = &sigv4.source {
-                    files.push((format!("providers.{} secret access key file", p.name), secret_access_key.clone(), true));
+                if let crate::sigv4::CredentialSource::Files { secret_access_key, session_token, .. } =
+                    &sigv4.source
+                {
+                    files.push((
+                        format!("providers.{} secret access key file", p.name),
+                        secret_access_key.clone(),
+                        true,
+                    ));
                     if let Some(token) = session_token {
                         files.push((format!("providers.{} session token file", p.name), token.clone(), true));
                     }
@@ -1164,8 +1170,7 @@ fn validate_provider(
         ));
     }
     let default_account = validate_accounts(&what, &token_file, rp.default_account, p);
-    let per_installation =
-        token_file.file_name().is_some_and(|n| n.to_string_lossy().contains("{account}"));
+    let per_installation = token_file.file_name().is_some_and(|n| n.to_string_lossy().contains("{account}"));
     if oauth.as_ref().is_some_and(|o| o.as_ref().is_some_and(|o| o.grant == Grant::GithubApp))
         && !per_installation
     {

@@ -181,7 +181,9 @@ mod tests {
                 }
                 continue;
             }
-            let oauth = settings.find_ref("oauth").unwrap_or_else(|| panic!("{}: no [oauth] or [sigv4]", preset.name));
+            let oauth = settings
+                .find_ref("oauth")
+                .unwrap_or_else(|| panic!("{}: no [oauth] or [sigv4]", preset.name));
             for key in ["client_id", "client_secret", "client_secret_file", "client_secret_env"] {
                 assert!(oauth.find_ref(key).is_none(), "{}: {key} is always the user's own", preset.name);
             }

@@ -41,8 +41,11 @@ fn own_keys(preset: &Preset, dir: &Path) -> (String, &'static str, String) {
         let secret = dir.join(format!("{}.secret", preset.name));
         write_private(&id, "AKIDEXAMPLE");
         write_private(&secret, "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
-        let keys =
-            format!("access_key_id_file = {}\nsecret_access_key_file = {}\n", toml_path(&id), toml_path(&secret));
+        let keys = format!(
+            "access_key_id_file = {}\nsecret_access_key_file = {}\n",
+            toml_path(&id),
+            toml_path(&secret)
+        );
         return (String::new(), "sigv4", keys);
     }
     let (provider_keys, oauth_keys) = oauth_keys(preset, dir);

@@ -230,12 +230,13 @@ impl Proxy {
             return Ok(Step::Done(Decision::Pass));
         }
         if let Some(signer) = &provider.signer {
-            let session = signer.session(provider.clock.now()).map_err(|reason| ProxyError::TokenUnavailable {
-                provider: provider.name().to_string(),
-                account: None,
-                reason,
-                action: signer.action(),
-            })?;
+            let session =
+                signer.session(provider.clock.now()).map_err(|reason| ProxyError::TokenUnavailable {
+                    provider: provider.name().to_string(),
+                    account: None,
+                    reason,
+                    action: signer.action(),
+                })?;
             return Ok(Step::Done(Decision::Sign(Signing { provider: provider.clone(), session })));
         }
         Ok(match self.find_credential(provider, named, ex)? {

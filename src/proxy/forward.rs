@@ -292,13 +292,20 @@ impl Proxy {
             None => sigv4::Payload::Unsigned,
         };
         let now = std::time::SystemTime::now();
-        sigv4::sign_request(&mut request, payload, &signing.session.credentials, &config.region, &config.service, now)
-            .map_err(|e| ProxyError::TokenUnavailable {
-                provider: provider.name().to_string(),
-                account: None,
-                reason: e.to_string(),
-                action: "report this: the request could not be signed".into(),
-            })?;
+        sigv4::sign_request(
+            &mut request,
+            payload,
+            &signing.session.credentials,
+            &config.region,
+            &config.service,
+            now,
+        )
+        .map_err(|e| ProxyError::TokenUnavailable {
+            provider: provider.name().to_string(),
+            account: None,
+            reason: e.to_string(),
+            action: "report this: the request could not be signed".into(),
+        })?;
         let (parts, ()) = request.into_parts();
         self.send(Request::from_parts(parts, body), ex).await
     }

@@ -257,7 +257,8 @@ mod tests {
     #[tokio::test]
     async fn a_held_body_takes_the_budget_until_dropped_and_an_overflow_gives_it_back() {
         let budget = ReplayBudget::new(100);
-        let Hold::Whole(held) = hold(Full::new(Bytes::from_static(b"hello")), 10, &budget).await.unwrap() else {
+        let Hold::Whole(held) = hold(Full::new(Bytes::from_static(b"hello")), 10, &budget).await.unwrap()
+        else {
             panic!("five bytes fit")
         };
         assert_eq!((&held.bytes[..], budget.left()), (&b"hello"[..], 95));
@@ -273,7 +274,10 @@ mod tests {
         assert!(matches!(hold(unknown, 10, &budget).await.unwrap(), Hold::Overflowed));
         assert_eq!(budget.left(), 100);
         let small = ReplayBudget::new(3);
-        assert!(matches!(hold(Full::new(Bytes::from_static(b"hello")), 10, &small).await.unwrap(), Hold::NoBudget));
+        assert!(matches!(
+            hold(Full::new(Bytes::from_static(b"hello")), 10, &small).await.unwrap(),
+            Hold::NoBudget
+        ));
         assert_eq!(small.left(), 3);
     }
 

@@ -75,7 +75,10 @@ pub(crate) fn validate(
         p.push(format!("{what}.region: needed, like \"eu-west-1\" (got {:?})", raw.region));
     }
     if !valid_name(&raw.service) {
-        p.push(format!("{what}.service: needed, the signing name like \"s3\" or \"sqs\" (got {:?})", raw.service));
+        p.push(format!(
+            "{what}.service: needed, the signing name like \"s3\" or \"sqs\" (got {:?})",
+            raw.service
+        ));
     }
     let files = raw.access_key_id_file.is_some()
         || raw.secret_access_key_file.is_some()
@@ -125,17 +128,84 @@ pub(crate) fn validate(
                 p.push(format!("{what}.web_identity_token_file: needed with role_arn"));
             }
             match (raw.role_arn, raw.web_identity_token_file, sts_url) {
-                (Some(role_arn), Some(file), Some(sts_url)) if role_ok => Some(CredentialSource::WebIdentity {
-                    role_arn,
-                    token_file: resolve(base, &file),
-                    sts_url,
-                    session_name: raw.role_session_name,
-                    duration,
-                }),
+                (Some(role_arn), Some(file), Some(sts_url)) if role_ok => {
+                    Some(CredentialSource::WebIdentity {
+                        role_arn,
+                        token_file: resolve(base, &file),
+                        sts_url,
+                        session_name: raw.role_session_name,
+                        duration,
+                    })
+                }
                 _ => None,
             }
         }
     };
     (p.len() == before).then_some(())?;
     Some(SigV4Config { region: raw.region, service: raw.service, source: source? })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    /// The problems of a config whose one provider is `provider` (its keys after `hosts`).
+    fn problems(dir: &std::path::Path, provider: &str) -> Vec<String> {
+        let path = dir.join("tokenproxy.toml");
+        std::fs::write(
+            &path,
+            format!("[providers.aws]\nhosts = [\"sqs.eu-west-1.amazonaws.com\"]\n{provider}"),
+        )
+        .unwrap();
+        match Config::load(&path) {
+            Ok(_) => vec![],
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn a_signing_provider_names_what_it_lacks_and_what_it_cannot_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let has = |provider: &str, wanted: &str| {
+            let found = problems(dir.path(), provider);
+            assert!(found.iter().any(|p| p.contains(wanted)), "{wanted:?} not in {found:?}");
+        };
+        let files = "[providers.aws.sigv4]\nregion = \"eu-west-1\"\nservice = \"sqs\"\n\
+                     access_key_id_file = \"id\"\nsecret_access_key_file = \"secret\"\n";
+        let web = "[providers.aws.sigv4]\nregion = \"eu-west-1\"\nservice = \"sqs\"\n\
+                   role_arn = \"arn:aws:iam::1:role/r\"\nweb_identity_token_file = \"t.jwt\"\n";
+        assert_eq!(problems(dir.path(), files), Vec::<String>::new());
+        assert_eq!(problems(dir.path(), web), Vec::<String>::new());
+        let loaded = {
+            std::fs::write(
+                dir.path().join("tokenproxy.toml"),
+                format!("[providers.aws]\nhosts = [\"h\"]\n{web}"),
+            )
+            .unwrap();
+            Config::load(&dir.path().join("tokenproxy.toml")).unwrap()
+        };
+        match &loaded.providers[0].sigv4.as_ref().unwrap().source {
+            super::CredentialSource::WebIdentity { sts_url, duration, session_name, .. } => {
+                assert_eq!(
+                    sts_url.to_string(),
+                    "https://sts.eu-west-1.amazonaws.com/",
+                    "the region's own STS"
+                );
+                assert_eq!((duration.as_secs(), session_name.as_str()), (3600, "tokenproxy"));
+            }
+            other => panic!("{other:?}"),
+        }
+        has("", "token_file: needed");
+        has(&format!("token_file = \"t.json\"\n{files}"), "keeps no token file");
+        has(&format!("{files}[providers.aws.oauth]\ntoken_url = \"https://t/\"\n"), "has no [oauth]");
+        has("[providers.aws.sigv4]\nregion = \"eu-west-1\"\nservice = \"sqs\"\n", "no credentials");
+        has(&format!("{files}role_arn = \"arn:aws:iam::1:role/r\"\n"), "not both");
+        has(&files.replace("secret_access_key_file = \"secret\"\n", ""), "go together");
+        has(&files.replace("region = \"eu-west-1\"\n", ""), "region: needed");
+        has(&files.replace("service = \"sqs\"", "service = \"s3/x\""), "service: needed");
+        has(&web.replace("role_arn = \"arn:aws:iam::1:role/r\"\n", ""), "role_arn: needed");
+        has(&format!("{web}session_duration = \"5m\"\n"), "15m to 12h");
+        has(&format!("{web}sts_url = \"ftp://x\"\n"), "sts_url");
+        has(&format!("{files}bogus = 1\n"), "bogus");
+    }
 }

@@ -233,6 +233,7 @@ impl Signer {
     /// The provider as `GET /tokens` shows it: fingerprints only.
     pub fn view(&self, now: OffsetDateTime) -> TokenView {
         let session = self.session.load_full();
+        let state = self.state(now);
         let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let source = match &self.config.source {
             CredentialSource::Files { .. } => "keys from files",
@@ -241,7 +242,7 @@ impl Signer {
         TokenView {
             provider: self.provider.clone(),
             account: None,
-            state: self.state(now),
+            state,
             expires_at: session.as_ref().and_then(|s| fmt_time(s.expires_at)),
             expires_in_s: session.as_ref().and_then(|s| s.expires_at).map(|at| (at - now).whole_seconds()),
             expiry_source: if session.as_ref().is_some_and(|s| s.expires_at.is_some()) {
@@ -251,9 +252,9 @@ impl Signer {
             },
             fingerprint: session.as_ref().map(|s| s.fingerprint.clone()),
             last_refresh_at: fmt_time(status.last_at),
-            last_refresh_result: status.last_at.map(|_| {
-                if status.last_error.is_some() { "error" } else { "ok" }.to_string()
-            }),
+            last_refresh_result: status
+                .last_at
+                .map(|_| if status.last_error.is_some() { "error" } else { "ok" }.to_string()),
             last_error: status.last_error.clone(),
             refresh_count: status.renewals,
             retry_count: 0,
@@ -265,9 +266,7 @@ impl Signer {
 
 /// A key pair (and session token) from files; surrounding whitespace is not part of a key.
 fn read_files(id: &Path, secret: &Path, token: Option<&Path>) -> Result<Session, String> {
-    let read = |path: &Path, what: &str| {
-        crate::grants::read_token_file(path, what).map_err(|e| e.message)
-    };
+    let read = |path: &Path, what: &str| crate::grants::read_token_file(path, what).map_err(|e| e.message);
     let credentials = AwsCredentials {
         access_key_id: read(id, "access_key_id_file")?,
         secret_access_key: read(secret, "secret_access_key_file")?,
