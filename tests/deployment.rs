@@ -288,6 +288,7 @@ fn the_readme_lists_every_config_key_the_code_accepts() {
         ("egress", "[egress]\nzz_probe = 1\n"),
         ("providers.NAME", "[providers.x]\nzz_probe = 1\n"),
         ("providers.NAME.oauth", "[providers.x.oauth]\nzz_probe = 1\n"),
+        ("providers.NAME.sigv4", "[providers.x.sigv4]\nzz_probe = 1\n"),
         ("routes", "[[routes]]\nzz_probe = 1\n"),
         ("onboarding", "[onboarding]\nzz_probe = 1\n"),
         ("store", "[store]\nzz_probe = 1\n"),
