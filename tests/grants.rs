@@ -568,3 +568,88 @@ async fn endpoints_set_in_the_config_win_over_the_issuers_metadata() {
     assert_eq!(oauth.authorize_url.as_ref().unwrap().to_string(), endpoint.url("/authorize"));
     assert!(oauth.device_authorization_url.is_none(), "the metadata names none");
 }
+
+/// The same grant through intercepted HTTPS with its tokens in Redis (SPEC §11, §14): per-account
+/// `sub`, the token in the shared store, and a 401 that brings one new assertion and one retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_through_intercepted_https_on_the_redis_store_retries_a_401_once() {
+    let dir = tempdir();
+    if !redis_available() {
+        return;
+    }
+    let Some(endpoint) = Endpoint::start(dir.path()).await else { return };
+    let redis = RedisServer::start(dir.path());
+    let pki = test_pki(dir.path(), "api", &["localhost"]);
+    let api = MockApi::start_tls(pki.server_config.clone()).await;
+    let config = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "5s"
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+ca_dir = "ca"
+extra_roots = [{roots}]
+[store]
+kind = "redis"
+url = "{redis}"
+[providers.dwd]
+hosts = ["localhost:{port}"]
+token_file = "tokens/dwd/{{account}}.json"
+default_account = "alice@example.com"
+[providers.dwd.oauth]
+grant = "jwt_bearer"
+service_account_file = "service_account.json"
+token_url = "{token_url}"
+scope = "https://www.googleapis.com/auth/gmail.readonly"
+"#,
+        roots = toml_path(&pki.ca_pem_path),
+        redis = redis.url(),
+        port = api.addr.port(),
+        token_url = endpoint.url("/token"),
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let ca = std::fs::read(dir.path().join("ca/ca.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/whoami", api.addr.port());
+    let token_of = |account: &'static str| {
+        let request = client.get(&url).header("Tokenproxy-Account", account);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let body = response.text().await.unwrap();
+            body.strip_prefix("Bearer ").unwrap_or_else(|| panic!("{body}")).to_string()
+        }
+    };
+    let alice = token_of("alice@example.com").await;
+    let bob = token_of("bob@example.com").await;
+    assert_ne!(alice, bob);
+    assert_eq!(endpoint.issued(&alice).await["sub"], "alice@example.com");
+    assert_eq!(endpoint.issued(&bob).await["sub"], "bob@example.com");
+    assert!(std::fs::read_dir(dir.path().join("tokens")).is_err(), "no token file: the store is Redis");
+    let stored = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan", "--pattern", "tokenproxy*"])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8_lossy(&stored.stdout).into_owned();
+    assert!(keys.contains("alice@example.com") && keys.contains("bob@example.com"), "{keys}");
+
+    // The provider calls Alice's token dead: one new assertion and token, the request sent again.
+    // The endpoint numbers the service account's tokens: the next one is known.
+    let number = |t: &str| t.rsplit('-').next().unwrap().parse::<u64>().unwrap();
+    let prefix = alice.rsplit_once('-').unwrap().0;
+    let next = format!("{prefix}-{}", number(&alice).max(number(&bob)) + 1);
+    api.accept_only(&[&next, &bob]);
+    let retried = token_of("alice@example.com").await;
+    assert_eq!(retried, next, "after {alice} and {bob}");
+    assert_eq!(endpoint.issued(&retried).await["sub"], "alice@example.com");
+    let whoami: Vec<_> = api.seen().into_iter().filter(|s| s.path == "/whoami").collect();
+    assert_eq!(whoami.len(), 4, "two first requests, the refused one and its one retry");
+    assert_eq!(token_of("bob@example.com").await, bob, "Bob's token was not touched");
+}
