@@ -320,3 +320,38 @@ session_duration = "15m"
         assert!(!logs.contains(secret), "{secret} in the log");
     }
 }
+
+#[test]
+fn check_names_the_region_service_and_files_and_warns_about_a_secret_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    std::fs::write(dir.path().join("key-id"), "AKIDSTATIC").unwrap();
+    std::fs::write(dir.path().join("secret"), STATIC_SECRET).unwrap();
+    std::fs::set_permissions(dir.path().join("secret"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("tokenproxy.toml");
+    std::fs::write(
+        &config,
+        "[admin]\nlisten = \"127.0.0.1:9090\"\n\
+         [providers.s3]\npreset = \"aws\"\npreset_params = { region = \"eu-west-1\", service = \"s3\" }\n\
+         [providers.s3.sigv4]\naccess_key_id_file = \"key-id\"\nsecret_access_key_file = \"secret\"\n\
+         [providers.sqs]\nhosts = [\"sqs.eu-west-1.amazonaws.com\"]\n\
+         [providers.sqs.sigv4]\nregion = \"eu-west-1\"\nservice = \"sqs\"\n\
+         role_arn = \"arn:aws:iam::1:role/r\"\nweb_identity_token_file = \"missing.jwt\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env_remove("TOKENPROXY_CONFIG")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "the missing web identity token is a problem: {text}");
+    assert!(text.contains("SigV4 for s3 in eu-west-1 (larger bodies UNSIGNED-PAYLOAD)"), "{text}");
+    assert!(
+        text.contains("role arn:aws:iam::1:role/r assumed at https://sts.eu-west-1.amazonaws.com/"),
+        "{text}"
+    );
+    assert!(text.contains("providers.s3 secret access key file") && text.contains("chmod 600"), "{text}");
+    assert!(text.contains("web_identity_token_file") && text.contains("missing.jwt"), "{text}");
+    assert!(!text.contains(STATIC_SECRET), "{text}");
+}
