@@ -31,6 +31,11 @@ struct Seen {
     inode: u64,
 }
 
+impl Seen {
+    /// What no file looks like: compared with it, every file has changed.
+    const UNKNOWN: Seen = Seen { modified: None, changed: i64::MIN, len: u64::MAX, inode: 0 };
+}
+
 fn look(path: &Path) -> Option<Seen> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
@@ -55,7 +60,10 @@ fn files_of(source: &Path, table: &Table) -> Vec<PathBuf> {
 /// Watches for edits until the task is aborted.
 pub async fn keep_current(callers: Arc<Callers>, source: PathBuf) {
     let mut files = files_of(&source, &callers.current());
-    let mut seen: Vec<Option<Seen>> = files.iter().map(|f| look(f)).collect();
+    // Not what the files are now: the table was built from them earlier (the config was read
+    // before the providers were loaded and this task first ran), and an edit made in between
+    // would never be seen. The first look reads them again.
+    let mut seen: Vec<Option<Seen>> = vec![Some(Seen::UNKNOWN); files.len()];
     let mut every = tokio::time::interval(LOOK_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -105,4 +113,31 @@ fn reload(source: &Path) -> Option<Table> {
     }
     tracing::info!(callers = config.callers.len(), "callers reloaded");
     Some(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table is built when the config is read, and this task starts later (after the
+    /// providers are loaded): an edit made in between is still taken.
+    #[tokio::test]
+    async fn an_edit_made_before_the_watch_started_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenproxy.toml");
+        let base = "[providers.api]\nhosts = [\"api.test\"]\ntoken_file = \"api.json\"\n";
+        std::fs::write(&path, base).unwrap();
+        let (table, _) = Table::build(&Config::load(&path).unwrap().callers);
+        let callers = Arc::new(Callers::new(table));
+        std::fs::write(dir.path().join("ci.secret"), "a-secret-of-sixteen-chars").unwrap();
+        let edited = format!("{base}[callers.ci]\nsecret_file = \"ci.secret\"\n");
+        std::fs::write(&path, edited).unwrap();
+        let watch = tokio::spawn(keep_current(callers.clone(), path));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while callers.current().is_open() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        watch.abort();
+        assert!(!callers.current().is_open(), "the caller added before the watch started is in force");
+    }
 }
