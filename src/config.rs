@@ -84,6 +84,10 @@ struct RawStore {
     lock_ttl: String,
     encryption_key_file: Option<PathBuf>,
     encryption_key_env: Option<String>,
+    sentinels: Vec<String>,
+    master_name: String,
+    sentinel_password_file: Option<PathBuf>,
+    min_replicas_ack: u32,
 }
 
 impl Default for RawStore {
@@ -97,6 +101,10 @@ impl Default for RawStore {
             lock_ttl: "30s".into(),
             encryption_key_file: None,
             encryption_key_env: None,
+            sentinels: Vec::new(),
+            master_name: String::new(),
+            sentinel_password_file: None,
+            min_replicas_ack: 0,
         }
     }
 }
@@ -612,7 +620,7 @@ impl std::fmt::Display for SealingKey {
 #[derive(Debug, Clone)]
 pub enum StoreSettings {
     File,
-    Redis(RedisSettings),
+    Redis(Box<RedisSettings>),
 }
 
 #[derive(Debug, Clone)]
@@ -625,6 +633,21 @@ pub struct RedisSettings {
     /// How long a refresh lock lives without being kept alive (a holder that died releases it).
     pub lock_ttl: Duration,
     /// Where the password came from, when from a file (checked for loose permissions).
+    pub password_file: Option<PathBuf>,
+    /// The primary found through Redis Sentinel instead of at `url` (SPEC §11).
+    pub sentinel: Option<SentinelSettings>,
+    /// Replicas that must hold a write before its token is used (Redis `WAIT`).
+    pub min_replicas_ack: u32,
+}
+
+/// `[store] sentinels`, `master_name` and `sentinel_password_file`. The data nodes' URL is `url`
+/// with the host and port of the primary the sentinels name (its scheme, database and password
+/// stay).
+#[derive(Debug, Clone)]
+pub struct SentinelSettings {
+    pub sentinels: Vec<(String, u16)>,
+    pub master_name: String,
+    pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
 }
 
@@ -694,10 +717,13 @@ impl Config {
         if let Some(SealingKey::File(key)) = &self.sealing_key {
             files.push(("the encryption key".to_string(), key.clone(), true));
         }
-        if let StoreSettings::Redis(redis) = &self.store
-            && let Some(file) = &redis.password_file
-        {
-            files.push(("the Redis password file".to_string(), file.clone(), true));
+        if let StoreSettings::Redis(redis) = &self.store {
+            if let Some(file) = &redis.password_file {
+                files.push(("the Redis password file".to_string(), file.clone(), true));
+            }
+            if let Some(file) = redis.sentinel.as_ref().and_then(|s| s.password_file.as_ref()) {
+                files.push(("the Redis Sentinel password file".to_string(), file.clone(), true));
+            }
         }
         for p in &self.providers {
             if p.is_multi_account() {
@@ -1351,14 +1377,31 @@ fn default_redirect_uri(admin: SocketAddr) -> String {
 fn validate_store(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> StoreSettings {
     match raw.kind.as_str() {
         "file" => {
-            if !raw.url.is_empty() || raw.password_file.is_some() || raw.password_env.is_some() {
-                p.push("store: url and password_* are for kind = \"redis\"".into());
+            if !raw.url.is_empty()
+                || raw.password_file.is_some()
+                || raw.password_env.is_some()
+                || !raw.sentinels.is_empty()
+                || !raw.master_name.is_empty()
+                || raw.sentinel_password_file.is_some()
+                || raw.min_replicas_ack != 0
+            {
+                p.push(
+                    "store: url, password_*, sentinels, master_name, sentinel_password_file and \
+                     min_replicas_ack are for kind = \"redis\""
+                        .into(),
+                );
             }
             StoreSettings::File
         }
         "redis" => {
             let lock_ttl = parse_duration("store.lock_ttl", &raw.lock_ttl, p);
-            let Ok(mut url) = url::Url::parse(&raw.url) else {
+            let sentinel = validate_sentinels(raw, base, p);
+            // With sentinels, `url` only gives the data nodes' scheme, database and password.
+            let url_text = match (&sentinel, raw.url.is_empty()) {
+                (Some(_), true) => "redis://sentinel-primary/0",
+                _ => raw.url.as_str(),
+            };
+            let Ok(mut url) = url::Url::parse(url_text) else {
                 p.push(format!("store.url: {:?} is not a URL like \"redis://127.0.0.1:6379/0\"", raw.url));
                 return StoreSettings::File;
             };
@@ -1394,19 +1437,63 @@ fn validate_store(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> StoreSett
             if let Some(password) = password {
                 let _ = url.set_password(Some(&password));
             }
-            StoreSettings::Redis(RedisSettings {
+            let shown_url = match &sentinel {
+                Some(s) => format!(
+                    "{}://{} (sentinel master {:?})",
+                    url.scheme(),
+                    s.sentinels.iter().map(|(h, port)| format!("{h}:{port}")).collect::<Vec<_>>().join(","),
+                    s.master_name
+                ),
+                None => shown.to_string(),
+            };
+            StoreSettings::Redis(Box::new(RedisSettings {
                 url: Secret(url.to_string()),
-                shown_url: shown.to_string(),
+                shown_url,
                 key_prefix: raw.key_prefix.clone(),
                 lock_ttl,
                 password_file: raw.password_file.as_ref().map(|f| resolve(base, f)),
-            })
+                sentinel,
+                min_replicas_ack: raw.min_replicas_ack,
+            }))
         }
         other => {
             p.push(format!("store.kind: {other:?} is not \"file\" or \"redis\""));
             StoreSettings::File
         }
     }
+}
+
+/// `[store] sentinels`, `master_name` and `sentinel_password_file` (SPEC §11).
+fn validate_sentinels(raw: &RawStore, base: &Path, p: &mut Vec<String>) -> Option<SentinelSettings> {
+    if raw.sentinels.is_empty() {
+        if !raw.master_name.is_empty() || raw.sentinel_password_file.is_some() {
+            p.push("store: master_name and sentinel_password_file are for sentinels = [...]".into());
+        }
+        return None;
+    }
+    if raw.master_name.is_empty() {
+        p.push("store.master_name: required with sentinels (the name the sentinels monitor, as in `sentinel monitor NAME …`)".into());
+    }
+    let mut sentinels = Vec::new();
+    for entry in &raw.sentinels {
+        let parsed = entry
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse::<u16>().ok()?)))
+            .filter(|(host, port)| !host.is_empty() && *port != 0);
+        match parsed {
+            Some((host, port)) => sentinels.push((host.to_string(), port)),
+            None => p.push(format!("store.sentinels: {entry:?} is not host:port (like \"10.0.0.5:26379\")")),
+        }
+    }
+    let password_file = raw.sentinel_password_file.as_ref().map(|f| resolve(base, f));
+    let password = password_file.as_ref().and_then(|file| match std::fs::read_to_string(file) {
+        Ok(text) => Some(Secret(text.trim().to_string())),
+        Err(e) => {
+            p.push(format!("store.sentinel_password_file {}: {e}", file.display()));
+            None
+        }
+    });
+    Some(SentinelSettings { sentinels, master_name: raw.master_name.clone(), password, password_file })
 }
 
 /// The authorization request's parameters that tokenproxy sets itself (SPEC §9).

@@ -127,8 +127,9 @@ pub fn authorization(provider: &str, result: &'static str) {
 
 pub const STORE_OPERATIONS_TOTAL: &str = "tokenproxy_store_operations_total";
 
-/// Operations on the shared token store (SPEC §7, §11): `op` is `read`, `write` or `lock`;
-/// `result` is `ok`, `conflict` or `error`.
+/// Operations on the shared token store (SPEC §7, §11): `op` is `read`, `write`, `lock` or
+/// `failover` (a new primary followed); `result` is `ok`, `conflict`, `error` or
+/// `unacknowledged` (fewer replicas than `min_replicas_ack` held it in time).
 pub fn store_operation(op: &'static str, result: &'static str) {
     metrics::counter!(STORE_OPERATIONS_TOTAL, "op" => op, "result" => result).increment(1);
 }

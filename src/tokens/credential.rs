@@ -142,11 +142,22 @@ pub(super) struct PendingWrite {
 pub(super) struct Held {
     pub(super) updated_at: Option<time::OffsetDateTime>,
     pub(super) fields: std::sync::Arc<serde_json::Map<String, serde_json::Value>>,
+    /// `false` for a refresh whose write `min_replicas_ack` replicas did not acknowledge: not in
+    /// use yet, and written again (then used) at the next chance (SPEC §11).
+    pub(super) acknowledged: bool,
 }
 
 impl Held {
     pub(super) fn of(fields: &serde_json::Map<String, serde_json::Value>) -> Held {
-        Held { updated_at: super::file::updated_at(fields), fields: std::sync::Arc::new(fields.clone()) }
+        Held {
+            updated_at: super::file::updated_at(fields),
+            fields: std::sync::Arc::new(fields.clone()),
+            acknowledged: true,
+        }
+    }
+
+    pub(super) fn unacknowledged(fields: &serde_json::Map<String, serde_json::Value>) -> Held {
+        Held { acknowledged: false, ..Held::of(fields) }
     }
 }
 

@@ -19,7 +19,12 @@ impl Provider {
         let read = self.read_store(cred).await;
         if let Some(fields) = read.write_back {
             let _lock = self.store.lock(self.key(cred)).await;
-            self.persist(cred, &fields, read.basis).await;
+            if self.persist(cred, &fields, read.basis).await == refresh::Persisted::Written
+                && read.unacknowledged
+            {
+                self.use_written(cred, &fields);
+                return Reload::Ok;
+            }
             tracing::info!(
                 provider = self.name(),
                 account = cred.account_log(),
@@ -27,6 +32,23 @@ impl Provider {
             );
         }
         read.outcome
+    }
+
+    /// Puts a refreshed token into use once its write is acknowledged (it was held back until
+    /// then, SPEC §11 `min_replicas_ack`).
+    pub(super) fn use_written(&self, cred: &Credential, fields: &store::Fields) -> Option<Arc<Token>> {
+        let doc = file::document_from_fields(fields.clone()).ok()?;
+        let token = self.prepare(&doc).ok()?;
+        if cred.current().is_some_and(|current| current.fingerprint == token.fingerprint) {
+            return cred.current();
+        }
+        tracing::info!(
+            provider = self.name(),
+            account = cred.account_log(),
+            fingerprint = %token.fingerprint,
+            "the refreshed token's write is acknowledged now; it is in use"
+        );
+        Some(cred.install(token))
     }
 
     /// [`Provider::reload`], unless the store's probe says nothing changed since the last read:
@@ -58,6 +80,7 @@ impl Provider {
             fields: None,
             basis: Basis::Stored(None),
             lost: false,
+            unacknowledged: false,
         };
         let mut read = StoreRead { outcome: Reload::Ok, ..unchanged() };
         // A shared store that lost what this replica holds, or holds something older (a Redis
@@ -69,7 +92,13 @@ impl Provider {
                 Ok(Loaded::Found { doc: Ok(doc), .. }) => Some(file::updated_at(&doc.fields)),
                 _ => None,
             };
-            if let Some(stored_at) = stored_at.filter(|at| file::is_older(*at, held.updated_at)) {
+            // A write that was not acknowledged is written again over the same document too
+            // (the primary may keep it, or a failover may have taken it back).
+            let behind = |at: Option<time::OffsetDateTime>| {
+                file::is_older(at, held.updated_at)
+                    || (!held.acknowledged && !file::is_older(held.updated_at, at))
+            };
+            if let Some(stored_at) = stored_at.filter(|at| behind(*at)) {
                 let basis = match &loaded {
                     Ok(Loaded::Found { version, .. }) => Basis::Stored(Some(*version)),
                     _ => Basis::Stored(None),
@@ -89,7 +118,8 @@ impl Provider {
                     write_back: Some(restored.clone()),
                     fields: Some(restored),
                     basis,
-                    lost: true,
+                    lost: held.acknowledged,
+                    unacknowledged: !held.acknowledged,
                     ..unchanged()
                 };
             }
@@ -269,6 +299,9 @@ pub(super) struct StoreRead {
     /// The shared store had nothing or something older than the document this replica holds,
     /// which is `write_back`.
     pub(super) lost: bool,
+    /// `write_back` is this replica's refresh whose write was not acknowledged: once written, it
+    /// is the token to use.
+    pub(super) unacknowledged: bool,
 }
 
 /// The stored content a write is based on: the store writes only over that content.

@@ -1434,6 +1434,28 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Stops it and deletes its data: it comes back empty.
+    pub fn stop_and_wipe(&mut self) {
+        self.stop();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
+
+    /// From its next start on, a replica of the node on `primary` (as a node whose config the
+    /// sentinels rewrote would start).
+    pub fn replicate(&mut self, primary: u16) {
+        self.extra = vec!["--replicaof".into(), "127.0.0.1".into(), primary.to_string()];
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a node that freezes and comes back.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
     /// Every value Redis holds, as `redis-cli --scan` plus a read of each key would show it.
     pub fn dump(&self) -> String {
         let keys = Command::new("redis-cli").args(["-p", &self.port.to_string(), "--scan"]).output().unwrap();
@@ -1454,7 +1476,151 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A frozen process does not die of SIGKILL until it runs again: thaw it first.
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        }
         self.stop();
+    }
+}
+
+/// A primary, its replicas and three `redis-server --sentinel` processes (quorum 2) that
+/// monitor it as `tp`, each in its own folder under `dir`, all on loopback.
+pub struct SentinelSetup {
+    /// The data nodes: [0] is the first primary.
+    pub nodes: Vec<RedisServer>,
+    pub sentinels: Vec<(Child, u16)>,
+}
+
+pub const MASTER_NAME: &str = "tp";
+
+impl SentinelSetup {
+    /// `down_after`: how long a node may not answer before the sentinels fail it over.
+    pub fn start(dir: &Path, replicas: usize, down_after: Duration) -> SentinelSetup {
+        let mkdir = |name: String| {
+            let path = dir.join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            path
+        };
+        let primary = RedisServer::start(&mkdir("node-0".into()));
+        let replica_of = primary.port.to_string();
+        let mut nodes = vec![primary];
+        for i in 1..=replicas {
+            nodes.push(RedisServer::start_with(
+                &mkdir(format!("node-{i}")),
+                &["--replicaof", "127.0.0.1", &replica_of],
+            ));
+        }
+        let mut sentinels = Vec::new();
+        for i in 0..3 {
+            let folder = mkdir(format!("sentinel-{i}"));
+            let port = fixed_port();
+            let conf = folder.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {replica_of} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} {}\n\
+                     sentinel failover-timeout {MASTER_NAME} 4000\n\
+                     sentinel parallel-syncs {MASTER_NAME} 2\n",
+                    folder.display(),
+                    down_after.as_millis()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server --sentinel");
+            sentinels.push((child, port));
+        }
+        let setup = SentinelSetup { nodes, sentinels };
+        // Ready: every sentinel names the primary and has seen every replica.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = setup.sentinels.iter().all(|(_, port)| {
+                setup.primary_by(*port) == Some(setup.nodes[0].port)
+                    && sentinel_cli(*port, &["sentinel", "replicas", MASTER_NAME]).matches("name").count()
+                        >= replicas
+            });
+            if ready {
+                return setup;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not see the primary and its replicas in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `sentinels = [...]` for a config.
+    pub fn toml_list(&self) -> String {
+        let list: Vec<String> =
+            self.sentinels.iter().map(|(_, port)| format!("\"127.0.0.1:{port}\"")).collect();
+        format!("[{}]", list.join(", "))
+    }
+
+    /// The primary's port as the sentinel on `port` names it.
+    pub fn primary_by(&self, port: u16) -> Option<u16> {
+        let answer = sentinel_cli(port, &["sentinel", "get-master-addr-by-name", MASTER_NAME]);
+        answer.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// The primary's port, once a majority of sentinels agree on it.
+    pub fn primary(&self) -> Option<u16> {
+        let named: Vec<Option<u16>> = self.sentinels.iter().map(|(_, port)| self.primary_by(*port)).collect();
+        named.iter().flatten().find(|p| named.iter().filter(|q| q == &&Some(**p)).count() >= 2).copied()
+    }
+
+    pub fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes.iter_mut().find(|n| n.port == port).expect("a node of the setup")
+    }
+
+    /// Waits until `count` replicas replicate from the node on `primary` (state online).
+    pub fn wait_replicas(&self, primary: u16, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let info = sentinel_cli(primary, &["info", "replication"]);
+            if info.matches("state=online").count() >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{primary} has not {count} replicas online within {within:?}: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the sentinels name a primary other than `old`; returns it.
+    pub fn wait_for_failover(&self, old: u16, within: Duration) -> u16 {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(primary) = self.primary().filter(|p| *p != old) {
+                return primary;
+            }
+            assert!(Instant::now() < deadline, "no failover away from {old} within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn sentinel_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Drop for SentinelSetup {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -110,6 +110,19 @@ enum Unwritten {
     /// The stored document does not parse: it waits in memory.
     Unparsable,
     Failed(String),
+    /// Written, but not held by `min_replicas_ack` replicas in time: a failover could take it
+    /// back, so it is not used until a later write of it is acknowledged.
+    Unacknowledged(String),
+}
+
+/// What [`Provider::persist`] did with a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Persisted {
+    Written,
+    /// Not written (kept in memory, and used).
+    Kept,
+    /// Not acknowledged: kept in memory, not used yet.
+    Unacknowledged,
 }
 
 /// A uniformly random duration in `[0, max)`, without a dependency: the std hasher is randomly
@@ -350,9 +363,15 @@ impl Provider {
             .map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e.to_string()))?;
         let token = self.prepare(&doc).map_err(|e| RefreshError::new(RefreshErrorKind::BadResponse, e))?;
         // On disk first, then in use: a request served with the new token finds it in the file
-        // too (a failed write is reported, and the token is used all the same).
-        self.persist(cred, &fields, basis).await;
+        // too (a failed write is reported, and the token is used all the same, unless a failover
+        // could take the write back).
+        let persisted = self.persist(cred, &fields, basis).await;
         drop(lock);
+        if persisted == Persisted::Unacknowledged {
+            cred.status().retry_not_before = Some(Instant::now() + STORE_RETRY);
+            let error = cred.status().write_error.clone().unwrap_or_default();
+            return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
+        }
         Ok(cred.install(token))
     }
 
@@ -367,7 +386,17 @@ impl Provider {
         let before = cred.current().map(|t| t.fingerprint.clone());
         let read = self.read_store(cred).await;
         if let Some(fields) = &read.write_back {
-            self.persist(cred, fields, read.basis).await;
+            let persisted = self.persist(cred, fields, read.basis).await;
+            if read.unacknowledged {
+                // This replica's own refresh, held back until its write is acknowledged.
+                if persisted != Persisted::Written {
+                    let error = cred.status().write_error.clone().unwrap_or_default();
+                    return Err(RefreshError::new(RefreshErrorKind::StoreUnavailable, error));
+                }
+                if let Some(token) = self.use_written(cred, fields) {
+                    return Ok(Newer::Adopted(token));
+                }
+            }
             if read.lost {
                 return Ok(Newer::Lost);
             }
@@ -411,7 +440,7 @@ impl Provider {
     /// a person may be mid-edit; the fields wait in memory until it parses again. A document a
     /// person changed while the refresh was in flight keeps their other fields; the refresh's
     /// tokens win.
-    pub(super) async fn persist(&self, cred: &Credential, fields: &Fields, mut basis: Basis) {
+    pub(super) async fn persist(&self, cred: &Credential, fields: &Fields, mut basis: Basis) -> Persisted {
         let key = self.key(cred);
         cred.status().refresh_token = file::refresh_token(fields);
         // The document this replica holds is updated once the write is over, whatever its
@@ -452,9 +481,14 @@ impl Provider {
                         status.pending_write = None;
                         drop(status);
                         metrics::token_write(self.name(), "ok");
-                        return;
+                        return Persisted::Written;
                     }
                     Err(SaveError::Conflict(current)) => basis = on_top_of(*current, &mut fields),
+                    Err(SaveError::Failed(e))
+                        if e.class == crate::tokens::store::StoreErrorClass::Unacknowledged =>
+                    {
+                        break 'write Unwritten::Unacknowledged(report(&e));
+                    }
                     Err(SaveError::Failed(e)) => break 'write Unwritten::Failed(report(&e)),
                 }
             }
@@ -463,9 +497,22 @@ impl Provider {
         let shown = self.shown_location(cred);
         let mut status = cred.status();
         if shared {
-            status.held = Some(Held::of(&fields));
+            status.held = Some(match unwritten {
+                Unwritten::Unacknowledged(_) => Held::unacknowledged(&fields),
+                _ => Held::of(&fields),
+            });
         }
         match unwritten {
+            Unwritten::Unacknowledged(reason) => {
+                let message = format!(
+                    "{shown}: {reason}; the refreshed token is kept in memory and used once a write of it is acknowledged"
+                );
+                status.write_error = Some(message.clone());
+                drop(status);
+                metrics::token_write(self.name(), "error");
+                tracing::warn!(provider = self.name(), account = cred.account_log(), error = %message, "refreshed token held back");
+                Persisted::Unacknowledged
+            }
             Unwritten::Unparsable => {
                 let based_on = match &status.pending_write {
                     Some(pending) => pending.based_on.clone(),
@@ -480,6 +527,7 @@ impl Provider {
                 drop(status);
                 metrics::token_write(self.name(), "deferred");
                 tracing::warn!(provider = self.name(), account = cred.account_log(), error = %message, "token file left alone");
+                Persisted::Kept
             }
             Unwritten::Failed(reason) => {
                 let message = format!("{shown} could not be written: {reason}");
@@ -492,6 +540,7 @@ impl Provider {
                     error = %message,
                     "refreshed token kept in memory only; it will be lost on restart"
                 );
+                Persisted::Kept
             }
         }
     }

@@ -413,6 +413,48 @@ async fn a_write_that_fails_keeps_the_new_token_in_use_and_its_refresh_token_for
     assert!(rig.cred.status().write_error.is_none());
 }
 
+/// SPEC §11 `min_replicas_ack`: a refresh whose write no replica acknowledged fails with
+/// `store_unavailable`, the current token keeps serving, and the new one is used once a later
+/// write of it is acknowledged: without spending its refresh token again, whether the failover
+/// took the write back (`taken_back`) or the primary kept it.
+async fn unacknowledged_write(taken_back: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rig = rig(time::Duration::minutes(2)).await;
+    rig.store.shared.store(true, Relaxed);
+    let before = rig.store.get(KEY).unwrap();
+    rig.store.unacknowledged_writes.store(true, Relaxed);
+    rig.endpoint.script([issue("a1", Some("r2"))]);
+    let error = rig.refresh(Trigger::Proactive).await.unwrap_err();
+    assert_eq!(error.kind.label(), "store_unavailable");
+    assert!(error.message.contains("used once a write of it is acknowledged"), "{}", error.message);
+    assert_eq!(rig.current(), fingerprint("a0"), "an unacknowledged token was used");
+    if taken_back {
+        rig.store.put(KEY, serde_json::Value::Object(before));
+    }
+    // Replicas acknowledge again: the held token is written and used; r2 is the live one.
+    rig.store.unacknowledged_writes.store(false, Relaxed);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(rig.refresh(Trigger::Proactive).await.unwrap(), fingerprint("a1"));
+    assert_eq!(rig.current(), fingerprint("a1"));
+    assert_eq!(rig.endpoint.sent(), [Some("r1".to_string())], "a refresh token was spent twice");
+    assert_eq!(
+        (rig.stored("access_token"), rig.stored("refresh_token")),
+        (Some("a1".into()), Some("r2".into()))
+    );
+    // Used only after a write of it that was acknowledged: the first write, then another.
+    assert_eq!(rig.store.saves.load(Relaxed), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unacknowledged_write_that_a_failover_took_back_is_written_again_then_used() {
+    unacknowledged_write(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unacknowledged_write_the_primary_kept_is_written_again_then_used() {
+    unacknowledged_write(false).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn requests_that_find_the_token_expiring_start_one_background_refresh() {
     let rig = rig(time::Duration::minutes(2)).await;

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::{
-    Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreFuture, StoreLock, TokenStore,
-    Version,
+    Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreErrorClass, StoreFuture, StoreLock,
+    TokenStore, Version,
 };
 use crate::tokens::file::document_from_fields;
 
@@ -25,6 +25,10 @@ pub struct MemoryStore {
     /// Faults to inject: a lock or a write that fails as a store that is down does.
     pub failing_locks: std::sync::atomic::AtomicBool,
     pub failing_writes: std::sync::atomic::AtomicBool,
+    /// Writes are made but reported as not acknowledged by replicas (`min_replicas_ack`).
+    pub unacknowledged_writes: std::sync::atomic::AtomicBool,
+    /// Whether it plays a store shared by a fleet.
+    pub shared: std::sync::atomic::AtomicBool,
 }
 
 fn owned(key: Key<'_>) -> Owned {
@@ -78,7 +82,14 @@ impl TokenStore for MemoryStore {
                 return Err(SaveError::Conflict(Box::new(self.loaded(key))));
             }
             self.saves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(self.put(key, serde_json::Value::Object(fields.clone())))
+            let version = self.put(key, serde_json::Value::Object(fields.clone()));
+            if self.unacknowledged_writes.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(SaveError::Failed(StoreError::new(
+                    StoreErrorClass::Unacknowledged,
+                    "no replica acknowledged the write (test)",
+                )));
+            }
+            Ok(version)
         })
     }
 
@@ -101,6 +112,10 @@ impl TokenStore for MemoryStore {
             let documents = self.documents.lock().unwrap();
             Ok(documents.keys().filter(|(p, _)| p == provider).filter_map(|(_, a)| a.clone()).collect())
         })
+    }
+
+    fn shared(&self) -> bool {
+        self.shared.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn problem<'a>(&'a self, _provider: &'a str) -> StoreFuture<'a, Option<String>> {

@@ -11,6 +11,7 @@
 mod file;
 #[cfg(test)]
 pub(crate) mod memory;
+mod primary;
 mod redis;
 pub mod seal;
 
@@ -117,7 +118,7 @@ pub fn for_config(config: &crate::config::Config) -> Result<std::sync::Arc<dyn T
                 ),
                 false => None,
             };
-            std::sync::Arc::new(RedisStore::new(settings.clone(), &config.providers, sealer, roots)?)
+            std::sync::Arc::new(RedisStore::new((**settings).clone(), &config.providers, sealer, roots)?)
         }
     })
 }
@@ -183,6 +184,9 @@ pub enum StoreErrorClass {
     Refused,
     /// The configuration names something that cannot be used (a URL, a key, a provider).
     Config,
+    /// Written to the primary, but not held by `min_replicas_ack` replicas in time: a failover
+    /// could take it back, so it does not count as written (SPEC §11). Later may work.
+    Unacknowledged,
 }
 
 impl StoreError {

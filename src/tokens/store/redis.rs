@@ -16,20 +16,19 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::file::FileStore;
+use super::primary::{CALL_TIMEOUT, Primary};
 use super::seal::{self, Sealer};
 use super::{
-    Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreFuture, StoreLock, TokenStore,
-    Version,
+    Change, ChangeFeed, Fields, Key, Loaded, SaveError, StoreError, StoreErrorClass, StoreFuture, StoreLock,
+    TokenStore, Version,
 };
 use crate::config::{FileFormat, ProviderConfig, RedisSettings};
 use crate::metrics;
 
-/// How long one Redis call may take before the store counts as unavailable.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a waiting replica tries the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(25);
 
@@ -65,8 +64,7 @@ return 0
 ";
 
 pub struct RedisStore {
-    client: redis::Client,
-    connection: ConnectionManager,
+    primary: Arc<Primary>,
     settings: RedisSettings,
     sealer: Option<Arc<Sealer>>,
     /// Token files, read to seed keys Redis does not have yet.
@@ -88,23 +86,8 @@ impl RedisStore {
         tls_roots: Option<Vec<u8>>,
     ) -> Result<RedisStore, StoreError> {
         crate::tls::install_crypto_provider();
-        let client = match tls_roots {
-            Some(roots) => redis::Client::build_with_tls(
-                settings.url.expose(),
-                redis::TlsCertificates { client_tls: None, root_cert: Some(roots) },
-            ),
-            None => redis::Client::open(settings.url.expose()),
-        }
-        .map_err(|e| StoreError::config(format!("store.url {}", settings.shown_url)).caused_by(e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::config(format!("store.url {}", settings.shown_url)).caused_by(e))?;
         Ok(RedisStore {
-            client,
-            connection,
+            primary: Primary::new(&settings, tls_roots)?,
             seeds: FileStore::sealed(providers, sealer.clone()),
             sealer,
             settings,
@@ -133,9 +116,35 @@ impl RedisStore {
         StoreError::unavailable(format!("token store {} unavailable", self.settings.shown_url)).caused_by(e)
     }
 
+    /// A failed call's error; one that says the node is no longer the primary makes the
+    /// follower look for the new one at once.
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        self.primary.saw(&e);
+        self.error(e)
+    }
+
+    /// The current primary's connection.
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        self.primary.connection().await.map_err(|e| self.error(e))
+    }
+
+    /// Waits until `min_replicas_ack` replicas hold what this connection wrote (Redis `WAIT`),
+    /// so that a failover cannot take it back (SPEC §11). `Ok(false)`: not in time.
+    async fn acknowledged(&self, connection: &mut ConnectionManager) -> Result<bool, StoreError> {
+        let wanted = self.settings.min_replicas_ack;
+        if wanted == 0 {
+            return Ok(true);
+        }
+        // At most lock_ttl, and inside the call timeout (a longer WAIT would be cut off by it).
+        let wait = self.settings.lock_ttl.min(CALL_TIMEOUT - Duration::from_millis(300));
+        let acks: redis::RedisResult<u32> =
+            redis::cmd("WAIT").arg(wanted).arg(wait.as_millis() as u64).query_async(connection).await;
+        Ok(acks.map_err(|e| self.failed(e))? >= wanted)
+    }
+
     /// The stored document and version, as Redis has them.
     async fn read(&self, key: Key<'_>) -> Result<Option<(Version, Vec<u8>)>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let answer: redis::RedisResult<(Option<Vec<u8>>, Option<u64>)> = redis::cmd("HMGET")
             .arg(self.document_key(key))
             .arg("doc")
@@ -143,7 +152,7 @@ impl RedisStore {
             .query_async(&mut connection)
             .await;
         metrics::store_operation("read", if answer.is_ok() { "ok" } else { "error" });
-        let (doc, version) = answer.map_err(|e| self.error(e))?;
+        let (doc, version) = answer.map_err(|e| self.failed(e))?;
         Ok(match (doc, version) {
             (Some(doc), Some(version)) => Some((Version(version), doc)),
             _ => None,
@@ -168,7 +177,7 @@ impl RedisStore {
         bytes: &[u8],
         expected: Option<Version>,
     ) -> Result<Result<Version, Option<Version>>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection().await?;
         let expected = expected.map(|v| v.0.to_string()).unwrap_or_default();
         let message = format!("{}\n{}", key.provider, key.account.unwrap_or(""));
         let mut random = [0u8; 8];
@@ -184,15 +193,31 @@ impl RedisStore {
             .arg(new_version.to_string())
             .invoke_async(&mut connection)
             .await;
-        let result = match &answer {
-            Ok((1, _)) => "ok",
-            Ok(_) => "conflict",
-            Err(_) => "error",
+        let (written, version) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                metrics::store_operation("write", "error");
+                return Err(self.failed(e));
+            }
         };
-        metrics::store_operation("write", result);
-        let (written, version) = answer.map_err(|e| self.error(e))?;
         let version = version.parse().ok().map(Version);
-        Ok(if written == 1 { version.ok_or(None) } else { Err(version) })
+        if written != 1 {
+            metrics::store_operation("write", "conflict");
+            return Ok(Err(version));
+        }
+        if !self.acknowledged(&mut connection).await? {
+            metrics::store_operation("write", "unacknowledged");
+            return Err(StoreError::new(
+                StoreErrorClass::Unacknowledged,
+                format!(
+                    "the write to {} was not acknowledged by {} replica(s) (min_replicas_ack) in time: a failover could \
+                 take it back",
+                    self.settings.shown_url, self.settings.min_replicas_ack
+                ),
+            ));
+        }
+        metrics::store_operation("write", "ok");
+        Ok(version.ok_or(None))
     }
 
     /// Seeds a key Redis does not have from the provider's token file, if there is one.
@@ -227,16 +252,18 @@ impl RedisStore {
 /// Keeps a lock alive while it is held; releases it (only if still ours) when dropped.
 struct HeldLock {
     keep_alive: tokio::task::JoinHandle<()>,
-    release: Option<(ConnectionManager, Arc<redis::Script>, String, String)>,
+    release: Option<(Arc<Primary>, Arc<redis::Script>, String, String)>,
 }
 
 impl Drop for HeldLock {
     fn drop(&mut self) {
         self.keep_alive.abort();
-        if let Some((mut connection, script, key, owner)) = self.release.take()
+        if let Some((primary, script, key, owner)) = self.release.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
+                // The primary now, which after a failover holds the lock if it was acknowledged.
+                let Ok(mut connection) = primary.connection().await else { return };
                 let released: redis::RedisResult<i64> = script.key(key).arg(owner).invoke_async(&mut connection).await;
                 if let Err(e) = released {
                     tracing::warn!(error = %e, "could not release the refresh lock; it expires by itself after lock_ttl");
@@ -312,7 +339,7 @@ impl TokenStore for RedisStore {
             // A holder keeps its lock alive; one that died frees it within lock_ttl. Waiting longer
             // than that (and a margin) means the store is not answering as it should.
             let give_up = tokio::time::Instant::now() + ttl + Duration::from_secs(5);
-            let mut connection = self.connection.clone();
+            let mut connection = self.connection().await?;
             loop {
                 let taken: redis::RedisResult<Option<String>> = redis::cmd("SET")
                     .arg(&lock_key)
@@ -324,12 +351,25 @@ impl TokenStore for RedisStore {
                     .await;
                 let taken = taken.map_err(|e| {
                     metrics::store_operation("lock", "error");
-                    self.error(e)
+                    self.failed(e)
                 })?;
                 if taken.is_some() {
+                    // The lock too must survive a failover: a promoted replica without it would
+                    // let another replica spend the refresh token this holder is spending.
+                    if !self.acknowledged(&mut connection).await? {
+                        metrics::store_operation("lock", "unacknowledged");
+                        let _: redis::RedisResult<i64> =
+                            self.release.key(&lock_key).arg(&owner).invoke_async(&mut connection).await;
+                        return Err(StoreError::unavailable(format!(
+                            "the refresh lock {lock_key} was not acknowledged by {} replica(s) (min_replicas_ack) in time",
+                            self.settings.min_replicas_ack
+                        )));
+                    }
                     metrics::store_operation("lock", "ok");
                     break;
                 }
+                // A failover may have moved the primary while we waited.
+                connection = self.connection().await?;
                 if tokio::time::Instant::now() >= give_up {
                     metrics::store_operation("lock", "error");
                     return Err(StoreError::unavailable(format!(
@@ -340,16 +380,28 @@ impl TokenStore for RedisStore {
                 tokio::time::sleep(LOCK_POLL).await;
             }
             let keep_alive = {
-                let (mut connection, script, lock_key, owner) =
-                    (connection.clone(), self.keep_alive.clone(), lock_key.clone(), owner.clone());
+                let (primary, script, lock_key, owner) =
+                    (self.primary.clone(), self.keep_alive.clone(), lock_key.clone(), owner.clone());
                 tokio::spawn(async move {
                     let mut every = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
                     every.tick().await;
                     loop {
                         every.tick().await;
-                        let kept: redis::RedisResult<i64> =
-                            script.key(&lock_key).arg(&owner).arg(ttl_ms).invoke_async(&mut connection).await;
+                        // On whichever node is the primary now: after a failover, the promoted
+                        // replica holds the lock if it acknowledged it.
+                        let kept: redis::RedisResult<i64> = match primary.connection().await {
+                            Ok(mut connection) => {
+                                script
+                                    .key(&lock_key)
+                                    .arg(&owner)
+                                    .arg(ttl_ms)
+                                    .invoke_async(&mut connection)
+                                    .await
+                            }
+                            Err(_) => continue,
+                        };
                         if let Err(e) = kept {
+                            primary.saw(&e);
                             tracing::warn!(error = %e, "could not keep the refresh lock alive");
                         }
                     }
@@ -357,14 +409,14 @@ impl TokenStore for RedisStore {
             };
             Ok(StoreLock::new(HeldLock {
                 keep_alive,
-                release: Some((connection, self.release.clone(), lock_key, owner)),
+                release: Some((self.primary.clone(), self.release.clone(), lock_key, owner)),
             }))
         })
     }
 
     fn probe<'a>(&'a self, key: Key<'a>) -> StoreFuture<'a, Option<u64>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
+            let mut connection = self.connection().await.ok()?;
             connection.hget::<_, _, Option<u64>>(self.document_key(key), "version").await.ok().flatten()
         })
     }
@@ -372,13 +424,13 @@ impl TokenStore for RedisStore {
     fn accounts<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Result<Vec<String>, StoreError>> {
         Box::pin(async move {
             let prefix = format!("{}:token:{provider}:", self.settings.key_prefix);
-            let mut connection = self.connection.clone();
+            let mut connection = self.connection().await?;
             let mut names: Vec<String> = Vec::new();
             {
                 let mut keys: redis::AsyncIter<'_, String> =
-                    connection.scan_match(format!("{prefix}*")).await.map_err(|e| self.error(e))?;
+                    connection.scan_match(format!("{prefix}*")).await.map_err(|e| self.failed(e))?;
                 while let Some(key) = keys.next_item().await {
-                    let key = key.map_err(|e| self.error(e))?;
+                    let key = key.map_err(|e| self.failed(e))?;
                     if let Some(name) =
                         key.strip_prefix(&prefix).filter(|n| !n.ends_with(":lock") && !n.contains(':'))
                     {
@@ -408,9 +460,12 @@ impl TokenStore for RedisStore {
 
     fn problem<'a>(&'a self, _provider: &'a str) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
+            let mut connection = match self.connection().await {
+                Ok(connection) => connection,
+                Err(e) => return Some(crate::errors::report(&e)),
+            };
             let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
-            pong.err().map(|e| crate::errors::report(&self.error(e)))
+            pong.err().map(|e| crate::errors::report(&self.failed(e)))
         })
     }
 
@@ -420,20 +475,40 @@ impl TokenStore for RedisStore {
 
     fn watch(&self) -> ChangeFeed {
         let (tx, changes) = mpsc::unbounded_channel();
-        let client = self.client.clone();
+        let primary = self.primary.clone();
         let channel = self.channel();
         let shown = self.settings.shown_url.clone();
         let task = tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
-                match client.get_async_pubsub().await {
+                // Subscribed on the primary of the moment, and again on the next one after a
+                // failover (a stopped primary would keep an old subscription silent forever).
+                let mut moved = primary.changes();
+                moved.mark_unchanged();
+                let node = primary.node().await;
+                let subscribed = match &node {
+                    Ok(node) => node.client.get_async_pubsub().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(crate::errors::report(e)),
+                };
+                match subscribed {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                         Ok(()) => {
                             delay = Duration::from_millis(200);
                             // Whatever changed while we were not listening.
                             let _ = tx.send(Change::Everything);
                             let mut messages = pubsub.on_message();
-                            while let Some(message) = messages.next().await {
+                            loop {
+                                let message = tokio::select! {
+                                    message = messages.next() => message,
+                                    _ = moved.changed() => {
+                                        tracing::info!(store = %shown, "the primary moved; following the change feed there");
+                                        break;
+                                    }
+                                };
+                                let Some(message) = message else {
+                                    tracing::warn!(store = %shown, "lost the token store's change feed; reconnecting");
+                                    break;
+                                };
                                 let text: String = message.get_payload().unwrap_or_default();
                                 let (provider, account) =
                                     text.split_once('\n').unwrap_or((text.as_str(), ""));
@@ -445,7 +520,6 @@ impl TokenStore for RedisStore {
                                     return;
                                 }
                             }
-                            tracing::warn!(store = %shown, "lost the token store's change feed; reconnecting");
                         }
                         Err(e) => {
                             tracing::warn!(store = %shown, error = %e, "cannot subscribe to token changes")
