@@ -429,11 +429,25 @@ fn the_fleet_example_runs_many_replicas_on_one_redis_with_sealed_tokens() {
     assert_eq!(key_volume["secret"]["secretName"], "tokenproxy-fleet-key");
     let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
     assert_eq!(service["metadata"]["name"], "tokens-redis");
+    // Redis without a single point of failure: three pods, each with a sentinel, and a restarted
+    // pod joins the primary the sentinels name rather than starting as a second primary.
+    let redis = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    assert_eq!(redis["spec"]["replicas"].as_u64(), Some(3));
+    let names: Vec<&str> = redis["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["redis", "sentinel"]);
+    let scripts = docs.iter().find(|d| d["metadata"]["name"] == "tokens-redis-scripts").unwrap();
+    assert!(scripts["data"]["redis.sh"].as_str().unwrap().contains("sentinel get-master-addr-by-name tokens"));
+    assert!(scripts["data"]["sentinel.sh"].as_str().unwrap().contains("sentinel monitor tokens "));
 
-    // The config is one tokenproxy accepts: the Redis store, with its key.
-    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    // The config is one tokenproxy accepts: the Redis store through the sentinels, with its key.
+    let configmap = docs.iter().find(|d| d["metadata"]["name"] == "tokenproxy-fleet-config").unwrap();
     let text = configmap["data"]["tokenproxy.toml"].as_str().unwrap();
-    assert!(text.contains("kind = \"redis\"") && text.contains("url = \"redis://tokens-redis:6379/0\""));
+    assert!(text.contains("kind = \"redis\"") && text.contains("master_name = \"tokens\""));
     let dir = tempdir();
     std::fs::write(dir.path().join("key"), [7u8; 32]).unwrap();
     std::fs::write(dir.path().join("password"), "p").unwrap();
@@ -446,7 +460,11 @@ fn the_fleet_example_runs_many_replicas_on_one_redis_with_sealed_tokens() {
     let path = dir.path().join("tokenproxy.toml");
     std::fs::write(&path, text).unwrap();
     let config = tokenproxy::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(config.store, tokenproxy::config::StoreSettings::Redis(_)));
+    let tokenproxy::config::StoreSettings::Redis(redis) = &config.store else { panic!("a Redis store") };
+    let sentinel = redis.sentinel.as_ref().expect("the fleet finds its primary through sentinels");
+    assert_eq!(sentinel.sentinels.len(), 3);
+    assert_eq!(sentinel.sentinels[0], ("tokens-redis-0.tokens-redis".to_string(), 26379));
+    assert_eq!(redis.min_replicas_ack, 1);
     let key = config.sealing_key.as_ref().expect("the example seals token data");
     tokenproxy::tokens::store::seal::Sealer::open(key).unwrap_or_else(|e| panic!("{e}"));
     let shown = format!("{:?}", config.store);
