@@ -441,7 +441,9 @@ fn the_fleet_example_runs_many_replicas_on_one_redis_with_sealed_tokens() {
         .collect();
     assert_eq!(names, ["redis", "sentinel"]);
     let scripts = docs.iter().find(|d| d["metadata"]["name"] == "tokens-redis-scripts").unwrap();
-    assert!(scripts["data"]["redis.sh"].as_str().unwrap().contains("sentinel get-master-addr-by-name tokens"));
+    assert!(
+        scripts["data"]["redis.sh"].as_str().unwrap().contains("sentinel get-master-addr-by-name tokens")
+    );
     assert!(scripts["data"]["sentinel.sh"].as_str().unwrap().contains("sentinel monitor tokens "));
 
     // The config is one tokenproxy accepts: the Redis store through the sentinels, with its key.

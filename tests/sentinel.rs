@@ -77,12 +77,19 @@ async fn a_fleet_keeps_a_rotating_credential_through_sentinel_failovers() {
     let endpoint = endpoint.start().await;
     endpoint.allow_refresh_token("rt-seed");
     api.accept("at-seed");
+    // Passwords as in production: one for the data nodes, another for the sentinels.
+    let (node_password, sentinel_password) =
+        (dir.path().join("node-password"), dir.path().join("sentinel-password"));
+    std::fs::write(&node_password, NODE_PASSWORD).unwrap();
+    std::fs::write(&sentinel_password, SENTINEL_PASSWORD).unwrap();
     let config = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [store]\nkind = \"redis\"\nsentinels = {}\nmaster_name = \"{MASTER_NAME}\"\nmin_replicas_ack = 1\n\
-         lock_ttl = \"5s\"\n\
+         lock_ttl = \"5s\"\npassword_file = {:?}\nsentinel_password_file = {:?}\n\
          [providers.api]\nhosts = [\"{}\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n{}",
         setup.toml_list(),
+        node_password.display().to_string(),
+        sentinel_password.display().to_string(),
         api.authority(),
         endpoint.oauth_toml("api", "refresh_token")
     );

@@ -1446,7 +1446,10 @@ impl RedisServer {
     /// From its next start on, a replica of the node on `primary` (as a node whose config the
     /// sentinels rewrote would start).
     pub fn replicate(&mut self, primary: u16) {
-        self.extra = vec!["--replicaof".into(), "127.0.0.1".into(), primary.to_string()];
+        if let Some(at) = self.extra.iter().position(|a| a == "--replicaof") {
+            self.extra.drain(at..at + 3);
+        }
+        self.extra.extend(["--replicaof".into(), "127.0.0.1".into(), primary.to_string()]);
     }
 
     /// SIGSTOP (`true`) or SIGCONT (`false`): a node that freezes and comes back.
@@ -1493,6 +1496,10 @@ pub struct SentinelSetup {
 }
 
 pub const MASTER_NAME: &str = "tp";
+/// The data nodes' password (`requirepass`, and `masterauth` for replication).
+pub const NODE_PASSWORD: &str = "node-pw-5d1c";
+/// The sentinels' own password, another one.
+pub const SENTINEL_PASSWORD: &str = "sentinel-pw-77ae";
 
 impl SentinelSetup {
     /// `down_after`: how long a node may not answer before the sentinels fail it over.
@@ -1502,14 +1509,13 @@ impl SentinelSetup {
             std::fs::create_dir_all(&path).unwrap();
             path
         };
-        let primary = RedisServer::start(&mkdir("node-0".into()));
+        let auth = ["--requirepass", NODE_PASSWORD, "--masterauth", NODE_PASSWORD];
+        let primary = RedisServer::start_with(&mkdir("node-0".into()), &auth);
         let replica_of = primary.port.to_string();
         let mut nodes = vec![primary];
         for i in 1..=replicas {
-            nodes.push(RedisServer::start_with(
-                &mkdir(format!("node-{i}")),
-                &["--replicaof", "127.0.0.1", &replica_of],
-            ));
+            let args = [&auth[..], &["--replicaof", "127.0.0.1", &replica_of]].concat();
+            nodes.push(RedisServer::start_with(&mkdir(format!("node-{i}")), &args));
         }
         let mut sentinels = Vec::new();
         for i in 0..3 {
@@ -1519,8 +1525,9 @@ impl SentinelSetup {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                    "port {port}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\n\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {replica_of} 2\n\
+                     sentinel auth-pass {MASTER_NAME} {NODE_PASSWORD}\n\
                      sentinel down-after-milliseconds {MASTER_NAME} {}\n\
                      sentinel failover-timeout {MASTER_NAME} 4000\n\
                      sentinel parallel-syncs {MASTER_NAME} 2\n",
@@ -1585,7 +1592,7 @@ impl SentinelSetup {
     pub fn wait_replicas(&self, primary: u16, count: usize, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let info = sentinel_cli(primary, &["info", "replication"]);
+            let info = cli(primary, NODE_PASSWORD, &["info", "replication"]);
             if info.matches("state=online").count() >= count {
                 return;
             }
@@ -1611,7 +1618,15 @@ impl SentinelSetup {
 }
 
 fn sentinel_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+    cli(port, SENTINEL_PASSWORD, args)
+}
+
+fn cli(port: u16, password: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--no-auth-warning", "-a", password])
+        .args(args)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -156,12 +156,12 @@ impl Primary {
 
     /// Called with every failed call: a node that refuses writes is no longer the primary.
     pub fn saw(&self, error: &redis::RedisError) {
-        if self.sentinel.is_some()
-            && (error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-                || error.is_connection_dropped()
-                || error.is_connection_refusal()
-                || error.is_timeout())
-        {
+        let demoted = error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+            // A script's write on a replica comes back as the script's error.
+            || error.to_string().contains("READONLY");
+        let unreachable =
+            error.is_connection_dropped() || error.is_connection_refusal() || error.is_timeout();
+        if self.sentinel.is_some() && (demoted || unreachable) {
             self.recheck.notify_one();
         }
     }
