@@ -487,7 +487,9 @@ async fn rediss_is_verified_with_the_same_roots_as_everything_else() {
 }
 
 /// Onboarding writes to the shared store: an account connected through one replica's /connect is
-/// in Redis (sealed) and every replica serves it.
+/// in Redis (sealed) and every replica serves it. With an encryption key the account's name is
+/// in no key and no change message, only a keyed fingerprint (SPEC §11); the name is still
+/// listed by `tokenproxy check`, and a refresh on one replica still reaches the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
     if !redis_available() {
@@ -515,18 +517,129 @@ async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
     );
     let second =
         TokenProxy::start(&dir.path().join("second"), &text.replace("authorize_url", "# authorize_url"));
+    // Every change message, as a subscriber of the channel sees it.
+    let messages = dir.path().join("changes.txt");
+    let mut subscriber = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "SUBSCRIBE", "connect:changes"])
+        .stdout(std::fs::File::create(&messages).unwrap())
+        .spawn()
+        .unwrap();
     let mut browser = Browser::new();
-    let callback = browser.consent(&format!("http://{}/connect/api?account=ada", first.admin)).await;
+    let callback = browser.consent(&format!("http://{}/connect/api?account={ADA}", first.admin)).await;
     let (status, result, page) = browser.finish(&callback).await;
     assert_eq!((status, result.as_str()), (StatusCode::OK, "ok"), "{page}");
     let dump = redis.dump();
-    assert!(dump.contains("connect:token:api:ada"), "{dump}");
+    assert!(dump.contains("connect:token:api:#"), "a fingerprinted key: {dump}");
+    assert!(!dump.contains("lovelace"), "the account's name in Redis: {dump}");
     assert!(!dump.contains("at-") && !dump.contains("rt-"), "sealed in Redis: {dump}");
-    assert!(!dir.path().join("first/tokens/ada.json").exists(), "written to the store, not a file");
+    assert!(
+        !dir.path().join(format!("first/tokens/{ADA}.json")).exists(),
+        "written to the store, not a file"
+    );
     let response =
-        second.client().get(api.url("/v1/data")).header("tokenproxy-account", "ada").send().await.unwrap();
+        second.client().get(api.url("/v1/data")).header("tokenproxy-account", ADA).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(api.last().authorization().unwrap().starts_with("Bearer at-"));
+
+    // A refresh on the first replica reaches the second through a message that names a
+    // fingerprint: its /tokens shows the new token without a request or a refresh of its own.
+    let account_fingerprint = |proxy: &TokenProxy| {
+        let proxy_admin = proxy.admin;
+        async move {
+            let body = reqwest::get(format!("http://{proxy_admin}/tokens?provider=api")).await.unwrap();
+            let all: Vec<serde_json::Value> = body.json().await.unwrap();
+            let ada = all.into_iter().find(|v| v["account"] == ADA).expect("the account on /tokens");
+            ada["fingerprint"].as_str().unwrap().to_string()
+        }
+    };
+    // Both replicas and the test's subscriber on the feed, and the read that follows a
+    // subscription done: what the second learns from now on, it learns from a message.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let subscribed = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "PUBSUB", "NUMSUB", "connect:changes"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&subscribed.stdout).lines().nth(1) == Some("3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replicas never subscribed to the change feed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = account_fingerprint(&second).await;
+    let refreshed = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh?account={ADA}", first.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), StatusCode::OK);
+    let calls = endpoint.calls();
+    let after = account_fingerprint(&first).await;
+    assert_ne!(after, before);
+    // Within a second by the message (SPEC §11); 3 s leaves room for a loaded machine, and is
+    // shorter than the 5 s poll that would otherwise find it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while account_fingerprint(&second).await != after {
+        assert!(Instant::now() < deadline, "the second replica did not learn of the refresh by its message");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(endpoint.calls(), calls, "adopted, not refreshed again");
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+    let seen = std::fs::read_to_string(&messages).unwrap();
+    assert!(seen.contains("api\n#"), "change messages name a fingerprint: {seen:?}");
+    assert!(!seen.contains("lovelace"), "the account's name in a change message: {seen:?}");
+
+    // The name is still listed, from its sealed copy in the store.
+    let config_path = dir.path().join("second/tokenproxy.toml");
+    let check =
+        std::process::Command::new(binary()).args(["check", "--config"]).arg(&config_path).output().unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(out.lines().any(|l| l.contains(ADA) && l.contains("valid")), "{out}");
+}
+
+const ADA: &str = "ada.lovelace";
+
+/// A fleet that configures an encryption key after its accounts were stored under their names
+/// (or upgrades from a version that stored them so) keeps them: the first read moves each one to
+/// its fingerprinted key, and the name leaves Redis's key space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_stored_under_their_names_move_to_fingerprints_when_a_key_is_configured() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let redis = RedisServer::start(dir.path());
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    api.accept("at-stored-by-name");
+    let doc = r#"{"access_token":"at-stored-by-name","expires_at":"2099-01-01T00:00:00Z"}"#;
+    let stored = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "HSET",
+            &format!("moved:token:api:{ADA}"),
+            "doc",
+            doc,
+            "version",
+            "77",
+        ])
+        .output()
+        .unwrap();
+    assert!(stored.status.success());
+    let key = sealing_key(dir.path(), 9);
+    let text = config(&api, &endpoint, &redis, "moved", &format!("encryption_key_file = \"{key}\""))
+        .replace("token_file = \"api.json\"", "token_file = \"tokens/{account}.json\"");
+    let proxy = TokenProxy::start(dir.path(), &text);
+    let r = proxy.client().get(api.url("/v1/data")).header("tokenproxy-account", ADA).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(api.last().authorization(), Some("Bearer at-stored-by-name"));
+    assert_eq!(endpoint.calls(), 0, "the stored token was found, not replaced");
+    let dump = redis.dump();
+    assert!(dump.contains("moved:token:api:#"), "{dump}");
+    assert!(!dump.contains("lovelace"), "the name is still in Redis: {dump}");
 }
 
 /// A Redis that lost its data (FLUSHALL, or a restart without persistence) is re-seeded from the

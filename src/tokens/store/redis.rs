@@ -8,6 +8,12 @@
 //! fleet spends a rotated refresh token exactly once, and a holder that dies releases it after
 //! `lock_ttl`. A key Redis does not have yet is seeded from the provider's token file.
 //!
+//! Keys are unambiguous for every provider and account name (neither may hold a `:`, and a
+//! provider has either one token or accounts): `{prefix}:token:{provider}[:{account}]` for
+//! documents, the same and `:lock` for locks, `{prefix}:changes` for the change feed. With an encryption key the account is
+//! `#` and a keyed fingerprint of its name (SPEC §11), in keys and change messages alike; the
+//! name itself is sealed in the hash (`name`), for listing the accounts.
+//!
 //! Redis being down is an error of every call, never a panic: the cache keeps serving its tokens,
 //! and no refresh starts without the lock (its result could not be recorded).
 
@@ -43,9 +49,26 @@ if (ARGV[1] == '' and current) or (ARGV[1] ~= '' and current ~= ARGV[1]) then
   return {0, current or ''}
 end
 redis.call('HSET', KEYS[1], 'version', ARGV[5], 'doc', ARGV[2])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'name', ARGV[6])
+end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {1, ARGV[5]}
 ";
+
+/// Moves a document stored under its account's name (before a key was configured, or by an
+/// older tokenproxy) to the fingerprinted key, with the sealed name, if that key is still free.
+const ADOPT_NAMED_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[1])
+  redis.call('HSET', KEYS[1], 'name', ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// What marks a fingerprinted account in a key (never part of a name: see `accounts::check`).
+const FINGERPRINTED: char = '#';
 
 /// Extends the lock only for its owner.
 const KEEP_ALIVE_SCRIPT: &str = r"
@@ -70,8 +93,12 @@ pub struct RedisStore {
     /// Token files, read to seed keys Redis does not have yet.
     seeds: FileStore,
     save: redis::Script,
+    adopt_named: redis::Script,
     keep_alive: Arc<redis::Script>,
     release: Arc<redis::Script>,
+    /// Fingerprint to account name, for every account this replica has used: a change message
+    /// names an account by fingerprint only, and only accounts used here need reading again.
+    fingerprinted: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 impl RedisStore {
@@ -92,20 +119,45 @@ impl RedisStore {
             sealer,
             settings,
             save: redis::Script::new(SAVE_SCRIPT),
+            adopt_named: redis::Script::new(ADOPT_NAMED_SCRIPT),
+            fingerprinted: Default::default(),
             keep_alive: Arc::new(redis::Script::new(KEEP_ALIVE_SCRIPT)),
             release: Arc::new(redis::Script::new(RELEASE_SCRIPT)),
         })
     }
 
+    /// How keys and change messages name an account: by name, or with an encryption key by
+    /// `#` and the name's keyed fingerprint.
+    fn account_in_key(&self, provider: &str, account: &str) -> String {
+        let Some(sealer) = &self.sealer else { return account.to_string() };
+        let shown = format!("{FINGERPRINTED}{}", sealer.name_fingerprint(provider, account));
+        let mut known = self.fingerprinted.lock().unwrap_or_else(|e| e.into_inner());
+        if !known.contains_key(&shown) {
+            known.insert(shown.clone(), account.to_string());
+        }
+        shown
+    }
+
     fn document_key(&self, key: Key<'_>) -> String {
+        let prefix = &self.settings.key_prefix;
         match key.account {
-            Some(account) => format!("{}:token:{}:{account}", self.settings.key_prefix, key.provider),
-            None => format!("{}:token:{}", self.settings.key_prefix, key.provider),
+            Some(account) => {
+                format!("{prefix}:token:{}:{}", key.provider, self.account_in_key(key.provider, account))
+            }
+            None => format!("{prefix}:token:{}", key.provider),
         }
     }
 
+    /// Beside the document (`:` is in no name, so no document key ends like this). Kept where
+    /// earlier versions had it: replicas of two versions during a rolling upgrade take one lock.
     fn lock_key(&self, key: Key<'_>) -> String {
         format!("{}:lock", self.document_key(key))
+    }
+
+    /// The change message for a key: the provider, a newline, the account as keys show it.
+    fn change_message(&self, key: Key<'_>) -> String {
+        let account = key.account.map(|a| self.account_in_key(key.provider, a)).unwrap_or_default();
+        format!("{}\n{account}", key.provider)
     }
 
     fn channel(&self) -> String {
@@ -144,6 +196,38 @@ impl RedisStore {
 
     /// The stored document and version, as Redis has them.
     async fn read(&self, key: Key<'_>) -> Result<Option<(Version, Vec<u8>)>, StoreError> {
+        let found = self.read_once(key).await?;
+        if found.is_some() || !self.adopt_named(key).await? {
+            return Ok(found);
+        }
+        self.read_once(key).await
+    }
+
+    /// With an encryption key, an account's document may still be under its name (stored before
+    /// the key was configured): moves it to the fingerprinted key. `true`: moved.
+    async fn adopt_named(&self, key: Key<'_>) -> Result<bool, StoreError> {
+        let (Some(sealer), Some(account)) = (&self.sealer, key.account) else { return Ok(false) };
+        let named = format!("{}:token:{}:{account}", self.settings.key_prefix, key.provider);
+        let mut connection = self.connection().await?;
+        let moved: redis::RedisResult<i64> = self
+            .adopt_named
+            .key(self.document_key(key))
+            .key(named)
+            .arg(sealer.seal_name(key.provider, account))
+            .invoke_async(&mut connection)
+            .await;
+        let moved = moved.map_err(|e| self.failed(e))? == 1;
+        if moved {
+            tracing::info!(
+                provider = key.provider,
+                account = crate::accounts::log_name(account),
+                "moved an account's token in the store from its name to its fingerprint"
+            );
+        }
+        Ok(moved)
+    }
+
+    async fn read_once(&self, key: Key<'_>) -> Result<Option<(Version, Vec<u8>)>, StoreError> {
         let mut connection = self.connection().await?;
         let answer: redis::RedisResult<(Option<Vec<u8>>, Option<u64>)> = redis::cmd("HMGET")
             .arg(self.document_key(key))
@@ -179,7 +263,11 @@ impl RedisStore {
     ) -> Result<Result<Version, Option<Version>>, StoreError> {
         let mut connection = self.connection().await?;
         let expected = expected.map(|v| v.0.to_string()).unwrap_or_default();
-        let message = format!("{}\n{}", key.provider, key.account.unwrap_or(""));
+        let message = self.change_message(key);
+        let sealed_name = match (&self.sealer, key.account) {
+            (Some(sealer), Some(account)) => sealer.seal_name(key.provider, account),
+            _ => Vec::new(),
+        };
         let mut random = [0u8; 8];
         getrandom::fill(&mut random).map_err(|e| self.error(e))?;
         let new_version = u64::from_le_bytes(random).max(1);
@@ -191,6 +279,7 @@ impl RedisStore {
             .arg(self.channel())
             .arg(message)
             .arg(new_version.to_string())
+            .arg(sealed_name)
             .invoke_async(&mut connection)
             .await;
         let (written, version) = match answer {
@@ -426,16 +515,35 @@ impl TokenStore for RedisStore {
             let prefix = format!("{}:token:{provider}:", self.settings.key_prefix);
             let mut connection = self.connection().await?;
             let mut names: Vec<String> = Vec::new();
+            let mut listed: Vec<String> = Vec::new();
             {
                 let mut keys: redis::AsyncIter<'_, String> =
                     connection.scan_match(format!("{prefix}*")).await.map_err(|e| self.failed(e))?;
                 while let Some(key) = keys.next_item().await {
                     let key = key.map_err(|e| self.failed(e))?;
-                    if let Some(name) =
-                        key.strip_prefix(&prefix).filter(|n| !n.ends_with(":lock") && !n.contains(':'))
-                    {
-                        names.push(name.to_string());
+                    if let Some(name) = key.strip_prefix(&prefix).filter(|n| !n.contains(':')) {
+                        listed.push(name.to_string());
                     }
+                }
+            }
+            for name in listed {
+                if !name.starts_with(FINGERPRINTED) {
+                    names.push(name);
+                    continue;
+                }
+                // A fingerprinted key: the name is sealed beside the document.
+                let Some(sealer) = &self.sealer else { continue };
+                let sealed: Option<Vec<u8>> =
+                    connection.hget(format!("{prefix}{name}"), "name").await.map_err(|e| self.failed(e))?;
+                let opened = sealed.and_then(|sealed| sealer.open_name(provider, &sealed));
+                // Only a name that is this key's own: a name copied from another key is not.
+                match opened.filter(|account| self.account_in_key(provider, account) == name) {
+                    Some(account) => names.push(account),
+                    None => tracing::warn!(
+                        provider,
+                        key = %format!("{prefix}{name}"),
+                        "a fingerprinted key in the token store without its own sealed name: not listed"
+                    ),
                 }
             }
             // Token files not seeded yet are accounts too.
@@ -478,6 +586,7 @@ impl TokenStore for RedisStore {
         let primary = self.primary.clone();
         let channel = self.channel();
         let shown = self.settings.shown_url.clone();
+        let fingerprinted = self.fingerprinted.clone();
         let task = tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
@@ -512,10 +621,17 @@ impl TokenStore for RedisStore {
                                 let text: String = message.get_payload().unwrap_or_default();
                                 let (provider, account) =
                                     text.split_once('\n').unwrap_or((text.as_str(), ""));
-                                let change = Change::Key {
-                                    provider: provider.to_string(),
-                                    account: (!account.is_empty()).then(|| account.to_string()),
+                                let account = if account.starts_with(FINGERPRINTED) {
+                                    // An account never used here has nothing here to read again.
+                                    let known = fingerprinted.lock().unwrap_or_else(|e| e.into_inner());
+                                    let Some(name) = known.get(account) else {
+                                        continue;
+                                    };
+                                    Some(name.clone())
+                                } else {
+                                    (!account.is_empty()).then(|| account.to_string())
                                 };
+                                let change = Change::Key { provider: provider.to_string(), account };
                                 if tx.send(change).is_err() {
                                     return;
                                 }

@@ -8,6 +8,7 @@
 //! as such instead of "corrupt".
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::hmac;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -23,6 +24,8 @@ const ALGORITHM: &str = "A256GCM";
 pub struct Sealer {
     key: LessSafeKey,
     key_id: String,
+    /// Derived from the key: what account names are fingerprinted with.
+    names: hmac::Key,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -71,7 +74,14 @@ impl Sealer {
     /// A sealer from 32 key bytes.
     pub fn new(key: &[u8; 32]) -> Sealer {
         let unbound = UnboundKey::new(&AES_256_GCM, key).expect("AES-256-GCM takes a 32-byte key");
-        Sealer { key: LessSafeKey::new(unbound), key_id: hex::encode(&Sha256::digest(key)[..4]) }
+        // A key of its own for names (not the AES key itself): one key, one purpose.
+        let derived =
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), b"tokenproxy/v1 account name fingerprints");
+        Sealer {
+            key: LessSafeKey::new(unbound),
+            key_id: hex::encode(&Sha256::digest(key)[..4]),
+            names: hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()),
+        }
     }
 
     /// The key from `[store] encryption_key_file` or `encryption_key_env`: 32 random bytes, raw
@@ -122,13 +132,38 @@ impl Sealer {
 
     /// Seals `plaintext` for `key` into an envelope.
     pub fn seal(&self, key: Key<'_>, plaintext: &[u8]) -> Vec<u8> {
+        self.seal_for(associated_data(key), plaintext)
+    }
+
+    /// A keyed fingerprint of an account name (32 hex digits): what a shared store's keys and
+    /// change messages carry instead of the name (SPEC §11). Keyed, so that whoever reads the
+    /// store cannot test a list of likely names (e-mail addresses) against it.
+    pub fn name_fingerprint(&self, provider: &str, account: &str) -> String {
+        let tag = hmac::sign(&self.names, &[provider.as_bytes(), b"\0", account.as_bytes()].concat());
+        hex::encode(&tag.as_ref()[..16])
+    }
+
+    /// The account name sealed, for a store whose keys carry only its fingerprint (listing the
+    /// accounts needs the names back).
+    pub fn seal_name(&self, provider: &str, account: &str) -> Vec<u8> {
+        self.seal_for(name_associated_data(provider), account.as_bytes())
+    }
+
+    /// The name [`Sealer::seal_name`] sealed, if `bytes` are one for this provider and key.
+    pub fn open_name(&self, provider: &str, bytes: &[u8]) -> Option<String> {
+        let envelope = envelope_of(bytes).ok()??;
+        let name = self.open_with(name_associated_data(provider), envelope).ok()?;
+        String::from_utf8(name).ok()
+    }
+
+    fn seal_for(&self, associated_data: Vec<u8>, plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the operating system's random source");
         let mut data = plaintext.to_vec();
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(associated_data(key)),
+                Aad::from(associated_data),
                 &mut data,
             )
             .expect("AES-GCM seals any length a token document has");
@@ -146,6 +181,10 @@ impl Sealer {
     }
 
     fn open_envelope(&self, key: Key<'_>, envelope: Envelope) -> Result<Vec<u8>, OpenError> {
+        self.open_with(associated_data(key), envelope)
+    }
+
+    fn open_with(&self, associated_data: Vec<u8>, envelope: Envelope) -> Result<Vec<u8>, OpenError> {
         if envelope.key_id != self.key_id {
             return Err(OpenError::WrongKey { found: envelope.key_id, configured: self.key_id.clone() });
         }
@@ -160,7 +199,7 @@ impl Sealer {
             b64.decode(&envelope.ciphertext).map_err(|_| malformed("its ciphertext is not base64"))?;
         let opened = self
             .key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(associated_data(key)), &mut data)
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(associated_data), &mut data)
             .map_err(|_| OpenError::Tampered(envelope.key_id.clone()))?;
         Ok(opened.to_vec())
     }
@@ -241,6 +280,13 @@ fn associated_data(key: Key<'_>) -> Vec<u8> {
     aad
 }
 
+/// The associated data of a sealed account name: not a document's, so neither opens as the other.
+fn name_associated_data(provider: &str) -> Vec<u8> {
+    let mut aad = b"tokenproxy/v1/account-name\0".to_vec();
+    aad.extend_from_slice(provider.as_bytes());
+    aad
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +325,31 @@ mod tests {
         assert!(matches!(open(Some(&sealer), ALICE, &altered), Err(OpenError::Tampered(_))));
         // Plaintext is read as it is.
         assert!(matches!(open(Some(&sealer), ALICE, secret), Ok(Opened::Plain(_))));
+    }
+
+    #[test]
+    fn account_names_are_fingerprinted_with_the_key_and_sealed_for_their_provider() {
+        let sealer = Sealer::new(&[7u8; 32]);
+        let fingerprint = sealer.name_fingerprint("p", "ada@example.com");
+        assert_eq!(fingerprint.len(), 32);
+        assert!(fingerprint.bytes().all(|b| b.is_ascii_hexdigit()));
+        // Stable for one key, different per provider, per name and per key.
+        assert_eq!(sealer.name_fingerprint("p", "ada@example.com"), fingerprint);
+        assert_ne!(sealer.name_fingerprint("q", "ada@example.com"), fingerprint);
+        assert_ne!(sealer.name_fingerprint("p", "bob@example.com"), fingerprint);
+        assert_ne!(Sealer::new(&[8u8; 32]).name_fingerprint("p", "ada@example.com"), fingerprint);
+        // Not the plain hash anyone could compute from a guessed name.
+        assert!(!hex::encode(Sha256::digest(b"ada@example.com")).starts_with(&fingerprint[..8]));
+
+        let sealed = sealer.seal_name("p", "ada@example.com");
+        assert!(!String::from_utf8_lossy(&sealed).contains("ada"));
+        assert_eq!(sealer.open_name("p", &sealed).as_deref(), Some("ada@example.com"));
+        assert_eq!(sealer.open_name("q", &sealed), None);
+        assert_eq!(Sealer::new(&[8u8; 32]).open_name("p", &sealed), None);
+        // A sealed name is not a document of that account, nor the other way round.
+        let ada = Key { provider: "p", account: Some("ada@example.com") };
+        assert!(matches!(open(Some(&sealer), ada, &sealed), Err(OpenError::Tampered(_))));
+        assert_eq!(sealer.open_name("p", &sealer.seal(ada, b"ada@example.com")), None);
     }
 
     #[test]
