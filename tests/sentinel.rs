@@ -284,3 +284,78 @@ fn sentinel_settings_that_cannot_work_are_named_and_passwords_never_shown() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success() && text.contains("are for kind = \"redis\""), "{text}");
 }
+
+/// `rediss://` with sentinels (SPEC §11: TLS as without them): the sentinels and the data nodes
+/// are reached over TLS, verified with the same roots as every other connection (a node is named
+/// by IP address, so its certificate must name that address), and a failover is followed over
+/// TLS too. Without the Redis CA among the roots, nothing is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_and_nodes_over_tls_are_verified_and_followed() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let tls = RedisTls::generate(dir.path());
+    let mut setup = SentinelSetup::start_tls(dir.path(), 1, DOWN_AFTER, &tls);
+    let api = MockApi::start().await;
+    let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    let (node_password, sentinel_password) =
+        (dir.path().join("node-password"), dir.path().join("sentinel-password"));
+    std::fs::write(&node_password, NODE_PASSWORD).unwrap();
+    std::fs::write(&sentinel_password, SENTINEL_PASSWORD).unwrap();
+    let sentinels = setup.toml_list();
+    let config = |roots: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\nextra_roots = [{roots}]\n\
+             [store]\nkind = \"redis\"\nurl = \"rediss://127.0.0.1/0\"\nsentinels = {}\nmaster_name = \"{MASTER_NAME}\"\n\
+             key_prefix = \"tls\"\npassword_file = {:?}\nsentinel_password_file = {:?}\n\
+             [providers.api]\nhosts = [\"{}\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n{}",
+            sentinels,
+            node_password.display().to_string(),
+            sentinel_password.display().to_string(),
+            api.authority(),
+            endpoint.oauth_toml("api", "refresh_token")
+        )
+    };
+    let seed = r#"{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"2000-01-01T00:00:00Z"}"#;
+    let trusted_dir = dir.path().join("trusted");
+    std::fs::create_dir_all(&trusted_dir).unwrap();
+    std::fs::write(trusted_dir.join("api.json"), seed).unwrap();
+    let proxy = TokenProxy::start(&trusted_dir, &config(&format!("{:?}", tls.ca.display().to_string())));
+    // The expired seed is refreshed, and the refresh written to the primary, over TLS.
+    let r = proxy.client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), http::StatusCode::OK);
+    assert_eq!(endpoint.calls(), 1);
+    assert!(setup.keys(setup.nodes[0].port).contains("tls:token:api"), "written to the first primary");
+
+    // The primary dies; the proxy follows the promotion over TLS and writes there.
+    let first = setup.nodes[0].port;
+    setup.node(first).stop();
+    let second = setup.wait_for_failover(first, Duration::from_secs(30));
+    followed(std::slice::from_ref(&proxy), 1.0).await;
+    let refreshed = reqwest::Client::new()
+        .post(format!("http://{}/tokens/api/refresh", proxy.admin))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.status(), http::StatusCode::OK);
+    let r = proxy.client().get(api.url("/v1/data")).send().await.unwrap();
+    assert_eq!(r.status(), http::StatusCode::OK);
+    let written = setup.keys(second);
+    assert!(written.contains("tls:token:api"), "{written}");
+
+    // Without the CA among the roots, neither sentinels nor nodes are trusted.
+    let untrusted_dir = dir.path().join("untrusted");
+    std::fs::create_dir_all(&untrusted_dir).unwrap();
+    let untrusted = TokenProxy::start(&untrusted_dir, &config(""));
+    let view = eventually(Duration::from_secs(20), "the untrusted store's error", || async {
+        let view = untrusted.token_view("api").await;
+        view["last_error"].as_str().filter(|e| !e.is_empty()).map(|_| view.clone())
+    })
+    .await;
+    let error = view["last_error"].as_str().unwrap();
+    assert!(error.contains("no sentinel names a primary") && error.contains("certificate"), "{view}");
+    assert!(!error.contains(SENTINEL_PASSWORD) && !error.contains(NODE_PASSWORD), "{view}");
+}

@@ -1493,6 +1493,58 @@ pub struct SentinelSetup {
     /// The data nodes: [0] is the first primary.
     pub nodes: Vec<RedisServer>,
     pub sentinels: Vec<(Child, u16)>,
+    /// With TLS: each node's TLS port (what the sentinels monitor and name), and each
+    /// sentinel's; the plain ports stay open for the test's own `redis-cli`.
+    tls_ports: Vec<u16>,
+    sentinel_tls_ports: Vec<u16>,
+}
+
+/// A CA and a server certificate for `127.0.0.1` and `localhost` (sentinels name nodes by IP),
+/// as files for `redis-server --tls-*`.
+pub struct RedisTls {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl RedisTls {
+    pub fn generate(dir: &Path) -> RedisTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Names of their own: OpenSSL (Redis replication, sentinels) takes a certificate whose
+        // issuer is its own subject for a self-signed one.
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tokenproxy test Redis CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let mut leaf_params = CertificateParams::new(names).unwrap();
+        leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "redis");
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+        let tls = RedisTls {
+            ca: dir.join("redis-ca.pem"),
+            cert: dir.join("redis.pem"),
+            key: dir.join("redis-key.pem"),
+        };
+        std::fs::write(&tls.ca, ca.pem()).unwrap();
+        std::fs::write(&tls.cert, leaf.pem()).unwrap();
+        std::fs::write(&tls.key, leaf_key.serialize_pem()).unwrap();
+        tls
+    }
+
+    /// `redis-server` arguments for TLS on `port`, replication over TLS included.
+    fn args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = ["--tls-port".into(), port.to_string()].into();
+        for (flag, path) in
+            [("--tls-cert-file", &self.cert), ("--tls-key-file", &self.key), ("--tls-ca-cert-file", &self.ca)]
+        {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+        args.extend(["--tls-auth-clients", "no", "--tls-replication", "yes"].map(String::from));
+        args
+    }
 }
 
 pub const MASTER_NAME: &str = "tp";
@@ -1504,28 +1556,70 @@ pub const SENTINEL_PASSWORD: &str = "sentinel-pw-77ae";
 impl SentinelSetup {
     /// `down_after`: how long a node may not answer before the sentinels fail it over.
     pub fn start(dir: &Path, replicas: usize, down_after: Duration) -> SentinelSetup {
+        Self::start_with(dir, replicas, down_after, None)
+    }
+
+    /// Nodes and sentinels that speak TLS to each other and to tokenproxy.
+    pub fn start_tls(dir: &Path, replicas: usize, down_after: Duration, tls: &RedisTls) -> SentinelSetup {
+        Self::start_with(dir, replicas, down_after, Some(tls))
+    }
+
+    fn start_with(
+        dir: &Path,
+        replicas: usize,
+        down_after: Duration,
+        tls: Option<&RedisTls>,
+    ) -> SentinelSetup {
         let mkdir = |name: String| {
             let path = dir.join(name);
             std::fs::create_dir_all(&path).unwrap();
             path
         };
-        let auth = ["--requirepass", NODE_PASSWORD, "--masterauth", NODE_PASSWORD];
-        let primary = RedisServer::start_with(&mkdir("node-0".into()), &auth);
-        let replica_of = primary.port.to_string();
+        let tls_ports: Vec<u16> = match tls {
+            Some(_) => (0..=replicas).map(|_| fixed_port()).collect(),
+            None => Vec::new(),
+        };
+        let node_args = |i: usize| {
+            let mut args: Vec<String> =
+                ["--requirepass", NODE_PASSWORD, "--masterauth", NODE_PASSWORD].map(String::from).into();
+            if let Some(tls) = tls {
+                args.extend(tls.args(tls_ports[i]));
+            }
+            args
+        };
+        let primary = RedisServer::start_with(&mkdir("node-0".into()), &as_args(&node_args(0)));
+        // What replicas replicate from and the sentinels monitor: the TLS port with TLS.
+        let replica_of = tls_ports.first().copied().unwrap_or(primary.port).to_string();
         let mut nodes = vec![primary];
         for i in 1..=replicas {
-            let args = [&auth[..], &["--replicaof", "127.0.0.1", &replica_of]].concat();
-            nodes.push(RedisServer::start_with(&mkdir(format!("node-{i}")), &args));
+            let args =
+                [node_args(i), ["--replicaof", "127.0.0.1", &replica_of].map(String::from).into()].concat();
+            nodes.push(RedisServer::start_with(&mkdir(format!("node-{i}")), &as_args(&args)));
         }
         let mut sentinels = Vec::new();
+        let mut sentinel_tls_ports = Vec::new();
         for i in 0..3 {
             let folder = mkdir(format!("sentinel-{i}"));
             let port = fixed_port();
             let conf = folder.join("sentinel.conf");
+            let tls_lines = match tls {
+                Some(tls) => {
+                    let tls_port = fixed_port();
+                    sentinel_tls_ports.push(tls_port);
+                    format!(
+                        "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                         tls-auth-clients no\ntls-replication yes\n",
+                        tls.cert.display(),
+                        tls.key.display(),
+                        tls.ca.display()
+                    )
+                }
+                None => String::new(),
+            };
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\n\
+                    "port {port}\nbind 127.0.0.1\ndir {}\nrequirepass {SENTINEL_PASSWORD}\n{tls_lines}\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {replica_of} 2\n\
                      sentinel auth-pass {MASTER_NAME} {NODE_PASSWORD}\n\
                      sentinel down-after-milliseconds {MASTER_NAME} {}\n\
@@ -1545,7 +1639,7 @@ impl SentinelSetup {
                 .expect("start redis-server --sentinel");
             sentinels.push((child, port));
         }
-        let setup = SentinelSetup { nodes, sentinels };
+        let setup = SentinelSetup { nodes, sentinels, tls_ports, sentinel_tls_ports };
         // Ready: every sentinel names the primary and has seen every replica.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -1567,15 +1661,23 @@ impl SentinelSetup {
 
     /// `sentinels = [...]` for a config.
     pub fn toml_list(&self) -> String {
-        let list: Vec<String> =
-            self.sentinels.iter().map(|(_, port)| format!("\"127.0.0.1:{port}\"")).collect();
+        let ports: Vec<u16> = match self.sentinel_tls_ports.is_empty() {
+            true => self.sentinels.iter().map(|(_, port)| *port).collect(),
+            false => self.sentinel_tls_ports.clone(),
+        };
+        let list: Vec<String> = ports.iter().map(|port| format!("\"127.0.0.1:{port}\"")).collect();
         format!("[{}]", list.join(", "))
     }
 
     /// The primary's port as the sentinel on `port` names it.
     pub fn primary_by(&self, port: u16) -> Option<u16> {
         let answer = sentinel_cli(port, &["sentinel", "get-master-addr-by-name", MASTER_NAME]);
-        answer.lines().nth(1)?.trim().parse().ok()
+        let named: u16 = answer.lines().nth(1)?.trim().parse().ok()?;
+        // With TLS the sentinels name the TLS port: the node's (plain) port for the test.
+        Some(match self.tls_ports.iter().position(|p| *p == named) {
+            Some(i) => self.nodes[i].port,
+            None => named,
+        })
     }
 
     /// The primary's port, once a majority of sentinels agree on it.
@@ -1586,6 +1688,11 @@ impl SentinelSetup {
 
     pub fn node(&mut self, port: u16) -> &mut RedisServer {
         self.nodes.iter_mut().find(|n| n.port == port).expect("a node of the setup")
+    }
+
+    /// The keys the node on `port` holds.
+    pub fn keys(&self, port: u16) -> String {
+        cli(port, NODE_PASSWORD, &["--scan"])
     }
 
     /// Waits until `count` replicas replicate from the node on `primary` (state online).
@@ -1628,6 +1735,10 @@ fn cli(port: u16, password: &str, args: &[&str]) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn as_args(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 impl Drop for SentinelSetup {
