@@ -169,7 +169,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let route_addrs = route_listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
-    tracing::info!(listener = "proxy", addr = %proxy_addr, "listening");
+    tracing::info!(
+        listener = "proxy",
+        addr = %proxy_addr,
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        "listening"
+    );
     let handler = {
         let proxy = proxy.clone();
         move |req, peer| {

@@ -137,6 +137,7 @@ struct RawProxy {
     max_connections: usize,
     max_replay_total: u64,
     access_log: bool,
+    workers: usize,
 }
 
 impl Default for RawProxy {
@@ -153,6 +154,7 @@ impl Default for RawProxy {
             max_connections: 10_000,
             max_replay_total: 64 * 1024 * 1024,
             access_log: false,
+            workers: 0,
         }
     }
 }
@@ -569,7 +571,13 @@ pub struct ProxySettings {
     pub max_replay_total: u64,
     /// One log line per request (method, host, status, provider, retry, duration).
     pub access_log: bool,
+    /// The runtime's worker threads; `None`: one per core this process may use (its CPU
+    /// affinity and cgroup quota), or `TOKIO_WORKER_THREADS`.
+    pub workers: Option<usize>,
 }
+
+/// More worker threads than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -947,7 +955,11 @@ fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Config, Config
         max_connections: raw.proxy.max_connections,
         max_replay_total: raw.proxy.max_replay_total,
         access_log: raw.proxy.access_log,
+        workers: (raw.proxy.workers > 0).then_some(raw.proxy.workers),
     };
+    if raw.proxy.workers > MAX_WORKERS {
+        p.push(format!("proxy.workers must be at most {MAX_WORKERS} (0: one per core)"));
+    }
     if proxy.max_connections == 0 {
         p.push("proxy.max_connections must be at least 1".into());
     }

@@ -98,7 +98,10 @@ fn main() -> ExitCode {
         Command::Authorize { provider, account, device } => exit(block_on(
             tokenproxy::onboarding::command::authorize(&config, provider, account.as_deref(), *device),
         )),
-        Command::Run => exit(block_on(app::run(config)).map(|()| true)),
+        Command::Run => {
+            let workers = config.proxy.workers;
+            exit(runtime(workers).and_then(|runtime| runtime.block_on(app::run(config))).map(|()| true))
+        }
         Command::Demo | Command::Status { .. } | Command::Presets { .. } => {
             unreachable!("handled before the config is loaded")
         }
@@ -107,11 +110,18 @@ fn main() -> ExitCode {
 
 /// Runs `work` to completion on a multi-threaded runtime.
 fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-    runtime.block_on(work)
+    runtime(None)?.block_on(work)
+}
+
+/// A multi-threaded runtime with `workers` threads, or by default one per core this process may
+/// use (tokio asks `available_parallelism`, which follows CPU affinity and the cgroup's quota;
+/// `TOKIO_WORKER_THREADS` overrides it).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
 }
 
 /// `Ok(true)` is success; `Ok(false)` a failure already explained; an error is one line.

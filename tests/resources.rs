@@ -187,3 +187,55 @@ async fn the_transparent_listener_stays_calm_out_of_file_descriptors() {
     })
     .await;
 }
+
+/// `[proxy] workers`: the runtime's worker threads, by default one per core the process may use
+/// (its CPU affinity here), as the startup line says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_count_is_a_setting_and_follows_the_cores_the_process_may_use() {
+    let mock = MockApi::start().await;
+    let workers_of = |proxy: &TokenProxy| {
+        let logs = proxy.logs();
+        let line =
+            logs.iter().find(|l| l.contains("\"listener\":\"proxy\"")).expect("the proxy's listening line");
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        line["workers"].as_u64().expect("workers on the listening line")
+    };
+    let config = |extra: &str| {
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [providers.api]\nhosts = [\"{}\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n",
+            mock.authority()
+        )
+    };
+    let setup = || {
+        let dir = tempdir();
+        std::fs::write(dir.path().join("api.json"), token_json("at-1")).unwrap();
+        dir
+    };
+    let dir = setup();
+    let three = TokenProxy::start(dir.path(), &config("workers = 3"));
+    assert_eq!(workers_of(&three), 3);
+
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    let dir = setup();
+    let default = TokenProxy::start(dir.path(), &config(""));
+    assert_eq!(workers_of(&default), cores);
+
+    if client_available("taskset", std::process::Command::new("taskset").arg("-V")) {
+        let dir = setup();
+        let pinned = TokenProxy::start_on_one_cpu(dir.path(), &config(""));
+        assert_eq!(workers_of(&pinned), 1, "one CPU allowed: one worker");
+        let r = pinned.client().get(mock.url("/v1/data")).send().await.unwrap();
+        assert_eq!(r.status(), http::StatusCode::OK);
+    }
+
+    let dir = setup();
+    std::fs::write(dir.path().join("tokenproxy.toml"), config("workers = 100000")).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check", "--config"])
+        .arg(dir.path().join("tokenproxy.toml"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("proxy.workers must be at most 1024"), "{text}");
+}

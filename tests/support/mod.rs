@@ -402,6 +402,13 @@ impl TokenProxy {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Starts the proxy allowed onto CPU 0 only (`taskset`, from util-linux).
+    pub fn start_on_one_cpu(dir: &Path, config: &str) -> TokenProxy {
+        let mut command = Command::new("taskset");
+        command.args(["-c", "0"]).arg(binary());
+        Self::start_command(dir, config, &[], command)
+    }
+
     /// Starts the proxy as an unprivileged user (`nobody`, via setpriv) when the tests run as
     /// root, so that file permissions apply to it; `dir` is handed over to that user.
     pub fn start_unprivileged(dir: &Path, config: &str) -> TokenProxy {
