@@ -61,8 +61,19 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     tracing::info!(path = %ca.cert_path().display(), "CA ready; applications trust this file");
     let leaves = Arc::new(LeafCache::new(ca));
 
-    // Bind before serving anything, so that a port in use stops the start.
-    let proxy_listener = server::bind("proxy.listen", config.proxy.listen).await?;
+    // Bind before serving anything, so that a port in use stops the start. With more than one
+    // worker, the proxy listener is one socket per worker thread (`shards`).
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let (proxy_listener, worker_listeners) = if workers > 1 {
+        (None, crate::shards::bind("proxy.listen", config.proxy.listen, workers)?)
+    } else {
+        (Some(server::bind("proxy.listen", config.proxy.listen).await?), Vec::new())
+    };
+    let proxy_addr = match (&proxy_listener, worker_listeners.first()) {
+        (Some(listener), _) => listener.local_addr()?,
+        (None, Some(listener)) => listener.local_addr()?,
+        (None, None) => unreachable!("one listener at least"),
+    };
     let admin_listener = server::bind("admin.listen", config.admin_listen).await?;
     let transparent_listener = match config.transparent_listen {
         Some(addr) => Some(server::bind("transparent.listen", addr).await?),
@@ -112,7 +123,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         None => None,
     };
     let audit_at_exit = audit.clone();
-    let mut own_listeners = vec![proxy_listener.local_addr()?, admin_listener.local_addr()?];
+    let mut own_listeners = vec![proxy_addr, admin_listener.local_addr()?];
     for listener in &route_listeners {
         own_listeners.push(listener.local_addr()?);
     }
@@ -120,30 +131,43 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         own_listeners.push(listener.local_addr()?);
     }
     egress.set_own_listeners(own_listeners.clone());
-    let proxy = Arc::new(Proxy {
-        providers: providers.clone(),
-        client: upstream::client(tls.clone(), &config.proxy, egress.clone(), Protocols::Http1AndHttp2),
-        upgrade_client: upstream::client(tls, &config.proxy, egress.clone(), Protocols::Http1Only),
-        plain: Arc::new(PlainPool::new(
-            egress.clone(),
-            config.proxy.upstream_timeout,
-            config.proxy.max_idle_per_host,
-        )),
-        egress,
-        replay_budget: ReplayBudget::new(config.proxy.max_replay_total),
-        settings: config.proxy.clone(),
-        allow_unmatched: config.allow_unmatched,
-        leaves,
-        drain: drain.handle(),
-        callers: callers.clone(),
-        audit,
-    });
+    // One per worker thread: its upstream connections (pools, and the tasks that drive them)
+    // stay on its thread. Everything else is shared.
+    let replay_budget = ReplayBudget::new(config.proxy.max_replay_total);
+    let new_proxy = || {
+        Arc::new(Proxy {
+            providers: providers.clone(),
+            client: upstream::client(tls.clone(), &config.proxy, egress.clone(), Protocols::Http1AndHttp2),
+            upgrade_client: upstream::client(
+                tls.clone(),
+                &config.proxy,
+                egress.clone(),
+                Protocols::Http1Only,
+            ),
+            plain: Arc::new(PlainPool::new(
+                egress.clone(),
+                config.proxy.upstream_timeout,
+                config.proxy.max_idle_per_host,
+            )),
+            egress: egress.clone(),
+            replay_budget: replay_budget.clone(),
+            settings: config.proxy.clone(),
+            allow_unmatched: config.allow_unmatched,
+            leaves: leaves.clone(),
+            drain: drain.handle(),
+            callers: callers.clone(),
+            audit: audit.clone(),
+        })
+    };
+    let proxy = new_proxy();
+    let worker_proxies: Vec<Arc<Proxy>> = worker_listeners.iter().map(|_| new_proxy()).collect();
     let doors = Doors::new(admin_listener.local_addr()?, config.admin_access.clone());
     let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone(), onboarding.clone(), doors));
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
         max_connections: config.proxy.max_connections,
+        shared_places: None,
     };
 
     background.push(watch::spawn(providers.clone()));
@@ -156,33 +180,28 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             let _ = tokio::task::spawn_blocking(move || flows.sweep()).await;
         }
     }));
-    let sweep_pool = proxy.plain.clone();
+    let sweep_pools: Vec<_> =
+        std::iter::once(&proxy).chain(&worker_proxies).map(|proxy| proxy.plain.clone()).collect();
     background.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(UPKEEP_EVERY);
         loop {
             every.tick().await;
             metrics_handle.run_upkeep();
-            sweep_pool.sweep();
+            for pool in &sweep_pools {
+                pool.sweep();
+            }
         }
     }));
 
-    let proxy_addr = proxy_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let route_addrs = route_listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
     tracing::info!(
         listener = "proxy",
         addr = %proxy_addr,
-        workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        workers,
         "listening"
     );
-    let handler = {
-        let proxy = proxy.clone();
-        move |req, peer| {
-            let proxy = proxy.clone();
-            async move { proxy.handle_forward(req, peer).await }
-        }
-    };
-    let relay = |listen| {
+    let relay_for = |proxy: &Arc<Proxy>, listen| {
         Some(Arc::new(PlainRelay {
             proxy: proxy.clone(),
             listen,
@@ -190,14 +209,45 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             max_header_bytes: limits.max_header_bytes,
         }))
     };
-    tokio::spawn(server::serve(
-        "proxy",
-        proxy_listener,
-        limits.clone(),
-        drain.watch(),
-        relay(Listen::Forward),
-        handler,
-    ));
+    let relay = |listen| relay_for(&proxy, listen);
+    let forward = |proxy: Arc<Proxy>| {
+        move |req, peer| {
+            let proxy = proxy.clone();
+            async move { proxy.handle_forward(req, peer).await }
+        }
+    };
+    if let Some(proxy_listener) = proxy_listener {
+        tokio::spawn(server::serve(
+            "proxy",
+            proxy_listener,
+            limits.clone(),
+            drain.watch(),
+            relay(Listen::Forward),
+            forward(proxy.clone()),
+        ));
+    } else {
+        // Each listener on a worker thread of its own, with a proxy of its own; the main runtime
+        // keeps the rest. One budget of connections for them all.
+        let proxy_limits = ConnectionLimits {
+            shared_places: Some(Arc::new(tokio::sync::Semaphore::new(config.proxy.max_connections))),
+            ..limits.clone()
+        };
+        let threads = crate::shards::start(workers)?;
+        for ((listener, proxy), thread) in worker_listeners.into_iter().zip(&worker_proxies).zip(threads) {
+            let (limits, watch, relay, handler) = (
+                proxy_limits.clone(),
+                drain.watch(),
+                relay_for(proxy, Listen::Forward),
+                forward(proxy.clone()),
+            );
+            thread.spawn(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => server::serve("proxy", listener, limits, watch, relay, handler).await,
+                    Err(e) => tracing::error!(error = %e, "a worker thread cannot serve the proxy listener"),
+                }
+            });
+        }
+    }
 
     for (route, listener) in config.routes.iter().zip(route_listeners) {
         tracing::info!(

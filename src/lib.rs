@@ -27,6 +27,7 @@ pub mod query;
 pub mod relay;
 pub mod secrets;
 pub mod server;
+pub mod shards;
 pub mod sigv4;
 pub mod tls;
 pub mod token_command;

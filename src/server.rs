@@ -34,6 +34,9 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
     /// Connections served at once on one listener.
     pub max_connections: usize,
+    /// The places under `max_connections` when one listener is served by several accept loops
+    /// (the proxy's worker threads, [`crate::shards`]); `None`: the loop has its own.
+    pub shared_places: Option<Arc<Semaphore>>,
 }
 
 /// A client connection's place under `max_connections`. A CONNECT or upgrade request carries it
@@ -99,14 +102,17 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(name: &'static str, listener: TcpListener, max_connections: usize) -> Acceptor {
-        Acceptor {
-            name,
-            listener,
-            places: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
-            trouble: AcceptTrouble::new(),
-            full_since: None,
-        }
+        Self::sharing(name, listener, max_connections, Arc::new(Semaphore::new(max_connections)))
+    }
+
+    /// An accept loop whose places under `max_connections` are `places`, shared with others.
+    pub fn sharing(
+        name: &'static str,
+        listener: TcpListener,
+        max_connections: usize,
+        places: Arc<Semaphore>,
+    ) -> Acceptor {
+        Acceptor { name, listener, places, max_connections, trouble: AcceptTrouble::new(), full_since: None }
     }
 
     /// The next connection with its place under the limit, or `None` once shutdown is signaled.
@@ -182,7 +188,10 @@ pub async fn serve<H, F>(
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     let builder = Arc::new(builder);
-    let mut acceptor = Acceptor::new(name, listener, limits.max_connections);
+    let mut acceptor = match &limits.shared_places {
+        Some(places) => Acceptor::sharing(name, listener, limits.max_connections, places.clone()),
+        None => Acceptor::new(name, listener, limits.max_connections),
+    };
     loop {
         let Some((stream, peer, place)) = acceptor.next(&mut drain).await else { break };
         // The address the client dialled: with its own, it finds the client's socket (uids).

@@ -282,7 +282,9 @@ impl Client {
 fn start_proxy(dir: &std::path::Path, upstream: &Upstream, max_idle_per_host: usize) -> TokenProxy {
     let token_file = dir.join("api.json");
     std::fs::write(&token_file, token_json(TOKEN)).unwrap();
-    let extra = format!("upstream_timeout = \"5s\"\nmax_idle_per_host = {max_idle_per_host}");
+    // One worker: upstream connections are pooled per worker thread, and these tests follow
+    // one pool.
+    let extra = format!("upstream_timeout = \"5s\"\nmax_idle_per_host = {max_idle_per_host}\nworkers = 1");
     TokenProxy::start(dir, &plain_config(&upstream.addr.to_string(), &token_file, &extra))
 }
 

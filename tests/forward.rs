@@ -292,7 +292,12 @@ async fn a_burst_leaves_at_most_max_idle_per_host_upstream_connections_open() {
     let dir = tempdir();
     let hosts = format!("{:?}", mock.authority());
     let config = config(dir.path(), &hosts, "allow_plaintext = true", "");
-    let tp = TokenProxy::start_with_env(dir.path(), &config, &[("TOKENPROXY_PROXY__MAX_IDLE_PER_HOST", "2")]);
+    // One worker: idle connections are kept per worker thread.
+    let tp = TokenProxy::start_with_env(
+        dir.path(),
+        &config,
+        &[("TOKENPROXY_PROXY__MAX_IDLE_PER_HOST", "2"), ("TOKENPROXY_PROXY__WORKERS", "1")],
+    );
 
     // Eight requests that overlap (each takes a second upstream) need eight upstream connections.
     let client = tp.client();

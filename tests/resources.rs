@@ -215,6 +215,50 @@ async fn the_worker_count_is_a_setting_and_follows_the_cores_the_process_may_use
     let dir = setup();
     let three = TokenProxy::start(dir.path(), &config("workers = 3"));
     assert_eq!(workers_of(&three), 3);
+    // Three threads of its own serve the proxy listener (named so in /proc), and every
+    // connection, whichever thread it lands on, is served.
+    let threads = std::fs::read_dir(format!("/proc/{}/task", three.pid()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokenproxy-work"))
+        .count();
+    assert_eq!(threads, 3);
+    for _ in 0..12 {
+        // A new connection each time: the kernel spreads them over the three sockets.
+        let client = reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(format!("http://{}", three.proxy)).unwrap())
+            .build()
+            .unwrap();
+        let r = client.get(mock.url("/v1/data")).send().await.unwrap();
+        assert_eq!(r.status(), http::StatusCode::OK);
+    }
+    // The address is its own: another tokenproxy with workers of its own cannot share it.
+    let dir_two = setup();
+    let same_port = config("workers = 2")
+        .replace("listen = \"127.0.0.1:0\"\nworkers", &format!("listen = \"{}\"\nworkers", three.proxy));
+    assert!(same_port.contains(&three.proxy.to_string()));
+    std::fs::write(dir_two.path().join("tokenproxy.toml"), &same_port).unwrap();
+    let mut second = std::process::Command::new(binary())
+        .args(["run", "--config"])
+        .arg(dir_two.path().join("tokenproxy.toml"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second tokenproxy started and serves on {}", three.proxy);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut text).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains(&format!("cannot listen on {}", three.proxy)), "{text}");
 
     let cores = std::thread::available_parallelism().unwrap().get() as u64;
     let dir = setup();
