@@ -6,6 +6,9 @@
 #   DURATION=10 bash bench/run.sh
 #   PEERS="tokenproxy mitmproxy" bash bench/run.sh   # a subset (direct is always measured)
 #   PEERS="tokenproxy tokenproxy-callers nginx" bash bench/run.sh   # with the callers rows (SPEC §13)
+#   NEIGHBOUR=1 bash bench/run.sh   # also p50/p99 at one connection with a CPU-bound process (a
+#                                   # shell loop at normal priority) on the proxy's CPU, as a
+#                                   # sidecar's application would be; the same for every peer
 #
 # Each proxy adds `Authorization: Bearer …` to a plain-HTTP absolute-form GET and forwards it to
 # one nginx upstream. Then the proxies that intercept TLS (tokenproxy, mitmproxy) do the same for
@@ -21,6 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 DURATION=${DURATION:-5}
+NEIGHBOUR=${NEIGHBOUR:-0}
 WARMUP=${WARMUP:-1}
 PEERS=${PEERS:-"tokenproxy nginx squid tinyproxy mitmproxy"}
 UPSTREAM_PORT=18080
@@ -208,12 +212,22 @@ measure() { # name port pid(or empty for direct) [lua]
         same99=$(echo "$lat" | awk '$1=="99%" {print $2}')
         for p in $(tree_pids "$pid"); do taskset -a -p -c 0 "$p" >/dev/null 2>&1; done
     fi
+    local busy50="-" busy99="-"
+    if [ -n "$pid" ] && [ "$NEIGHBOUR" = 1 ]; then
+        taskset -c 0 sh -c 'while :; do :; done' &
+        local neighbour=$!
+        lat=$(taskset -c 1 wrk -t1 -c1 -d"${DURATION}s" --latency -s "$lua" "$url" 2>&1)
+        kill "$neighbour" 2>/dev/null
+        wait "$neighbour" 2>/dev/null
+        busy50=$(echo "$lat" | awk '$1=="50%" {print $2}')
+        busy99=$(echo "$lat" | awk '$1=="99%" {print $2}')
+    fi
     local cpu_us="-" rss="-"
     if [ -n "$pid" ] && [ "${requests:-0}" -gt 0 ]; then
         cpu_us=$(cpu_per_request "$t0" "$t1" "$requests")
         rss=$(awk -v k="$(peak_rss_kib "$pid")" 'BEGIN {printf "%.1f", k / 1024}')
     fi
-    RESULTS+=("$name|$rps|$p50|$p99|$cpu_us|$rss|${non2xx:-0}|$same50|$same99")
+    RESULTS+=("$name|$rps|$p50|$p99|$cpu_us|$rss|${non2xx:-0}|$same50|$same99|$busy50|$busy99")
 }
 
 # The same for intercepted HTTPS, driven by loadgen; `ca` is the proxy's interception CA.
@@ -444,19 +458,21 @@ direct_rps=$(for r in "${RESULTS[@]}"; do IFS='|' read -r n rps _ <<<"$r"; [ "$n
 
 echo
 echo "plain HTTP GET with header injection, ${DURATION}s per measurement, proxy on CPU 0, wrk + nginx on CPU 1"
-echo "(\"one core\": the 1-connection latency again with the proxy moved onto CPU 1 beside wrk and nginx)"
+echo "(\"one core\": the 1-connection latency again with the proxy moved onto CPU 1 beside wrk and nginx;"
+echo "\"busy neighbour\": with NEIGHBOUR=1, again with a CPU-bound process on the proxy's CPU 0)"
 echo
-printf '| %-21s | %9s | %8s | %15s | %19s | %24s | %13s | %10s | %8s |\n' \
-    peer "req/s @50" "vs direct" "p50/p99 @1" "p50/p99 @1 one core" "CPU/request (user + sys)" "CPU vs tokenproxy" "peak RSS" "non-2xx"
-printf '|%s|\n' "-----------------------|-----------|----------|-----------------|---------------------|--------------------------|-------------------|------------|----------"
+printf '| %-21s | %9s | %8s | %15s | %19s | %20s | %24s | %13s | %10s | %8s |\n' \
+    peer "req/s @50" "vs direct" "p50/p99 @1" "p50/p99 @1 one core" "p50/p99 @1 neighbour" "CPU/request (user + sys)" "CPU vs tokenproxy" "peak RSS" "non-2xx"
+printf '|%s|\n' "-----------------------|-----------|----------|-----------------|---------------------|----------------------|--------------------------|-------------------|------------|----------"
 for r in "${RESULTS[@]}"; do
-    IFS='|' read -r name rps p50 p99 cpu rss non2xx same50 same99 <<<"$r"
+    IFS='|' read -r name rps p50 p99 cpu rss non2xx same50 same99 busy50 busy99 <<<"$r"
     vs_direct=$(awk -v a="$rps" -v b="$direct_rps" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
     vs_tp=$(awk -v a="${cpu%% *}" -v b="${tp_cpu%% *}" 'BEGIN {if (a != "-" && b > 0) printf "%.1fx", a / b; else print "-"}')
-    same="-"
+    same="-" busy="-"
     [ "$same50" != "-" ] && same="$(to_us "$same50")/$(to_us "$same99") us"
-    printf '| %-21s | %9s | %8s | %15s | %19s | %21s us | %17s | %7s MiB | %8s |\n' \
-        "$name" "$rps" "$vs_direct" "$(to_us "$p50")/$(to_us "$p99") us" "$same" "$cpu" "$vs_tp" "$rss" "$non2xx"
+    [ "$busy50" != "-" ] && busy="$(to_us "$busy50")/$(to_us "$busy99") us"
+    printf '| %-21s | %9s | %8s | %15s | %19s | %20s | %21s us | %17s | %7s MiB | %8s |\n' \
+        "$name" "$rps" "$vs_direct" "$(to_us "$p50")/$(to_us "$p99") us" "$same" "$busy" "$cpu" "$vs_tp" "$rss" "$non2xx"
 done
 if [ -n "$rss_idle_after" ]; then
     echo
