@@ -125,7 +125,8 @@ TLS_UPSTREAM=""
 if need openssl; then
     up=$WORK/upstream
     mkdir -p "$up"
-    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$up/ext"
+    # A DNS name too: nginx checks an upstream's certificate by name (proxy_ssl_name).
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$up/ext"
     if openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
             -subj "/CN=bench upstream CA" -keyout "$up/ca.key" -out "$up/ca.pem" 2>/dev/null \
         && openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
@@ -232,10 +233,11 @@ measure() { # name port pid(or empty for direct) [lua]
 
 # The same for intercepted HTTPS, driven by loadgen; `ca` is the proxy's interception CA.
 HTTPS_RESULTS=()
-measure_https() { # name port pid ca
-    local name=$1 port=$2 pid=$3 ca=$4
+measure_https() { # name port pid ca [reverse]: "reverse" is a TLS reverse proxy, reached directly
+    local name=$1 port=$2 pid=$3 ca=$4 mode=${5:-forward}
     [ -n "$TLS_UPSTREAM" ] || return 0
     local load=(taskset -c 1 "$LOADGEN" --proxy "127.0.0.1:$port" --target "127.0.0.1:$TLS_UPSTREAM_PORT" --ca "$ca")
+    [ "$mode" = reverse ] && load=(taskset -c 1 "$LOADGEN" --target "127.0.0.1:$port" --ca "$ca")
     # The warm-up also makes the leaf certificate, so that the measurement finds it cached.
     "${load[@]}" --connections 50 --duration "$WARMUP" >/dev/null 2>>"$WORK/loadgen.log" || true
     local t0 t1 out lat
@@ -392,6 +394,36 @@ EOF
     taskset -c 0 nginx -c "$WORK/nginx-rp/nginx.conf" -p "$WORK/nginx-rp" &
     PIDS+=($!)
     wait_port 18085 && measure "nginx (reverse proxy)" 18085 "${PIDS[-1]}"
+fi
+
+# nginx as a TLS-terminating reverse proxy: TLS from the client with the same kind of key as
+# tokenproxy's leaf certificates (ECDSA P-256), verified TLS with keep-alive (and session reuse)
+# to the same HTTPS upstream, the header added. The leanest TLS relay there is: the bar for
+# interception, which does the same work after a CONNECT.
+if want nginx && [ -n "$TLS_UPSTREAM" ]; then
+    nginx_conf "$WORK/nginx-tls" <<EOF
+    upstream bench_tls { server 127.0.0.1:$TLS_UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:18087 ssl;
+        ssl_certificate $WORK/upstream/server.pem;
+        ssl_certificate_key $WORK/upstream/server.key;
+        ssl_session_cache off;
+        ssl_session_tickets off;
+        location / {
+            proxy_pass https://bench_tls;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer $TOKEN";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $WORK/upstream/ca.pem;
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;
+        }
+    }
+EOF
+    taskset -c 0 nginx -c "$WORK/nginx-tls/nginx.conf" -p "$WORK/nginx-tls" &
+    PIDS+=($!)
+    wait_port 18087 && measure_https "nginx (TLS reverse proxy)" 18087 "${PIDS[-1]}" "$WORK/upstream/ca.pem" reverse
 fi
 
 # squid
