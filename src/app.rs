@@ -61,19 +61,9 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
     tracing::info!(path = %ca.cert_path().display(), "CA ready; applications trust this file");
     let leaves = Arc::new(LeafCache::new(ca));
 
-    // Bind before serving anything, so that a port in use stops the start. With more than one
-    // worker, the proxy listener is one socket per worker thread (`shards`).
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    let (proxy_listener, worker_listeners) = if workers > 1 {
-        (None, crate::shards::bind("proxy.listen", config.proxy.listen, workers)?)
-    } else {
-        (Some(server::bind("proxy.listen", config.proxy.listen).await?), Vec::new())
-    };
-    let proxy_addr = match (&proxy_listener, worker_listeners.first()) {
-        (Some(listener), _) => listener.local_addr()?,
-        (None, Some(listener)) => listener.local_addr()?,
-        (None, None) => unreachable!("one listener at least"),
-    };
+    // Bind before serving anything, so that a port in use stops the start.
+    let proxy_listener = server::bind("proxy.listen", config.proxy.listen).await?;
+    let proxy_addr = proxy_listener.local_addr()?;
     let admin_listener = server::bind("admin.listen", config.admin_listen).await?;
     let transparent_listener = match config.transparent_listen {
         Some(addr) => Some(server::bind("transparent.listen", addr).await?),
@@ -160,14 +150,17 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
         })
     };
     let proxy = new_proxy();
-    let worker_proxies: Vec<Arc<Proxy>> = worker_listeners.iter().map(|_| new_proxy()).collect();
+    // With more than one worker, the proxy listener's connections are served on worker threads
+    // (`shards`), each with a proxy of its own.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let worker_proxies: Vec<Arc<Proxy>> =
+        if workers > 1 { (0..workers).map(|_| new_proxy()).collect() } else { Vec::new() };
     let doors = Doors::new(admin_listener.local_addr()?, config.admin_access.clone());
     let admin = Arc::new(Admin::new(providers.clone(), metrics_handle.clone(), onboarding.clone(), doors));
     let limits = ConnectionLimits {
         header_read_timeout: config.proxy.header_read_timeout,
         max_header_bytes: config.proxy.max_header_bytes,
         max_connections: config.proxy.max_connections,
-        shared_places: None,
     };
 
     background.push(watch::spawn(providers.clone()));
@@ -216,7 +209,7 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             async move { proxy.handle_forward(req, peer).await }
         }
     };
-    if let Some(proxy_listener) = proxy_listener {
+    if worker_proxies.is_empty() {
         tokio::spawn(server::serve(
             "proxy",
             proxy_listener,
@@ -226,27 +219,17 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             forward(proxy.clone()),
         ));
     } else {
-        // Each listener on a worker thread of its own, with a proxy of its own; the main runtime
-        // keeps the rest. One budget of connections for them all.
-        let proxy_limits = ConnectionLimits {
-            shared_places: Some(Arc::new(tokio::sync::Semaphore::new(config.proxy.max_connections))),
-            ..limits.clone()
-        };
         let threads = crate::shards::start(workers)?;
-        for ((listener, proxy), thread) in worker_listeners.into_iter().zip(&worker_proxies).zip(threads) {
-            let (limits, watch, relay, handler) = (
-                proxy_limits.clone(),
-                drain.watch(),
-                relay_for(proxy, Listen::Forward),
-                forward(proxy.clone()),
-            );
-            thread.spawn(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => server::serve("proxy", listener, limits, watch, relay, handler).await,
-                    Err(e) => tracing::error!(error = %e, "a worker thread cannot serve the proxy listener"),
-                }
-            });
-        }
+        let workers = threads
+            .into_iter()
+            .zip(&worker_proxies)
+            .map(|(thread, proxy)| server::Worker {
+                runtime: Some(thread),
+                relay: relay_for(proxy, Listen::Forward),
+                handler: forward(proxy.clone()),
+            })
+            .collect();
+        tokio::spawn(server::serve_on("proxy", proxy_listener, limits.clone(), drain.watch(), workers));
     }
 
     for (route, listener) in config.routes.iter().zip(route_listeners) {

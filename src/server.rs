@@ -34,9 +34,6 @@ pub struct ConnectionLimits {
     pub max_header_bytes: usize,
     /// Connections served at once on one listener.
     pub max_connections: usize,
-    /// The places under `max_connections` when one listener is served by several accept loops
-    /// (the proxy's worker threads, [`crate::shards`]); `None`: the loop has its own.
-    pub shared_places: Option<Arc<Semaphore>>,
 }
 
 /// A client connection's place under `max_connections`. A CONNECT or upgrade request carries it
@@ -102,17 +99,14 @@ pub struct Acceptor {
 
 impl Acceptor {
     pub fn new(name: &'static str, listener: TcpListener, max_connections: usize) -> Acceptor {
-        Self::sharing(name, listener, max_connections, Arc::new(Semaphore::new(max_connections)))
-    }
-
-    /// An accept loop whose places under `max_connections` are `places`, shared with others.
-    pub fn sharing(
-        name: &'static str,
-        listener: TcpListener,
-        max_connections: usize,
-        places: Arc<Semaphore>,
-    ) -> Acceptor {
-        Acceptor { name, listener, places, max_connections, trouble: AcceptTrouble::new(), full_since: None }
+        Acceptor {
+            name,
+            listener,
+            places: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            trouble: AcceptTrouble::new(),
+            full_since: None,
+        }
     }
 
     /// The next connection with its place under the limit, or `None` once shutdown is signaled.
@@ -167,20 +161,45 @@ pub async fn bind(key: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves HTTP/1.1 on `listener` until shutdown, calling `handler` for every request with the
 /// client's connection (the admin API decides by its address who may do what; the proxy finds
-/// callers by it). With a
-/// `relay` (the proxy's listeners), each connection is served by it first, and by hyper and
-/// `handler` from the first request the relay hands over.
+/// callers by it). With a `relay` (the proxy's listeners), each connection is served by it
+/// first, and by hyper and `handler` from the first request the relay hands over.
 pub async fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     limits: ConnectionLimits,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
     relay: Option<Arc<PlainRelay>>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    serve_on(name, listener, limits, drain, vec![Worker { runtime: None, relay, handler }]).await
+}
+
+/// Where accepted connections are served: a worker thread's runtime (`None`: the accept loop's
+/// own), with that worker's relay and handler (and so its upstream pools).
+pub struct Worker<H> {
+    pub runtime: Option<tokio::runtime::Handle>,
+    pub relay: Option<Arc<PlainRelay>>,
+    pub handler: H,
+}
+
+/// [`serve`], handing each accepted connection to the next of `workers` in turn, where it is
+/// served from its first byte to its close ([`crate::shards`]). One accept loop, so
+/// `max_connections` counts every connection once, and no connection waits in a queue of its
+/// own while another worker has room.
+pub async fn serve_on<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    mut drain: DrainWatch,
+    workers: Vec<Worker<H>>,
+) where
+    H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    assert!(!workers.is_empty(), "a listener is served by one worker at least");
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -188,50 +207,85 @@ pub async fn serve<H, F>(
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     let builder = Arc::new(builder);
-    let mut acceptor = match &limits.shared_places {
-        Some(places) => Acceptor::sharing(name, listener, limits.max_connections, places.clone()),
-        None => Acceptor::new(name, listener, limits.max_connections),
-    };
+    let mut acceptor = Acceptor::new(name, listener, limits.max_connections);
+    let mut turn = 0usize;
     loop {
         let Some((stream, peer, place)) = acceptor.next(&mut drain).await else { break };
         // The address the client dialled: with its own, it finds the client's socket (uids).
         let local = stream.local_addr().unwrap_or(peer);
-        let peer = Arc::new(Peer::new(peer, local, name));
-        let builder = builder.clone();
-        let handler = handler.clone();
-        let conn_drain = drain.clone();
-        let permit = ConnectionPermit { _place: Arc::new(place) };
-        let relay = relay.clone();
-        tokio::spawn(async move {
-            let mut drain = conn_drain;
-            let (stream, read) = match relay {
-                Some(relay) => match relay.serve(stream, &peer, &mut drain).await {
-                    Served::Closed => return,
-                    Served::HandOff { stream, read } => (stream, read),
-                },
-                None => (stream, Vec::new()),
-            };
-            let service = service_fn(move |mut req: Request<Incoming>| {
-                // Only a CONNECT or an upgrade outlives its request; inserting the permit into
-                // every request would cost an allocation each.
-                if req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE)
-                {
-                    req.extensions_mut().insert(permit.clone());
-                }
-                let handler = handler.clone();
-                let peer = peer.clone();
-                // Boxed per request: hyper otherwise keeps room for this future in every
-                // connection, idle or not, and an allocation per request is cheaper than that
-                // much memory per idle connection.
-                let response: Pin<Box<dyn Future<Output = _> + Send>> =
-                    Box::pin(async move { Ok::<_, Infallible>(handler(req, peer).await) });
-                response
-            });
-            // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
-            // Boxed: the relay's connections that never need hyper do not carry room for it.
-            let io = TokioIo::new(Rewound::new(read, stream));
-            let mut conn = Box::pin(builder.serve_connection(io, service).with_upgrades());
-            until_drained(conn.as_mut(), &mut drain).await;
+        let worker = &workers[turn % workers.len()];
+        turn = turn.wrapping_add(1);
+        let connection = Connection {
+            peer: Arc::new(Peer::new(peer, local, name)),
+            builder: builder.clone(),
+            drain: drain.clone(),
+            permit: ConnectionPermit { _place: Arc::new(place) },
+            relay: worker.relay.clone(),
+        };
+        let handler = worker.handler.clone();
+        let Some(runtime) = &worker.runtime else {
+            tokio::spawn(connection.serve(stream, handler));
+            continue;
+        };
+        // Registered again, with the worker's own event loop.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "cannot hand a connection to a worker thread");
+                continue;
+            }
+        };
+        runtime.spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => connection.serve(stream, handler).await,
+                Err(e) => tracing::warn!(error = %e, "a worker thread cannot take a connection"),
+            }
         });
+    }
+}
+
+/// One accepted connection, with what serving it needs.
+struct Connection {
+    peer: Arc<Peer>,
+    builder: Arc<http1::Builder>,
+    drain: DrainWatch,
+    permit: ConnectionPermit,
+    relay: Option<Arc<PlainRelay>>,
+}
+
+impl Connection {
+    async fn serve<H, F>(self, stream: tokio::net::TcpStream, handler: H)
+    where
+        H: Fn(Request<Incoming>, Arc<Peer>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    {
+        let Connection { peer, builder, mut drain, permit, relay } = self;
+        let (stream, read) = match relay {
+            Some(relay) => match relay.serve(stream, &peer, &mut drain).await {
+                Served::Closed => return,
+                Served::HandOff { stream, read } => (stream, read),
+            },
+            None => (stream, Vec::new()),
+        };
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            // Only a CONNECT or an upgrade outlives its request; inserting the permit into
+            // every request would cost an allocation each.
+            if req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE) {
+                req.extensions_mut().insert(permit.clone());
+            }
+            let handler = handler.clone();
+            let peer = peer.clone();
+            // Boxed per request: hyper otherwise keeps room for this future in every
+            // connection, idle or not, and an allocation per request is cheaper than that
+            // much memory per idle connection.
+            let response: Pin<Box<dyn Future<Output = _> + Send>> =
+                Box::pin(async move { Ok::<_, Infallible>(handler(req, peer).await) });
+            response
+        });
+        // With upgrades: CONNECT hands the connection over to a tunnel or an interception.
+        // Boxed: the relay's connections that never need hyper do not carry room for it.
+        let io = TokioIo::new(Rewound::new(read, stream));
+        let mut conn = Box::pin(builder.serve_connection(io, service).with_upgrades());
+        until_drained(conn.as_mut(), &mut drain).await;
     }
 }

@@ -148,7 +148,6 @@ async fn serving_the_callback(
         header_read_timeout: Duration::from_secs(10),
         max_header_bytes: 64 * 1024,
         max_connections: 64,
-        shared_places: None,
     };
     let served = onboarding.clone();
     let handler = move |req: http::Request<hyper::body::Incoming>, _peer| {
