@@ -436,36 +436,10 @@ async fn rediss_is_verified_with_the_same_roots_as_everything_else() {
     if !redis_available() {
         return;
     }
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let dir = tempdir();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf =
-        CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-    std::fs::write(dir.path().join("redis-ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.path().join("redis.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.path().join("redis-key.pem"), leaf_key.serialize_pem()).unwrap();
-    let tls_port = fixed_port().to_string();
-    let file = |name: &str| dir.path().join(name).display().to_string();
-    let redis = RedisServer::start_with(
-        dir.path(),
-        &[
-            "--tls-port",
-            &tls_port,
-            "--tls-cert-file",
-            &file("redis.pem"),
-            "--tls-key-file",
-            &file("redis-key.pem"),
-            "--tls-ca-cert-file",
-            &file("redis-ca.pem"),
-            "--tls-auth-clients",
-            "no",
-        ],
-    );
+    let tls = RedisTls::generate(dir.path());
+    let tls_port = fixed_port();
+    let redis = RedisServer::start_with(dir.path(), &as_args(&tls.args(tls_port)));
     let api = MockApi::start().await;
     let endpoint = MockTokenEndpoint::new(Some(&api)).start().await;
     api.accept("at-seed");
@@ -475,8 +449,12 @@ async fn rediss_is_verified_with_the_same_roots_as_everything_else() {
             .replace(&redis.url(), &format!("rediss://localhost:{tls_port}/0"))
             .replace("[store]", &format!("[tls]\nextra_roots = [{roots}]\n[store]"))
     };
-    let trusted =
-        replicas(&dir.path().join("trusted"), 1, &tls_config(&format!("\"{}\"", file("redis-ca.pem"))), seed);
+    let trusted = replicas(
+        &dir.path().join("trusted"),
+        1,
+        &tls_config(&format!("{:?}", tls.ca.display().to_string())),
+        seed,
+    );
     let r = trusted[0].client().get(api.url("/v1/data")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(redis.dump().contains("tls:token:api"), "seeded into Redis over TLS");
@@ -568,12 +546,8 @@ async fn an_account_connected_on_one_replica_is_served_by_every_replica() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = account_fingerprint(&second).await;
-    let refreshed = reqwest::Client::new()
-        .post(format!("http://{}/tokens/api/refresh?account={ADA}", first.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refreshed.status(), StatusCode::OK);
+    let (refreshed, body) = first.admin_post(&format!("/tokens/api/refresh?account={ADA}")).await;
+    assert_eq!(refreshed, StatusCode::OK, "{body}");
     let calls = endpoint.calls();
     let after = account_fingerprint(&first).await;
     assert_ne!(after, before);

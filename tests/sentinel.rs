@@ -334,13 +334,8 @@ async fn sentinels_and_nodes_over_tls_are_verified_and_followed() {
     setup.node(first).stop();
     let second = setup.wait_for_failover(first, Duration::from_secs(30));
     followed(std::slice::from_ref(&proxy), 1.0).await;
-    let refreshed = reqwest::Client::new()
-        .post(format!("http://{}/tokens/api/refresh", proxy.admin))
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refreshed.status(), http::StatusCode::OK);
+    let (refreshed, body) = proxy.admin_post("/tokens/api/refresh").await;
+    assert_eq!(refreshed, http::StatusCode::OK, "{body}");
     let r = proxy.client().get(api.url("/v1/data")).send().await.unwrap();
     assert_eq!(r.status(), http::StatusCode::OK);
     let written = setup.keys(second);

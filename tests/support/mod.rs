@@ -522,6 +522,17 @@ impl TokenProxy {
             .unwrap()
     }
 
+    /// `POST path` on the admin listener (20 s timeout: a refresh may wait for its lock).
+    pub async fn admin_post(&self, path: &str) -> (StatusCode, String) {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}{path}", self.admin))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    }
+
     pub async fn admin_get(&self, path: &str) -> (StatusCode, String) {
         let r = reqwest::Client::new()
             .get(format!("http://{}{path}", self.admin))
@@ -1542,7 +1553,7 @@ impl RedisTls {
     }
 
     /// `redis-server` arguments for TLS on `port`, replication over TLS included.
-    fn args(&self, port: u16) -> Vec<String> {
+    pub fn args(&self, port: u16) -> Vec<String> {
         let mut args: Vec<String> = ["--tls-port".into(), port.to_string()].into();
         for (flag, path) in
             [("--tls-cert-file", &self.cert), ("--tls-key-file", &self.key), ("--tls-ca-cert-file", &self.ca)]
@@ -1744,7 +1755,8 @@ fn cli(port: u16, password: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn as_args(args: &[String]) -> Vec<&str> {
+/// `&str`s for `RedisServer::start_with`.
+pub fn as_args(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
