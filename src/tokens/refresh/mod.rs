@@ -144,8 +144,11 @@ fn no_token_endpoint() -> RefreshError {
     )
 }
 
+/// Whole milliseconds, rounded down: tokio's timer rounds a sleep up to the next millisecond,
+/// so a fraction would let the wait reach the bound the jitter stays below.
 fn backoff(attempt: u32) -> Duration {
-    jitter(BACKOFF_BASE.saturating_mul(2u32.saturating_pow(attempt)).min(BACKOFF_CAP))
+    let waited = jitter(BACKOFF_BASE.saturating_mul(2u32.saturating_pow(attempt)).min(BACKOFF_CAP));
+    Duration::from_millis(waited.as_millis() as u64)
 }
 
 impl Provider {
