@@ -17,7 +17,7 @@ use crate::egress::Egress;
 use crate::oauth::OAuthClient;
 use crate::onboarding::Onboarding;
 use crate::proxy::Proxy;
-use crate::proxy::h1::pool::PlainPool;
+use crate::proxy::h1::pool::{PlainPool, TlsPool};
 use crate::proxy::h1::{Listen, PlainRelay};
 use crate::proxy::replay::ReplayBudget;
 use crate::proxy::upstream::{self, Protocols};
@@ -139,6 +139,12 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
                 config.proxy.upstream_timeout,
                 config.proxy.max_idle_per_host,
             )),
+            tls_pool: Arc::new(TlsPool::new_tls(
+                egress.clone(),
+                config.proxy.upstream_timeout,
+                config.proxy.max_idle_per_host,
+                &tls,
+            )),
             egress: egress.clone(),
             replay_budget: replay_budget.clone(),
             settings: config.proxy.clone(),
@@ -173,15 +179,15 @@ pub async fn start(mut config: Config) -> anyhow::Result<Running> {
             let _ = tokio::task::spawn_blocking(move || flows.sweep()).await;
         }
     }));
-    let sweep_pools: Vec<_> =
-        std::iter::once(&proxy).chain(&worker_proxies).map(|proxy| proxy.plain.clone()).collect();
+    let sweep_pools: Vec<_> = std::iter::once(&proxy).chain(&worker_proxies).cloned().collect();
     background.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(UPKEEP_EVERY);
         loop {
             every.tick().await;
             metrics_handle.run_upkeep();
-            for pool in &sweep_pools {
-                pool.sweep();
+            for proxy in &sweep_pools {
+                proxy.plain.sweep();
+                proxy.tls_pool.sweep();
             }
         }
     }));

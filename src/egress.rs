@@ -33,6 +33,9 @@ pub enum DialError {
     Connect { error: std::io::Error },
     #[error("no connection within {}s", .0.as_secs())]
     Timeout(Duration),
+    /// The TLS handshake with the upstream failed (its certificate, most often).
+    #[error("TLS with the upstream failed: {error}")]
+    Tls { error: std::io::Error },
 }
 
 /// The egress policy, shared by every dialer.

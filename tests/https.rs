@@ -27,6 +27,17 @@ struct Setup {
 /// `api` matches `provider_host` (with `{port}` replaced). `trust_mock` puts the mock's CA in
 /// `extra_roots`.
 async fn setup(mock_names: &[&str], provider_host: &str, trust_mock: bool, extra: &str) -> Setup {
+    setup_with_env(mock_names, provider_host, trust_mock, extra, &[]).await
+}
+
+/// [`setup`], with environment variables for the proxy (config overrides).
+async fn setup_with_env(
+    mock_names: &[&str],
+    provider_host: &str,
+    trust_mock: bool,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Setup {
     let dir = tempdir();
     let pki = test_pki(dir.path(), "mock", mock_names);
     let mock = MockApi::start_tls(pki.server_config.clone()).await;
@@ -49,7 +60,7 @@ token_file = "api.json"
 "#,
         host = provider_host.replace("{port}", &mock.addr.port().to_string()),
     );
-    let tp = TokenProxy::start(dir.path(), &config);
+    let tp = TokenProxy::start_with_env(dir.path(), &config, env);
     let ca_pem = dir.path().join("ca").join("ca.pem");
     assert!(ca_pem.exists(), "the CA is created on first start");
     Setup { mock_ca_pem: pki.ca_pem_path, _dir: dir, mock, tp, ca_pem }
@@ -548,4 +559,114 @@ async fn an_intercepted_connection_gets_no_session_tickets() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()), "intercepted");
     assert_eq!(tickets, 0, "tokenproxy's leaf sent TLS 1.3 session tickets");
+}
+
+/// CONNECT to `localhost:port` through the proxy, then TLS trusting `ca`, offering HTTP/1.1.
+async fn intercepted(
+    tp: &TokenProxy,
+    port: u16,
+    ca: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(tp.proxy).await.unwrap();
+    let connect = format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n");
+    stream.write_all(connect.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_file(ca).unwrap()).unwrap();
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, stream).await.unwrap()
+}
+
+/// Sends `request` and reads one answer with a `Content-Length` body: (head, body).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &str,
+) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    let head = read_head(stream).await;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut body)).await.unwrap().unwrap();
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Inside an intercepted tunnel, requests without a body are relayed by hand over HTTP/1.1 and
+/// verified TLS (the mock offers h2 as well: hyper's client would take it), on an upstream
+/// connection kept between client connections; the first request with a body is handed to
+/// hyper's path with the bytes read, and hyper serves the rest of the connection. Every request
+/// carries the token either way.
+#[tokio::test]
+async fn intercepted_http1_is_relayed_by_hand_and_a_body_hands_the_connection_to_hyper() {
+    // One worker: upstream connections are pooled per worker thread.
+    let s =
+        setup_with_env(&["localhost"], "localhost:{port}", true, "", &[("TOKENPROXY_PROXY__WORKERS", "1")])
+            .await;
+    let port = s.mock.addr.port();
+    let bearer = format!("Bearer {TOKEN}");
+
+    let mut tls = intercepted(&s.tp, port, &s.ca_pem).await;
+    for (path, connection) in [("/relayed/1", "keep-alive"), ("/relayed/2?q=a%20b", "close")] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: elsewhere.test\r\nAuthorization: Bearer mine\r\nConnection: {connection}\r\n\r\n"
+        );
+        let (head, _) = exchange(&mut tls, &request).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    // Closed after the answer, with a close_notify (a clean end, not an error), and only once the
+    // upstream connection is back in the pool.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut rest),
+    );
+    assert_eq!(end.await.unwrap().unwrap(), 0);
+    // A second client connection: the upstream connection the first one used is reused.
+    let mut tls = intercepted(&s.tp, port, &s.ca_pem).await;
+    let (head, _) = exchange(&mut tls, "GET /relayed/3 HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        s.mock.open_connections(),
+        1,
+        "one upstream connection for three requests on two client connections"
+    );
+    // A body: hyper's path from here on, the same connection.
+    let (head, _) =
+        exchange(&mut tls, "POST /handed/1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello")
+            .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _) = exchange(&mut tls, "GET /handed/2 HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    let seen = s.mock.seen();
+    let summary: Vec<_> = seen.iter().map(|r| (r.path.as_str(), r.version, r.authorization())).collect();
+    use http::Version;
+    assert_eq!(
+        summary,
+        [
+            ("/relayed/1", Version::HTTP_11, Some(bearer.as_str())),
+            ("/relayed/2?q=a%20b", Version::HTTP_11, Some(bearer.as_str())),
+            ("/relayed/3", Version::HTTP_11, Some(bearer.as_str())),
+            ("/handed/1", Version::HTTP_2, Some(bearer.as_str())),
+            ("/handed/2", Version::HTTP_2, Some(bearer.as_str())),
+        ]
+    );
+    // `Host` from the tunnel's target, whatever the request said.
+    assert_eq!(seen[0].headers["host"], format!("localhost:{port}").as_str());
+    assert_eq!(&seen[3].body[..], b"hello");
+    assert_eq!(
+        s.tp.metric("tokenproxy_requests_total", &[("provider", "api"), ("status", "2xx")]).await,
+        5.0
+    );
 }

@@ -22,6 +22,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::h1::pool::{Pool, Upstream};
+use super::h1::{ClientIo, Listen, PlainRelay, Served};
 use super::{Entry, Exchange, Proxy, Target, Verdict, dial_error};
 use crate::body::{BoxError, ProxyBody};
 use crate::callers::Peer;
@@ -153,7 +155,8 @@ impl InterceptedHost {
             match Target::new(Scheme::HTTP, &self.target.authority) {
                 Ok(plain) => {
                     self.target = plain;
-                    Arc::new(self).serve_h1(io, drain).await;
+                    let pool = self.proxy.plain.clone();
+                    self.serve_relayed(io, pool, drain).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "cannot serve plain HTTP in this tunnel"),
             }
@@ -179,12 +182,41 @@ impl InterceptedHost {
         if h2 {
             Arc::new(self).serve_h2(stream, drain).await;
         } else {
-            Arc::new(self).serve_h1(stream, drain).await;
+            let pool = self.proxy.tls_pool.clone();
+            self.serve_relayed(stream, pool, drain).await;
         }
     }
 
-    /// HTTP/1.1 inside an interception (over TLS, or plain): `header_read_timeout` bounds the
-    /// wait for every request head, the first one and each one after an idle keep-alive pause.
+    /// HTTP/1.1 inside an interception: the hand-written relay serves what it can (requests
+    /// without a body, in origin form), with upstream connections from `pool`; hyper serves the
+    /// rest of the connection from the first request the relay hands over.
+    async fn serve_relayed<S, C>(self, stream: S, pool: Arc<Pool<C>>, mut drain: crate::drain::DrainWatch)
+    where
+        S: ClientIo + 'static,
+        C: Upstream,
+    {
+        let settings = &self.proxy.settings;
+        let relay = PlainRelay {
+            proxy: self.proxy.clone(),
+            listen: Listen::Tunnel {
+                target: self.target.clone(),
+                provider: self.provider.clone(),
+                credentials: self.credentials.clone(),
+            },
+            header_read_timeout: settings.header_read_timeout,
+            max_header_bytes: settings.max_header_bytes,
+        };
+        match relay.serve_with(stream, pool, &self.peer, &mut drain).await {
+            Served::Closed => {}
+            Served::HandOff { stream, read } => {
+                Arc::new(self).serve_h1(relay::Rewound::new(read, stream), drain).await;
+            }
+        }
+    }
+
+    /// HTTP/1.1 inside an interception through hyper (over TLS, or plain), from the request the
+    /// relay handed over: `header_read_timeout` bounds the wait for every request head, the first
+    /// one and each one after an idle keep-alive pause.
     async fn serve_h1<S>(self: Arc<Self>, stream: S, mut drain: crate::drain::DrainWatch)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

@@ -1,8 +1,9 @@
 //! The data path: listener → target → provider → token → upstream → client.
 //!
 //! A request enters through one of two codecs: the hand-written HTTP/1.1 relay ([`h1`]) for
-//! plain-HTTP requests without a body, or hyper ([`forward`]) for everything else (bodies,
-//! upgrades, HTTPS upstreams, intercepted tunnels, HTTP/2, refusals). Each reads the request into
+//! HTTP/1.1 requests without a body (plain HTTP, and HTTPS inside intercepted tunnels), or hyper
+//! ([`forward`]) for everything else (bodies, upgrades, HTTP/2, routes to HTTPS upstreams,
+//! refusals). Each reads the request into
 //! an [`Exchange`] and asks [`decide`] what it carries: the token rules (the plaintext rule, the
 //! account, inject or keep, wait for a refresh, the retry after a dead token) are written there
 //! once. [`target`] is where a request goes in normal form, [`access`] its metrics and access
@@ -30,7 +31,7 @@ use crate::errors::ProxyError;
 use crate::tls::leaf::LeafCache;
 use crate::tokens::Providers;
 pub(crate) use decide::{Entry, Exchange, Verdict};
-use h1::pool::PlainPool;
+use h1::pool::{PlainPool, TlsPool};
 pub use target::Target;
 
 /// Everything the data path needs, shared by every listener and connection.
@@ -42,6 +43,9 @@ pub struct Proxy {
     /// Idle plain-HTTP/1.1 upstream connections, lent to client connections
     /// ([`h1`]).
     pub plain: Arc<PlainPool>,
+    /// Idle HTTPS (HTTP/1.1 over verified TLS) upstream connections, for the requests the relay
+    /// serves inside intercepted tunnels.
+    pub tls_pool: Arc<TlsPool>,
     pub settings: ProxySettings,
     pub allow_unmatched: bool,
     /// Certificates for intercepted hosts.
@@ -68,7 +72,7 @@ fn dial_error_ref(target: &Target, e: &DialError) -> ProxyError {
     match e {
         DialError::Denied { .. } => ProxyError::EgressDenied { host, reason: e.to_string() },
         DialError::Timeout(limit) => ProxyError::UpstreamTimeout { host, seconds: limit.as_secs() },
-        DialError::Resolve { .. } | DialError::Connect { .. } => {
+        DialError::Resolve { .. } | DialError::Connect { .. } | DialError::Tls { .. } => {
             ProxyError::UpstreamUnreachable { host, reason: e.to_string() }
         }
     }

@@ -50,6 +50,8 @@ where
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub method: String,
+    /// The HTTP version it came in (the mock offers h2 and http/1.1 over TLS).
+    pub version: http::Version,
     pub path: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
@@ -216,6 +218,7 @@ token_file = "api.json"
         let path = parts.uri.path().to_string();
         self.seen.lock().unwrap().push(Seen {
             method: parts.method.to_string(),
+            version: parts.version,
             path: parts.uri.path_and_query().map_or(path.clone(), |p| p.to_string()),
             headers: parts.headers.clone(),
             body,

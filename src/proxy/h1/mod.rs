@@ -9,8 +9,9 @@
 //!
 //! What is relayed here: a complete HTTP/1.1 request head with no body (no `Content-Length`
 //! other than 0, no `Transfer-Encoding`, no `Expect`, no `Upgrade`), in absolute form for a
-//! plain-HTTP target on the forward port (or any form on a route to a plain-HTTP upstream), whose
-//! token is current. Everything else — CONNECT, bodies, upgrades, HTTPS upstreams, HTTP/1.0, a
+//! plain-HTTP target on the forward port (or any form on a route to a plain-HTTP upstream, or
+//! origin form inside an intercepted tunnel, over verified TLS to the host), whose token is
+//! current. Everything else — CONNECT, bodies, upgrades, routes to HTTPS upstreams, HTTP/1.0, a
 //! malformed or oversized head, a token that must be waited for, a request tokenproxy refuses —
 //! is handed over with the bytes read so far to hyper ([`crate::server::serve`]), which serves the
 //! rest of the connection. What a request carries is asked of [`crate::proxy::decide`], as hyper's
@@ -40,7 +41,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -50,7 +51,7 @@ use crate::drain::DrainWatch;
 use crate::errors::ProxyError;
 use crate::proxy::{Proxy, Target, access, dial_error};
 use answer::{Body, BrokenChunks, Head, parse_answer, whole_in};
-use pool::Held;
+use pool::{Held, Pool, Upstream};
 use request::{Reading, Request, Resolved, head_end, push_header};
 
 /// Header lines a request or response head may have (hyper's limit too).
@@ -62,12 +63,22 @@ const FIRST_READ: usize = 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// The largest response head read from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How long a TLS client connection's `close_notify` may take to write.
+const CLOSE_NOTIFY_LIMIT: Duration = Duration::from_secs(1);
 
-/// Which requests a listener takes: absolute-form ones (the forward port), or every one to a
-/// route's upstream.
+/// Which requests a listener takes: absolute-form ones (the forward port), every one to a
+/// route's upstream, or origin-form ones inside an intercepted tunnel.
 pub enum Listen {
     Forward,
     Route(Arc<RouteConfig>),
+    /// Inside one interception: every request goes to the tunnel's host with its provider's
+    /// token, decided with the CONNECT's proxy credentials (SPEC §6), whatever its own `Host`
+    /// and `Proxy-Authorization` say.
+    Tunnel {
+        target: Target,
+        provider: Arc<crate::tokens::Provider>,
+        credentials: Option<Box<[u8]>>,
+    },
 }
 
 /// Serves the plain-HTTP/1.1 requests of one listener's connections.
@@ -79,24 +90,69 @@ pub struct PlainRelay {
 }
 
 /// How a connection left the relay.
-pub enum Served {
+pub enum Served<S = TcpStream> {
     Closed,
     /// For hyper, from the first request this module does not relay: the socket, and the bytes
     /// read from it and not yet answered.
     HandOff {
-        stream: TcpStream,
+        stream: S,
         read: Vec<u8>,
     },
 }
 
+/// A client connection the relay reads requests from: a socket, or TLS (or plain HTTP) inside
+/// an intercepted tunnel.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Completes when a read may find bytes: until then, a connection waiting for its next
+    /// request holds no buffer. A stream that buffers inside (TLS, bytes read ahead) is always
+    /// ready: its socket's readiness does not tell.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+
+    /// Ends the connection when the relay closes it: a TLS client is owed a `close_notify`
+    /// (without it, a client reading to the end sees a truncation); a socket closes when dropped.
+    fn close(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+impl ClientIo for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for tokio_rustls::server::TlsStream<T> {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    async fn close(&mut self) {
+        // Bounded: a client that reads nothing more must not hold the task.
+        let _ = tokio::time::timeout(CLOSE_NOTIFY_LIMIT, self.shutdown()).await;
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for crate::relay::Rewound<T> {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Writes all of `bytes` and flushes them: a TLS stream may keep records back until flushed
+/// (on a TCP stream the flush does nothing).
+async fn send_all<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 /// The client's side of the connection: its socket and what has been read and not yet used.
-struct ClientSide {
-    stream: TcpStream,
+struct ClientSide<S> {
+    stream: S,
     buf: Vec<u8>,
     start: usize,
 }
 
-impl ClientSide {
+impl<S: ClientIo> ClientSide<S> {
     fn unread(&self) -> &[u8] {
         &self.buf[self.start..]
     }
@@ -121,7 +177,7 @@ impl ClientSide {
         self.stream.read_buf(&mut self.buf).await
     }
 
-    fn hand_off(mut self) -> Served {
+    fn hand_off(mut self) -> Served<S> {
         self.buf.drain(..self.start);
         Served::HandOff { stream: self.stream, read: self.buf }
     }
@@ -167,27 +223,42 @@ impl Failure {
 impl PlainRelay {
     /// Serves `stream` until it closes, or until a request this module does not relay.
     pub async fn serve(&self, stream: TcpStream, peer: &Peer, drain: &mut DrainWatch) -> Served {
+        self.serve_with(stream, self.proxy.plain.clone(), peer, drain).await
+    }
+
+    /// Serves `stream` with upstream connections from `pool` (plain or TLS, as the relay's
+    /// targets are), until it closes or a request this module does not relay.
+    pub async fn serve_with<S: ClientIo, C: Upstream>(
+        &self,
+        stream: S,
+        pool: Arc<Pool<C>>,
+        peer: &Peer,
+        drain: &mut DrainWatch,
+    ) -> Served<S> {
         let mut client = ClientSide { stream, buf: Vec::new(), start: 0 };
-        let mut upstream = Held::new(self.proxy.plain.clone());
+        let mut upstream = Held::new(pool);
         let mut last = None;
         loop {
             let head_len = match self.read_head(&mut client, drain).await {
                 HeadRead::Complete(n) => n,
-                HeadRead::Closed => return Served::Closed,
+                HeadRead::Closed => break,
                 HeadRead::HandOff => return client.hand_off(),
             };
             match self.exchange(&mut client, peer, head_len, &mut upstream, &mut last).await {
                 Next::Serve if !drain.is_signaled() => {}
-                Next::Serve | Next::Close => return Served::Closed,
+                Next::Serve | Next::Close => break,
                 Next::HandOff => return client.hand_off(),
             }
         }
+        drop(upstream);
+        client.stream.close().await;
+        Served::Closed
     }
 
     /// Waits for a complete request head, within `header_read_timeout` from when the wait began
     /// (as hyper does: an idle keep-alive connection is closed after it too). A connection with
     /// nothing unread holds no buffer while it waits.
-    async fn read_head(&self, client: &mut ClientSide, drain: &mut DrainWatch) -> HeadRead {
+    async fn read_head<S: ClientIo>(&self, client: &mut ClientSide<S>, drain: &mut DrainWatch) -> HeadRead {
         let deadline = Instant::now() + self.header_read_timeout;
         loop {
             let unread = client.unread();
@@ -224,12 +295,12 @@ impl PlainRelay {
     }
 
     /// One request and its answer.
-    async fn exchange(
+    async fn exchange<S: ClientIo, C: Upstream>(
         &self,
-        client: &mut ClientSide,
+        client: &mut ClientSide<S>,
         peer: &Peer,
         head_len: usize,
-        upstream: &mut Held,
+        upstream: &mut Held<C>,
         last: &mut Option<Resolved>,
     ) -> Next {
         let mut head = Vec::with_capacity(512);
@@ -271,10 +342,10 @@ impl PlainRelay {
     /// Sends the request and relays its answer; after a status in `refresh_on_status`, refreshes
     /// the token once and relays the retry's answer instead. Returns the status the client got,
     /// whether it came from a retry, and whether the client connection must close.
-    async fn answer(
+    async fn answer<S: ClientIo, C: Upstream>(
         &self,
-        client: &mut ClientSide,
-        upstream: &mut Held,
+        client: &mut ClientSide<S>,
+        upstream: &mut Held<C>,
         request: &Request,
         mut out: Outgoing,
     ) -> Result<(StatusCode, bool, bool), Failure> {
@@ -312,10 +383,10 @@ impl PlainRelay {
     /// Sends the request head and reads the answer's head within `upstream_timeout`, relaying
     /// interim (1xx) answers. A reused connection that the upstream closed meanwhile is replaced
     /// once. The client-bound head is in `bufs.write`, the bytes read after it in `bufs.read`.
-    async fn send(
+    async fn send<S: ClientIo, C: Upstream>(
         &self,
-        client: &mut ClientSide,
-        upstream: &mut Held,
+        client: &mut ClientSide<S>,
+        upstream: &mut Held<C>,
         request: &Request,
         out: &[u8],
         bufs: &mut Buffers,
@@ -329,7 +400,7 @@ impl PlainRelay {
             // A reused connection the upstream closed just as the request went out: the request
             // goes once more on a new one, if sending it twice can do no harm.
             let mut may_resend = reused && request.idempotent;
-            let mut sent = stream.write_all(out).await.is_ok();
+            let mut sent = send_all(stream, out).await.is_ok();
             loop {
                 let read = if sent {
                     read_answer_head(stream, rbuf, client).await
@@ -341,7 +412,7 @@ impl PlainRelay {
                     Err(AnswerError::Closed) if may_resend && rbuf.is_empty() => {
                         may_resend = false;
                         stream = upstream.redial(target).await.map_err(refused)?;
-                        sent = stream.write_all(out).await.is_ok();
+                        sent = send_all(stream, out).await.is_ok();
                         continue;
                     }
                     Err(e) => return Err(e.failure(target)),
@@ -422,10 +493,10 @@ fn unreachable(target: &Target, reason: &str) -> Failure {
 }
 
 /// Reads from the upstream until `rbuf` holds a complete answer head.
-async fn read_answer_head(
-    stream: &mut TcpStream,
+async fn read_answer_head<S: ClientIo, C: Upstream>(
+    stream: &mut C,
     rbuf: &mut Vec<u8>,
-    client: &mut ClientSide,
+    client: &mut ClientSide<S>,
 ) -> Result<(), AnswerError> {
     while head_end(rbuf).is_none() {
         if rbuf.len() > MAX_RESPONSE_HEAD {
@@ -448,10 +519,10 @@ enum Read {
 /// Reads what the upstream has into `rbuf`, while watching the client: a client that closes
 /// its connection ends the exchange (and so closes the upstream connection). Bytes the client
 /// sends meanwhile (a pipelined request) are kept for later.
-async fn read_upstream(
-    stream: &mut TcpStream,
+async fn read_upstream<S: ClientIo, C: Upstream>(
+    stream: &mut C,
     rbuf: &mut Vec<u8>,
-    client: &mut ClientSide,
+    client: &mut ClientSide<S>,
 ) -> Result<usize, Read> {
     if rbuf.len() == rbuf.capacity() {
         rbuf.reserve(rbuf.len().max(FIRST_READ));
@@ -471,9 +542,9 @@ async fn read_upstream(
 
 /// Relays the answer's body after its head (already in `bufs.write`), copying the framing as it
 /// is. `Ok(true)`: the client connection must close (the body ran until the upstream closed).
-async fn relay_body(
-    client: &mut ClientSide,
-    upstream: &mut Held,
+async fn relay_body<S: ClientIo, C: Upstream>(
+    client: &mut ClientSide<S>,
+    upstream: &mut Held<C>,
     bufs: &mut Buffers,
     head: Head,
 ) -> Result<bool, Failure> {
@@ -497,7 +568,7 @@ async fn relay_body(
             flush(client, wbuf).await?;
         } else {
             flush(client, wbuf).await?;
-            client.stream.write_all(part).await.map_err(|_| Failure::ClientGone)?;
+            send_all(&mut client.stream, part).await.map_err(|_| Failure::ClientGone)?;
         }
         if done {
             return Ok(false);
@@ -519,17 +590,17 @@ async fn relay_body(
 }
 
 /// Writes and empties `wbuf`, if it holds anything.
-async fn flush(client: &mut ClientSide, wbuf: &mut Vec<u8>) -> Result<(), Failure> {
+async fn flush<S: ClientIo>(client: &mut ClientSide<S>, wbuf: &mut Vec<u8>) -> Result<(), Failure> {
     if !wbuf.is_empty() {
-        client.stream.write_all(wbuf).await.map_err(|_| Failure::ClientGone)?;
+        send_all(&mut client.stream, wbuf).await.map_err(|_| Failure::ClientGone)?;
         wbuf.clear();
     }
     Ok(())
 }
 
 /// Writes one of tokenproxy's own answers (an error) on a client connection.
-async fn write_answer(
-    stream: &mut TcpStream,
+async fn write_answer<S: ClientIo>(
+    stream: &mut S,
     response: http::Response<crate::body::ProxyBody>,
     close: bool,
 ) -> bool {
@@ -553,5 +624,5 @@ async fn write_answer(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
-    stream.write_all(&out).await.is_ok()
+    send_all(stream, &out).await.is_ok()
 }

@@ -1,5 +1,5 @@
-//! Plain-HTTP/1.1 upstream connections: the idle ones shared by every client connection, and the
-//! one a client connection holds while it uses it ([`Held`]).
+//! HTTP/1.1 upstream connections, over TCP or verified TLS: the idle ones shared by every client
+//! connection, and the one a client connection holds while it uses it ([`Held`]).
 //!
 //! - A client connection's first request borrows an idle connection (or dials one) and gives it
 //!   back once its response has been read to the end, so that clients that open a connection per
@@ -10,15 +10,17 @@
 //! - The pool keeps at most `proxy.max_idle_per_host` idle connections per host, each for at most
 //!   90 seconds, and drops those the upstream closed.
 //!
-//! The connections are bare TCP streams: the relay ([`super`]) reads and writes
-//! HTTP/1.1 on them itself, so an idle one costs a socket and nothing else.
+//! The connections are bare TCP streams (or TLS streams on them): the relay ([`super`]) reads
+//! and writes HTTP/1.1 on them itself, so an idle one costs a socket (and its TLS state).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::Target;
 use crate::egress::{DialError, Egress};
@@ -26,41 +28,130 @@ use crate::egress::{DialError, Egress};
 /// How long an idle connection stays in the pool.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// A connection the relay speaks HTTP/1.1 on: a TCP stream, or TLS on one.
+pub trait Upstream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// What turns a TCP connection into one of these (nothing, or a TLS handshake).
+    type Establish: Send + Sync;
+
+    fn establish(
+        with: &Self::Establish,
+        tcp: TcpStream,
+        target: &Target,
+    ) -> impl std::future::Future<Output = Result<Self, DialError>> + Send;
+
+    /// The TCP stream underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Upstream for TcpStream {
+    type Establish = ();
+
+    async fn establish((): &(), tcp: TcpStream, _: &Target) -> Result<TcpStream, DialError> {
+        Ok(tcp)
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+/// Verified TLS to an HTTPS upstream, offering only HTTP/1.1 (ALPN): the relay speaks nothing
+/// else.
+impl Upstream for TlsStream<TcpStream> {
+    type Establish = tokio_rustls::TlsConnector;
+
+    async fn establish(
+        connector: &tokio_rustls::TlsConnector,
+        tcp: TcpStream,
+        target: &Target,
+    ) -> Result<Self, DialError> {
+        let host = target.host().trim_start_matches('[').trim_end_matches(']');
+        let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| DialError::Tls {
+            error: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+        })?;
+        connector.connect(name, tcp).await.map_err(|error| DialError::Tls { error })
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
 /// The idle plain-HTTP/1.1 connections, per upstream host.
-pub struct PlainPool {
-    hosts: Mutex<HashMap<Authority, Host, foldhash::fast::RandomState>>,
+pub type PlainPool = Pool<TcpStream>;
+/// The idle HTTPS (HTTP/1.1 over TLS) connections, per upstream host.
+pub type TlsPool = Pool<TlsStream<TcpStream>>;
+
+/// The idle connections of one kind, per upstream host.
+pub struct Pool<C: Upstream> {
+    hosts: Mutex<HashMap<Authority, Host<C>, foldhash::fast::RandomState>>,
     max_per_host: usize,
     egress: Arc<Egress>,
     connect_timeout: Duration,
+    establish: C::Establish,
 }
 
-#[derive(Default)]
-struct Host {
+struct Host<C> {
     /// Newest last, with the time each went idle.
-    idle: Vec<(TcpStream, Instant)>,
+    idle: Vec<(C, Instant)>,
     /// Client connections that keep a connection to this host between requests.
     kept: usize,
 }
 
+impl<C> Default for Host<C> {
+    fn default() -> Self {
+        Host { idle: Vec::new(), kept: 0 }
+    }
+}
+
 /// Whether an idle connection is still open: the upstream has neither closed it nor sent
-/// anything (an idle HTTP/1.1 connection has nothing to say). No system call unless the socket
-/// has had an event since it was last read.
-fn still_open(stream: &TcpStream) -> bool {
-    matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+/// anything (an idle HTTP/1.1 connection has nothing to say, and a TLS one nothing either once
+/// its handshake's messages were read with the first answer). No system call unless the socket
+/// has had an event since it was last read. A byte read here makes the connection useless, which
+/// it already was.
+fn still_open<C: Upstream>(stream: &C) -> bool {
+    matches!(stream.tcp().try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 impl PlainPool {
     pub fn new(egress: Arc<Egress>, connect_timeout: Duration, max_per_host: usize) -> PlainPool {
-        PlainPool { hosts: Mutex::default(), max_per_host, egress, connect_timeout }
+        Pool::with(egress, connect_timeout, max_per_host, ())
+    }
+}
+
+impl TlsPool {
+    /// Connections verified with `tls` (the data path's roots), offering only HTTP/1.1.
+    pub fn new_tls(
+        egress: Arc<Egress>,
+        connect_timeout: Duration,
+        max_per_host: usize,
+        tls: &rustls::ClientConfig,
+    ) -> TlsPool {
+        let mut config = tls.clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        Pool::with(egress, connect_timeout, max_per_host, connector)
+    }
+}
+
+impl<C: Upstream> Pool<C> {
+    fn with(
+        egress: Arc<Egress>,
+        connect_timeout: Duration,
+        max_per_host: usize,
+        establish: C::Establish,
+    ) -> Self {
+        Pool { hosts: Mutex::default(), max_per_host, egress, connect_timeout, establish }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Authority, Host, foldhash::fast::RandomState>> {
+    #[allow(clippy::type_complexity)]
+    fn lock(&self) -> MutexGuard<'_, HashMap<Authority, Host<C>, foldhash::fast::RandomState>> {
         // A panic elsewhere cannot leave the map half-changed: every change is one call.
         self.hosts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// An idle connection to `authority` that is still open, newest first.
-    fn take(&self, authority: &Authority) -> Option<TcpStream> {
+    fn take(&self, authority: &Authority) -> Option<C> {
         let mut hosts = self.lock();
         let host = hosts.get_mut(authority)?;
         while let Some((stream, since)) = host.idle.pop() {
@@ -72,7 +163,7 @@ impl PlainPool {
     }
 
     /// Takes a connection back if there is room; otherwise it closes.
-    fn put(&self, authority: &Authority, stream: TcpStream) {
+    fn put(&self, authority: &Authority, stream: C) {
         let mut hosts = self.lock();
         let host = hosts.entry(authority.clone()).or_default();
         host.idle.retain(|(_, since)| since.elapsed() < IDLE_TIMEOUT);
@@ -97,10 +188,15 @@ impl PlainPool {
         }
     }
 
-    async fn dial(&self, target: &Target) -> Result<TcpStream, DialError> {
+    /// A new connection: dialled through the egress policy, then established (TLS), each
+    /// within `connect_timeout`.
+    async fn dial(&self, target: &Target) -> Result<C, DialError> {
         let stream = self.egress.connect(target.host(), target.port, self.connect_timeout).await?;
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        let established = C::establish(&self.establish, stream, target);
+        tokio::time::timeout(self.connect_timeout, established)
+            .await
+            .unwrap_or(Err(DialError::Timeout(self.connect_timeout)))
     }
 
     /// Closes connections idle too long or closed by the upstream, and forgets hosts with none
@@ -114,9 +210,9 @@ impl PlainPool {
 }
 
 /// The upstream connection a client connection uses, owned by that connection's task.
-pub struct Held {
-    pool: Arc<PlainPool>,
-    conn: Option<(Authority, TcpStream)>,
+pub struct Held<C: Upstream = TcpStream> {
+    pool: Arc<Pool<C>>,
+    conn: Option<(Authority, C)>,
     /// `conn` holds a keeping place of its host ([`PlainPool::try_keep`]); otherwise it is
     /// borrowed, and goes back to the pool after each response.
     kept: bool,
@@ -126,14 +222,14 @@ pub struct Held {
     busy: bool,
 }
 
-impl Held {
-    pub fn new(pool: Arc<PlainPool>) -> Held {
+impl<C: Upstream> Held<C> {
+    pub fn new(pool: Arc<Pool<C>>) -> Held<C> {
         Held { pool, conn: None, kept: false, requests: 0, busy: false }
     }
 
     /// The connection for a request to `target`, and whether it has served a request before
     /// (and so may have been closed by the upstream meanwhile).
-    pub async fn connection(&mut self, target: &Target) -> Result<(&mut TcpStream, bool), DialError> {
+    pub async fn connection(&mut self, target: &Target) -> Result<(&mut C, bool), DialError> {
         self.requests += 1;
         if std::mem::take(&mut self.busy) {
             // The last exchange never finished (an error or a timeout cut it short): whatever is
@@ -171,7 +267,7 @@ impl Held {
     }
 
     /// A new connection to `target` in place of the one in use, which the upstream closed.
-    pub async fn redial(&mut self, target: &Target) -> Result<&mut TcpStream, DialError> {
+    pub async fn redial(&mut self, target: &Target) -> Result<&mut C, DialError> {
         self.conn = None;
         match self.pool.dial(target).await {
             Ok(stream) => Ok(&mut self.conn.insert((target.authority.clone(), stream)).1),
@@ -183,7 +279,7 @@ impl Held {
     }
 
     /// The connection of the exchange under way.
-    pub fn connection_in_use(&mut self) -> Option<&mut TcpStream> {
+    pub fn connection_in_use(&mut self) -> Option<&mut C> {
         self.conn.as_mut().filter(|_| self.busy).map(|(_, stream)| stream)
     }
 
@@ -219,7 +315,7 @@ impl Held {
     }
 }
 
-impl Drop for Held {
+impl<C: Upstream> Drop for Held<C> {
     fn drop(&mut self) {
         self.give_back();
     }

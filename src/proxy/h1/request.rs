@@ -84,7 +84,13 @@ impl PlainRelay {
             connection,
             named_account,
             credentials,
-        } = parse(head, &self.listen, &mut storage)?;
+        } = parse(head, self.listen.form()?, &mut storage)?;
+        // In a tunnel, the CONNECT's credentials hold for every request (a request's own
+        // `Proxy-Authorization` is not forwarded either way).
+        let credentials = match &self.listen {
+            Listen::Tunnel { credentials, .. } => credentials.as_deref(),
+            _ => credentials,
+        };
         let (target, provider) = match last {
             Some(resolved) if *resolved.written == *authority.as_bytes() => {
                 (resolved.target.clone(), resolved.provider.clone())
@@ -123,6 +129,7 @@ impl PlainRelay {
             entry: match self.listen {
                 Listen::Forward => Entry::Forward,
                 Listen::Route(_) => Entry::Route,
+                Listen::Tunnel { .. } => Entry::Tunnel,
             },
             verdict: Verdict::default(),
         };
@@ -187,6 +194,7 @@ impl PlainRelay {
                 let target = Target::new(Scheme::HTTP, &route.upstream_authority).ok()?;
                 (target, Some(self.proxy.providers.get(&route.provider)?.clone()))
             }
+            Listen::Tunnel { target, provider, .. } => (target.clone(), Some(provider.clone())),
         };
         Some(Resolved { written: written.as_bytes().into(), target, provider })
     }
@@ -211,13 +219,35 @@ pub(super) struct Parsed<'h> {
     pub(super) credentials: Option<&'h [u8]>,
 }
 
+/// The request target a listener's relay takes.
+#[derive(Clone, Copy)]
+pub(super) enum Form<'a> {
+    /// `http://authority/path` (the forward port).
+    Absolute,
+    /// `/path`, sent on below a base path (a route's, or none inside a tunnel).
+    Origin { base: &'a str },
+}
+
+impl Listen {
+    /// What the relay takes on this listener; `None`: nothing (a route to an HTTPS upstream).
+    pub(super) fn form(&self) -> Option<Form<'_>> {
+        match self {
+            Listen::Forward => Some(Form::Absolute),
+            Listen::Route(route) if route.upstream_scheme == Scheme::HTTP => {
+                Some(Form::Origin { base: &route.upstream_base_path })
+            }
+            Listen::Route(_) => None,
+            Listen::Tunnel { .. } => Some(Form::Origin { base: "" }),
+        }
+    }
+}
+
 /// Reads a request head the relay may serve: HTTP/1.1, no body, no upgrade or `Expect`, one
-/// `Connection`, one `Tokenproxy-Account`, an absolute-form `http://` target on the forward
-/// port and an origin-form one on a plain-HTTP route. `None`: hyper's path serves it (and
-/// answers `400` where it must).
+/// `Connection`, one `Tokenproxy-Account`, a target of the listener's `form`. `None`: hyper's
+/// path serves it (and answers `400` where it must).
 pub(super) fn parse<'h>(
     head: &'h [u8],
-    listen: &'h Listen,
+    form: Form<'h>,
     storage: &'h mut [std::mem::MaybeUninit<httparse::Header<'h>>; MAX_HEADERS],
 ) -> Option<Parsed<'h>> {
     let mut parsed = httparse::Request::new(&mut []);
@@ -259,18 +289,14 @@ pub(super) fn parse<'h>(
             _ => {}
         }
     }
-    let (authority, path) = match listen {
-        Listen::Forward => {
+    let (authority, path) = match form {
+        Form::Absolute => {
             let rest = strip_prefix_ignore_case(written, "http://")?;
             let split = rest.bytes().position(|b| b == b'/' || b == b'?').unwrap_or(rest.len());
             (&rest[..split], Path::Absolute(&rest[split..]))
         }
-        Listen::Route(route) => {
-            if route.upstream_scheme != Scheme::HTTP || !written.starts_with('/') {
-                return None;
-            }
-            ("", Path::Routed(&route.upstream_base_path, written))
-        }
+        Form::Origin { base } if written.starts_with('/') => ("", Path::Routed(base, written)),
+        Form::Origin { .. } => return None,
     };
     let headers: &'h [httparse::Header<'h>] = parsed.headers;
     Some(Parsed { method, written, authority, path, headers, kinds, connection, named_account, credentials })
@@ -328,7 +354,7 @@ pub(super) fn path_only<'a>(written: &'a str, listen: &Listen) -> &'a str {
             let rest = strip_prefix_ignore_case(written, "http://").unwrap_or(written);
             &rest[rest.find(['/', '?']).unwrap_or(rest.len())..]
         }
-        Listen::Route(_) => written,
+        Listen::Route(_) | Listen::Tunnel { .. } => written,
     };
     let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
     if path.is_empty() { "/" } else { path }

@@ -20,8 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Rng, mutate};
-use crate::proxy::h1::request::{forward_target, head_end, parse, tokens};
-use crate::proxy::h1::{Listen, MAX_HEADERS};
+use crate::proxy::h1::MAX_HEADERS;
+use crate::proxy::h1::request::{Form, forward_target, head_end, parse, tokens};
 
 /// The bytes mutations insert: the request grammar's delimiters and bytes it must refuse.
 const REQUEST_ALPHABET: &[u8] = b"\r\n \t:/?#@[]%\"{}|\\^`0aZ-.,;\x00\x01\x7f\x80\xff";
@@ -71,11 +71,14 @@ async fn hyper_serves(bytes: Vec<u8>) -> Vec<Seen> {
     std::mem::take(&mut *seen.lock().unwrap())
 }
 
-/// The relay's reading of a head it takes on the forward port; `None`: it hands it to hyper.
-fn relay_reads(head: &[u8]) -> Option<Seen> {
+/// The relay's reading of a head it takes in `form` (the forward port's absolute form, or the
+/// origin form of a route or an intercepted tunnel); `None`: it hands it to hyper.
+fn relay_reads(head: &[u8], form: Form<'_>) -> Option<Seen> {
     let mut storage = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-    let parsed = parse(head, &Listen::Forward, &mut storage)?;
-    forward_target(parsed.authority)?;
+    let parsed = parse(head, form, &mut storage)?;
+    if matches!(form, Form::Absolute) {
+        forward_target(parsed.authority)?;
+    }
     let mut path = Vec::new();
     parsed.path.write(&mut path);
     let mut headers: Vec<(String, Vec<u8>)> =
@@ -84,7 +87,8 @@ fn relay_reads(head: &[u8]) -> Option<Seen> {
     Some(Seen { method: parsed.method.to_string(), path: String::from_utf8(path).ok()?, headers })
 }
 
-fn generate(rng: &mut Rng) -> Vec<u8> {
+/// A request head; with `origin`, mostly in origin form (what a client sends inside a tunnel).
+fn generate(rng: &mut Rng, origin: bool) -> Vec<u8> {
     let eol = |rng: &mut Rng| if rng.one_in(10) { "\n" } else { "\r\n" };
     let method = *rng.pick(&[
         "GET", "GET", "GET", "GET", "GET", "GET", "HEAD", "DELETE", "OPTIONS", "PUT", "get", "PATCH",
@@ -147,8 +151,10 @@ fn generate(rng: &mut Rng) -> Vec<u8> {
         ])
     };
     let target = match rng.below(20) {
-        0 => "/origin".to_string(),
+        0 if !origin => "/origin".to_string(),
+        0 => format!("{scheme}{authority}{path}"),
         1 => "*".to_string(),
+        _ if origin => path.to_string(),
         _ => format!("{scheme}{authority}{path}"),
     };
     let version = if rng.one_in(6) {
@@ -211,19 +217,19 @@ fn generate(rng: &mut Rng) -> Vec<u8> {
     out
 }
 
-/// Runs `cases` generated heads from `seed`: the disagreements, and how many the relay took,
-/// handed to hyper, and could not end (no blank line).
-pub async fn run(seed: u64, cases: usize) -> (Vec<String>, [usize; 3]) {
+/// Runs `cases` generated heads from `seed`, read by the relay in `form`: the disagreements, and
+/// how many the relay took, handed to hyper, and could not end (no blank line).
+pub async fn run(seed: u64, cases: usize, form: Form<'static>) -> (Vec<String>, [usize; 3]) {
     let mut rng = Rng(seed.max(1));
     let mut found = Vec::new();
     let mut counts = [0usize; 3];
     for _ in 0..cases {
-        let bytes = generate(&mut rng);
+        let bytes = generate(&mut rng, matches!(form, Form::Origin { .. }));
         let Some(end) = head_end(&bytes) else {
             counts[2] += 1;
             continue;
         };
-        let Some(relay) = relay_reads(&bytes[..end]) else {
+        let Some(relay) = relay_reads(&bytes[..end], form) else {
             counts[1] += 1;
             continue;
         };
@@ -248,14 +254,14 @@ pub async fn run(seed: u64, cases: usize) -> (Vec<String>, [usize; 3]) {
 
 #[cfg(test)]
 mod tests {
-    // Virtual time: a wait for bytes that will not come ends as soon as nothing else can run.
-    #[tokio::test(start_paused = true)]
-    async fn every_request_head_the_relay_takes_hyper_takes_and_reads_alike() {
+    use super::Form;
+
+    async fn check(form: Form<'static>, label: &str) {
         let (cases, seed) = super::super::cases_and_seed(3000, 7);
-        let (found, [taken, handed, unended]) = super::run(seed, cases).await;
+        let (found, [taken, handed, unended]) = super::run(seed, cases, form).await;
         // Seen with --nocapture, and by bench/framing.sh.
         println!(
-            "requests: {cases} heads from seed {seed}: taken by the relay {taken}, handed to hyper {handed}, no end {unended}, disagreements {}",
+            "requests{label}: {cases} heads from seed {seed}: taken by the relay {taken}, handed to hyper {handed}, no end {unended}, disagreements {}",
             found.len()
         );
         // Both verdicts are exercised, or the generator has gone blind.
@@ -270,5 +276,17 @@ mod tests {
             found.len(),
             &found[..found.len().min(8)]
         );
+    }
+
+    // Virtual time: a wait for bytes that will not come ends as soon as nothing else can run.
+    #[tokio::test(start_paused = true)]
+    async fn every_request_head_the_relay_takes_hyper_takes_and_reads_alike() {
+        check(Form::Absolute, "").await;
+    }
+
+    /// Inside an intercepted tunnel (and on a route), in origin form.
+    #[tokio::test(start_paused = true)]
+    async fn every_origin_form_head_the_relay_takes_in_a_tunnel_hyper_takes_and_reads_alike() {
+        check(Form::Origin { base: "" }, " (origin form)").await;
     }
 }
