@@ -263,7 +263,19 @@ measure_https() { # name port pid ca [reverse]: "reverse" is a TLS reverse proxy
     if [ "${connections:-0}" -gt 0 ]; then
         conn_cpu=$(cpu_per_request "$c0" "$c1" "$connections")
     fi
-    HTTPS_RESULTS+=("$name|$(field "$out" rps)|$(field "$lat" p50_us)|$(field "$lat" p99_us)|$cpu_us|$(field "$out" non2xx)|$(field "$out" errors)|$(field "$fresh" cps)|$conn_cpu")
+    # HTTP/2: one connection, 50 streams at once, each sending requests one after another.
+    local h0 h1 h2 h2_requests h2_cpu="-"
+    "${load[@]}" --connections 1 --h2-streams 50 --duration "$WARMUP" >/dev/null 2>>"$WORK/loadgen.log" || true
+    h0=$(cpu_ticks "$pid")
+    h2=$("${load[@]}" --connections 1 --h2-streams 50 --duration "$DURATION" 2>>"$WORK/loadgen.log")
+    h1=$(cpu_ticks "$pid")
+    h2_requests=$(field "$h2" requests)
+    if [ "${h2_requests:-0}" -gt 0 ]; then
+        h2_cpu=$(cpu_per_request "$h0" "$h1" "$h2_requests")
+    else
+        echo "note: no HTTP/2 request through $name succeeded: $(tail -n 1 "$WORK/loadgen.log")" >&2
+    fi
+    HTTPS_RESULTS+=("$name|$(field "$out" rps)|$(field "$lat" p50_us)|$(field "$lat" p99_us)|$cpu_us|$(field "$out" non2xx)|$(field "$out" errors)|$(field "$fresh" cps)|$conn_cpu|$(field "$h2" rps)|$h2_cpu|$(field "$h2" non2xx)")
 }
 
 # --- the peers ----------------------------------------------------------------------------------
@@ -432,7 +444,7 @@ if want nginx && [ -n "$TLS_UPSTREAM" ]; then
     nginx_conf "$WORK/nginx-tls" <<EOF
     upstream bench_tls { server 127.0.0.1:$TLS_UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
     server {
-        listen 127.0.0.1:18087 ssl;
+        listen 127.0.0.1:18087 ssl http2;
         ssl_certificate $WORK/upstream/server.pem;
         ssl_certificate_key $WORK/upstream/server.key;
         ssl_session_cache off;
@@ -552,13 +564,15 @@ if [ ${#HTTPS_RESULTS[@]} -gt 0 ]; then
     echo "verified TLS to an nginx HTTPS upstream), ${DURATION}s per measurement, proxy on CPU 0, loadgen + nginx on CPU 1;"
     echo "\"new connections\": CONNECT, a full TLS handshake and one request per connection, 10 at a time"
     echo
-    printf '| %-21s | %9s | %19s | %15s | %24s | %8s | %6s | %17s | %27s |\n' \
-        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request (user + sys)" "non-2xx" "errors" "new connections/s" "CPU/new connection (u + s)"
-    printf '|%s|\n' "-----------------------|-----------|---------------------|-----------------|--------------------------|----------|--------|-------------------|-----------------------------"
+    printf '| %-21s | %9s | %19s | %15s | %24s | %8s | %6s | %17s | %27s | %14s | %20s |\n' \
+        peer "req/s @50" "tokenproxy vs peer" "p50/p99 @1" "CPU/request (user + sys)" "non-2xx" "errors" "new connections/s" "CPU/new connection (u + s)" "h2 req/s @50" "h2 CPU/request"
+    printf '|%s|\n' "-----------------------|-----------|---------------------|-----------------|--------------------------|----------|--------|-------------------|-----------------------------|----------------|----------------------"
     for r in "${HTTPS_RESULTS[@]}"; do
-        IFS='|' read -r name rps p50 p99 cpu non2xx errors cps conn_cpu <<<"$r"
+        IFS='|' read -r name rps p50 p99 cpu non2xx errors cps conn_cpu h2_rps h2_cpu h2_non2xx <<<"$r"
         vs=$(awk -v a="${tp_https_rps:-0}" -v b="${rps:-0}" 'BEGIN {if (b > 0 && a > 0) printf "%.1fx", a / b; else print "-"}')
-        printf '| %-21s | %9s | %19s | %15s | %21s us | %8s | %6s | %17s | %24s us |\n' \
-            "$name" "${rps:--}" "$vs" "${p50:--}/${p99:--} us" "$cpu" "${non2xx:--}" "${errors:--}" "${cps:--}" "$conn_cpu"
+        [ "${h2_non2xx:-0}" = 0 ] || h2_rps="${h2_rps} (${h2_non2xx} non-2xx)"
+        printf '| %-21s | %9s | %19s | %15s | %21s us | %8s | %6s | %17s | %24s us | %14s | %17s us |\n' \
+            "$name" "${rps:--}" "$vs" "${p50:--}/${p99:--} us" "$cpu" "${non2xx:--}" "${errors:--}" "${cps:--}" "$conn_cpu" "${h2_rps:--}" "${h2_cpu:--}"
     done
+    echo "(h2: one connection, 50 concurrent streams, HTTP/2 from the client; tokenproxy and nginx both speak HTTP/1.1 to the upstream)"
 fi

@@ -9,6 +9,10 @@
 //! its place: `--requests-per-connection 1` measures what a new connection costs (CONNECT, a full
 //! TLS handshake, one request). Session resumption is off, so every handshake is a full one.
 //!
+//! With `--h2-streams N`, each connection speaks HTTP/2 (ALPN `h2`) and carries N streams at once,
+//! each sending requests one after another: `--connections 1 --h2-streams 50` is fifty concurrent
+//! requests on one connection.
+//!
 //! Prints one line: `requests=… rps=… p50_us=… p99_us=… connections=… cps=… non2xx=… errors=…`.
 //! It runs on one thread, so that pinning it with `taskset` pins all of it.
 
@@ -52,6 +56,9 @@ struct Args {
     /// until the time is up.
     #[arg(long, default_value_t = 0)]
     requests_per_connection: u64,
+    /// HTTP/2 with this many concurrent streams per connection (0: HTTP/1.1).
+    #[arg(long, default_value_t = 0)]
+    h2_streams: usize,
 }
 
 /// What one connection saw.
@@ -70,6 +77,11 @@ fn main() -> anyhow::Result<()> {
     ensure!(args.proxy.is_none_or(|p| p.ip().is_loopback()), "the proxy must be on a loopback address");
     ensure!(args.duration > 0.0 && args.duration <= 600.0, "--duration must be in (0, 600] seconds");
     ensure!((1..=10_000).contains(&args.connections), "--connections must be 1..=10000");
+    ensure!(args.h2_streams <= 1000, "--h2-streams must be 0..=1000");
+    ensure!(
+        args.h2_streams == 0 || args.requests_per_connection == 0,
+        "--h2-streams keeps its connections: no --requests-per-connection"
+    );
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     let mut roots = rustls::RootCertStore::empty();
@@ -83,7 +95,7 @@ fn main() -> anyhow::Result<()> {
     let mut tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     // HTTP/1.1 only and full handshakes only, so that every proxy is measured doing the same
     // thing (a proxy that sends session tickets would otherwise get cheaper resumed handshakes).
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![if args.h2_streams > 0 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     tls.resumption = rustls::client::Resumption::disabled();
     let tls = TlsConnector::from(Arc::new(tls));
 
@@ -168,6 +180,10 @@ async fn requests(
     let host = args.target.rsplit_once(':').map_or(args.target.as_str(), |(host, _)| host);
     let server_name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())?;
     let stream = tls.connect(server_name, tcp).await.context("TLS handshake with the proxy")?;
+    if args.h2_streams > 0 {
+        ensure!(stream.get_ref().1.alpn_protocol() == Some(b"h2"), "the proxy did not agree to HTTP/2");
+        return h2_streams(args, TokioIo::new(stream), deadline, tally).await;
+    }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let limit = match args.requests_per_connection {
@@ -188,6 +204,43 @@ async fn requests(
         if !status.is_success() {
             tally.non2xx += 1;
         }
+    }
+    Ok(())
+}
+
+/// `--h2-streams` streams at once on one HTTP/2 connection, each sending requests one after
+/// another until `deadline`.
+async fn h2_streams<T>(args: &Args, io: T, deadline: Instant, tally: &mut Tally) -> anyhow::Result<()>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+    tokio::spawn(conn);
+    let uri = format!("https://{}{}", args.target, args.path);
+    let streams = (0..args.h2_streams).map(|_| {
+        let mut sender = sender.clone();
+        let uri = uri.clone();
+        async move {
+            let mut latencies = Vec::new();
+            let mut non2xx = 0;
+            while Instant::now() < deadline {
+                let req = http::Request::get(uri.as_str()).body(Empty::<Bytes>::new())?;
+                let sent = Instant::now();
+                sender.ready().await.context("HTTP/2 connection")?;
+                let response = sender.send_request(req).await.context("request")?;
+                let status = response.status();
+                response.into_body().collect().await.context("response body")?;
+                latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                non2xx += u64::from(!status.is_success());
+            }
+            anyhow::Ok((latencies, non2xx))
+        }
+    });
+    for stream in futures_util::future::join_all(streams).await {
+        let (latencies, non2xx) = stream?;
+        tally.latencies_us.extend(latencies);
+        tally.non2xx += non2xx;
     }
     Ok(())
 }
