@@ -4,7 +4,10 @@ use std::fmt::Write;
 use std::path::Path;
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets");
+    // Read when the script runs, not when it was compiled: a build script compiled for one
+    // checkout may be run again for another that shares the target folder.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest_dir).join("presets");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut names: Vec<(String, String)> = std::fs::read_dir(&dir)
         .expect("the presets folder")

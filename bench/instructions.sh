@@ -14,10 +14,14 @@
 #   KEEP=DIR      keeps the callgrind files there, for callgrind_annotate.
 #   ACCOUNT=NAME  makes the provider multi-account (token_file = "tokens/{account}.json") and
 #                 names NAME in a Tokenproxy-Account header on every request (SPEC §8).
+#   HTTPS=1       intercepted HTTPS instead: the upstream nginx speaks TLS (a certificate from a
+#                 CA of the script's own, which tokenproxy is told to trust), and curl sends
+#                 CONNECT and GETs inside one kept tunnel, trusting tokenproxy's CA. The count
+#                 includes the TLS work on both sides, which is the same for every build.
 # Loopback only (ports 18950-18952); under a minute per binary.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/instructions.sh BINARY [BINARY ...]" >&2; exit 2; }
-for tool in valgrind nginx curl; do
+for tool in valgrind nginx curl ${HTTPS:+openssl}; do
     command -v $tool >/dev/null || { echo "$tool is required" >&2; exit 1; }
 done
 SMALL=${SMALL:-200}
@@ -26,11 +30,23 @@ W=$(mktemp -d); NGINX=
 cleanup() { [ -n "$NGINX" ] && kill "$NGINX" 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && cp $W/callgrind.* "$KEEP"/ 2>/dev/null; rm -rf "$W"; }
 trap cleanup EXIT
 mkdir -p $W/logs
+SCHEME=http LISTEN="" PROVIDER_HOST=127.0.0.1:18950 TLS_KEYS="" EXTRA_ROOTS=""
+if [ -n "${HTTPS:-}" ]; then
+    printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > $W/ext
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=bench upstream CA" -keyout $W/up-ca.key -out $W/up-ca.pem 2>/dev/null &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+        -keyout $W/up.key -out $W/up.csr 2>/dev/null &&
+    openssl x509 -req -in $W/up.csr -CA $W/up-ca.pem -CAkey $W/up-ca.key -CAcreateserial \
+        -days 2 -extfile $W/ext -out $W/up.pem 2>/dev/null || { echo "openssl failed" >&2; exit 1; }
+    SCHEME=https LISTEN=" ssl" PROVIDER_HOST=localhost:18950 EXTRA_ROOTS="\"$W/up-ca.pem\""
+    TLS_KEYS="ssl_certificate $W/up.pem; ssl_certificate_key $W/up.key;"
+fi
 cat > $W/nginx.conf <<NG
 worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/logs/error.log;
 events { worker_connections 1024; }
 http { access_log off;
-  server { listen 127.0.0.1:18950;
+  server { listen 127.0.0.1:18950$LISTEN; $TLS_KEYS
     location / { if (\$http_authorization != "Bearer bench-token") { return 401; } return 200 "ok\n"; } } }
 NG
 nginx -c $W/nginx.conf -p $W & NGINX=$!
@@ -45,7 +61,10 @@ if [ -n "${ACCOUNT:-}" ]; then
 else
     echo "$TOKEN_JSON" > $W/t.json
 fi
-printf '[proxy]\nlisten = "127.0.0.1:18951"\n[admin]\nlisten = "127.0.0.1:18952"\n[tls]\nca_dir = "%s/ca"\n[providers.bench]\nhosts = ["127.0.0.1:18950"]\ntoken_file = "%s"\nallow_plaintext = true\n' $W "$TOKEN_FILE" > $W/c.toml
+printf '[proxy]\nlisten = "127.0.0.1:18951"\n[admin]\nlisten = "127.0.0.1:18952"\n[tls]\nca_dir = "%s/ca"\nextra_roots = [%s]\n[providers.bench]\nhosts = ["%s"]\ntoken_file = "%s"\nallow_plaintext = true\n' \
+    $W "$EXTRA_ROOTS" $PROVIDER_HOST "$TOKEN_FILE" > $W/c.toml
+CURL_TLS=()
+[ -n "${HTTPS:-}" ] && CURL_TLS=(--cacert $W/ca/ca.pem --http1.1)
 
 wait_port() {
     for _ in $(seq 1 300); do
@@ -62,9 +81,9 @@ instructions() {
         ${TASKS_ONLY:+--toggle-collect='tokio::runtime::task::raw::poll'} "$bin" run --config $W/c.toml \
         2>$W/logs/valgrind.$n & local pid=$!
     wait_port 18951 || { echo "tokenproxy did not start under valgrind" >&2; cat $W/logs/valgrind.$n >&2; exit 1; }
-    for _ in $(seq 1 "$n"); do echo 'url = "http://127.0.0.1:18950/"'; echo 'output = "/dev/null"'; done > $W/urls
+    for _ in $(seq 1 "$n"); do echo "url = \"$SCHEME://$PROVIDER_HOST/\""; echo 'output = "/dev/null"'; done > $W/urls
     local codes
-    codes=$(curl -s "${HEADER[@]}" --proxy http://127.0.0.1:18951 -K $W/urls -w '%{http_code}\n' | sort | uniq -c)
+    codes=$(curl -s "${HEADER[@]}" "${CURL_TLS[@]}" --proxy http://127.0.0.1:18951 -K $W/urls -w '%{http_code}\n' | sort | uniq -c)
     [ "$(echo "$codes" | awk '$2 == 200 {print $1}')" = "$n" ] || { echo "not every answer was 200: $codes" >&2; exit 1; }
     kill -TERM $pid; wait $pid
     awk '/^summary:/ {print $2}' $out
