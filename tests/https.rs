@@ -670,3 +670,114 @@ async fn intercepted_http1_is_relayed_by_hand_and_a_body_hands_the_connection_to
         5.0
     );
 }
+
+/// An HTTPS upstream that answers one request per connection and then closes it, without saying
+/// so (no `Connection: close`): an upstream whose keep-alive timeout ran out. It answers with the
+/// request's `Authorization` value, and counts connections.
+async fn one_answer_per_connection(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let auth = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization:"))
+                    .map_or("none".to_string(), |v| v.trim().to_string());
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{auth}", auth.len());
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// The relay's TLS upstream connections: one the upstream closed while it was idle in the pool is
+/// never used for an answer (it is noticed, or the idempotent request goes once more on a new
+/// connection), and a chunked answer is streamed through the tunnel as it comes.
+#[tokio::test]
+async fn an_upstream_connection_closed_in_the_pool_is_replaced_and_chunks_stream_through_the_tunnel() {
+    let s =
+        setup_with_env(&["localhost"], "localhost:{port}", true, "", &[("TOKENPROXY_PROXY__WORKERS", "1")])
+            .await;
+    let port = s.mock.addr.port();
+
+    // A chunked answer: its first chunk reaches the client before the upstream sends the rest.
+    let mut tls = intercepted(&s.tp, port, &s.ca_pem).await;
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(b"GET /stream HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The mock holds the rest for 10 s unless released: the first chunk must come well before.
+        for needle in [&b"first\n"[..], &b"\r\n0\r\n\r\n"[..]] {
+            while !seen.windows(needle.len()).any(|w| w == needle) {
+                let n =
+                    tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await.unwrap().unwrap();
+                assert!(n > 0, "the answer ended early: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+            let first = needle == b"first\n";
+            assert!(
+                !first || !String::from_utf8_lossy(&seen).contains("second"),
+                "the rest came before the release"
+            );
+            s.mock.release();
+        }
+        let text = String::from_utf8_lossy(&seen);
+        assert!(text.starts_with("HTTP/1.1 200") && text.contains("second\n"), "{text}");
+    }
+    assert_eq!(s.mock.last().authorization(), Some(format!("Bearer {TOKEN}").as_str()));
+    drop(tls);
+
+    // An upstream that closes every connection after one answer, behind a second provider.
+    let dir = tempdir();
+    let pki = test_pki(dir.path(), "closing", &["localhost"]);
+    let mut server_config = (*pki.server_config).clone();
+    server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (closing_port, connections) = one_answer_per_connection(std::sync::Arc::new(server_config)).await;
+    std::fs::write(dir.path().join("api.json"), token_json(TOKEN)).unwrap();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nupstream_timeout = \"5s\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [tls]\nca_dir = \"ca\"\nextra_roots = [{}]\n[providers.api]\nhosts = [\"localhost:{closing_port}\"]\ntoken_file = \"api.json\"\n",
+        toml_path(&pki.ca_pem_path)
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let ca = dir.path().join("ca").join("ca.pem");
+    for round in 0..3 {
+        // Two requests on one client connection, then a new client connection: each request
+        // finds the connection the last one used closed by the upstream.
+        let mut tls = intercepted(&tp, closing_port, &ca).await;
+        for request in 0..2 {
+            let (head, body) = exchange(&mut tls, "GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+            assert!(head.starts_with("HTTP/1.1 200"), "round {round}, request {request}: {head}");
+            assert_eq!(body, format!("bearer {}", TOKEN.to_ascii_lowercase()));
+        }
+    }
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "one upstream connection per answer"
+    );
+    assert_eq!(tp.metric("tokenproxy_requests_total", &[("provider", "api"), ("status", "2xx")]).await, 6.0);
+}
