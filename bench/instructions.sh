@@ -18,6 +18,7 @@
 #                 CA of the script's own, which tokenproxy is told to trust), and curl sends
 #                 CONNECT and GETs inside one kept tunnel, trusting tokenproxy's CA. The count
 #                 includes the TLS work on both sides, which is the same for every build.
+#                 HTTP_VERSION=2 has curl speak HTTP/2 inside the tunnel (one request at a time).
 # Loopback only (ports 18950-18952); under a minute per binary.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: bash bench/instructions.sh BINARY [BINARY ...]" >&2; exit 2; }
@@ -64,7 +65,7 @@ fi
 printf '[proxy]\nlisten = "127.0.0.1:18951"\n[admin]\nlisten = "127.0.0.1:18952"\n[tls]\nca_dir = "%s/ca"\nextra_roots = [%s]\n[providers.bench]\nhosts = ["%s"]\ntoken_file = "%s"\nallow_plaintext = true\n' \
     $W "$EXTRA_ROOTS" $PROVIDER_HOST "$TOKEN_FILE" > $W/c.toml
 CURL_TLS=()
-[ -n "${HTTPS:-}" ] && CURL_TLS=(--cacert $W/ca/ca.pem --http1.1)
+[ -n "${HTTPS:-}" ] && CURL_TLS=(--cacert $W/ca/ca.pem "--http${HTTP_VERSION:-1.1}")
 
 wait_port() {
     for _ in $(seq 1 300); do
