@@ -207,7 +207,7 @@ pub(super) struct Parsed<'h> {
     pub(super) method: &'h str,
     /// The request target as written.
     pub(super) written: &'h str,
-    /// The authority of an absolute-form target (empty on a route).
+    /// The authority of an absolute-form target (empty in origin form).
     pub(super) authority: &'h str,
     pub(super) path: Path<'h>,
     pub(super) headers: &'h [httparse::Header<'h>],
