@@ -653,3 +653,161 @@ scope = "https://www.googleapis.com/auth/gmail.readonly"
     assert_eq!(whoami.len(), 4, "two first requests, the refused one and its one retry");
     assert_eq!(token_of("bob@example.com").await, bob, "Bob's token was not touched");
 }
+
+/// Every other grant the same way (SPEC §14: "each grant is one implementation behind" the token
+/// endpoint seam, so each gets the lifecycle): through intercepted HTTPS, tokens in Redis, and a
+/// 401 for a minted token brings exactly one new token from the endpoint and one retry. GitHub
+/// installations are accounts: the one called dead is replaced, the other is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grant_through_intercepted_https_on_the_redis_store_retries_a_401_with_one_new_token() {
+    let dir = tempdir();
+    if !redis_available() {
+        return;
+    }
+    let Some(endpoint) = Endpoint::start(dir.path()).await else { return };
+    let redis = RedisServer::start(dir.path());
+    let pki = test_pki(dir.path(), "api", &["localhost"]);
+    const GRANTS: [&str; 5] = ["ec1", "pkjwt", "wif", "sts", "gh"];
+    let mut apis = std::collections::HashMap::new();
+    for kind in GRANTS {
+        apis.insert(kind, MockApi::start_tls(pki.server_config.clone()).await);
+    }
+    let port = |kind: &str| apis[kind].addr.port();
+    let config = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream_timeout = "5s"
+[admin]
+listen = "127.0.0.1:0"
+[tls]
+ca_dir = "ca"
+extra_roots = [{roots}]
+[store]
+kind = "redis"
+url = "{redis}"
+
+[providers.ec1]
+hosts = ["localhost:{ec1}"]
+token_file = "tokens/ec1.json"
+[providers.ec1.oauth]
+grant = "jwt_bearer"
+token_url = "{token}"
+client_id = "svc-ec1"
+private_key_file = "ec_sec1.pem"
+
+[providers.pkjwt]
+hosts = ["localhost:{pkjwt}"]
+token_file = "tokens/pkjwt.json"
+[providers.pkjwt.oauth]
+grant = "client_credentials"
+client_auth = "private_key_jwt"
+token_url = "{token}"
+client_id = "client-pk"
+private_key_file = "rsa_pkcs8.pem"
+
+[providers.wif]
+hosts = ["localhost:{wif}"]
+token_file = "tokens/wif.json"
+[providers.wif.oauth]
+grant = "client_credentials"
+client_auth = "client_assertion_file"
+client_assertion_file = "projected.jwt"
+token_url = "{token}"
+client_id = "azure-client"
+
+[providers.sts]
+hosts = ["localhost:{sts}"]
+token_file = "tokens/sts.json"
+[providers.sts.oauth]
+grant = "token_exchange"
+token_url = "{token}"
+subject_token_file = "subject.jwt"
+audience = "//iam.example/pools/p/providers/k8s"
+
+[providers.gh]
+hosts = ["localhost:{gh}"]
+token_file = "tokens/gh/{{account}}.json"
+default_account = "777"
+[providers.gh.oauth]
+grant = "github_app"
+app_id = "4242"
+private_key_file = "rsa_pkcs1.pem"
+api_url = "{api}"
+"#,
+        roots = toml_path(&pki.ca_pem_path),
+        redis = redis.url(),
+        token = endpoint.url("/token"),
+        api = endpoint.url(""),
+        ec1 = port("ec1"),
+        pkjwt = port("pkjwt"),
+        wif = port("wif"),
+        sts = port("sts"),
+        gh = port("gh"),
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let ca = std::fs::read(dir.path().join("ca/ca.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let token_of = |kind: &str, account: Option<&str>| {
+        let mut request = client.get(format!("https://localhost:{}/whoami", port(kind)));
+        if let Some(account) = account {
+            request = request.header("Tokenproxy-Account", account);
+        }
+        let kind = kind.to_string();
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert_eq!(status, 200, "{kind}: {body}");
+            body.strip_prefix("Bearer ").unwrap_or_else(|| panic!("{kind}: {body}")).to_string()
+        }
+    };
+    // The endpoint numbers each client's tokens (at-client-pk-1, ghs_777_1): the next is known.
+    let split = |token: &str| {
+        let at = token.rfind(['-', '_']).unwrap();
+        (token[..=at].to_string(), token[at + 1..].parse::<u64>().unwrap())
+    };
+    let issued_with = |prefix: String| {
+        let log = endpoint.log();
+        async move {
+            log.await
+                .iter()
+                .filter(|e| e["ok"] == true && e["token"].as_str().is_some_and(|t| t.starts_with(&prefix)))
+                .count()
+        }
+    };
+    let whoami = |kind: &str| apis[kind].seen().into_iter().filter(|s| s.path == "/whoami").count();
+
+    let other_installation = token_of("gh", Some("888")).await;
+    for kind in GRANTS {
+        let first = token_of(kind, None).await;
+        let (prefix, n) = split(&first);
+        let issued = issued_with(prefix.clone()).await;
+        let sent = whoami(kind);
+        let next = format!("{prefix}{}", n + 1);
+        apis[kind].accept_only(&[&next, &other_installation]);
+
+        let retried = token_of(kind, None).await;
+        assert_eq!(retried, next, "{kind}: after {first}");
+        assert_eq!(issued_with(prefix).await, issued + 1, "{kind}: exactly one new token");
+        assert_eq!(whoami(kind), sent + 2, "{kind}: the refused request and its one retry");
+        assert_eq!(token_of(kind, None).await, next, "{kind}: the new token stays in use");
+    }
+    assert_eq!(token_of("gh", Some("888")).await, other_installation, "the other installation is untouched");
+
+    assert!(std::fs::read_dir(dir.path().join("tokens")).is_err(), "no token file: the store is Redis");
+    let stored = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan", "--pattern", "tokenproxy*"])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8_lossy(&stored.stdout).into_owned();
+    for kind in GRANTS {
+        assert!(keys.contains(kind), "{kind} not in Redis: {keys}");
+    }
+    assert!(keys.contains("777") && keys.contains("888"), "{keys}");
+}
