@@ -800,6 +800,13 @@ api_url = "{api}"
     }
     assert_eq!(token_of("gh", Some("888")).await, other_installation, "the other installation is untouched");
 
+    // Single flight: twelve requests at once for an installation with no token yet, one token.
+    apis["gh"].accept("ghs_999_1");
+    let first_requests = (0..12).map(|_| token_of("gh", Some("999")));
+    let tokens = futures_util::future::join_all(first_requests).await;
+    assert!(tokens.iter().all(|t| *t == tokens[0]), "{tokens:?}");
+    assert_eq!(issued_with("ghs_999_".to_string()).await, 1, "one token request for twelve callers");
+
     assert!(std::fs::read_dir(dir.path().join("tokens")).is_err(), "no token file: the store is Redis");
     let stored = std::process::Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "--scan", "--pattern", "tokenproxy*"])
