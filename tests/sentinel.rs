@@ -219,6 +219,117 @@ async fn a_fleet_keeps_a_rotating_credential_through_sentinel_failovers() {
 }
 
 /// `tokenproxy check` on a config: whether it passed, and what it printed.
+/// SPEC §11 `min_replicas_ack`, with real Redis `WAIT`: the only replica freezes while a
+/// refresh's token request is in flight (its lock was acknowledged). The rotated token's write is
+/// not acknowledged, so the refresh fails with `store_unavailable` and the current token keeps
+/// serving; once the replica answers again the held token is written again and used, and its
+/// refresh token was spent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_no_replica_acknowledged_is_used_only_once_one_does_and_spends_its_refresh_token_once() {
+    if !redis_available() {
+        return;
+    }
+    let dir = tempdir();
+    let (primary_dir, replica_dir) = (dir.path().join("primary"), dir.path().join("replica"));
+    std::fs::create_dir_all(&primary_dir).unwrap();
+    std::fs::create_dir_all(&replica_dir).unwrap();
+    let primary = RedisServer::start(&primary_dir);
+    let replica =
+        RedisServer::start_with(&replica_dir, &["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    eventually(Duration::from_secs(30), "the replica in sync", || async {
+        let info = std::process::Command::new("redis-cli")
+            .args(["-p", &primary.port.to_string(), "info", "replication"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&info.stdout).contains("state=online").then_some(())
+    })
+    .await;
+
+    let api = MockApi::start().await;
+    let mut endpoint = MockTokenEndpoint::new(Some(&api));
+    endpoint.rotate = Rotation::Strict;
+    endpoint.hold = true;
+    let endpoint = endpoint.start().await;
+    endpoint.allow_refresh_token("rt-seed");
+    api.accept("at-seed");
+    // Valid for ten minutes, but inside the refresh margin: refreshed in the background at start.
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::minutes(10);
+    let expires = expires.format(&time::format_description::well_known::Rfc3339).unwrap();
+    std::fs::write(
+        dir.path().join("api.json"),
+        format!(r#"{{"access_token":"at-seed","refresh_token":"rt-seed","expires_at":"{expires}"}}"#),
+    )
+    .unwrap();
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [store]\nkind = \"redis\"\nurl = \"{}\"\nmin_replicas_ack = 1\nlock_ttl = \"5s\"\n\
+         [providers.api]\nhosts = [\"{}\"]\ntoken_file = \"api.json\"\nallow_plaintext = true\n{}\
+         refresh_before = \"30m\"\n",
+        primary.url(),
+        api.authority(),
+        endpoint.oauth_toml("api", "refresh_token")
+    );
+    let tp = TokenProxy::start(dir.path(), &config);
+    let bearer = || {
+        let request = tp.client().get(api.url("/whoami"));
+        async move {
+            let response = request.send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            response.text().await.unwrap()
+        }
+    };
+
+    // The refresh holds its lock (acknowledged by the replica) and waits for the token endpoint.
+    eventually(Duration::from_secs(20), "the refresh's token request", || async {
+        (endpoint.arrivals() == 1).then_some(())
+    })
+    .await;
+    replica.freeze(true);
+    endpoint.release();
+    eventually(Duration::from_secs(20), "the write refused as unacknowledged", || async {
+        let unacknowledged = tp
+            .metric("tokenproxy_store_operations_total", &[("op", "write"), ("result", "unacknowledged")])
+            .await;
+        (unacknowledged >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint.calls(), 1);
+    let view = tp.token_view("api").await;
+    assert!(view.to_string().contains("store_unavailable"), "{view}");
+    let (status, ready) = tp.admin_get("/readyz").await;
+    assert!(
+        status.is_success()
+            && ready.contains("store_unavailable: api: ")
+            && ready.contains("not acknowledged"),
+        "{status} {ready}"
+    );
+    // Not acknowledged, so not used: a failover now could take the write back.
+    for _ in 0..5 {
+        assert_eq!(bearer().await, "Bearer at-seed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The replica answers again: the held token is written again, acknowledged, and used.
+    replica.freeze(false);
+    let fresh = eventually(Duration::from_secs(30), "the refreshed token in use", || async {
+        let seen = bearer().await;
+        (seen != "Bearer at-seed").then_some(seen)
+    })
+    .await;
+    let fresh = fresh.strip_prefix("Bearer ").unwrap().to_string();
+    assert_eq!(endpoint.calls(), 1, "the refresh token was spent once");
+    assert_eq!(endpoint.invalid_grants(), 0);
+    assert!(replica.dump().contains(&fresh), "the replica holds the token in use");
+    let logs = tp.logs();
+    assert!(logs.iter().any(|l| l.contains("its last write was not acknowledged")), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("write is acknowledged now; it is in use")), "{logs:?}");
+    // Healthy again: /tokens and /readyz no longer name the store.
+    let view = tp.token_view("api").await;
+    assert!(view["last_error"].is_null() && view["fingerprint"] != "", "{view}");
+    let (status, ready) = tp.admin_get("/readyz").await;
+    assert_eq!((status.as_u16(), ready.as_str()), (200, "ready\n"));
+}
+
 fn check(dir: &std::path::Path, store: &str) -> (bool, String) {
     let config = dir.join("tokenproxy.toml");
     std::fs::write(

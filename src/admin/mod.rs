@@ -157,7 +157,8 @@ impl Admin {
         if not_ready.is_empty() {
             // Tokens in hand keep serving while the store is away (SPEC §11): still ready, but
             // said, since no refresh can happen until it is back.
-            match self.providers.store().problem("").await {
+            let store = self.providers.store().problem("").await;
+            match store.or_else(|| self.providers.iter().find_map(|p| p.store_trouble())) {
                 Some(problem) => {
                     text(StatusCode::OK, &format!("ready; store_unavailable: {problem}\n"), "text/plain")
                 }

@@ -445,6 +445,16 @@ impl Provider {
         self.store.problem(self.name()).await
     }
 
+    /// Why the single credential's last refresh could not be recorded in the store, while that
+    /// is still so (a success or an adopted token clears it): a store that answers but did not
+    /// acknowledge a write (SPEC §11 `min_replicas_ack`) is as unable to refresh as one that is
+    /// away. Accounts are left out, as on `/readyz` (one account never speaks for the pod).
+    pub fn store_trouble(&self) -> Option<String> {
+        let failure = self.single()?.status().last_failure.clone()?;
+        (failure.kind == crate::oauth::RefreshErrorKind::StoreUnavailable)
+            .then(|| format!("{}: {}", self.name(), failure.message))
+    }
+
     pub(super) fn set_provider_error(&self, error: Option<String>) {
         *self.provider_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }

@@ -48,6 +48,12 @@ impl Provider {
             fingerprint = %token.fingerprint,
             "the refreshed token's write is acknowledged now; it is in use"
         );
+        // The refresh it finishes succeeded after all: nothing to back off from or report.
+        let mut status = cred.status();
+        status.retry_not_before = None;
+        status.last_failure = None;
+        status.last_error = status.write_error.clone();
+        drop(status);
         Some(cred.install(token))
     }
 
@@ -104,13 +110,22 @@ impl Provider {
                     _ => Basis::Stored(None),
                 };
                 drop(status);
-                tracing::warn!(
-                    provider = self.name(),
-                    account = cred.account_log(),
-                    location = %shown,
-                    stored = if stored_at.is_some() { "older" } else { "nothing" },
-                    "the token store holds an older token than this replica (or none): writing this replica's back"
-                );
+                if held.acknowledged {
+                    tracing::warn!(
+                        provider = self.name(),
+                        account = cred.account_log(),
+                        location = %shown,
+                        stored = if stored_at.is_some() { "older" } else { "nothing" },
+                        "the token store holds an older token than this replica (or none): writing this replica's back"
+                    );
+                } else {
+                    tracing::info!(
+                        provider = self.name(),
+                        account = cred.account_log(),
+                        location = %shown,
+                        "writing the refreshed token again: its last write was not acknowledged by min_replicas_ack replicas"
+                    );
+                }
                 let mut restored = (*held.fields).clone();
                 let now = self.clock.now().format(&Rfc3339).unwrap_or_default();
                 restored.insert(file::RESTORED_AT.into(), serde_json::Value::String(now));

@@ -816,6 +816,8 @@ pub enum AuthStyle {
 #[derive(Default)]
 struct TokenState {
     calls: usize,
+    /// Requests received, counted before `hold` keeps them waiting.
+    arrivals: usize,
     invalid_grants: usize,
     issued: usize,
     /// Refresh tokens that work.
@@ -956,6 +958,11 @@ impl MockTokenEndpoint {
         self.state.lock().unwrap().calls
     }
 
+    /// Requests received so far, including any that `hold` keeps unanswered.
+    pub fn arrivals(&self) -> usize {
+        self.state.lock().unwrap().arrivals
+    }
+
     pub fn invalid_grants(&self) -> usize {
         self.state.lock().unwrap().invalid_grants
     }
@@ -1081,6 +1088,7 @@ impl MockTokenEndpoint {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
+        self.state.lock().unwrap().arrivals += 1;
         if self.hold {
             let _ = tokio::time::timeout(Duration::from_secs(10), self.gate.notified()).await;
         }
