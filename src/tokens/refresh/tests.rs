@@ -445,6 +445,25 @@ async fn unacknowledged_write(taken_back: bool) {
     assert_eq!(rig.store.saves.load(Relaxed), 2);
 }
 
+/// The same held token put in use by the watcher's read of the store instead of a refresh: the
+/// failure it finishes is over (it stayed on `/tokens` and `/readyz` as `store_unavailable`).
+#[tokio::test(start_paused = true)]
+async fn an_unacknowledged_write_written_again_by_a_reload_clears_the_failure() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rig = rig(time::Duration::minutes(2)).await;
+    rig.store.shared.store(true, Relaxed);
+    rig.store.unacknowledged_writes.store(true, Relaxed);
+    rig.endpoint.script([issue("a1", Some("r2"))]);
+    rig.refresh(Trigger::Proactive).await.unwrap_err();
+    assert!(rig.provider.store_trouble().is_some_and(|t| t.contains("acknowledged")));
+    rig.store.unacknowledged_writes.store(false, Relaxed);
+    rig.provider.reload(&rig.cred).await;
+    assert_eq!(rig.current(), fingerprint("a1"));
+    assert_eq!(rig.provider.store_trouble(), None);
+    let status = rig.cred.status();
+    assert!(status.retry_not_before.is_none() && status.last_error.is_none(), "{:?}", status.last_error);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unacknowledged_write_that_a_failover_took_back_is_written_again_then_used() {
     unacknowledged_write(true).await;
