@@ -610,13 +610,7 @@ scope = "https://www.googleapis.com/auth/gmail.readonly"
         token_url = endpoint.url("/token"),
     );
     let tp = TokenProxy::start(dir.path(), &config);
-    let ca = std::fs::read(dir.path().join("ca/ca.pem")).unwrap();
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = tp.intercepting_client();
     let url = format!("https://localhost:{}/whoami", api.addr.port());
     let token_of = |account: &'static str| {
         let request = client.get(&url).header("Tokenproxy-Account", account);
@@ -746,13 +740,7 @@ api_url = "{api}"
         gh = port("gh"),
     );
     let tp = TokenProxy::start(dir.path(), &config);
-    let ca = std::fs::read(dir.path().join("ca/ca.pem")).unwrap();
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let client = tp.intercepting_client();
     let token_of = |kind: &str, account: Option<&str>| {
         let mut request = client.get(format!("https://localhost:{}/whoami", port(kind)));
         if let Some(account) = account {

@@ -80,17 +80,6 @@ fn write_private(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// A client through the proxy that trusts tokenproxy's CA (for intercepted HTTPS).
-fn client(tp: &TokenProxy, dir: &Path) -> reqwest::Client {
-    let ca = std::fs::read(dir.join("ca/ca.pem")).unwrap();
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(tp.proxy_url()).unwrap())
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn every_request_is_signed_as_botocore_computes_it_over_http_and_intercepted_https() {
     let dir = tempdir();
@@ -137,7 +126,7 @@ session_token_file = "session"
         t1 = up.tls[1],
     );
     let tp = TokenProxy::start(dir.path(), &config);
-    let http = client(&tp, dir.path());
+    let http = tp.intercepting_client();
     // The application's own signature, with keys it should not need: replaced, never kept.
     let theirs = "AWS4-HMAC-SHA256 Credential=AKIDAPP/20200101/eu-west-1/dynamodb/aws4_request, \
                   SignedHeaders=host, Signature=0000000000000000000000000000000000000000000000000000000000000000";

@@ -525,6 +525,18 @@ impl TokenProxy {
             .unwrap()
     }
 
+    /// [`TokenProxy::client`] trusting the CA it made in `ca/` of its folder (`ca_dir = "ca"`),
+    /// for intercepted HTTPS.
+    pub fn intercepting_client(&self) -> reqwest::Client {
+        let ca = std::fs::read(self.dir.join("ca/ca.pem")).unwrap();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.proxy_url()).unwrap())
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    }
+
     /// `POST path` on the admin listener (20 s timeout: a refresh may wait for its lock).
     pub async fn admin_post(&self, path: &str) -> (StatusCode, String) {
         let r = reqwest::Client::new()
