@@ -6,12 +6,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
-use tokio::io::AsyncBufReadExt;
 
 /// The Python token endpoint, killed when dropped.
 struct Endpoint {
@@ -33,18 +31,8 @@ impl Endpoint {
         ) {
             return None;
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grants_endpoint.py");
-        let mut child = tokio::process::Command::new("python3")
-            .arg(script)
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
-        let port =
-            first.expect("the endpoint starts").unwrap().expect("it prints its port").trim().parse().unwrap();
+        let (child, line) = start_python_helper("grants_endpoint.py", &[dir.as_os_str()]).await;
+        let port = line.trim().parse().expect("it prints its port");
         Some(Endpoint { child, port })
     }
 

@@ -7,12 +7,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
-use tokio::io::AsyncBufReadExt;
 
 /// The Python upstream, killed when dropped.
 struct Upstream {
@@ -29,20 +27,10 @@ impl Upstream {
         ) {
             return None;
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sigv4_upstream.py");
-        let mut child = tokio::process::Command::new("python3")
-            .arg(script)
-            .arg(dir)
-            .arg(sites.to_string())
-            .arg(sts_lifetime_s.to_string())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
-        let ports: Value =
-            serde_json::from_str(&first.expect("the upstream starts").unwrap().unwrap()).unwrap();
+        let (sites, lifetime) = (sites.to_string(), sts_lifetime_s.to_string());
+        let args = [dir.as_os_str(), sites.as_ref(), lifetime.as_ref()];
+        let (child, line) = start_python_helper("sigv4_upstream.py", &args).await;
+        let ports: Value = serde_json::from_str(&line).unwrap();
         let list =
             |k: &str| ports[k].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
         Some(Upstream { _child: child, plain: list("plain"), tls: list("tls") })
@@ -322,16 +310,8 @@ async fn moto_issues_the_web_identity_session_and_accepts_only_what_tokenproxy_s
         return;
     }
     let dir = tempdir();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sigv4_moto.py");
-    let mut moto = tokio::process::Command::new("python3")
-        .arg(script)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(moto.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await;
-    let started: Value = serde_json::from_str(&first.expect("moto starts").unwrap().unwrap()).unwrap();
+    let (_moto, line) = start_python_helper("sigv4_moto.py", &[]).await;
+    let started: Value = serde_json::from_str(&line).unwrap();
     let port = started["port"].as_u64().unwrap();
     std::fs::write(dir.path().join("web-identity.jwt"), "eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl").unwrap();
     write_private(&dir.path().join("wrong-id"), "AKIAWRONGWRONGWRONG1");

@@ -754,6 +754,26 @@ pub fn client_available(name: &str, probe: &mut Command) -> bool {
     ok
 }
 
+/// Starts `python3 tests/SCRIPT ARGS...` (killed when dropped) and returns it with the first
+/// line it prints: how each helper script says where it listens.
+pub async fn start_python_helper(script: &str, args: &[&std::ffi::OsStr]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(script))
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await;
+    let line = first
+        .unwrap_or_else(|_| panic!("{script} started"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{script} printed a line"));
+    (child, line)
+}
+
 /// Says that a test skips, in `cargo test`'s normal output: the harness captures what `eprintln!`
 /// prints (shown only with `--nocapture`), but not a write to the process's standard error.
 pub fn skip(why: &str) {
